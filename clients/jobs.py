@@ -1,0 +1,48 @@
+"""Jobs client (served by head and miner): get, list, watch with resume, cancel."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import grpc
+
+from minehead.common.v1 import common_pb2, common_pb2_grpc
+
+from clients.channel import connect
+
+FINAL = {common_pb2.Job.SUCCEEDED, common_pb2.Job.FAILED, common_pb2.Job.CANCELLED, common_pb2.Job.INTERRUPTED}
+
+
+class JobsClient:
+    def __init__(self, address: str, *, channel: grpc.Channel | None = None, **connect_kw) -> None:
+        self.channel = channel or connect(address, **connect_kw)
+        self.stub = common_pb2_grpc.JobsStub(self.channel)
+
+    def get(self, name: str) -> common_pb2.Job:
+        return self.stub.GetJob(common_pb2.GetJobRequest(name=_name(name)))
+
+    def list(self, kind: str = "", page_size: int = 50) -> list[common_pb2.Job]:
+        return list(self.stub.ListJobs(common_pb2.ListJobsRequest(kind=kind, page_size=page_size)).jobs)
+
+    def cancel(self, name: str) -> common_pb2.Job:
+        return self.stub.CancelJob(common_pb2.CancelJobRequest(name=_name(name)))
+
+    def watch(self, name: str, after_seq: int = 0, *, reconnect: bool = True) -> Iterator[common_pb2.JobEvent]:
+        """Events until the job ends; on a dropped stream, resume after the last seen event."""
+        seq = after_seq
+        while True:
+            try:
+                for ev in self.stub.WatchJob(common_pb2.WatchJobRequest(name=_name(name), after_seq=seq)):
+                    seq = ev.seq
+                    yield ev
+                return
+            except grpc.RpcError as e:
+                if not reconnect or e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _name(name: str) -> str:
+    return name if name.startswith("jobs/") else f"jobs/{name}"

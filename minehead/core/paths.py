@@ -1,0 +1,28 @@
+"""Server-side paths from clients are only honoured under configured roots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from minehead.core.errors import NotFound, PermissionDenied
+
+
+def resolve_allowed(path: str, roots: list[Path], *, must_exist: bool = True) -> Path:
+    """Resolve `path` (symlinks followed) and check it lies under one of `roots`.
+
+    PERMISSION_DENIED names the roots, so the user knows where to put the data.
+    """
+    if not path:
+        raise PermissionDenied("empty path")
+    p = Path(path).expanduser()
+    resolved = p.resolve()
+    for root in roots:
+        root = root.resolve()
+        if resolved == root or root in resolved.parents:
+            if must_exist and not resolved.exists():
+                raise NotFound(f"path {path!r} does not exist")
+            return resolved
+    raise PermissionDenied(
+        f"path {path!r} is outside the allowed roots ({', '.join(str(r) for r in roots)}); "
+        "start the server with --allowed-roots to add one"
+    )
