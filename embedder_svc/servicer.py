@@ -13,6 +13,7 @@ from minehead.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
 from embedder_svc.crops import CropPolicy, boxes_from_proto
 from embedder_svc.embedder import Embedder
+from embedder_svc.encoders import registry
 from embedder_svc.encoders.base import ModelInfo
 
 MAX_IMAGES = 1024
@@ -35,8 +36,15 @@ def model_ref(info: ModelInfo) -> common_pb2.ModelRef:
     return common_pb2.ModelRef(model_id=info.id, weights_sha256=info.weights_sha256, dim=info.dim)
 
 
-def model_proto(spec_id: str, backend: str, info: ModelInfo | None, default_id: str | None) -> embedder_pb2.Model:
-    m = embedder_pb2.Model(id=spec_id, backend=backend, loaded=info is not None, is_default=spec_id == default_id)
+def model_proto(spec, info: ModelInfo | None, default_id: str | None) -> embedder_pb2.Model:
+    m = embedder_pb2.Model(id=spec.id, backend=spec.backend, loaded=info is not None, is_default=spec.id == default_id)
+    if info is None:
+        peek = registry.peek_info(spec)
+        if peek:
+            m.dim = peek["dim"]
+            m.weights_sha256 = peek["weights_sha256"]
+            m.preprocessing.CopyFrom(embedder_pb2.Preprocessing(input_size=peek["input_size"], mean=peek["mean"],
+                                                                std=peek["std"], resize=peek["resize"]))
     if info is not None:
         pre = info.preprocessing
         m.modalities.extend(_MODALITY[x] for x in info.modalities)
@@ -63,13 +71,13 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
     def ListModels(self, request, context):
         default = self._default_id()
         return embedder_pb2.ListModelsResponse(
-            models=[model_proto(spec.id, spec.backend, info, default) for spec, info in self.embedder.list_models()])
+            models=[model_proto(spec, info, default) for spec, info in self.embedder.list_models()])
 
     def GetModel(self, request, context):
         spec = self.embedder.resolve(request.id)
         info = self.embedder.model(spec.id).info if request.load else next(
             (i for s, i in self.embedder.list_models() if s.id == spec.id), None)
-        return model_proto(spec.id, spec.backend, info, self._default_id())
+        return model_proto(spec, info, self._default_id())
 
     def EmbedImages(self, request, context):
         if not request.images:

@@ -22,6 +22,7 @@ from embedder_svc.encoders.torch_common import TorchEncoder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -94,26 +95,30 @@ class HfClipEncoder(TorchEncoder):
         pre = _processor_stats(src, local_only, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
         self._init_torch(model, pre)
         self.context_length = int(model.config.text_config.max_position_embeddings)
-        self.tokenizer = self._tokenizer(src, local_only)
+        self.tokenizer = self._tokenizer(src, local_only, folder)
         self.info = ModelInfo(
             id=spec.id, backend="hf_clip", dim=int(model.config.projection_dim), preprocessing=pre,
             modalities=("image", "text"), weights_sha256=_weights_sha(folder), device=str(self.device),
             dtype=self.dtype_name, source=str(folder or "hub"),
         )
 
-    def _tokenizer(self, src: str, local_only: bool):
-        try:
+    def _tokenizer(self, src: str, local_only: bool, folder: Path | None):
+        # AutoTokenizer "loads" even from a folder without tokenizer files and then emits junk
+        # ids, so it is only trusted when the files are there.
+        has_files = folder is not None and any((folder / f).is_file() for f in _TOKENIZER_FILES)
+        if has_files:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(src, local_files_only=local_only)
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
             return lambda texts: tok(texts, padding="max_length", truncation=True, max_length=self.context_length,
                                      return_tensors="pt")["input_ids"]
-        except Exception:  # noqa: BLE001
-            # No saved tokenizer: open_clip ships the same CLIP BPE vocabulary (49408 ids).
-            import open_clip
+        # No saved tokenizer: open_clip ships the same CLIP BPE vocabulary (49408 ids).
+        import open_clip
 
-            oc = open_clip.get_tokenizer("ViT-B-32", context_length=self.context_length)
-            return oc
+        if self.module.config.text_config.vocab_size != 49408:
+            raise ModelUnavailable(f"CLIP model at {src} has no tokenizer files and a vocabulary of "
+                                   f"{self.module.config.text_config.vocab_size}, not CLIP's 49408")
+        return open_clip.get_tokenizer("ViT-B-32", context_length=self.context_length)
 
     @staticmethod
     def _features(y):

@@ -128,3 +128,16 @@ def discover_local(models_dir: Path) -> list[ModelSpec]:
         if w.suffix in (".safetensors", ".bin", ".pt", ".pth"):
             found.append(ModelSpec("open_clip", f"{w.parent.name}/{w.stem}", models_dir))
     return found
+
+
+def peek_info(spec: ModelSpec) -> dict:
+    """What can be known without loading: for local ONNX models, the manifest's dim and input."""
+    if spec.backend != "onnx":
+        return {}
+    try:
+        m = json.loads((spec.models_dir / "onnx" / spec.name / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"dim": int(m.get("dim") or 0), "input_size": int(m.get("input_size") or 0),
+            "mean": m.get("mean", []), "std": m.get("std", []), "resize": m.get("resize", ""),
+            "weights_sha256": m.get("sha256", "")}

@@ -65,7 +65,7 @@ def decode_image(data: bytes, label: str = "", *, max_pixels: int = MAX_PIXELS) 
     except (InvalidArgument, ResourceExhausted):
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise ResourceExhausted(f"{name} is too large to decode: {e}") from None
+        raise ResourceExhausted(f"{name} is too large to decode, over the limit of {max_pixels} pixels ({e})") from None
     except Image.UnidentifiedImageError:
         raise InvalidArgument(f"{name} is not a recognised image file ({len(data)} bytes)") from None
     except (OSError, SyntaxError, ValueError) as e:

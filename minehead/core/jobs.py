@@ -293,8 +293,9 @@ class JobRunner:
         if isinstance(request, message.Message):
             request = json_format.MessageToDict(request, preserving_proto_field_name=True)
         jid = self.store.create(kind, request)
+        job = self.store.get(jid)  # the QUEUED snapshot, before the worker can move it on
         self._pool.submit(self._run, jid, fn)
-        return self.store.get(jid)
+        return job
 
     def _run(self, jid: str, fn: JobFn) -> None:
         ctx = JobContext(self.store, jid)

