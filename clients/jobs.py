@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import grpc
@@ -27,18 +28,21 @@ class JobsClient:
     def cancel(self, name: str) -> common_pb2.Job:
         return self.stub.CancelJob(common_pb2.CancelJobRequest(name=_name(name)))
 
-    def watch(self, name: str, after_seq: int = 0, *, reconnect: bool = True) -> Iterator[common_pb2.JobEvent]:
-        """Events until the job ends; on a dropped stream, resume after the last seen event."""
-        seq = after_seq
+    def watch(self, name: str, after_seq: int = 0, *, retries: int = 5) -> Iterator[common_pb2.JobEvent]:
+        """Events until the job ends. A dropped stream (UNAVAILABLE) is resumed after the last
+        event seen, up to `retries` times in a row with backoff; events are never repeated."""
+        seq, failures = after_seq, 0
         while True:
             try:
                 for ev in self.stub.WatchJob(common_pb2.WatchJobRequest(name=_name(name), after_seq=seq)):
-                    seq = ev.seq
+                    seq, failures = ev.seq, 0
                     yield ev
                 return
             except grpc.RpcError as e:
-                if not reconnect or e.code() != grpc.StatusCode.UNAVAILABLE:
+                failures += 1
+                if e.code() != grpc.StatusCode.UNAVAILABLE or failures > retries:
                     raise
+                time.sleep(min(0.2 * 2 ** failures, 5.0))
 
     def close(self) -> None:
         self.channel.close()

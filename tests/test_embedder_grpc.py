@@ -188,3 +188,21 @@ def local_prepare(embedder, data):
     lm = embedder.model("tiny-clip-batched")
     pre = lm.info.preprocessing
     return crops.prepare_image(decode_image(data).pixels, pre.input_size, pre.resize, lm.pad_value)[0][None]
+
+
+def test_unreachable_hub_fails_fast_with_the_reason(models_dir, monkeypatch):
+    """Not offline, but no route to the hub: one quick probe, then FAILED_PRECONDITION (no retries)."""
+    import time
+
+    from embedder_svc.embedder import Embedder
+    from embedder_svc.encoders import registry
+    from minehead.core.errors import ModelUnavailable
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.setattr(registry, "_hub_probe", None)
+    e = Embedder(models_dir, offline=False)
+    t0 = time.perf_counter()
+    for model_id in ("hf-clip:openai/clip-vit-base-patch32", "open_clip:ViT-B-32/laion2b_s34b_b79k"):
+        with pytest.raises(ModelUnavailable, match="unreachable"):
+            e.model(model_id)
+    assert time.perf_counter() - t0 < 20

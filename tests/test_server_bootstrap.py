@@ -110,3 +110,27 @@ def test_process_serves_then_stops_gracefully_on_sigterm(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_tls_with_token(tmp_path):
+    """TLS on, bearer token on: a client with the CA and token gets through, a plaintext one does not."""
+    from minehead.common.v1 import common_pb2, common_pb2_grpc
+    from miner_svc.__main__ import build
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    cfg = make_config("miner", tmp_path, auth_token="tok", tls_cert=cert, tls_key=key)
+    runner, bindings = build(cfg)
+    server = start_server(cfg, bindings)
+    addr = f"127.0.0.1:{server.port}"
+    try:
+        ok = common_pb2_grpc.JobsStub(connect(addr, token="tok", tls_ca=str(cert))).ListJobs(common_pb2.ListJobsRequest(), timeout=10)
+        assert list(ok.jobs) == []
+        with pytest.raises(grpc.RpcError) as e:
+            common_pb2_grpc.JobsStub(connect(addr, token="tok")).ListJobs(common_pb2.ListJobsRequest(), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # plaintext to a TLS port
+    finally:
+        server.stop(0.5)
+        runner.shutdown()

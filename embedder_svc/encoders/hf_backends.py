@@ -17,7 +17,7 @@ import numpy as np
 from minehead.core.errors import ModelUnavailable
 
 from embedder_svc.encoders.base import ModelInfo, Preprocessing, file_sha256
-from embedder_svc.encoders.registry import ModelSpec
+from embedder_svc.encoders.registry import ModelSpec, offline_reason
 from embedder_svc.encoders.torch_common import TorchEncoder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -40,15 +40,17 @@ def load_hf(cls, spec: ModelSpec, what: str):
             raise ModelUnavailable(f"{what} {spec.id!r}: the local copy at {local} failed to load: {e}") from None
     errors = []
     for local_only in (True, False):
-        if not local_only and spec.offline:
+        if not local_only and (why_not_hub := offline_reason(spec)):
+            errors.append(f"hub: not tried, {why_not_hub}")
             break
         try:
             model = cls.from_pretrained(spec.name, local_files_only=local_only)
             return model, spec.name, _snapshot_dir(spec.name)
         except Exception as e:  # noqa: BLE001 - hub/network/file errors alike
-            errors.append(f"{'cache' if local_only else 'hub'}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            msg = "not in the Hugging Face cache" if local_only else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            errors.append(f"{'cache' if local_only else 'hub'}: {msg}")
     raise ModelUnavailable(
-        f"{what} {spec.id!r} is not available ({'; '.join(errors)}{'; offline' if spec.offline else ''}). Provide it "
+        f"{what} {spec.id!r} is not available ({'; '.join(errors)}). Provide it "
         f"as a save_pretrained folder at {local}, or download it into the Hugging Face cache (HF_HOME) on a machine "
         "with network access."
     )

@@ -12,7 +12,7 @@ import numpy as np
 from minehead.core.errors import ModelUnavailable, NotFound
 
 from embedder_svc.encoders.base import ModelInfo, Preprocessing, file_sha256
-from embedder_svc.encoders.registry import ModelSpec
+from embedder_svc.encoders.registry import ModelSpec, offline_reason
 from embedder_svc.encoders.torch_common import TorchEncoder
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -36,8 +36,8 @@ class OpenClipEncoder(TorchEncoder):
             if tag not in open_clip.list_pretrained_tags_by_model(arch):
                 raise NotFound(f"open_clip architecture {arch!r} has no pretrained tag {tag!r} and no local weights at {oc_dir / arch}/{tag}.safetensors")
             weights = _cached_open_clip_file(open_clip, arch, tag)
-            if weights is None and spec.offline:
-                raise ModelUnavailable(_missing(spec, oc_dir, arch, tag, "offline, and not in the Hugging Face cache"))
+            if weights is None and (why := offline_reason(spec)):
+                raise ModelUnavailable(_missing(spec, oc_dir, arch, tag, f"not in the Hugging Face cache, and {why}"))
             pretrained = str(weights) if weights else tag
         try:
             model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
@@ -90,5 +90,5 @@ def _cached_open_clip_file(open_clip, arch: str, tag: str):
 
 def _missing(spec: ModelSpec, oc_dir, arch: str, tag: str, why: str) -> str:
     return (f"model {spec.id!r} is not available ({why}). Provide it by putting the weights at "
-            f"{oc_dir / arch}/{tag}.safetensors, or by downloading it into the Hugging Face cache on a "
-            "machine with network access (HF_HOME), or run without MINEHEAD_OFFLINE/HF_HUB_OFFLINE.")
+            f"{oc_dir / arch}/{tag}.safetensors, or by downloading it into the Hugging Face cache (HF_HOME) on a "
+            "machine with network access.")

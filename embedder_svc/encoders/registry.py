@@ -54,6 +54,39 @@ def is_offline() -> bool:
     return any(os.environ.get(v, "") in ("1", "true", "yes") for v in ("MINEHEAD_OFFLINE", "HF_HUB_OFFLINE"))
 
 
+_hub_probe: tuple[float, bool] | None = None
+
+
+def hub_reachable(timeout_s: float = 3.0, ttl_s: float = 60.0) -> bool:
+    """One TCP connect to the hub (HF_ENDPOINT), remembered for a minute. Without it, a machine
+    with no route to the hub spends 30-50 s in the hub clients' retries before saying so."""
+    global _hub_probe
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    now = time.monotonic()
+    if _hub_probe and now - _hub_probe[0] < ttl_s:
+        return _hub_probe[1]
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s):
+            ok = True
+    except OSError:
+        ok = False
+    _hub_probe = (now, ok)
+    return ok
+
+
+def offline_reason(spec: "ModelSpec") -> str | None:
+    """Why the hub will not be tried: 'offline mode (…)' or 'the hub is unreachable', else None."""
+    if spec.offline:
+        return "offline mode (MINEHEAD_OFFLINE / HF_HUB_OFFLINE)"
+    if not hub_reachable():
+        return f"the hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is unreachable"
+    return None
+
+
 def resolve(model_id: str, models_dir: Path, offline: bool | None = None) -> ModelSpec:
     """Model id -> which backend serves it. NotFound when no backend recognises the id."""
     offline = is_offline() if offline is None else offline
