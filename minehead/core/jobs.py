@@ -312,8 +312,11 @@ class JobRunner:
             ctx.log(str(e), common_pb2.LogLine.ERROR)
             self.store.finish(jid, State.FAILED, error=str(e), result=ctx.partial_result)
         except Exception as e:  # noqa: BLE001 - a job must always reach a final state
-            log.exception("job %s failed", jid)
-            msg = f"{type(e).__name__}: {e}"
+            if hasattr(e, "code") and hasattr(e, "details"):  # a gRPC error from a service the job called
+                msg = f"{e.code().name}: {e.details()}"
+            else:
+                log.exception("job %s failed", jid)
+                msg = f"{type(e).__name__}: {e}"
             ctx.log(msg, common_pb2.LogLine.ERROR)
             self.store.finish(jid, State.FAILED, error=msg, result=ctx.partial_result)
 

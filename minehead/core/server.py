@@ -57,6 +57,9 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 def _abort_for(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
     if isinstance(exc, MineheadError):
         context.abort(exc.code, str(exc))
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        # An error from a service we called (the embedder, say) keeps its code and words.
+        context.abort(exc.code(), f"{exc.details()}")
     if isinstance(exc, NotImplementedError):
         # The generated base servicers raise this for methods whose issue has not landed yet.
         context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")

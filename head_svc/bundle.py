@@ -1,0 +1,260 @@
+"""Head bundles: head.onnx + meta.json (+ report.json). No pickles anywhere.
+
+A bundle is what the registry stores, what users download and upload, what a recipe bundle
+embeds, and what any process scores with onnxruntime alone:
+
+    b = HeadBundle.load(folder)          # or HeadBundle.from_files({...}) for uploads
+    probs = b.predict_proba(X)           # X: N x D embeddings from b.embedder_model
+
+The head id is the content address: sha256 over head.onnx and meta.json with its own
+`head_id` and `display_name` left out (the display name is a label that may change; the id
+never does). The same bundle uploaded twice has the same id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from minehead.core.errors import InvalidArgument
+from minehead.core.safezip import make_zip, safe_members
+
+from embedder_svc.crops import CropPolicy
+from head_svc.keep_rule import Thresholds
+
+META_SCHEMA_VERSION = 1
+BG_PREFIX = "__bg_"
+MEMBERS = {"head.onnx", "meta.json", "report.json"}
+MAX_ONNX_BYTES = 64 << 20
+MAX_JSON_BYTES = 4 << 20
+MAX_ZIP_BYTES = MAX_ONNX_BYTES + 2 * MAX_JSON_BYTES
+
+# key -> (type or tuple of types, required)
+_META_FIELDS = {
+    "schema_version": (int, True),
+    "head_type": (str, True),
+    "classes": (list, True),
+    "background_indices": (list, True),
+    "embedder": (dict, True),
+    "soft_targets": (dict, True),
+    "hyperparameters": (dict, True),
+    "calibration_temperature": ((int, float), True),
+    "default_thresholds": (dict, True),
+    "onnx_sha256": (str, True),
+    "parity_max_abs_err": ((int, float), True),
+    "created_time": (str, True),
+    "metrics": (dict, False),
+    "dataset": (dict, False),
+    "display_name": (str, False),
+    "head_id": (str, False),
+}
+
+
+def content_id(onnx_bytes: bytes, meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k not in ("head_id", "display_name")}
+    h = hashlib.sha256(onnx_bytes)
+    h.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    return h.hexdigest()[:16]
+
+
+def meta_json(meta: dict) -> bytes:
+    return (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+
+
+def validate_meta(meta) -> None:
+    """InvalidArgument naming the first problem with a meta.json dict."""
+    if not isinstance(meta, dict):
+        raise InvalidArgument("meta.json must be a JSON object")
+    for key, (typ, required) in _META_FIELDS.items():
+        if key not in meta:
+            if required:
+                raise InvalidArgument(f"meta.json lacks the required field {key!r}")
+            continue
+        if not isinstance(meta[key], typ) or isinstance(meta[key], bool) and typ is not bool:
+            raise InvalidArgument(f"meta.json field {key!r} has the wrong type ({type(meta[key]).__name__})")
+    unknown = set(meta) - set(_META_FIELDS)
+    if unknown:
+        raise InvalidArgument(f"meta.json has unknown fields: {', '.join(sorted(unknown))}")
+    if meta["schema_version"] != META_SCHEMA_VERSION:
+        raise InvalidArgument(f"meta.json schema_version {meta['schema_version']} is not supported (expected {META_SCHEMA_VERSION})")
+    if meta["head_type"] not in ("logreg", "mlp"):
+        raise InvalidArgument(f"meta.json head_type must be 'logreg' or 'mlp', got {meta['head_type']!r}")
+    classes = meta["classes"]
+    if not classes or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
+        raise InvalidArgument("meta.json classes must be unique, non-empty strings")
+    bg = [i for i, c in enumerate(classes) if c.startswith(BG_PREFIX)]
+    if sorted(meta["background_indices"]) != bg:
+        raise InvalidArgument(f"meta.json background_indices {meta['background_indices']} do not match the __bg_* classes at {bg}")
+    if bg and bg != list(range(len(classes) - len(bg), len(classes))):
+        raise InvalidArgument("meta.json: background classes must come last")
+    if len(classes) - len(bg) < 1:
+        raise InvalidArgument("meta.json: a head needs at least one real class")
+    emb = meta["embedder"]
+    if not isinstance(emb.get("model_id"), str) or not isinstance(emb.get("dim"), int) or emb["dim"] <= 0:
+        raise InvalidArgument("meta.json embedder needs model_id (string) and dim (positive integer)")
+    if not isinstance(emb.get("crop_policy", {}), dict):
+        raise InvalidArgument("meta.json embedder.crop_policy must be an object")
+    if not meta["calibration_temperature"] > 0:
+        raise InvalidArgument("meta.json calibration_temperature must be > 0")
+    th = meta["default_thresholds"]
+    for k in ("min_prob", "margin", "background_margin"):
+        if not isinstance(th.get(k), (int, float)) or isinstance(th.get(k), bool):
+            raise InvalidArgument(f"meta.json default_thresholds.{k} must be a number")
+
+
+class HeadBundle:
+    """A validated head: its files, meta, and a lazily created onnxruntime session."""
+
+    def __init__(self, onnx_bytes: bytes, meta: dict, report: dict | None, folder: Path | None = None) -> None:
+        self.onnx_bytes = onnx_bytes
+        self.meta = meta
+        self.report = report
+        self.folder = folder
+        self._session = None
+        self._lock = threading.Lock()
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> "HeadBundle":
+        """Validate bundle files ({'head.onnx': …, 'meta.json': …}) completely."""
+        missing = {"head.onnx", "meta.json"} - set(files)
+        if missing:
+            raise InvalidArgument(f"head bundle lacks {', '.join(sorted(missing))}")
+        extra = set(files) - MEMBERS
+        if extra:
+            raise InvalidArgument(f"head bundle has unexpected files: {', '.join(sorted(extra))}")
+        if len(files["head.onnx"]) > MAX_ONNX_BYTES:
+            raise InvalidArgument(f"head.onnx is over {MAX_ONNX_BYTES} bytes")
+        for name in ("meta.json", "report.json"):
+            if name in files and len(files[name]) > MAX_JSON_BYTES:
+                raise InvalidArgument(f"{name} is over {MAX_JSON_BYTES} bytes")
+        try:
+            meta = json.loads(files["meta.json"])
+        except ValueError as e:
+            raise InvalidArgument(f"meta.json is not valid JSON: {e}") from None
+        validate_meta(meta)
+        report = None
+        if "report.json" in files:
+            try:
+                report = json.loads(files["report.json"])
+            except ValueError as e:
+                raise InvalidArgument(f"report.json is not valid JSON: {e}") from None
+        onnx_bytes = files["head.onnx"]
+        if hashlib.sha256(onnx_bytes).hexdigest() != meta["onnx_sha256"]:
+            raise InvalidArgument("head.onnx does not match meta.json onnx_sha256 (altered or mismatched files)")
+        want = content_id(onnx_bytes, meta)
+        if meta.get("head_id") and meta["head_id"] != want:
+            raise InvalidArgument(f"meta.json head_id {meta['head_id']} does not match the bundle's content id {want}")
+        meta["head_id"] = want
+        b = cls(onnx_bytes, meta, report)
+        b._check_graph()
+        return b
+
+    @classmethod
+    def from_zip(cls, data: bytes) -> "HeadBundle":
+        return cls.from_files(safe_members(data, max_member_bytes=MAX_ONNX_BYTES, max_total_bytes=MAX_ZIP_BYTES,
+                                           max_members=8, allowed=MEMBERS))
+
+    @classmethod
+    def load(cls, folder: Path) -> "HeadBundle":
+        files = {n: (folder / n).read_bytes() for n in MEMBERS if (folder / n).is_file()}
+        b = cls.from_files(files)
+        b.folder = folder
+        return b
+
+    def _check_graph(self) -> None:
+        """The graph loads, takes N x dim and gives N x len(classes) rows that sum to 1."""
+        import onnx
+
+        try:
+            model = onnx.load_from_string(self.onnx_bytes)
+            onnx.checker.check_model(model)
+            sess = self.session
+        except Exception as e:  # noqa: BLE001 - any loader error is the uploader's problem
+            raise InvalidArgument(f"head.onnx does not load: {type(e).__name__}: {str(e)[:300]}") from None
+        ins, outs = sess.get_inputs(), sess.get_outputs()
+        if len(ins) != 1 or len(outs) != 1:
+            raise InvalidArgument(f"head.onnx must have one input and one output, has {len(ins)} and {len(outs)}")
+        dim = self.dim
+        if ins[0].shape[-1] != dim:
+            raise InvalidArgument(f"head.onnx input width {ins[0].shape[-1]} does not match embedder dim {dim}")
+        try:
+            p = sess.run(None, {ins[0].name: np.zeros((2, dim), np.float32) + 0.01})[0]
+        except Exception as e:  # noqa: BLE001
+            raise InvalidArgument(f"head.onnx fails on a {dim}-wide input: {str(e)[:300]}") from None
+        if p.shape != (2, len(self.classes)):
+            raise InvalidArgument(f"head.onnx outputs shape {list(p.shape)}, expected [N, {len(self.classes)}] for the classes in meta.json")
+        if not np.allclose(p.sum(1), 1.0, atol=1e-3):
+            raise InvalidArgument("head.onnx outputs do not sum to 1: it must end in a softmax")
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def head_id(self) -> str:
+        return self.meta["head_id"]
+
+    @property
+    def display_name(self) -> str:
+        return self.meta.get("display_name", "")
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def background_indices(self) -> list[int]:
+        return list(self.meta["background_indices"])
+
+    @property
+    def real_classes(self) -> list[str]:
+        return [c for c in self.classes if not c.startswith(BG_PREFIX)]
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["embedder"]["dim"])
+
+    @property
+    def embedder_model(self) -> str:
+        return self.meta["embedder"]["model_id"]
+
+    @property
+    def crop_policy(self) -> CropPolicy:
+        return CropPolicy(**self.meta["embedder"].get("crop_policy", {}))
+
+    @property
+    def default_thresholds(self) -> Thresholds:
+        t = self.meta["default_thresholds"]
+        return Thresholds(min_prob=float(t["min_prob"]), margin=float(t["margin"]),
+                          background_guard=bool(t.get("background_guard", True)),
+                          background_margin=float(t["background_margin"]))
+
+    @property
+    def session(self):
+        with self._lock:
+            if self._session is None:
+                from head_svc.onnx_export import onnx_session
+
+                self._session = onnx_session(self.onnx_bytes)
+            return self._session
+
+    # -- use -------------------------------------------------------------------------------
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """X: N x dim embeddings -> N x C probabilities (float32), in `classes` order."""
+        X = np.asarray(X, np.float32)
+        if X.ndim != 2 or X.shape[1] != self.dim:
+            raise InvalidArgument(f"embeddings must be N x {self.dim} for head {self.head_id}, got {list(X.shape)}")
+        if len(X) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        return self.session.run(None, {self.session.get_inputs()[0].name: X})[0]
+
+    def files(self) -> dict[str, bytes]:
+        out = {"head.onnx": self.onnx_bytes, "meta.json": meta_json(self.meta)}
+        if self.report is not None:
+            out["report.json"] = (json.dumps(self.report, indent=2, sort_keys=True) + "\n").encode()
+        return out
+
+    def to_zip(self) -> bytes:
+        return make_zip(self.files())

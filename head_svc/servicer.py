@@ -1,0 +1,280 @@
+"""The HeadService gRPC edge: proto <-> library, nothing more."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import timestamp_pb2
+
+from minehead.core import embeddings as codec
+from minehead.core.errors import InvalidArgument, NotFound
+from minehead.core.jobs import JobContext, JobRunner, struct_from_dict
+from minehead.core.paths import resolve_allowed
+from minehead.core.safezip import safe_members, write_members
+from minehead.head.v1 import head_pb2, head_pb2_grpc
+
+from embedder_svc.crops import CropPolicy, boxes_from_proto
+from head_svc import training
+from head_svc.bundle import HeadBundle
+from head_svc.datasets import load_dataset
+from head_svc.embedding import CropEmbeddingCache
+from head_svc.registry import HeadRegistry
+from head_svc.scoring import DEFAULT_AMBIGUITY_MARGIN, effective_thresholds, score_embeddings
+
+CHUNK = 1 << 20
+MAX_DATASET_ZIP = 2 << 30
+MAX_DATASET_MEMBER = 256 << 20
+_HEAD_TYPES = {head_pb2.HEAD_TYPE_UNSPECIFIED: "logreg", head_pb2.LOGREG: "logreg", head_pb2.MLP: "mlp"}
+_DECISIONS = {"keep": head_pb2.CropScore.KEEP, "reject_low_prob": head_pb2.CropScore.REJECT_LOW_PROB,
+              "reject_margin": head_pb2.CropScore.REJECT_MARGIN, "reject_background": head_pb2.CropScore.REJECT_BACKGROUND}
+
+
+def variant_from_spec(spec: head_pb2.TrainingSpec, name: str = "") -> training.Variant:
+    st = spec.soft_targets
+    return training.Variant(
+        head_type=_HEAD_TYPES.get(spec.head_type, "logreg"), label_smoothing=st.label_smoothing,
+        teacher_temperature=st.teacher_temperature, margin_loss=st.margin_loss,
+        hidden_sizes=tuple(spec.hidden_sizes) or (256,),
+        dropout=spec.dropout if spec.HasField("dropout") else 0.1,
+        weight_decay=spec.weight_decay if spec.HasField("weight_decay") else 1e-4,
+        max_epochs=spec.max_epochs or 200, logreg_c=spec.logreg_c or 1.0, name=name)
+
+
+def head_proto(b: HeadBundle, full: bool = False) -> head_pb2.Head:
+    from minehead.common.v1 import common_pb2
+
+    t = b.meta["default_thresholds"]
+    ct = timestamp_pb2.Timestamp()
+    ct.FromJsonString(b.meta["created_time"].replace("+00:00", "Z"))
+    h = head_pb2.Head(
+        name=f"heads/{b.head_id}", head_id=b.head_id, display_name=b.display_name,
+        head_type=head_pb2.MLP if b.meta["head_type"] == "mlp" else head_pb2.LOGREG,
+        classes=b.classes, background_indices=b.background_indices,
+        embedder=common_pb2.ModelRef(model_id=b.embedder_model, weights_sha256=b.meta["embedder"].get("weights_sha256", ""),
+                                     dim=b.dim),
+        default_thresholds=head_pb2.Thresholds(min_prob=t["min_prob"], margin=t["margin"],
+                                               background_guard=bool(t.get("background_guard", True)),
+                                               background_margin=t["background_margin"]),
+        create_time=ct, size_bytes=sum(len(v) for v in b.files().values()))
+    if full:
+        h.meta.update(b.meta)
+    return h
+
+
+class HeadServicer(head_pb2_grpc.HeadServiceServicer):
+    def __init__(self, service_dir: Path, embedder_address: str, allowed_roots: list[Path], runner: JobRunner) -> None:
+        self.registry = HeadRegistry(service_dir / "heads")
+        self.embeds = CropEmbeddingCache(embedder_address, service_dir / "embeddings")
+        self.datasets_dir = service_dir / "datasets"
+        self.datasets_dir.mkdir(parents=True, exist_ok=True)
+        self.allowed_roots = allowed_roots
+        self.runner = runner
+
+    # -- datasets ---------------------------------------------------------------------------
+    def _dataset_path(self, ref: head_pb2.DatasetRef) -> tuple[Path, str]:
+        which = ref.WhichOneof("source")
+        if which == "path":
+            return resolve_allowed(ref.path, self.allowed_roots), ref.path
+        if which == "name":
+            did = ref.name[len("datasets/"):] if ref.name.startswith("datasets/") else ref.name
+            p = self.datasets_dir / did
+            if "/" in did or did.startswith(".") or not p.is_dir():
+                raise NotFound(f"no uploaded dataset {ref.name!r}")
+            return p, f"datasets/{did}"
+        raise InvalidArgument("dataset: give a path (under the allowed roots) or an uploaded dataset name")
+
+    def UploadDataset(self, request_iterator, context):
+        display, data = "", bytearray()
+        for part in request_iterator:
+            if part.WhichOneof("part") == "display_name":
+                display = part.display_name
+            else:
+                data += part.chunk.data
+                if len(data) > MAX_DATASET_ZIP:
+                    raise InvalidArgument(f"dataset zip is over {MAX_DATASET_ZIP} bytes")
+        members = safe_members(bytes(data), max_member_bytes=MAX_DATASET_MEMBER, max_total_bytes=MAX_DATASET_ZIP * 2,
+                               max_members=200_000)
+        did = hashlib.sha256(bytes(data)).hexdigest()[:16]
+        target = self.datasets_dir / did
+        if not target.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.datasets_dir))
+            try:
+                write_members(members, tmp)
+                root = _single_root(tmp)
+                load_dataset(root)  # refuse what is not a dataset before it becomes visible
+                if root != tmp:
+                    root.rename(tmp.with_name(tmp.name + "-root"))
+                    shutil.rmtree(tmp)
+                    tmp = tmp.with_name(tmp.name + "-root")
+                tmp.rename(target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        ds = load_dataset(target)
+        return head_pb2.Dataset(name=f"datasets/{did}", display_name=display, classes=ds.classes,
+                                image_count=len(ds.images), label_count=ds.label_count, dropped=ds.dropped)
+
+    # -- jobs -------------------------------------------------------------------------------
+    def StartTraining(self, request, context):
+        spec = request.spec
+        path, label = self._dataset_path(spec.dataset)
+        ds = load_dataset(path)  # bad datasets fail the call, not a job later
+        variant = variant_from_spec(spec)
+        variant.validate()
+        policy = CropPolicy.from_proto(spec.crop_policy if spec.HasField("crop_policy") else None)
+        bg = spec.background_classes if spec.HasField("background_classes") else 2
+        if bg < 0 or bg > 16:
+            raise InvalidArgument(f"background_classes must be 0..16, got {bg}")
+        frac = spec.holdout_fraction or 0.25
+        if not 0 < frac < 1:
+            raise InvalidArgument(f"holdout_fraction must be in (0, 1), got {frac}")
+
+        def job(ctx: JobContext):
+            ctx.phase("reading")
+            ctx.log(f"dataset {label}: {len(ds.images)} images, {ds.label_count} labels, classes {', '.join(ds.classes)}")
+            p = training.prepare(ds, ctx, self.embeds, model=spec.model, classes=list(spec.classes),
+                                 background_classes=bg, holdout_fraction=frac, seed=spec.seed, policy=policy)
+            ctx.phase("training")
+            head, report = training.fit_variant(p, variant, ctx)
+            ctx.phase("exporting")
+            bundle = training.build_bundle(p, variant, head, report, spec.display_name, label)
+            stored = self.registry.put(bundle)
+            ctx.log(f"head {stored.head_id} saved: held-out accuracy {report.get('accuracy', 0):.3f}, "
+                    f"macro F1 {report.get('macro_f1', 0):.3f}, parity {stored.meta['parity_max_abs_err']:.2g}")
+            return head_pb2.TrainingResult(head=head_proto(stored), report=struct_from_dict(stored.report or {}))
+
+        return self.runner.start("training", request, job)
+
+    def CompareHeads(self, request, context):
+        path, label = self._dataset_path(request.dataset)
+        ds = load_dataset(path)
+        variants = [variant_from_spec(s) for s in request.variants] or [
+            training.Variant("logreg"), training.Variant("logreg", label_smoothing=0.1),
+            training.Variant("mlp"), training.Variant("mlp", label_smoothing=0.1)]
+        for v in variants:
+            v.validate()
+        bg = request.background_classes if request.HasField("background_classes") else 2
+
+        def job(ctx: JobContext):
+            ctx.phase("reading")
+            p = training.prepare(ds, ctx, self.embeds, model=request.model, classes=[], background_classes=bg,
+                                 holdout_fraction=0.25, seed=request.seed, policy=CropPolicy())
+            ctx.phase("training")
+            reports = {}
+            for i, v in enumerate(variants):
+                ctx.check_cancelled()
+                ctx.log(f"variant {i + 1}/{len(variants)}: {v.label}")
+                _, reports[v.label] = training.fit_variant(p, v, ctx)
+                ctx.progress(i + 1, len(variants), "variants")
+            return head_pb2.ComparisonResult(report=struct_from_dict(comparison_report(p, reports)))
+
+        return self.runner.start("comparison", request, job)
+
+    # -- registry ---------------------------------------------------------------------------
+    def ListHeads(self, request, context):
+        heads, problems = self.registry.list()
+        return head_pb2.ListHeadsResponse(heads=[head_proto(b, request.full) for b in heads], problems=problems)
+
+    def GetHead(self, request, context):
+        return head_proto(self.registry.get(request.name), full=True)
+
+    def DownloadHead(self, request, context):
+        from minehead.common.v1 import common_pb2
+
+        data = self.registry.get(request.name).to_zip()
+        for i in range(0, len(data), CHUNK):
+            yield common_pb2.FileChunk(data=data[i:i + CHUNK])
+
+    def UploadHead(self, request_iterator, context):
+        display, data = None, bytearray()
+        from head_svc.bundle import MAX_ZIP_BYTES
+
+        for part in request_iterator:
+            if part.WhichOneof("part") == "display_name":
+                display = part.display_name or None
+            else:
+                data += part.chunk.data
+                if len(data) > MAX_ZIP_BYTES:
+                    raise InvalidArgument(f"head bundle is over {MAX_ZIP_BYTES} bytes")
+        if not data:
+            raise InvalidArgument("no bundle bytes received")
+        return head_proto(self.registry.put(HeadBundle.from_zip(bytes(data)), display), full=True)
+
+    def DeleteHead(self, request, context):
+        self.registry.delete(request.name)
+        return head_pb2.DeleteHeadResponse()
+
+    # -- scoring ----------------------------------------------------------------------------
+    def Score(self, request, context):
+        b = self.registry.get(request.head)
+        which = request.WhichOneof("input")
+        if which == "embeddings":
+            X = codec.from_proto(request.embeddings)
+        elif which == "image_boxes":
+            ib = request.image_boxes
+            if not ib.boxes:
+                raise InvalidArgument("no boxes given")
+            # The head's own embedder model and crop policy: scoring sees what training saw.
+            X = self.embeds.client.embed_crops(image_bytes(ib.image, self.allowed_roots), boxes_from_proto(ib.boxes),
+                                               b.embedder_model, b.crop_policy.to_proto())
+        else:
+            raise InvalidArgument("give embeddings or image_boxes to score")
+        th = request.thresholds
+        t, warnings = effective_thresholds(
+            b, *(getattr(th, f) if th.HasField(f) else None for f in ("min_prob", "margin", "background_guard", "background_margin")))
+        amb = request.ambiguity_margin if request.HasField("ambiguity_margin") else DEFAULT_AMBIGUITY_MARGIN
+        res = score_embeddings(b, X, request.target_class or None, t, warnings, amb)
+        out = head_pb2.ScoreResponse(head_id=b.head_id, warnings=res.warnings,
+                                     thresholds=head_pb2.Thresholds(min_prob=t.min_prob, margin=t.margin,
+                                                                    background_guard=t.background_guard,
+                                                                    background_margin=t.background_margin))
+        for i, r in enumerate(res.rows):
+            cs = out.scores.add(**{k: v for k, v in r.items() if k not in ("decision", "decision_code")})
+            cs.decision = _DECISIONS[r["decision"]]
+            if request.include_probabilities:
+                cs.probabilities.extend(res.probabilities[i].tolist())
+        return out
+
+    def close(self) -> None:
+        self.embeds.close()
+
+
+def image_bytes(ref, allowed_roots) -> bytes:
+    if ref.WhichOneof("source") == "data":
+        return ref.data
+    return resolve_allowed(ref.path, allowed_roots).read_bytes()
+
+
+def _single_root(folder: Path) -> Path:
+    """A zip of 'mydata/…' has its dataset one level down; accept both layouts."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir() and not (folder / "images").exists():
+        return entries[0]
+    return folder
+
+
+def comparison_report(p: training.Prepared, reports: dict[str, dict]) -> dict:
+    """Per-class precision / recall side by side, and each variant's confusion on the pairs the
+    first variant confuses most."""
+    labels = list(reports)
+    real = [c for c in p.classes if not c.startswith("__bg_")]
+    per_class = {c: {v: {"precision": reports[v].get("per_class", {}).get(c, {}).get("precision", 0.0),
+                         "recall": reports[v].get("per_class", {}).get(c, {}).get("recall", 0.0)} for v in labels}
+                 for c in real}
+    base = reports[labels[0]].get("most_confused", [])[:3] if labels else []
+    pairs = []
+    for pair in base:
+        row = {"a": pair["a"], "b": pair["b"]}
+        for v in labels:
+            cm = np.array(reports[v]["confusion_matrix"]["rows_true_cols_pred"])
+            i, j = p.classes.index(pair["a"]), p.classes.index(pair["b"])
+            row[v] = int(cm[i, j] + cm[j, i])
+        pairs.append(row)
+    return {"variants": labels,
+            "summary": {v: {k: reports[v].get(k, 0.0) for k in ("accuracy", "macro_f1", "log_loss", "calibration_temperature")}
+                        for v in labels},
+            "per_class": per_class, "confused_pairs": pairs,
+            "held_out_crops": int(p.hold.sum()), "held_out_images": int(len(np.unique(p.group[p.hold])))}

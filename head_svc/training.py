@@ -1,0 +1,279 @@
+"""Training and comparison jobs: dataset -> crops -> embeddings -> heads -> bundle.
+
+`prepare()` does the shared part once (read the dataset, sample background boxes, embed,
+cluster the background, split by image); `fit_variant()` trains one head on it and measures it
+on the held-out images; `train()` adds export, parity and the registry; `compare()` fits several
+variants on the same split. All report through a JobContext and stop at its cancel checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+
+import numpy as np
+
+from minehead.core.errors import FailedPrecondition, InvalidArgument
+from minehead.core.jobs import JobContext
+
+from embedder_svc.crops import CropPolicy
+from head_svc import sampling
+from head_svc.bundle import BG_PREFIX, META_SCHEMA_VERSION, HeadBundle, content_id, meta_json
+from head_svc.datasets import Dataset
+from head_svc.embedding import CropEmbeddingCache
+from head_svc.estimators import LogRegHead, MLPHead, fit_temperature, smooth_targets, teacher_targets
+from head_svc.metrics import classification_report
+from head_svc.onnx_export import export_head, parity
+
+MAX_DROPPED_LOG_LINES = 50
+BG_PER_IMAGE = 3
+PARITY_LIMIT = 1e-5
+
+
+@dataclasses.dataclass
+class Variant:
+    """One head to fit: what TrainingSpec says, with defaults applied."""
+
+    head_type: str = "logreg"
+    label_smoothing: float = 0.0
+    teacher_temperature: float = 0.0
+    margin_loss: float = 0.0
+    hidden_sizes: tuple[int, ...] = (256,)
+    dropout: float = 0.1
+    weight_decay: float = 1e-4
+    max_epochs: int = 200
+    logreg_c: float = 1.0
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        parts = [self.head_type]
+        if self.label_smoothing:
+            parts.append(f"ls{self.label_smoothing:g}")
+        if self.teacher_temperature:
+            parts.append(f"T{self.teacher_temperature:g}")
+        if self.margin_loss:
+            parts.append(f"m{self.margin_loss:g}")
+        return "+".join(parts)
+
+    def validate(self) -> None:
+        if self.head_type not in ("logreg", "mlp"):
+            raise InvalidArgument(f"head_type must be logreg or mlp, got {self.head_type!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise InvalidArgument(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.teacher_temperature < 0 or self.margin_loss < 0:
+            raise InvalidArgument("teacher_temperature and margin_loss must be >= 0")
+        if self.margin_loss and self.head_type != "mlp":
+            raise InvalidArgument("margin_loss applies to the MLP head only")
+        if not 1 <= len(self.hidden_sizes) <= 2 or min(self.hidden_sizes) < 1:
+            raise InvalidArgument(f"hidden_sizes must be 1 or 2 positive widths, got {list(self.hidden_sizes)}")
+        if not 0 <= self.dropout < 1:
+            raise InvalidArgument(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass
+class Prepared:
+    X: np.ndarray  # N x D embeddings
+    y: np.ndarray  # N class indices into `classes`
+    group: np.ndarray  # N image indices
+    classes: list[str]  # real classes, then __bg_*
+    train: np.ndarray  # N bool: sample is in a training image
+    hold: np.ndarray  # N bool: sample is in a held-out image
+    model: object  # embedder_pb2.Model
+    policy: CropPolicy
+    dataset: Dataset
+    fingerprint: str
+    notes: list[str]
+    seed: int
+    holdout_fraction: float
+
+    @property
+    def background_indices(self) -> list[int]:
+        return [i for i, c in enumerate(self.classes) if c.startswith(BG_PREFIX)]
+
+
+def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: str, classes: list[str],
+            background_classes: int, holdout_fraction: float, seed: int, policy: CropPolicy) -> Prepared:
+    rng = np.random.default_rng(seed)
+    notes: list[str] = []
+    if ds.dropped:
+        ctx.warn(f"{len(ds.dropped)} label line(s) dropped while reading {ds.root.name}:")
+        for line in ds.dropped[:MAX_DROPPED_LOG_LINES]:
+            ctx.warn(f"  dropped {line}")
+        if len(ds.dropped) > MAX_DROPPED_LOG_LINES:
+            ctx.warn(f"  … and {len(ds.dropped) - MAX_DROPPED_LOG_LINES} more (all listed in report.json)")
+    wanted = classes or ds.classes
+    unknown = [c for c in wanted if c not in ds.classes]
+    if unknown:
+        raise InvalidArgument(f"classes {unknown} are not in the dataset's labelmap ({', '.join(ds.classes)})")
+    keep_ids = {ds.classes.index(c): i for i, c in enumerate(wanted)}
+
+    ctx.phase("embedding")
+    m = embeds.model_info(model)
+    ctx.log(f"embedder model {m.id} (dim {m.dim}, weights {m.weights_sha256[:12] or 'unknown'})")
+    X_parts, y_parts, g_parts, bg_parts, bg_groups = [], [], [], [], []
+    hits_before, calls_before = embeds.hits, embeds.calls
+    fp = hashlib.sha256()
+    n_pos = ds.label_count
+    per_image_bg = BG_PER_IMAGE if background_classes > 0 else 0
+    for gi, rec in enumerate(ds.images):
+        ctx.check_cancelled()
+        data = rec.path.read_bytes()
+        fp.update(hashlib.sha256(data).digest())
+        fp.update(rec.boxes.round(2).tobytes() + rec.class_ids.tobytes())
+        sel = np.array([c in keep_ids for c in rec.class_ids], bool)
+        pos = rec.boxes[sel]
+        bg = sampling.sample_background_boxes(rec.width, rec.height, rec.boxes, per_image_bg, rng,
+                                              padding_ratio=policy.padding_ratio) if per_image_bg else np.zeros((0, 4))
+        vecs = embeds.embed(data, np.concatenate([pos, bg]), policy, m)
+        X_parts.append(vecs[:len(pos)])
+        y_parts.append(np.array([keep_ids[c] for c in rec.class_ids[sel]], np.int64))
+        g_parts.append(np.full(len(pos), gi))
+        bg_parts.append(vecs[len(pos):])
+        bg_groups.append(np.full(len(bg), gi))
+        ctx.progress(gi + 1, len(ds.images), "images")
+    X = np.concatenate(X_parts) if X_parts else np.zeros((0, m.dim), np.float32)
+    y = np.concatenate(y_parts)
+    group = np.concatenate(g_parts)
+    counts = np.bincount(y, minlength=len(wanted))
+    for c, n in zip(wanted, counts):
+        if n == 0:
+            raise InvalidArgument(f"class {c!r} has no labelled boxes in the dataset")
+    ctx.log(f"{len(X)} labelled crops in {len(ds.images)} images: {embeds.hits - hits_before} images from the "
+            f"embedding cache, {embeds.calls - calls_before} EmbedCrops calls")
+
+    classes = list(wanted)
+    Xb = np.concatenate(bg_parts) if bg_parts else np.zeros((0, m.dim), np.float32)
+    gb = np.concatenate(bg_groups) if bg_groups else np.zeros(0, int)
+    if background_classes > 0:
+        cap = max(1, int(2 * n_pos / 3))
+        if len(Xb) > cap:  # about 2/3 of the positives, so background never dominates
+            pick = np.sort(rng.choice(len(Xb), cap, replace=False))
+            Xb, gb = Xb[pick], gb[pick]
+        k = min(background_classes, len(Xb))
+        if k < background_classes:
+            notes.append(f"only {len(Xb)} background crops: {k} background classes instead of {background_classes}")
+        if k > 0:
+            from sklearn.cluster import KMeans
+
+            ctx.log(f"clustering {len(Xb)} background crops into {k} classes")
+            labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(Xb) if k > 1 else np.zeros(len(Xb), int)
+            classes += [f"{BG_PREFIX}{j}" for j in range(k)]
+            X = np.concatenate([X, Xb])
+            y = np.concatenate([y, len(wanted) + labels])
+            group = np.concatenate([group, gb])
+    else:
+        notes.append("no background classes (background_classes = 0): background checks are off for this head")
+
+    ctx.phase("splitting")
+    if ds.has_splits:
+        hold_img = np.array([r.split == "val" for r in ds.images])
+        notes.append("using the dataset's own train/val split")
+    else:
+        img_classes = [set() for _ in ds.images]
+        for yi, gi in zip(y, group):
+            if yi < len(wanted):
+                img_classes[gi].add(int(yi))
+        _, hold_idx, split_notes = sampling.group_split(img_classes, holdout_fraction, rng, classes)
+        notes += split_notes
+        hold_img = np.zeros(len(ds.images), bool)
+        hold_img[hold_idx] = True
+    hold = hold_img[group]
+    for n in notes:
+        ctx.warn(n)
+    ctx.log(f"split by image: {int((~hold_img).sum())} training images ({int((~hold).sum())} crops), "
+            f"{int(hold_img.sum())} held-out images ({int(hold.sum())} crops)")
+    return Prepared(X, y, group, classes, ~hold, hold, m, policy, ds, fp.hexdigest(), notes, seed, holdout_fraction)
+
+
+def fit_variant(p: Prepared, v: Variant, ctx: JobContext) -> tuple[object, dict]:
+    """Fit one head on the training images, calibrate and measure it on the held-out ones."""
+    v.validate()
+    C = len(p.classes)
+    Xt, yt = p.X[p.train], p.y[p.train]
+    Xh, yh = p.X[p.hold], p.y[p.hold]
+    targets = None
+    if v.teacher_temperature > 0:
+        teacher = LogRegHead(C=v.logreg_c, seed=p.seed).fit(Xt, yt, C)
+        targets = teacher_targets(teacher.logits(Xt), v.teacher_temperature)
+        ctx.log(f"[{v.label}] soft targets from a logreg teacher at temperature {v.teacher_temperature:g}")
+    if v.label_smoothing > 0:
+        smooth = smooth_targets(yt, C, v.label_smoothing)
+        targets = smooth if targets is None else (1 - v.label_smoothing) * targets + v.label_smoothing * smooth
+    ctx.check_cancelled()
+    if v.head_type == "logreg":
+        head = LogRegHead(C=v.logreg_c, seed=p.seed).fit(Xt, yt, C, targets=targets)
+    else:
+        # Early stopping watches a slice of the *training* images: the held-out images stay
+        # untouched until calibration and the final metrics.
+        rng = np.random.default_rng(p.seed + 1)
+        imgs = np.unique(p.group[p.train])
+        val_imgs = rng.choice(imgs, max(1, int(0.15 * len(imgs))), replace=False) if len(imgs) >= 4 else np.array([], int)
+        is_val = np.isin(p.group[p.train], val_imgs)
+        fit_t = targets[~is_val] if targets is not None else None
+
+        def on_epoch(epoch, train_loss, val_loss):
+            ctx.check_cancelled()
+            ctx.metrics({"variant": v.label, "epoch": epoch + 1, "train_loss": round(train_loss, 5),
+                         "val_loss": round(val_loss, 5)})
+
+        head = MLPHead(hidden_sizes=v.hidden_sizes, dropout=v.dropout, weight_decay=v.weight_decay,
+                       max_epochs=v.max_epochs, margin_loss=v.margin_loss, seed=p.seed).fit(
+            Xt[~is_val], yt[~is_val], C, targets=fit_t, X_val=Xt[is_val], y_val=yt[is_val], on_epoch=on_epoch)
+        ctx.log(f"[{v.label}] {head.epochs_run_} epochs (early stopping on {int(is_val.sum())} crops of training images)")
+    head.temperature_ = fit_temperature(head.logits(Xh), yh) if len(yh) else 1.0
+    report = classification_report(yh, head.predict_proba(Xh).argmax(1), p.classes) if len(yh) else {}
+    if len(yh):
+        held_loss = float(-np.log(np.clip(head.predict_proba(Xh)[np.arange(len(yh)), yh], 1e-12, None)).mean())
+        report["log_loss"] = round(held_loss, 5)
+    report["calibration_temperature"] = round(head.temperature_, 5)
+    ctx.metrics({"variant": v.label, "held_out_accuracy": report.get("accuracy", 0.0),
+                 "held_out_macro_f1": report.get("macro_f1", 0.0)})
+    return head, report
+
+
+def build_bundle(p: Prepared, v: Variant, head, report: dict, display_name: str, dataset_label: str) -> HeadBundle:
+    onnx_bytes = export_head(head)
+    check = p.X[p.hold] if p.hold.any() else p.X[:256]
+    err = parity(head, onnx_bytes, check)
+    if err > PARITY_LIMIT:
+        raise FailedPrecondition(f"exported head differs from the trained one by {err:.3g} (> {PARITY_LIMIT}); not saved")
+    bg = p.background_indices
+    pre = p.model.preprocessing
+    meta = {
+        "schema_version": META_SCHEMA_VERSION,
+        "head_type": v.head_type,
+        "classes": p.classes,
+        "background_indices": bg,
+        "embedder": {"model_id": p.model.id, "weights_sha256": p.model.weights_sha256, "dim": int(p.model.dim),
+                     "preprocessing": {"input_size": pre.input_size, "mean": list(pre.mean), "std": list(pre.std),
+                                       "resize": pre.resize},
+                     "crop_policy": p.policy.to_dict()},
+        "soft_targets": {"label_smoothing": v.label_smoothing, "teacher_temperature": v.teacher_temperature,
+                         "margin_loss": v.margin_loss},
+        "hyperparameters": {**head.params(), "seed": p.seed, "holdout_fraction": p.holdout_fraction,
+                            "background_classes": len(bg)},
+        "calibration_temperature": round(float(head.temperature_), 6),
+        "default_thresholds": {"min_prob": 0.5, "margin": 0.0, "background_margin": 0.0, "background_guard": bool(bg)},
+        "metrics": {k: report[k] for k in ("accuracy", "macro_f1", "log_loss", "samples", "per_class", "most_confused",
+                                           "confusion_matrix") if k in report},
+        "dataset": {"source": dataset_label, "fingerprint": p.fingerprint, "images": len(p.dataset.images),
+                    "labels": p.dataset.label_count, "dropped_lines": len(p.dataset.dropped),
+                    "held_out_images": int(len(np.unique(p.group[p.hold]))), "held_out_crops": int(p.hold.sum())},
+        "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        "parity_max_abs_err": err,
+        "created_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
+    }
+    if display_name:
+        meta["display_name"] = display_name
+    meta["head_id"] = content_id(onnx_bytes, meta)
+    full_report = {"held_out": report, "dropped_lines": p.dataset.dropped, "notes": p.notes,
+                   "class_counts": {c: int((p.y == i).sum()) for i, c in enumerate(p.classes)},
+                   "history": [list(h) for h in getattr(head, "history_", [])]}
+    import json
+
+    return HeadBundle.from_files({"head.onnx": onnx_bytes, "meta.json": meta_json(meta),
+                                  "report.json": json.dumps(full_report, sort_keys=True).encode()})
