@@ -6,6 +6,8 @@
     minehead embed images PATH... [--model ID] [--json]
     minehead embed crops --image PATH --box X1,Y1,X2,Y2 [--box ...] [--model ID] [--json]
     minehead embed text TEXT... [--model ID] [--json]
+    minehead datasets synth DIR [--images 60] [--seed 1]
+    minehead heads train|list|get|download|upload|delete|score|compare   (see clients/cli_heads.py)
 
 Service addresses come from --embedder/--head/--miner or MINEHEAD_<SERVICE>_ADDR
 (defaults 127.0.0.1:50051/50052/50053). gRPC errors print as "error: CODE: message" and exit 1.
@@ -173,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     et = add(embed, "text", cmd_embed_text, "embed texts (CLIP models)")
     et.add_argument("texts", nargs="+")
     et.add_argument("--model", default="")
+    from clients import cli_heads
+
+    cli_heads.add_commands(sub, add)
     return p
 
 

@@ -1,0 +1,328 @@
+"""`minehead heads …` and `minehead datasets …` subcommands."""
+
+from __future__ import annotations
+
+
+import sys
+from pathlib import Path
+
+from minehead.common.v1 import common_pb2
+from minehead.head.v1 import head_pb2
+
+from clients.heads import HeadClient
+from clients.output import print_json, print_table, to_jsonable
+
+FINAL = {common_pb2.Job.SUCCEEDED, common_pb2.Job.FAILED, common_pb2.Job.CANCELLED, common_pb2.Job.INTERRUPTED}
+
+
+def follow(client, job: common_pb2.Job, quiet: bool) -> common_pb2.Job:
+    """Stream the job's events to stderr (progress bar, log lines) until it ends."""
+    width = 30
+    for ev in client.jobs.watch(job.name):
+        if quiet:
+            continue
+        kind = ev.WhichOneof("payload")
+        if kind == "progress" and ev.progress.total:
+            frac = ev.progress.done / ev.progress.total
+            bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+            print(f"\r  [{bar}] {ev.progress.done}/{ev.progress.total} {ev.progress.unit}", end="", file=sys.stderr, flush=True)
+            if ev.progress.done == ev.progress.total:
+                print(file=sys.stderr)
+        elif kind == "phase":
+            print(f"{ev.phase} …", file=sys.stderr)
+        elif kind == "log":
+            tag = {common_pb2.LogLine.WARNING: "warning: ", common_pb2.LogLine.ERROR: "error: "}.get(ev.log.level, "")
+            print(f"  {tag}{ev.log.message}", file=sys.stderr)
+        elif kind == "metrics" and "epoch" in ev.metrics:
+            m = ev.metrics
+            print(f"\r  epoch {int(m['epoch']):3d}  train loss {m['train_loss']:.4f}  val loss {m['val_loss']:.4f}",
+                  end="", file=sys.stderr, flush=True)
+        elif kind == "state" and ev.state in FINAL:
+            print(f"\n{common_pb2.Job.State.Name(ev.state).lower()}", file=sys.stderr)
+    return client.jobs.get(job.name)
+
+
+def _job_exit(a, client, job, result_type):
+    if not a.wait:
+        print_json(to_jsonable(job)) if a.json else print(f"started {job.name}; watch it with `minehead jobs watch {job.name}`")
+        return 0
+    done = follow(client, job, quiet=a.json)
+    if done.state != common_pb2.Job.SUCCEEDED:
+        print(f"error: job {done.name} {common_pb2.Job.State.Name(done.state)}: {done.error}", file=sys.stderr)
+        return 1
+    result = result_type()
+    done.result.Unpack(result)
+    return result
+
+
+def _dataset_ref(path: str) -> head_pb2.DatasetRef:
+    if path.startswith("datasets/"):
+        return head_pb2.DatasetRef(name=path)
+    return head_pb2.DatasetRef(path=str(Path(path).resolve()))
+
+
+def zip_folder(folder: Path) -> bytes:
+    from minehead.core.safezip import make_zip
+
+    return make_zip({str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+                     if p.is_file() and not p.name.startswith(".")})
+
+
+def start_with_dataset(a, client, start):
+    """start(dataset_ref) -> Job. When the server may not read the folder (not under its allowed
+    roots) or cannot see it (another machine), upload it as a zip and start on the copy."""
+    import grpc
+
+    try:
+        return start(_dataset_ref(a.dataset))
+    except grpc.RpcError as e:
+        local = Path(a.dataset)
+        if e.code() not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND) or not local.is_dir():
+            raise
+        print(f"note: the server cannot read {local} ({e.details()}); uploading it instead", file=sys.stderr)
+        ds = client.upload_dataset(zip_folder(local), local.name)
+        print(f"note: uploaded as {ds.name} ({ds.image_count} images, {ds.label_count} labels)", file=sys.stderr)
+        return start(head_pb2.DatasetRef(name=ds.name))
+
+
+def cmd_train(a) -> int:
+    spec = head_pb2.TrainingSpec(
+        model=a.model or "",
+        head_type=head_pb2.MLP if a.head_type == "mlp" else head_pb2.LOGREG,
+        soft_targets=head_pb2.SoftTargets(label_smoothing=a.label_smoothing, teacher_temperature=a.teacher_temperature,
+                                          margin_loss=a.margin_loss),
+        hidden_sizes=[int(h) for h in a.hidden.split(",")] if a.hidden else [], max_epochs=a.max_epochs,
+        seed=a.seed, display_name=a.name or "", classes=a.classes.split(",") if a.classes else [],
+        holdout_fraction=a.holdout)
+    if a.bg_classes is not None:
+        spec.background_classes = a.bg_classes
+    def start(ref):
+        spec.dataset.CopyFrom(ref)
+        return c.start_training(spec)
+
+    with HeadClient(a.head, token=a.token) as c:
+        r = _job_exit(a, c, start_with_dataset(a, c, start), head_pb2.TrainingResult)
+    if isinstance(r, int):
+        return r
+    if a.json:
+        print_json({"head": to_jsonable(r.head), "report": to_jsonable(r.report)})
+        return 0
+    h = r.head
+    held = r.report["held_out"]
+    print(f"head {h.head_id}  {head_pb2.HeadType.Name(h.head_type).lower()}  classes {', '.join(h.classes)}")
+    print(f"held-out accuracy {held['accuracy']:.3f}  macro F1 {held['macro_f1']:.3f}")
+    print_table(["class", "precision", "recall", "f1", "support"],
+                [(c, held["per_class"][c]["precision"], held["per_class"][c]["recall"], held["per_class"][c]["f1"],
+                  int(held["per_class"][c]["support"])) for c in h.classes if c in held["per_class"]])
+    return 0
+
+
+def cmd_list(a) -> int:
+    with HeadClient(a.head, token=a.token) as c:
+        r = c.list()
+    if a.json:
+        print_json([to_jsonable(h) for h in r.heads] + ([{"problems": list(r.problems)}] if r.problems else []))
+        return 0
+    print_table(["head_id", "name", "type", "classes", "embedder", "created"],
+                [(h.head_id, h.display_name or "-", head_pb2.HeadType.Name(h.head_type).lower(), len(h.classes),
+                  h.embedder.model_id, h.create_time.ToJsonString()[:19]) for h in r.heads])
+    for p in r.problems:
+        print(f"problem: {p}", file=sys.stderr)
+    return 0
+
+
+def cmd_get(a) -> int:
+    with HeadClient(a.head, token=a.token) as c:
+        h = c.get(a.head_id)
+    print_json(to_jsonable(h))
+    return 0
+
+
+def cmd_download(a) -> int:
+    with HeadClient(a.head, token=a.token) as c:
+        data = c.download(a.head_id)
+    Path(a.output).write_bytes(data)
+    print(f"wrote {a.output} ({len(data)} bytes)")
+    return 0
+
+
+def cmd_upload(a) -> int:
+    with HeadClient(a.head, token=a.token) as c:
+        h = c.upload(Path(a.file).read_bytes(), a.name or "")
+    print_json(to_jsonable(h)) if a.json else print(f"uploaded head {h.head_id}")
+    return 0
+
+
+def cmd_delete(a) -> int:
+    with HeadClient(a.head, token=a.token) as c:
+        c.delete(a.head_id)
+    print(f"deleted {a.head_id}")
+    return 0
+
+
+def cmd_score(a) -> int:
+    th = {k: getattr(a, k) for k in ("min_prob", "margin", "background_margin") if getattr(a, k) is not None}
+    if a.no_bg_guard:
+        th["background_guard"] = False
+    with HeadClient(a.head, token=a.token) as c:
+        r = c.score_boxes(a.head_id, a.image, a.box, a.target or "", a.ambiguity_margin, **th)
+    if a.json:
+        print_json(to_jsonable(r))
+        return 0
+    for w in r.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print_table(["box", "class", "p", "2nd", "p2", "background", "decision", "why"],
+                [(",".join(f"{v:g}" for v in b), s.target_class, s.target_prob, s.top2_class, s.top2_prob,
+                  f"{s.best_background_class} {s.best_background_prob:.2f}" if s.best_background_class else "-",
+                  head_pb2.CropScore.Decision.Name(s.decision).lower() + (" (ambiguous)" if s.ambiguous else ""),
+                  s.ambiguity or s.reason) for b, s in zip(a.box, r.scores)])
+    return 0
+
+
+def cmd_compare(a) -> int:
+    req = head_pb2.CompareHeadsRequest(model=a.model or "", seed=a.seed)
+    if a.bg_classes is not None:
+        req.background_classes = a.bg_classes
+    a.wait = True
+    def start(ref):
+        req.dataset.CopyFrom(ref)
+        return c.compare(req)
+
+    with HeadClient(a.head, token=a.token) as c:
+        r = _job_exit(a, c, start_with_dataset(a, c, start), head_pb2.ComparisonResult)
+    if isinstance(r, int):
+        return r
+    rep = to_jsonable(r.report)
+    if a.json:
+        print_json(rep)
+        return 0
+    variants = rep["variants"]
+    print(f"held-out: {int(rep['held_out_crops'])} crops in {int(rep['held_out_images'])} images")
+    print_table(["variant", "accuracy", "macro F1", "log loss", "T"],
+                [(v, s.get("accuracy", 0), s.get("macro_f1", 0), s.get("log_loss", 0), s.get("calibration_temperature", 0))
+                 for v, s in rep["summary"].items()])
+    print()
+    print_table(["class"] + [f"{v} P/R" for v in variants],
+                [(c, *(f"{d[v]['precision']:.2f}/{d[v]['recall']:.2f}" for v in variants)) for c, d in rep["per_class"].items()])
+    if rep["confused_pairs"]:
+        print()
+        print_table(["confused pair"] + variants, [(f"{p['a']} <-> {p['b']}", *(int(p[v]) for v in variants))
+                                                   for p in rep["confused_pairs"]])
+    return 0
+
+
+def cmd_synth(a) -> int:
+    from head_svc.synth import make_synthetic_dataset
+
+    root = make_synthetic_dataset(a.dir, images=a.images, seed=a.seed, splits=a.splits)
+    from head_svc.datasets import load_dataset
+
+    ds = load_dataset(root)
+    out = {"path": str(Path(root).resolve()), "images": len(ds.images), "labels": ds.label_count, "classes": ds.counts()}
+    print_json(out) if a.json else print(f"wrote {out['images']} images, {out['labels']} labels to {out['path']}: {out['classes']}")
+    return 0
+
+
+def _jobs_client(a):
+    from clients.jobs import JobsClient
+
+    return JobsClient(a.miner if a.service == "miner" else a.head, token=a.token)
+
+
+def cmd_jobs_list(a) -> int:
+    jobs = _jobs_client(a).list(a.kind)
+    if a.json:
+        print_json([to_jsonable(j) for j in jobs])
+        return 0
+    print_table(["job", "kind", "state", "phase", "progress", "created"],
+                [(j.name, j.kind, common_pb2.Job.State.Name(j.state), j.phase,
+                  f"{j.progress.done}/{j.progress.total} {j.progress.unit}" if j.progress.total else "-",
+                  j.create_time.ToJsonString()[:19]) for j in jobs])
+    return 0
+
+
+def cmd_jobs_get(a) -> int:
+    print_json(to_jsonable(_jobs_client(a).get(a.job)))
+    return 0
+
+
+def cmd_jobs_watch(a) -> int:
+    c = _jobs_client(a)
+    if a.json:
+        for ev in c.watch(a.job):
+            print_json(to_jsonable(ev))
+        return 0
+    done = follow(type("C", (), {"jobs": c})(), c.get(a.job), quiet=False)
+    return 0 if done.state == common_pb2.Job.SUCCEEDED else 1
+
+
+def cmd_jobs_cancel(a) -> int:
+    j = _jobs_client(a).cancel(a.job)
+    print(f"{j.name}: {common_pb2.Job.State.Name(j.state)}")
+    return 0
+
+
+def add_commands(sub, add) -> None:
+    jobs = sub.add_parser("jobs", help="long-running jobs (training, mining)").add_subparsers(dest="jobs_cmd", required=True)
+    for name, fn, help_ in (("list", cmd_jobs_list, "list jobs"), ("get", cmd_jobs_get, "one job"),
+                            ("watch", cmd_jobs_watch, "follow a job's events"), ("cancel", cmd_jobs_cancel, "cancel a job")):
+        jp = add(jobs, name, fn, help_)
+        jp.add_argument("--service", choices=["head", "miner"], default="head")
+        if name == "list":
+            jp.add_argument("--kind", default="")
+        else:
+            jp.add_argument("job", help="jobs/ID or ID")
+
+    ds = sub.add_parser("datasets", help="datasets").add_subparsers(dest="datasets_cmd", required=True)
+    sy = add(ds, "synth", cmd_synth, "write a synthetic YOLO dataset (shapes on textured backgrounds)")
+    sy.add_argument("dir")
+    sy.add_argument("--images", type=int, default=60)
+    sy.add_argument("--seed", type=int, default=1)
+    sy.add_argument("--splits", action="store_true", help="write train/ and val/ splits")
+
+    heads = sub.add_parser("heads", help="classifier heads").add_subparsers(dest="heads_cmd", required=True)
+    tr = add(heads, "train", cmd_train, "train a head on a YOLO dataset (a job)")
+    tr.add_argument("--dataset", required=True, help="a dataset folder under the server's allowed roots, or datasets/ID")
+    tr.add_argument("--model", default="", help="embedder model id (default: the embedder's default)")
+    tr.add_argument("--head-type", choices=["logreg", "mlp"], default="logreg")
+    tr.add_argument("--name", default="", help="display name for the registry")
+    tr.add_argument("--classes", default="", help="comma-separated subset of classes")
+    tr.add_argument("--bg-classes", type=int, default=None, help="number of __bg_* classes (default 2, 0 = none)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--holdout", type=float, default=0.25, help="share of images held out (default 0.25)")
+    adv = tr.add_argument_group("advanced (soft targets, MLP)")
+    adv.add_argument("--label-smoothing", type=float, default=0.0, help="epsilon, 0 = off (0.05-0.15 typical)")
+    adv.add_argument("--teacher-temperature", type=float, default=0.0, help="> 0: soft targets from a logreg teacher")
+    adv.add_argument("--margin-loss", type=float, default=0.0, help="MLP: margin between target and best other logit")
+    adv.add_argument("--hidden", default="", help="MLP hidden widths, e.g. 256 or 256,128")
+    adv.add_argument("--max-epochs", type=int, default=0)
+    tr.add_argument("--wait", action="store_true", help="follow the job and print the result")
+    add(heads, "list", cmd_list, "list heads")
+    g = add(heads, "get", cmd_get, "one head with its full meta.json")
+    g.add_argument("head_id")
+    dl = add(heads, "download", cmd_download, "download a head bundle (zip)")
+    dl.add_argument("head_id")
+    dl.add_argument("-o", "--output", required=True)
+    up = add(heads, "upload", cmd_upload, "upload a head bundle (zip)")
+    up.add_argument("file")
+    up.add_argument("--name", default="", help="display name")
+    de = add(heads, "delete", cmd_delete, "delete a head")
+    de.add_argument("head_id")
+    sc = add(heads, "score", cmd_score, "score boxes of an image with a head")
+    sc.add_argument("head_id")
+    sc.add_argument("--image", required=True)
+    from clients.cli import parse_box
+
+    sc.add_argument("--box", type=parse_box, action="append", required=True, metavar="X1,Y1,X2,Y2")
+    sc.add_argument("--target", default="", help="the class each box should be (default: auto-class)")
+    sc.add_argument("--min-prob", type=float, default=None)
+    sc.add_argument("--margin", type=float, default=None)
+    sc.add_argument("--background-margin", type=float, default=None)
+    sc.add_argument("--no-bg-guard", action="store_true")
+    sc.add_argument("--ambiguity-margin", type=float, default=None)
+    cp = add(heads, "compare", cmd_compare, "A/B: logreg vs MLP, with and without soft targets, on one split")
+    cp.add_argument("--dataset", required=True)
+    cp.add_argument("--model", default="")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--bg-classes", type=int, default=None)
+

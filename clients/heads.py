@@ -1,0 +1,83 @@
+"""Head service client: training jobs, the registry, scoring. numpy in, protos out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from minehead.common.v1 import common_pb2
+from minehead.core import embeddings as codec
+from minehead.head.v1 import head_pb2, head_pb2_grpc
+
+from clients.channel import connect, default_address
+from clients.embedder import boxes_proto, image_ref
+from clients.jobs import JobsClient
+
+CHUNK = 1 << 20
+
+
+class HeadClient:
+    def __init__(self, address: str | None = None, *, timeout: float = 600.0, **connect_kw) -> None:
+        self.address = address or default_address("head")
+        self.channel = connect(self.address, **connect_kw)
+        self.stub = head_pb2_grpc.HeadServiceStub(self.channel)
+        self.jobs = JobsClient(self.address, channel=self.channel)
+        self.timeout = timeout
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def start_training(self, spec: head_pb2.TrainingSpec) -> common_pb2.Job:
+        return self.stub.StartTraining(head_pb2.StartTrainingRequest(spec=spec), timeout=self.timeout)
+
+    def compare(self, request: head_pb2.CompareHeadsRequest) -> common_pb2.Job:
+        return self.stub.CompareHeads(request, timeout=self.timeout)
+
+    def list(self, full: bool = False) -> head_pb2.ListHeadsResponse:
+        return self.stub.ListHeads(head_pb2.ListHeadsRequest(full=full), timeout=self.timeout)
+
+    def get(self, name: str) -> head_pb2.Head:
+        return self.stub.GetHead(head_pb2.GetHeadRequest(name=name), timeout=self.timeout)
+
+    def download(self, name: str) -> bytes:
+        return b"".join(c.data for c in self.stub.DownloadHead(head_pb2.DownloadHeadRequest(name=name), timeout=self.timeout))
+
+    def upload(self, data: bytes, display_name: str = "") -> head_pb2.Head:
+        def parts():
+            if display_name:
+                yield head_pb2.UploadHeadRequest(display_name=display_name)
+            for i in range(0, len(data), CHUNK):
+                yield head_pb2.UploadHeadRequest(chunk=common_pb2.FileChunk(data=data[i:i + CHUNK]))
+        return self.stub.UploadHead(parts(), timeout=self.timeout)
+
+    def delete(self, name: str) -> None:
+        self.stub.DeleteHead(head_pb2.DeleteHeadRequest(name=name), timeout=self.timeout)
+
+    def upload_dataset(self, zip_bytes: bytes, display_name: str = "") -> head_pb2.Dataset:
+        def parts():
+            if display_name:
+                yield head_pb2.UploadDatasetRequest(display_name=display_name)
+            for i in range(0, len(zip_bytes), CHUNK):
+                yield head_pb2.UploadDatasetRequest(chunk=common_pb2.FileChunk(data=zip_bytes[i:i + CHUNK]))
+        return self.stub.UploadDataset(parts(), timeout=self.timeout)
+
+    def score_embeddings(self, head: str, X: np.ndarray, target_class: str = "", **thresholds) -> head_pb2.ScoreResponse:
+        req = head_pb2.ScoreRequest(head=head, embeddings=codec.to_proto(np.asarray(X, np.float32)), target_class=target_class,
+                                    thresholds=head_pb2.Thresholds(**thresholds))
+        return self.stub.Score(req, timeout=self.timeout)
+
+    def score_boxes(self, head: str, image: str | Path | bytes, boxes: Iterable, target_class: str = "",
+                    ambiguity_margin: float | None = None, **thresholds) -> head_pb2.ScoreResponse:
+        req = head_pb2.ScoreRequest(head=head, image_boxes=head_pb2.ImageBoxes(image=image_ref(image), boxes=boxes_proto(boxes)),
+                                    target_class=target_class, thresholds=head_pb2.Thresholds(**thresholds))
+        if ambiguity_margin is not None:
+            req.ambiguity_margin = ambiguity_margin
+        return self.stub.Score(req, timeout=self.timeout)
