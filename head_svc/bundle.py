@@ -128,10 +128,10 @@ class HeadBundle:
         if extra:
             raise InvalidArgument(f"head bundle has unexpected files: {', '.join(sorted(extra))}")
         if len(files["head.onnx"]) > MAX_ONNX_BYTES:
-            raise InvalidArgument(f"head.onnx is over {MAX_ONNX_BYTES} bytes")
+            raise InvalidArgument(f"head.onnx is {len(files['head.onnx'])} bytes; the limit is {MAX_ONNX_BYTES}")
         for name in ("meta.json", "report.json"):
             if name in files and len(files[name]) > MAX_JSON_BYTES:
-                raise InvalidArgument(f"{name} is over {MAX_JSON_BYTES} bytes")
+                raise InvalidArgument(f"{name} is {len(files[name])} bytes; the limit is {MAX_JSON_BYTES}")
         try:
             meta = json.loads(files["meta.json"])
         except ValueError as e:

@@ -1,9 +1,10 @@
 """Crop embeddings for training, fetched from the embedder service and cached on disk.
 
-One EmbedCrops call per image with all its boxes (labelled and background). The cache key is
-the image's sha256 + model id + weights sha256 + crop policy + boxes, so a second training on
-the same data with the same model reads every vector from disk and calls the embedder for none.
-Files are .npy written atomically (never pickles: np.load with allow_pickle=False).
+One EmbedCrops call per image with all its boxes (labelled and background). Vectors are cached
+per box, in one file per image sha256 + model id + weights sha256 + crop policy, so a second
+training on the same data with the same model reads every vector from disk and calls the
+embedder for none, even when it asks for a subset of the boxes. Files are numeric .npz written
+atomically (never pickles: np.load with allow_pickle=False).
 """
 
 from __future__ import annotations
@@ -41,29 +42,40 @@ class CropEmbeddingCache:
         """The model's identity (id, weights sha256, dim, preprocessing); loads it if needed."""
         return self.client.get_model(model, load=True)
 
-    def _path(self, model: embedder_pb2.Model, image_sha: str, policy: CropPolicy, boxes: np.ndarray) -> Path:
-        h = hashlib.sha256(f"{model.id}|{model.weights_sha256}|{policy.key}|{image_sha}|".encode())
-        h.update(np.round(np.asarray(boxes, np.float64), 2).tobytes())
-        key = h.hexdigest()
-        return self.cache_dir / key[:2] / f"{key}.npy"
+    def _path(self, model: embedder_pb2.Model, image_sha: str, policy: CropPolicy) -> Path:
+        key = hashlib.sha256(f"{model.id}|{model.weights_sha256}|{policy.key}|{image_sha}".encode()).hexdigest()
+        return self.cache_dir / key[:2] / f"{key}.npz"
 
     def embed(self, data: bytes, boxes: np.ndarray, policy: CropPolicy, model: embedder_pb2.Model) -> np.ndarray:
-        """boxes: N x 4 XYXY pixels in the image `data` -> N x dim float32."""
+        """boxes: N x 4 XYXY pixels in the image `data` -> N x dim float32.
+
+        Per image, the cache holds every box embedded so far; only boxes it lacks are sent, in
+        one EmbedCrops call, and added to the file."""
+        boxes = np.round(np.asarray(boxes, np.float64).reshape(-1, 4), 2)
         if len(boxes) == 0:
             return np.zeros((0, model.dim), np.float32)
-        path = self._path(model, hashlib.sha256(data).hexdigest(), policy, boxes)
+        path = self._path(model, hashlib.sha256(data).hexdigest(), policy)
+        known_b, known_v = np.zeros((0, 4)), np.zeros((0, model.dim), np.float32)
         if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                known_b, known_v = z["boxes"], z["vectors"]
+        index = {tuple(b): i for i, b in enumerate(known_b)}
+        missing = [i for i, b in enumerate(boxes) if tuple(b) not in index]
+        if not missing:
             self.hits += 1
-            return np.load(path, allow_pickle=False)
+            return known_v[[index[tuple(b)] for b in boxes]]
         self.calls += 1
-        resp = self.client.embed_crops_raw(data, boxes, model.id, policy.to_proto())
-        vecs = codec.from_proto(resp.embeddings)
+        todo = np.unique(boxes[missing], axis=0)
+        resp = self.client.embed_crops_raw(data, todo, model.id, policy.to_proto())
+        known_b = np.concatenate([known_b, todo])
+        known_v = np.concatenate([known_v, codec.from_proto(resp.embeddings)])
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
         with os.fdopen(fd, "wb") as f:
-            np.save(f, vecs, allow_pickle=False)
+            np.savez(f, boxes=known_b, vectors=known_v)
         os.replace(tmp, path)
-        return vecs
+        index = {tuple(b): i for i, b in enumerate(known_b)}
+        return known_v[[index[tuple(b)] for b in boxes]]
 
     def close(self) -> None:
         if self._client is not None:

@@ -56,16 +56,18 @@ def safe_members(data: bytes, *, max_member_bytes: int, max_total_bytes: int, ma
             raise InvalidArgument(f"zip member {info.filename!r} is a symlink; links are not allowed")
         if info.is_dir():
             continue
-        if mode and not stat.S_ISREG(mode):
+        # Many writers store permission bits only (no file type); only a type that is set and
+        # is not "regular file" (device, fifo, …) is refused.
+        if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
             raise InvalidArgument(f"zip member {info.filename!r} is not a regular file")
         key = name.lower()
         if key in seen:
             raise InvalidArgument(f"zip member {info.filename!r} duplicates {seen[key]!r}")
         seen[key] = info.filename
-        if allowed is not None and name not in allowed:
-            raise InvalidArgument(f"zip member {name!r} is not expected here (allowed: {', '.join(sorted(allowed))})")
         if forbid_pickles and name.lower().endswith(PICKLE_SUFFIXES):
             raise InvalidArgument(f"zip member {name!r}: pickled/binary tensor files are not accepted (bundles are ONNX + JSON)")
+        if allowed is not None and name not in allowed:
+            raise InvalidArgument(f"zip member {name!r} is not expected here (allowed: {', '.join(sorted(allowed))})")
         if info.file_size > max_member_bytes:
             raise InvalidArgument(f"zip member {name!r} is {info.file_size} bytes; the limit is {max_member_bytes}")
         buf = io.BytesIO()

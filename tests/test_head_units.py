@@ -1,0 +1,132 @@
+"""Head internals without gRPC: keep rule, sampling, split, estimators, ONNX export, bundles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from head_svc import sampling
+from head_svc.bundle import HeadBundle, content_id, meta_json
+from head_svc.estimators import LogRegHead, MLPHead, fit_temperature, smooth_targets
+from head_svc.keep_rule import (KEEP, REJECT_BACKGROUND, REJECT_LOW_PROB, REJECT_MARGIN, Thresholds, apply_keep_rule)
+from head_svc.onnx_export import export_head, parity
+from minehead.core.errors import InvalidArgument
+from minehead.core.safezip import make_zip
+
+
+# classes: 0 cat, 1 dog, 2 __bg_0, 3 __bg_1
+@pytest.mark.parametrize("p,t,decision", [
+    ([0.6, 0.3, 0.05, 0.05], Thresholds(0.5, 0.0, True, 0.0), KEEP),
+    ([0.4, 0.3, 0.2, 0.1], Thresholds(0.5, 0.0, True, 0.0), REJECT_LOW_PROB),
+    ([0.55, 0.45, 0.0, 0.0], Thresholds(0.5, 0.2, True, 0.0), REJECT_MARGIN),
+    # the background class is not "other" for the margin check: 0.5 - 0.1 passes margin 0.2
+    ([0.5, 0.1, 0.4, 0.0], Thresholds(0.5, 0.2, False, 0.0), KEEP),
+    # guard on, margin 0: reject if any background class scores higher
+    ([0.45, 0.0, 0.55, 0.0], Thresholds(0.4, 0.0, True, 0.0), REJECT_BACKGROUND),
+    ([0.5, 0.0, 0.45, 0.05], Thresholds(0.4, 0.0, True, 0.1), REJECT_BACKGROUND),
+    ([0.5, 0.0, 0.35, 0.15], Thresholds(0.4, 0.0, True, 0.1), KEEP),
+    ([0.45, 0.0, 0.55, 0.0], Thresholds(0.4, 0.0, False, 0.0), KEEP),
+    # the first failing check names the decision
+    ([0.3, 0.3, 0.4, 0.0], Thresholds(0.5, 0.1, True, 0.0), REJECT_LOW_PROB),
+])
+def test_keep_rule(p, t, decision):
+    r = apply_keep_rule(np.array([p]), np.array([0]), t, [2, 3])
+    assert r.decision[0] == decision
+
+
+def test_keep_rule_without_background_classes_never_rejects_as_background():
+    r = apply_keep_rule(np.array([[0.6, 0.4]]), np.array([0]), Thresholds(0.5, 0.0, True, 0.5), [])
+    assert r.decision[0] == KEEP and r.best_background[0] == 0
+
+
+def test_background_boxes_avoid_objects_including_small_inside_large():
+    # A 10x10 candidate inside a 200x200 object has IoU 0.0025 but covers the object fully.
+    assert sampling.intersection_over_candidate(np.array([50, 50, 60, 60.]), np.array([[0, 0, 200, 200.]]))[0] == 1.0
+    rng = np.random.default_rng(0)
+    objects = np.array([[10, 10, 110, 110], [200, 50, 300, 150]], float)
+    boxes = sampling.sample_background_boxes(320, 240, objects, 20, rng)
+    assert len(boxes) > 5
+    padded = objects + np.array([-8, -8, 8, 8])
+    for b in boxes:
+        assert sampling.intersection_over_candidate(b, padded).max() == 0
+        w, h = b[2] - b[0], b[3] - b[1]
+        assert 0.08 * 320 - 1e-6 <= w <= 0.40 * 320 + 1e-6 and 0.08 * 240 - 1e-6 <= h <= 0.40 * 240 + 1e-6
+
+
+def test_group_split_keeps_every_class_on_both_sides():
+    rng = np.random.default_rng(0)
+    imgs = [{int(c) for c in rng.choice(5, rng.integers(1, 3), replace=False)} for _ in range(30)] + [{5}, {5}, {6}]
+    train, hold, notes = sampling.group_split(imgs, 0.25, rng, [f"c{i}" for i in range(7)])
+    assert not set(train) & set(hold) and len(train) + len(hold) == len(imgs)
+    for c in range(6):
+        assert any(c in imgs[i] for i in train) and any(c in imgs[i] for i in hold), c
+    assert any("c6" in n and "no held-out" in n for n in notes)
+
+
+def _blobs(n=400, c=4, d=32, seed=0, noise=1.0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(c, d)) * 2
+    y = rng.integers(0, c, n)
+    return centres[y] + rng.normal(size=(n, d)) * noise, y
+
+
+def test_soft_targets_change_logreg_and_one_hot_targets_equal_hard_labels():
+    X, y = _blobs()
+    hard = LogRegHead().fit(X, y, 4)
+    onehot = LogRegHead().fit(X, y, 4, targets=np.eye(4)[y])
+    np.testing.assert_allclose(hard.predict_proba(X), onehot.predict_proba(X), atol=2e-3)
+    smooth = LogRegHead().fit(X, y, 4, targets=smooth_targets(y, 4, 0.15))
+    # smoothing softens the most confident predictions
+    assert smooth.predict_proba(X).max(1).mean() < hard.predict_proba(X).max(1).mean()
+
+
+@pytest.mark.parametrize("head", [LogRegHead(), MLPHead(hidden_sizes=(32, 16), max_epochs=40, margin_loss=0.3)])
+def test_onnx_graph_equals_the_trained_head(head):
+    X, y = _blobs(noise=2.5)
+    head.fit(X[:300], y[:300], 4)
+    head.temperature_ = fit_temperature(head.logits(X[300:]), y[300:])
+    assert head.temperature_ > 0
+    onnx_bytes = export_head(head)
+    assert parity(head, onnx_bytes, X[300:]) <= 1e-5
+
+
+def test_temperature_calibration_lowers_held_out_loss():
+    X, y = _blobs(noise=3.0, seed=2)
+    head = LogRegHead(C=100.0).fit(X[:200], y[:200], 4)  # weakly regularised: over-confident
+    Lh = head.logits(X[200:])
+    T = fit_temperature(Lh, y[200:])
+
+    def nll(t):
+        from scipy.special import log_softmax
+        return -log_softmax(Lh / t, 1)[np.arange(len(Lh)), y[200:]].mean()
+
+    assert nll(T) <= nll(1.0)
+
+
+def _bundle_files(classes=("cat", "dog", "__bg_0"), dim=8, **meta_over):
+    X, y = _blobs(n=120, c=len(classes), d=dim)
+    head = LogRegHead().fit(X, y, len(classes))
+    onnx_bytes = export_head(head)
+    import hashlib
+
+    meta = {"schema_version": 1, "head_type": "logreg", "classes": list(classes),
+            "background_indices": [i for i, c in enumerate(classes) if c.startswith("__bg_")],
+            "embedder": {"model_id": "m", "weights_sha256": "", "dim": dim, "crop_policy": {}},
+            "soft_targets": {"label_smoothing": 0.0, "teacher_temperature": 0.0, "margin_loss": 0.0},
+            "hyperparameters": {}, "calibration_temperature": 1.0,
+            "default_thresholds": {"min_prob": 0.5, "margin": 0.0, "background_margin": 0.0},
+            "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(), "parity_max_abs_err": 0.0,
+            "created_time": "2026-01-01T00:00:00+00:00"}
+    meta.update(meta_over)
+    return {"head.onnx": onnx_bytes, "meta.json": meta_json(meta)}
+
+
+def test_bundle_roundtrip_and_content_id():
+    files = _bundle_files()
+    b = HeadBundle.from_files(files)
+    assert b.head_id == content_id(files["head.onnx"], json.loads(files["meta.json"]))
+    again = HeadBundle.from_zip(b.to_zip())
+    assert again.head_id == b.head_id and again.classes == ["cat", "dog", "__bg_0"]
+    assert again.predict_proba(np.ones((3, 8))).shape == (3, 3)
