@@ -47,6 +47,7 @@ test: setup
 
 bench: setup
 	$(PY) -m tests.bench.bench_embedder
+	$(PY) -m tests.bench.bench_heads
 
 clean:
 	rm -rf $(VENV) $(VAR) build dist *.egg-info .pytest_cache $(GEN_STAMP)

@@ -64,3 +64,24 @@ class _Details(grpc.ClientCallDetails):
     def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
         self.method, self.timeout, self.metadata = method, timeout, metadata
         self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
+class ServiceClient:
+    """Base for the service clients: address from argument or environment, one channel,
+    usable as a context manager."""
+
+    service = ""
+
+    def __init__(self, address: str | None = None, *, timeout: float = 600.0, **connect_kw) -> None:
+        self.address = address or default_address(self.service)
+        self.channel = connect(self.address, **connect_kw)
+        self.timeout = timeout
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()

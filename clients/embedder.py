@@ -12,7 +12,7 @@ from minehead.core import embeddings as emb_codec
 from minehead.core.images import encode_png
 from minehead.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
-from clients.channel import connect, default_address
+from clients.channel import ServiceClient
 
 ImageLike = str | Path | bytes | np.ndarray
 
@@ -32,21 +32,12 @@ def boxes_proto(boxes: Iterable[Sequence[float]]) -> list[common_pb2.BoxXYXY]:
     return [common_pb2.BoxXYXY(x1=float(b[0]), y1=float(b[1]), x2=float(b[2]), y2=float(b[3])) for b in boxes]
 
 
-class EmbedderClient:
-    def __init__(self, address: str | None = None, *, timeout: float = 600.0, **connect_kw) -> None:
-        self.address = address or default_address("embedder")
-        self.channel = connect(self.address, **connect_kw)
+class EmbedderClient(ServiceClient):
+    service = "embedder"
+
+    def __init__(self, address: str | None = None, **kw) -> None:
+        super().__init__(address, **kw)
         self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
-        self.timeout = timeout
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self) -> None:
-        self.channel.close()
 
     def list_models(self) -> list[embedder_pb2.Model]:
         return list(self.stub.ListModels(embedder_pb2.ListModelsRequest(), timeout=self.timeout).models)

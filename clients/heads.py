@@ -11,29 +11,28 @@ from minehead.common.v1 import common_pb2
 from minehead.core import embeddings as codec
 from minehead.head.v1 import head_pb2, head_pb2_grpc
 
-from clients.channel import connect, default_address
+from clients.channel import ServiceClient
 from clients.embedder import boxes_proto, image_ref
 from clients.jobs import JobsClient
 
 CHUNK = 1 << 20
 
 
-class HeadClient:
-    def __init__(self, address: str | None = None, *, timeout: float = 600.0, **connect_kw) -> None:
-        self.address = address or default_address("head")
-        self.channel = connect(self.address, **connect_kw)
+def chunked(first, data: bytes, wrap):
+    """Client-stream messages: `first` (if any), then `data` in 1 MiB FileChunks via `wrap`."""
+    if first is not None:
+        yield first
+    for i in range(0, len(data), CHUNK):
+        yield wrap(common_pb2.FileChunk(data=data[i:i + CHUNK]))
+
+
+class HeadClient(ServiceClient):
+    service = "head"
+
+    def __init__(self, address: str | None = None, **kw) -> None:
+        super().__init__(address, **kw)
         self.stub = head_pb2_grpc.HeadServiceStub(self.channel)
         self.jobs = JobsClient(self.address, channel=self.channel)
-        self.timeout = timeout
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self) -> None:
-        self.channel.close()
 
     def start_training(self, spec: head_pb2.TrainingSpec) -> common_pb2.Job:
         return self.stub.StartTraining(head_pb2.StartTrainingRequest(spec=spec), timeout=self.timeout)
@@ -51,23 +50,16 @@ class HeadClient:
         return b"".join(c.data for c in self.stub.DownloadHead(head_pb2.DownloadHeadRequest(name=name), timeout=self.timeout))
 
     def upload(self, data: bytes, display_name: str = "") -> head_pb2.Head:
-        def parts():
-            if display_name:
-                yield head_pb2.UploadHeadRequest(display_name=display_name)
-            for i in range(0, len(data), CHUNK):
-                yield head_pb2.UploadHeadRequest(chunk=common_pb2.FileChunk(data=data[i:i + CHUNK]))
-        return self.stub.UploadHead(parts(), timeout=self.timeout)
+        first = head_pb2.UploadHeadRequest(display_name=display_name) if display_name else None
+        return self.stub.UploadHead(chunked(first, data, lambda c: head_pb2.UploadHeadRequest(chunk=c)), timeout=self.timeout)
 
     def delete(self, name: str) -> None:
         self.stub.DeleteHead(head_pb2.DeleteHeadRequest(name=name), timeout=self.timeout)
 
     def upload_dataset(self, zip_bytes: bytes, display_name: str = "") -> head_pb2.Dataset:
-        def parts():
-            if display_name:
-                yield head_pb2.UploadDatasetRequest(display_name=display_name)
-            for i in range(0, len(zip_bytes), CHUNK):
-                yield head_pb2.UploadDatasetRequest(chunk=common_pb2.FileChunk(data=zip_bytes[i:i + CHUNK]))
-        return self.stub.UploadDataset(parts(), timeout=self.timeout)
+        first = head_pb2.UploadDatasetRequest(display_name=display_name) if display_name else None
+        return self.stub.UploadDataset(chunked(first, zip_bytes, lambda c: head_pb2.UploadDatasetRequest(chunk=c)),
+                                       timeout=self.timeout)
 
     def score_embeddings(self, head: str, X: np.ndarray, target_class: str = "", **thresholds) -> head_pb2.ScoreResponse:
         req = head_pb2.ScoreRequest(head=head, embeddings=codec.to_proto(np.asarray(X, np.float32)), target_class=target_class,

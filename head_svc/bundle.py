@@ -258,3 +258,22 @@ class HeadBundle:
 
     def to_zip(self) -> bytes:
         return make_zip(self.files())
+
+
+def bundle_from_head(head, classes: list[str], model_id: str, *, crop_policy: dict | None = None,
+                     weights_sha256: str = "", created_time: str = "2026-01-01T00:00:00+00:00", **meta_extra) -> HeadBundle:
+    """A minimal valid bundle for a fitted head (LogRegHead / MLPHead with temperature_).
+    Training adds metrics, dataset and soft-target details; benchmarks and tests need only this."""
+    from head_svc.onnx_export import export_head
+
+    onnx_bytes = export_head(head)
+    meta = {"schema_version": META_SCHEMA_VERSION, "head_type": head.head_type, "classes": list(classes),
+            "background_indices": [i for i, c in enumerate(classes) if c.startswith(BG_PREFIX)],
+            "embedder": {"model_id": model_id, "weights_sha256": weights_sha256, "dim": int(len(head.mean_)),
+                         "crop_policy": crop_policy or {}},
+            "soft_targets": {"label_smoothing": 0.0, "teacher_temperature": 0.0, "margin_loss": 0.0},
+            "hyperparameters": head.params(), "calibration_temperature": float(getattr(head, "temperature_", 1.0)),
+            "default_thresholds": {"min_prob": 0.5, "margin": 0.0, "background_margin": 0.0},
+            "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(), "parity_max_abs_err": 0.0,
+            "created_time": created_time, **meta_extra}
+    return HeadBundle.from_files({"head.onnx": onnx_bytes, "meta.json": meta_json(meta)})

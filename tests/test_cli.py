@@ -20,14 +20,14 @@ def run_cli(*args, env=None):
 
 @pytest.fixture(scope="module")
 def trio(embedder_server, tmp_path_factory):
+    """The embedder fixture plus real head and miner servers; env points the CLI at them."""
     from head_svc.__main__ import build as build_head
     from miner_svc.__main__ import build as build_miner
 
     tmp = tmp_path_factory.mktemp("trio")
-    servers = []
-    addrs = {"embedder": embedder_server.address}
-    for svc, build in (("head", build_head), ("miner", build_miner)):
-        cfg = make_config(svc, tmp / svc)
+    servers, addrs = [], {"embedder": embedder_server.address}
+    for svc, build, extra in (("head", build_head, {"embedder_addr": embedder_server.address}), ("miner", build_miner, {})):
+        cfg = make_config(svc, tmp, extra=extra)
         runner, bindings = build(cfg)
         s = start_server(cfg, bindings)
         servers.append((s, runner))
@@ -97,3 +97,45 @@ def test_embed_images_and_text(trio):
     assert out["count"] == 1 and out["dim"] == 256
     out = json.loads(run_cli("embed", "text", "red car", "dog", "--model", "open_clip:tiny-clip/random", "--json", env=env).stdout)
     assert out["count"] == 2 and out["dim"] == 32
+
+
+def test_head_commands_as_written_in_the_issue(trio):
+    env, tmp = trio
+    ds = tmp / "shapes"
+    r = run_cli("datasets", "synth", str(ds), "--images", "16", "--seed", "1", env=env)
+    assert r.returncode == 0 and "16 images" in r.stdout, r.stderr
+    r = run_cli("heads", "train", "--dataset", str(ds), "--head-type", "logreg", "--label-smoothing", "0.1",
+                "--bg-classes", "2", "--wait", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    hid = out["head"]["head_id"]
+    assert out["head"]["classes"][-1] == "__bg_1" and out["report"]["held_out"]["accuracy"] > 0.3
+    listed = json.loads(run_cli("heads", "list", "--json", env=env).stdout)
+    assert hid in [h["head_id"] for h in listed]
+    zpath = tmp / "head.zip"
+    assert run_cli("heads", "download", hid, "-o", str(zpath), env=env).returncode == 0 and zpath.stat().st_size > 1000
+    assert run_cli("heads", "delete", hid, env=env).returncode == 0
+    r = run_cli("heads", "upload", str(zpath), "--json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["head_id"] == hid
+    img = next((ds / "images").glob("*.jpg"))
+    r = run_cli("heads", "score", hid, "--image", str(img), "--box", "10,10,60,60", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    score = json.loads(r.stdout)["scores"][0]
+    assert score["decision"] in ("KEEP", "REJECT_LOW_PROB", "REJECT_MARGIN", "REJECT_BACKGROUND") and score["reason"]
+    r = run_cli("heads", "score", hid, "--image", str(img), "--box", "10,10,60,60", env=env)
+    assert r.returncode == 0 and "decision" in r.stdout
+    r = run_cli("heads", "compare", "--dataset", str(ds), "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["variants"] == ["logreg", "logreg+ls0.1", "mlp", "mlp+ls0.1"]
+    r = run_cli("jobs", "list", env=env)
+    assert r.returncode == 0 and "training" in r.stdout and "comparison" in r.stdout
+
+
+def test_train_uploads_a_folder_the_server_may_not_read(trio, tmp_path):
+    env, _ = trio
+    ds = tmp_path / "elsewhere"  # outside the head service's allowed roots
+    assert run_cli("datasets", "synth", str(ds), "--images", "8", "--seed", "2", env=env).returncode == 0
+    r = run_cli("heads", "train", "--dataset", str(ds), "--bg-classes", "0", "--wait", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "uploading it instead" in r.stderr and json.loads(r.stdout)["head"]["head_id"]

@@ -13,7 +13,6 @@ from head_svc.estimators import LogRegHead, MLPHead, fit_temperature, smooth_tar
 from head_svc.keep_rule import (KEEP, REJECT_BACKGROUND, REJECT_LOW_PROB, REJECT_MARGIN, Thresholds, apply_keep_rule)
 from head_svc.onnx_export import export_head, parity
 from minehead.core.errors import InvalidArgument
-from minehead.core.safezip import make_zip
 
 
 # classes: 0 cat, 1 dog, 2 __bg_0, 3 __bg_1
@@ -105,28 +104,16 @@ def test_temperature_calibration_lowers_held_out_loss():
     assert nll(T) <= nll(1.0)
 
 
-def _bundle_files(classes=("cat", "dog", "__bg_0"), dim=8, **meta_over):
-    X, y = _blobs(n=120, c=len(classes), d=dim)
-    head = LogRegHead().fit(X, y, len(classes))
-    onnx_bytes = export_head(head)
-    import hashlib
-
-    meta = {"schema_version": 1, "head_type": "logreg", "classes": list(classes),
-            "background_indices": [i for i, c in enumerate(classes) if c.startswith("__bg_")],
-            "embedder": {"model_id": "m", "weights_sha256": "", "dim": dim, "crop_policy": {}},
-            "soft_targets": {"label_smoothing": 0.0, "teacher_temperature": 0.0, "margin_loss": 0.0},
-            "hyperparameters": {}, "calibration_temperature": 1.0,
-            "default_thresholds": {"min_prob": 0.5, "margin": 0.0, "background_margin": 0.0},
-            "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(), "parity_max_abs_err": 0.0,
-            "created_time": "2026-01-01T00:00:00+00:00"}
-    meta.update(meta_over)
-    return {"head.onnx": onnx_bytes, "meta.json": meta_json(meta)}
-
-
 def test_bundle_roundtrip_and_content_id():
-    files = _bundle_files()
-    b = HeadBundle.from_files(files)
-    assert b.head_id == content_id(files["head.onnx"], json.loads(files["meta.json"]))
+    from head_svc.bundle import bundle_from_head
+
+    classes = ["cat", "dog", "__bg_0"]
+    X, y = _blobs(n=120, c=3, d=8)
+    b = bundle_from_head(LogRegHead().fit(X, y, 3), classes, "m")
+    files = b.files()
+    assert b.head_id == content_id(files["head.onnx"], {k: v for k, v in json.loads(files["meta.json"]).items()})
     again = HeadBundle.from_zip(b.to_zip())
-    assert again.head_id == b.head_id and again.classes == ["cat", "dog", "__bg_0"]
+    assert again.head_id == b.head_id and again.classes == classes and again.background_indices == [2]
     assert again.predict_proba(np.ones((3, 8))).shape == (3, 3)
+    with pytest.raises(InvalidArgument, match="background classes must come last"):
+        bundle_from_head(LogRegHead().fit(X, y, 3), ["cat", "__bg_0", "dog"], "m")

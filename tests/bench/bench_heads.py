@@ -1,0 +1,120 @@
+"""`make bench` (head part): scoring paths side by side, and training time per 10k embeddings.
+
+    python -m tests.bench.bench_heads [--dim 256] [--classes 6] [--json PATH]
+
+1. The same 32 / 256 embeddings scored by: the exported head in onnxruntime (in-process, what
+   the miner does), scikit-learn's predict_proba on an equivalent fitted pipeline, and the head
+   service's Score RPC over loopback gRPC (decisions included). Ratios are printed.
+2. Training time per 10k embeddings for logreg and for the MLP (early stopping on).
+Embeddings are Gaussian clusters (timing does not depend on where they come from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def per_call(fn, min_s: float = 1.0) -> float:
+    """Seconds per call (median of 5 timed blocks after a warm-up)."""
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_s / 5:
+        fn()
+        n += 1
+    n = max(n, 1)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n)
+    return float(np.median(times))
+
+
+def blobs(n, c, d, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(c, d))
+    y = rng.integers(0, c, n)
+    return (centres[y] + rng.normal(size=(n, d)) * 1.5).astype(np.float32), y
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--classes", type=int, default=6)
+    p.add_argument("--json", default=str(REPO / "var" / "bench" / "heads.json"))
+    a = p.parse_args(argv)
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+    from clients.heads import HeadClient
+    from head_svc.bundle import bundle_from_head
+    from head_svc.estimators import LogRegHead, MLPHead, l2_normalise
+    from minehead.core.config import ServiceConfig
+    from minehead.core.server import start_server
+
+    classes = [f"class_{i}" for i in range(a.classes - 2)] + ["__bg_0", "__bg_1"]
+    X, y = blobs(4000, a.classes, a.dim)
+    head = LogRegHead().fit(X, y, a.classes)
+    bundle = bundle_from_head(head, classes, "bench")
+    sk = make_pipeline(FunctionTransformer(l2_normalise), StandardScaler(), LogisticRegression(max_iter=2000)).fit(X, y)
+
+    tmp = Path(tempfile.mkdtemp())
+    from head_svc.__main__ import build
+
+    cfg = ServiceConfig(service="head", port=0, data_dir=tmp, models_dir=tmp, allowed_roots=[tmp], extra={"embedder_addr": "127.0.0.1:1"})
+    runner, bindings = build(cfg)
+    server = start_server(cfg, bindings)
+    runner.servicer.registry.put(bundle)
+    client = HeadClient(f"127.0.0.1:{server.port}")
+    rows = []
+    try:
+        for n in (32, 256):
+            Xn = X[:n]
+            t_onnx = per_call(lambda: bundle.predict_proba(Xn))
+            t_sk = per_call(lambda: sk.predict_proba(Xn))
+            t_rpc = per_call(lambda: client.score_embeddings(bundle.head_id, Xn))
+            rows.append({"batch": n, "onnx_in_process_us": t_onnx * 1e6, "sklearn_predict_proba_us": t_sk * 1e6,
+                         "score_rpc_us": t_rpc * 1e6, "sklearn_over_onnx": t_sk / t_onnx,
+                         "score_rpc_crops_per_s": n / t_rpc})
+    finally:
+        client.close()
+        server.stop(0.5)
+        runner.shutdown()
+
+    train = []
+    X10, y10 = blobs(10_000, a.classes, a.dim, seed=1)
+    t0 = time.perf_counter()
+    LogRegHead().fit(X10, y10, a.classes)
+    train.append({"head": "logreg", "seconds_per_10k": time.perf_counter() - t0})
+    t0 = time.perf_counter()
+    m = MLPHead(hidden_sizes=(256,), max_epochs=200).fit(X10[:8500], y10[:8500], a.classes, X_val=X10[8500:], y_val=y10[8500:])
+    train.append({"head": f"mlp (256 hidden, {m.epochs_run_} epochs, early stopping)", "seconds_per_10k": time.perf_counter() - t0})
+
+    print(f"scoring {a.dim}-d embeddings, {a.classes} classes (2 background)")
+    print(f"{'batch':>5s} {'onnx in-process':>16s} {'sklearn predict_proba':>22s} {'sklearn/onnx':>13s} {'Score RPC':>10s} {'RPC crops/s':>12s}")
+    for r in rows:
+        print(f"{r['batch']:5d} {r['onnx_in_process_us']:14.1f}us {r['sklearn_predict_proba_us']:20.1f}us "
+              f"{r['sklearn_over_onnx']:12.1f}x {r['score_rpc_us'] / 1000:8.2f}ms {r['score_rpc_crops_per_s']:12.0f}")
+    print("\ntraining time per 10k embeddings")
+    for t in train:
+        print(f"  {t['head']:45s} {t['seconds_per_10k']:6.2f} s")
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps({"scoring": rows, "training": train, "dim": a.dim, "classes": a.classes}, indent=2))
+    print(f"written {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
