@@ -31,6 +31,7 @@ class CropEmbeddingCache:
         self._client: EmbedderClient | None = None
         self.hits = 0
         self.calls = 0
+        self._mem: dict[Path, tuple] = {}
 
     @property
     def client(self) -> EmbedderClient:
@@ -56,10 +57,15 @@ class CropEmbeddingCache:
             return np.zeros((0, model.dim), np.float32)
         path = self._path(model, hashlib.sha256(data).hexdigest(), policy)
         known_b, known_v = np.zeros((0, 4)), np.zeros((0, model.dim), np.float32)
-        if path.is_file():
+        index = None
+        if path in self._mem:
+            known_b, known_v, index = self._mem[path]
+        elif path.is_file():
             with np.load(path, allow_pickle=False) as z:
                 known_b, known_v = z["boxes"], z["vectors"]
-        index = {tuple(b): i for i, b in enumerate(known_b)}
+        if index is None:
+            index = {tuple(b): i for i, b in enumerate(known_b)}
+            self._remember(path, known_b, known_v, index)
         missing = [i for i, b in enumerate(boxes) if tuple(b) not in index]
         if not missing:
             self.hits += 1
@@ -75,7 +81,14 @@ class CropEmbeddingCache:
             np.savez(f, boxes=known_b, vectors=known_v)
         os.replace(tmp, path)
         index = {tuple(b): i for i, b in enumerate(known_b)}
+        self._remember(path, known_b, known_v, index)
         return known_v[[index[tuple(b)] for b in boxes]]
+
+    def _remember(self, path, boxes, vectors, index) -> None:
+        # Mining scores the same boxes many times over; keep recent images in memory.
+        if len(self._mem) > 4096:
+            self._mem.clear()
+        self._mem[path] = (boxes, vectors, index)
 
     def close(self) -> None:
         if self._client is not None:

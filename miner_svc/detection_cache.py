@@ -1,0 +1,91 @@
+"""Run each (image, prompt) once at a floor threshold and keep the raw output on disk.
+
+Key: image sha256 + detector model + prompt (or exemplar boxes) + floor. Every threshold at or
+above the floor is then a CPU filter of cached rows; thresholds below the floor are refused
+rather than extrapolated. Masks are stored bit-packed in a numeric .npz (never pickles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from minehead.core.errors import InvalidArgument
+from minehead.core.images import DecodedImage
+
+from miner_svc.detectors.base import Detections, Detector, ImageState
+
+
+class CachedDetector:
+    def __init__(self, detector: Detector, cache_dir: Path, floor: float = 0.05) -> None:
+        self.detector = detector
+        self.info = detector.info
+        self.counters = detector.counters
+        self.floor = floor
+        self.dir = Path(cache_dir) / hashlib.sha256(detector.info.model_id.encode()).hexdigest()[:16]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.hits = 0
+        self.misses = 0
+        self._mem: dict[Path, tuple] = {}
+
+    def set_image(self, image: DecodedImage) -> ImageState:
+        return self.detector.set_image(image)
+
+    def _path(self, sha: str, what: str) -> Path:
+        key = hashlib.sha256(f"{sha}|{what}|{self.floor:.6g}".encode()).hexdigest()
+        return self.dir / key[:2] / f"{key}.npz"
+
+    def _cached(self, path: Path, state: ImageState, run, masks: bool) -> Detections:
+        """Boxes and scores from memory or disk (running the detector once if neither has them);
+        masks are kept bit-packed and unpacked only when asked for."""
+        rec = self._mem.get(path)
+        if rec is None and path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                rec = (z["boxes"], z["scores"], z["masks"], tuple(int(v) for v in z["shape"]))
+        if rec is None:
+            self.misses += 1
+            d = run()
+            h, w = state.image.height, state.image.width
+            m = d.masks if d.masks is not None else np.zeros((len(d), h, w), bool)
+            rec = (d.boxes.astype(np.float32), d.scores.astype(np.float32),
+                   np.packbits(m.reshape(len(d), h * w), axis=1), (len(d), h, w))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, boxes=rec[0], scores=rec[1], masks=rec[2], shape=np.array(rec[3]))
+            os.replace(tmp, path)
+        else:
+            self.hits += 1
+        if len(self._mem) > 20_000:
+            self._mem.clear()
+        self._mem[path] = rec
+        boxes, scores, packed, (n, h, w) = rec
+        mk = None
+        if masks:
+            mk = np.unpackbits(packed, axis=1, count=h * w).reshape(n, h, w).astype(bool) if n else np.zeros((0, h, w), bool)
+        return Detections(boxes, scores, mk)
+
+    def text(self, state: ImageState, prompt: str, threshold: float | None = None, masks: bool = False) -> Detections:
+        """Detections for a text prompt with score >= threshold (default: the floor)."""
+        threshold = self._check(threshold)
+        d = self._cached(self._path(state.image.sha256, f"text:{prompt}"), state,
+                         lambda: self.detector.predict_text(state, prompt, self.floor), masks)
+        return d.above(threshold)
+
+    def exemplars(self, state: ImageState, boxes: np.ndarray, threshold: float | None = None, masks: bool = False) -> Detections:
+        threshold = self._check(threshold)
+        b = np.round(np.asarray(boxes, np.float64).reshape(-1, 4), 1)
+        d = self._cached(self._path(state.image.sha256, "boxes:" + ",".join(f"{v:g}" for v in b.ravel())), state,
+                         lambda: self.detector.predict_exemplars(state, b, self.floor), masks)
+        return d.above(threshold)
+
+    def _check(self, threshold: float | None) -> float:
+        if threshold is None:
+            return self.floor
+        if threshold < self.floor - 1e-9:
+            raise InvalidArgument(f"threshold {threshold:g} is below the cache floor {self.floor:g}; mine with a lower floor")
+        return threshold

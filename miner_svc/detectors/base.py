@@ -1,0 +1,91 @@
+"""The detector interface, in the style of SAM's predictor: the expensive step once per image,
+cheap prompts many times.
+
+    state = detector.set_image(image)            # nothing runs yet: the backbone is lazy
+    d = detector.predict_text(state, "red car", threshold=0.05)
+    e = detector.predict_exemplars(state, boxes, threshold=0.3)
+
+`Detections` arrays: boxes N x 4 XYXY pixels (float32), scores N (float32, 0..1), masks N x H x W
+bool at the image size (or None). Counters say how many backbone, text and decoder passes ran,
+so a run summary can show that the backbone ran once per image and the cache did its job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+
+from minehead.core.images import DecodedImage
+
+
+@dataclasses.dataclass
+class Detections:
+    boxes: np.ndarray
+    scores: np.ndarray
+    masks: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, h: int = 0, w: int = 0) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, h, w), bool) if h else None)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def take(self, idx) -> "Detections":
+        idx = np.asarray(idx, np.int64)
+        return Detections(self.boxes[idx], self.scores[idx], self.masks[idx] if self.masks is not None else None)
+
+    def above(self, threshold: float) -> "Detections":
+        return self.take(np.flatnonzero(self.scores >= threshold))
+
+
+@dataclasses.dataclass
+class DetectorInfo:
+    model_id: str
+    class_agnostic: bool = False
+    meaningless: bool = False  # random weights: detections mean nothing
+    note: str = ""
+
+
+class PassCounters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.backbone = 0
+        self.text = 0
+        self.decoder = 0
+
+    def add(self, backbone: int = 0, text: int = 0, decoder: int = 0) -> None:
+        with self._lock:
+            self.backbone += backbone
+            self.text += text
+            self.decoder += decoder
+
+    def snapshot(self) -> dict:
+        return {"backbone_passes": self.backbone, "text_passes": self.text, "decoder_passes": self.decoder}
+
+
+class ImageState:
+    """One image for one detector. `features` is computed on first use and kept."""
+
+    def __init__(self, image: DecodedImage) -> None:
+        self.image = image
+        self.features = None
+        self.lock = threading.Lock()
+
+
+class Detector:
+    info: DetectorInfo
+
+    def __init__(self) -> None:
+        self.counters = PassCounters()
+
+    def set_image(self, image: DecodedImage) -> ImageState:
+        return ImageState(image)
+
+    def predict_text(self, state: ImageState, prompt: str, threshold: float) -> Detections:
+        raise NotImplementedError
+
+    def predict_exemplars(self, state: ImageState, boxes: np.ndarray, threshold: float) -> Detections:
+        raise NotImplementedError

@@ -1,0 +1,59 @@
+"""Box geometry for mining: IoU, NMS, one-to-one matching. Boxes are Nx4 XYXY pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """N x M IoU between boxes a (Nx4) and b (Mx4)."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = iw * ih
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by greedy NMS, in descending score order.
+
+    Greedy NMS commutes with score thresholds (a detection is only ever suppressed by a
+    higher-scoring one), so NMS at the floor then filtering equals filtering then NMS."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    if iou >= 1.0 or len(order) <= 1:
+        return order
+    ious = iou_matrix(boxes, boxes)
+    keep, dead = [], np.zeros(len(order), bool)
+    for i in order:
+        if dead[i]:
+            continue
+        keep.append(i)
+        dead |= ious[i] > iou
+    return np.array(keep, np.int64)
+
+
+def match(boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one greedy matching by descending score (COCO convention).
+
+    Returns (det_to_gt: N, -1 = false positive; duplicate: N bool, a false positive whose best
+    ground truth was already taken by a higher-scoring detection). Like NMS, the result for any
+    score threshold is this result restricted to the detections above it."""
+    n = len(boxes)
+    det_to_gt = np.full(n, -1, np.int64)
+    dup = np.zeros(n, bool)
+    if n == 0 or len(gt) == 0:
+        return det_to_gt, dup
+    ious = iou_matrix(boxes, gt)
+    taken = np.zeros(len(gt), bool)
+    for i in np.argsort(-np.asarray(scores), kind="stable"):
+        cand = np.where(~taken & (ious[i] >= iou))[0]
+        if len(cand):
+            j = cand[np.argmax(ious[i, cand])]
+            det_to_gt[i] = j
+            taken[j] = True
+        elif (ious[i] >= iou).any():
+            dup[i] = True
+    return det_to_gt, dup

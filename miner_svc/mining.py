@@ -1,0 +1,269 @@
+"""The mining job: dataset + head + detector -> one recipe per class (design notes section 7).
+
+1. Split images into select/tune and report parts (stratified by class, by image).
+2. Run every (image, prompt) once at the floor; the cache makes every later threshold a filter.
+3. Per class, on the tune images: greedy set cover of ground truth with (prompt, seed threshold)
+   steps, scored by the one objective; then the head gate sweep (min_prob x margin x background
+   margin, vectorised); then, when the detector takes box exemplars, expansion settings.
+4. Run the chosen recipe with the executor on both parts; report metrics on the report part
+   with the counts they rest on, veto rates, pass counters, and time per phase.
+Hard negatives (false positives the head thinks are background) are kept for export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+
+import numpy as np
+from PIL import Image
+
+from minehead.core.errors import InvalidArgument
+from minehead.core.images import decode_image
+from minehead.core.jobs import JobContext
+from minehead.recipes.v2 import recipes_pb2
+
+from head_svc import sampling
+from head_svc.bundle import HeadBundle
+from head_svc.datasets import Dataset
+from miner_svc import selection
+from miner_svc.detection_cache import CachedDetector
+from miner_svc.executor import Gate, HeadScorer, ImageResult, Step, StepStats, run_recipe
+from miner_svc.recipes import APPLY_PROTO, step_proto
+
+PRESETS = {"off": (False, 0.0), "low": (True, 0.0), "balanced": (True, 0.1), "strict": (True, 0.25)}
+
+
+@dataclasses.dataclass
+class Settings:
+    classes: list[str]
+    prompts: dict[str, list[str]]
+    target_precision: float = 0.75
+    floor: float = 0.05
+    max_steps: int = 3
+    report_fraction: float = 0.3
+    seed: int = 0
+    guard: bool = False
+    background_margin: float = 0.0
+    apply: str = "final"
+    penalty: float = 0.0
+    auto_tune: bool = True
+    prompt_filter: bool = True
+    prompt_filter_max_veto: float = 0.8
+    prompt_filter_min_seeds: int = 5
+    max_images: int = 0
+    hard_negative_min_bg_prob: float = 0.5
+    max_visual_seeds: int = 3
+
+
+@dataclasses.dataclass
+class ImageItem:
+    index: int
+    data: bytes
+    state: object
+    gt_boxes: np.ndarray
+    gt_classes: np.ndarray
+
+
+class Miner:
+    """Holds what one job needs: the dataset images, the cached detector and the head."""
+
+    def __init__(self, ds: Dataset, det: CachedDetector, head: HeadBundle, scorer: HeadScorer, settings: Settings,
+                 ctx: JobContext) -> None:
+        self.ds, self.det, self.head, self.scorer, self.s, self.ctx = ds, det, head, scorer, settings, ctx
+        self.timings: dict[str, float] = {}
+        self.negatives: list[dict] = []
+        self.warnings: list[str] = []
+
+    # -- evaluation -------------------------------------------------------------------------
+    def run(self, items: list[ImageItem], steps: list[Step], gate: Gate, target: int) -> list[ImageResult]:
+        return [run_recipe(self.det, it.state, it.data, steps, gate, target, self.scorer) for it in items]
+
+    def counts(self, items, results, class_id) -> tuple[selection.Counts, StepStats]:
+        total, stats = selection.Counts(), StepStats()
+        for it, r in zip(items, results):
+            gt = it.gt_boxes[it.gt_classes == class_id]
+            c, _ = selection.count(r.boxes, r.scores, gt)
+            total.tp, total.fp, total.dup, total.gt = total.tp + c.tp, total.fp + c.fp, total.dup + c.dup, total.gt + c.gt
+            for st in r.stats:
+                stats.add(st)
+        total.top1_bg, total.checked = stats.top1_background, stats.final_checked
+        return total, stats
+
+    def score(self, items, steps, gate, target, class_id, looseness=0.0) -> tuple[float, selection.Counts]:
+        c, _ = self.counts(items, self.run(items, steps, gate, target), class_id)
+        return selection.objective(c, self.s.target_precision, self.s.penalty, looseness), c
+
+    # -- per class --------------------------------------------------------------------------
+    def mine_class(self, name: str, tune: list[ImageItem], report: list[ImageItem]) -> recipes_pb2.Recipe:
+        s, ctx = self.s, self.ctx
+        class_id = self.ds.classes.index(name)
+        target = self.head.classes.index(name)
+        guard = s.guard and bool(self.head.background_indices)
+        base_gate = Gate(min_prob=self.head.default_thresholds.min_prob, margin=0.0, background_guard=guard,
+                         background_margin=s.background_margin, apply=s.apply, prompt_filter=s.prompt_filter,
+                         prompt_filter_max_veto=s.prompt_filter_max_veto, prompt_filter_min_seeds=s.prompt_filter_min_seeds)
+        prompts = [name.replace("_", " ")] + [p for p in s.prompts.get(name, []) if p and p != name.replace("_", " ")]
+        t0 = time.perf_counter()
+        # Prompt-level background filter, before paying for any expansion.
+        live = []
+        for p in prompts:
+            st = StepStats()
+            for r in self.run(tune, [Step(p, s.floor)], base_gate, target):
+                st.add(r.stats[0])
+            if guard and s.prompt_filter and st.seeds_checked >= s.prompt_filter_min_seeds and st.bg_veto_rate_seed > s.prompt_filter_max_veto:
+                ctx.log(f"[{name}] prompt {p!r} dropped: bg veto {st.seeds_vetoed}/{st.seeds_checked} seeds")
+                continue
+            live.append(p)
+        live = live or prompts[:1]
+        # Greedy set cover over (prompt, threshold) steps on the tune images.
+        chosen: list[Step] = []
+        best_score, best_counts = -np.inf, None
+        for round_ in range(s.max_steps):
+            ctx.check_cancelled()
+            cand_best = None
+            for p in live:
+                scores = np.concatenate([self.det.text(it.state, p).scores for it in tune] or [np.zeros(0)])
+                for t in selection.threshold_grid(scores, s.floor):
+                    steps = chosen + [Step(p, t)]
+                    sc, c = self.score(tune, steps, base_gate, target, class_id, looseness=1 - t)
+                    if cand_best is None or sc > cand_best[0]:
+                        cand_best = (sc, c, Step(p, t))
+            if cand_best is None or cand_best[0] <= best_score + 1e-9:
+                break  # nothing new covered, or gains stalled
+            best_score, best_counts = cand_best[0], cand_best[1]
+            chosen.append(cand_best[2])
+            ctx.log(f"[{name}] step {round_ + 1}: {cand_best[2].prompt!r} >= {cand_best[2].seed_threshold:.3f} -> "
+                    f"tune precision {best_counts.precision:.2f}, recall {best_counts.recall:.2f}")
+        self.timings[f"select:{name}"] = time.perf_counter() - t0
+        gate = dataclasses.replace(base_gate)
+        # Head gate sweep on cached per-box rows (no final gate, so every candidate is a row).
+        t0 = time.perf_counter()
+        if s.auto_tune and chosen:
+            # Seed-stage veto as configured; no final gate, so every candidate becomes a row.
+            open_gate = dataclasses.replace(base_gate, min_prob=-1.0, margin=0.0, apply="seed",
+                                            background_guard=guard and base_gate.apply in ("seed", "both"))
+            rows_p, rows_tp, gt_n = [], [], 0
+            for it, r in zip(tune, self.run(tune, chosen, open_gate, target)):
+                gt = it.gt_boxes[it.gt_classes == class_id]
+                _, d2g = selection.count(r.boxes, r.scores, gt)
+                rows_p.append(r.probs)
+                rows_tp.append(d2g >= 0)
+                gt_n += len(gt)
+            rows = selection.GateRows.from_probs(np.concatenate(rows_p), target, self.head.background_indices,
+                                                 np.concatenate(rows_tp), gt_n)
+            params, _ = selection.sweep_gate(rows, s.target_precision, guard, s.penalty)
+            if params:
+                gate = dataclasses.replace(base_gate, min_prob=params["min_prob"], margin=params["margin"],
+                                           background_margin=params["background_margin"] if guard else s.background_margin)
+                ctx.log(f"[{name}] gate: min_prob {gate.min_prob:.2f}, margin {gate.margin:.2f}"
+                        + (f", background margin {gate.background_margin:.2f}" if guard else ""))
+        self.timings[f"gate:{name}"] = time.perf_counter() - t0
+        # Expansion from box exemplars, kept only if it helps on the tune images.
+        if chosen and s.max_visual_seeds > 0 and not self.det.info.class_agnostic:
+            t0 = time.perf_counter()
+            base, _ = self.score(tune, chosen, gate, target, class_id)
+            for et in (0.3, 0.5, 0.7):
+                trial = [dataclasses.replace(st, max_visual_seeds=s.max_visual_seeds, expand_threshold=et) for st in chosen]
+                sc, _ = self.score(tune, trial, gate, target, class_id)
+                if sc > base + 1e-9:
+                    base, chosen = sc, trial
+            self.timings[f"expand:{name}"] = time.perf_counter() - t0
+        # Final: the executor on both parts.
+        tune_c, _ = self.counts(tune, self.run(tune, chosen, gate, target), class_id) if chosen else (selection.Counts(), None)
+        rep_results = self.run(report, chosen, gate, target) if chosen else []
+        rep_c, rep_stats = self.counts(report, rep_results, class_id) if chosen else (selection.Counts(gt=sum(
+            int((it.gt_classes == class_id).sum()) for it in report)), StepStats())
+        all_stats = [StepStats() for _ in chosen]
+        step_logs = []
+        for items, results in ((tune, self.run(tune, chosen, gate, target) if chosen else []), (report, rep_results)):
+            for it, r in zip(items, results):
+                for i, st in enumerate(r.stats):
+                    all_stats[i].add(st)
+                self._collect_negatives(it, r, class_id, name)
+        for i, (st_, st) in enumerate(zip(chosen, all_stats)):
+            msg = f"bg veto: {st.seeds_vetoed}/{st.seeds_checked} seeds dropped, {st.final_vetoed}/{st.final_checked} final"
+            ctx.log(f"[{name}] step {i} ({st_.prompt!r}): {msg}")
+            step_logs.append(recipes_pb2.StepLog(
+                step_index=i, prompt=st_.prompt, seeds_checked=st.seeds_checked, seeds_vetoed_background=st.seeds_vetoed,
+                final_checked=st.final_checked, final_vetoed_background=st.final_vetoed,
+                bg_veto_rate_seed=st.bg_veto_rate_seed, bg_veto_rate_final=st.bg_veto_rate_final, messages=[msg]
+                + (["background guard vetoed every seed on some image: retried without it"] if st.retried_without_guard else [])
+                + ([f"prompt filter skipped expansion on {st.prompt_filtered} image(s)"] if st.prompt_filtered else [])))
+        total = StepStats()
+        for st in all_stats:
+            total.add(st)
+        warnings = list(self.warnings)
+        if not chosen:
+            warnings.append(f"no step found for {name!r}: no prompt/threshold produced a detection the head kept")
+        if self.det.info.meaningless:
+            warnings.append(f"detector {self.det.info.model_id} has random weights: these detections are meaningless")
+        recipe = recipes_pb2.Recipe(
+            class_name=name, steps=[step_proto(st) for st in chosen], target_precision=s.target_precision,
+            gate=recipes_pb2.Gate(min_prob=gate.min_prob, margin=gate.margin, clip_head_background_guard=guard,
+                                  clip_head_background_margin=s.background_margin, clip_head_background_apply=APPLY_PROTO[s.apply],
+                                  clip_head_background_penalty=s.penalty),
+            head=recipes_pb2.HeadRef(head_id=self.head.head_id, classes=self.head.classes, embedder_model=self.head.embedder_model),
+            detector=recipes_pb2.DetectorRef(model_id=self.det.info.model_id, class_agnostic=self.det.info.class_agnostic,
+                                             meaningless=self.det.info.meaningless),
+            summary=recipes_pb2.Summary(
+                precision=rep_c.precision, recall=rep_c.recall, true_positives=rep_c.tp, false_positives=rep_c.fp,
+                ground_truth=rep_c.gt, duplicates=rep_c.dup, report_images=len(report),
+                bg_veto_rate_seed=total.bg_veto_rate_seed, bg_veto_rate_final=total.bg_veto_rate_final,
+                bg_confusion_rate=total.bg_confusion_rate, steps=step_logs, warnings=warnings,
+                tune_precision=tune_c.precision, tune_recall=tune_c.recall))
+        if guard and s.auto_tune:
+            recipe.gate.background_margin = gate.background_margin
+        return recipe
+
+    def _collect_negatives(self, it: ImageItem, r: ImageResult, class_id: int, name: str) -> None:
+        """False positives the head gives a high background probability: hard negatives."""
+        bg = self.head.background_indices
+        if not bg or not len(r.boxes):
+            return
+        _, d2g = selection.count(r.boxes, r.scores, it.gt_boxes[it.gt_classes == class_id])
+        best_bg = r.probs[:, bg].max(1)
+        for i in np.flatnonzero((d2g < 0) & (best_bg >= self.s.hard_negative_min_bg_prob)):
+            self.negatives.append({"image": it.index, "box": r.boxes[i].tolist(), "class": name,
+                                   "bg_prob": float(best_bg[i])})
+
+
+def split_images(ds: Dataset, classes: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = [ds.classes.index(c) for c in classes]
+    sets = [{int(c) for c in r.class_ids if int(c) in ids} for r in ds.images]
+    tune, report, _ = sampling.group_split(sets, fraction, np.random.default_rng(seed), ds.classes)
+    return tune, report
+
+
+def negative_crops(ds: Dataset, negatives: list[dict], padding: float = 0.08) -> dict[str, bytes]:
+    """Hard negatives as a small YOLO dataset of crops: images/ with empty label files and the
+    head's class list, so merged into a training set they add background the head must learn."""
+    from embedder_svc.crops import CropPolicy, crop_pixels, crop_regions
+
+    files: dict[str, bytes] = {}
+    for k, n in enumerate(negatives):
+        rec = ds.images[n["image"]]
+        px = decode_image(rec.path.read_bytes()).pixels
+        region = crop_regions(np.array([n["box"]]), CropPolicy(padding_ratio=padding, square=False))[0]
+        w, h = int(max(8, region[2] - region[0])), int(max(8, region[3] - region[1]))
+        crop = crop_pixels(px, region, "mean", max(w, h))
+        buf = io.BytesIO()
+        Image.fromarray(crop).save(buf, format="JPEG", quality=92)
+        stem = f"neg_{k:05d}_{n['class']}"
+        files[f"images/{stem}.jpg"] = buf.getvalue()
+        files[f"labels/{stem}.txt"] = b""
+    return files
+
+
+def check_settings(s: Settings) -> None:
+    if not 0 < s.target_precision <= 1:
+        raise InvalidArgument(f"target_precision must be in (0, 1], got {s.target_precision}")
+    if not 0 <= s.floor < 1:
+        raise InvalidArgument(f"floor_threshold must be in [0, 1), got {s.floor}")
+    if s.apply not in ("seed", "final", "both"):
+        raise InvalidArgument(f"clip_head_background_apply must be seed, final or both, got {s.apply!r}")
+    if not 0 < s.report_fraction < 1:
+        raise InvalidArgument(f"report_fraction must be in (0, 1), got {s.report_fraction}")
+    if s.penalty < 0 or s.background_margin < -1 or s.background_margin > 1:
+        raise InvalidArgument("clip_head_background_penalty must be >= 0 and the margin within [-1, 1]")

@@ -1,0 +1,191 @@
+"""Recipes (schema v2): conversion to executor parameters, the store, and recipe bundles.
+
+The protobuf message `minehead.recipes.v2.Recipe` is the schema; `recipe.json` is its canonical
+protobuf JSON, so export -> import round-trips exactly. The recipe id is a content hash of that
+JSON (without name/id). Missing background fields (older recipes) are proto3 defaults, which
+mean "off": guard false, margin 0, apply FINAL, penalty 0.
+
+Bundle (zip): recipe.json, head/head.onnx, head/meta.json, head/report.json, manifest.json
+({"files": {name: sha256}}). Import checks everything before anything becomes visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from minehead.core.errors import InvalidArgument, NotFound
+from minehead.core.safezip import make_zip, safe_members
+from minehead.recipes.v2 import recipes_pb2
+
+from head_svc.bundle import MAX_ONNX_BYTES, HeadBundle
+from miner_svc.executor import Gate, Step
+
+SCHEMA_VERSION = 2
+_APPLY = {recipes_pb2.BACKGROUND_APPLY_UNSPECIFIED: "final", recipes_pb2.SEED: "seed", recipes_pb2.FINAL: "final",
+          recipes_pb2.BOTH: "both"}
+APPLY_PROTO = {"seed": recipes_pb2.SEED, "final": recipes_pb2.FINAL, "both": recipes_pb2.BOTH}
+BUNDLE_MEMBERS = {"recipe.json", "manifest.json", "head/head.onnx", "head/meta.json", "head/report.json"}
+
+
+def steps_of(r: recipes_pb2.Recipe) -> list[Step]:
+    return [Step(prompt=s.prompt, seed_threshold=s.seed_threshold, expand_threshold=s.expand_threshold,
+                 max_visual_seeds=s.max_visual_seeds, seed_dedupe_iou=s.seed_dedupe_iou or 0.5,
+                 dedupe_iou=s.dedupe_iou or 0.5, max_results=s.max_results, enabled=s.enabled) for s in r.steps]
+
+
+def gate_of(r: recipes_pb2.Recipe, prompt_filter: bool = True) -> Gate:
+    g = r.gate
+    bgm = g.background_margin if g.HasField("background_margin") else g.clip_head_background_margin
+    return Gate(min_prob=g.min_prob, margin=g.margin, background_guard=g.clip_head_background_guard,
+                background_margin=bgm, apply=_APPLY[g.clip_head_background_apply], prompt_filter=prompt_filter)
+
+
+def step_proto(s: Step) -> recipes_pb2.Step:
+    return recipes_pb2.Step(prompt=s.prompt, seed_threshold=s.seed_threshold, expand_threshold=s.expand_threshold,
+                            max_visual_seeds=s.max_visual_seeds, seed_dedupe_iou=s.seed_dedupe_iou,
+                            dedupe_iou=s.dedupe_iou, max_results=s.max_results, enabled=s.enabled)
+
+
+def to_json(r: recipes_pb2.Recipe) -> str:
+    return json_format.MessageToJson(r, preserving_proto_field_name=True, sort_keys=True, indent=2)
+
+
+def from_json(text: str | bytes) -> recipes_pb2.Recipe:
+    """Strict: unknown fields are an error, not silently dropped."""
+    r = recipes_pb2.Recipe()
+    try:
+        json_format.Parse(text, r, ignore_unknown_fields=False)
+    except json_format.ParseError as e:
+        raise InvalidArgument(f"recipe.json does not match schema v2: {e}") from None
+    if r.schema_version not in (0, SCHEMA_VERSION):
+        raise InvalidArgument(f"recipe schema_version {r.schema_version} is not supported (expected {SCHEMA_VERSION})")
+    return r
+
+
+def assign_id(r: recipes_pb2.Recipe) -> recipes_pb2.Recipe:
+    r.schema_version = SCHEMA_VERSION
+    r.ClearField("name")
+    r.ClearField("recipe_id")
+    rid = hashlib.sha256(to_json(r).encode()).hexdigest()[:16]
+    r.recipe_id, r.name = rid, f"recipes/{rid}"
+    return r
+
+
+def check_against_head(r: recipes_pb2.Recipe, head: HeadBundle) -> None:
+    if r.head.head_id and r.head.head_id != head.head_id:
+        raise InvalidArgument(f"recipe names head {r.head.head_id} but the bundle holds head {head.head_id}")
+    if list(r.head.classes) and list(r.head.classes) != head.classes:
+        raise InvalidArgument(f"recipe's head classes {list(r.head.classes)} do not match the embedded head's {head.classes}")
+    if r.class_name not in head.real_classes:
+        raise InvalidArgument(f"recipe class {r.class_name!r} is not a real class of its head ({', '.join(head.real_classes)})")
+    for i, s in enumerate(r.steps):
+        for f in ("seed_threshold", "expand_threshold", "seed_dedupe_iou", "dedupe_iou"):
+            v = getattr(s, f)
+            if not 0 <= v <= 1:
+                raise InvalidArgument(f"recipe step {i}: {f}={v} must be within [0, 1]")
+        if s.max_visual_seeds < 0 or s.max_results < 0:
+            raise InvalidArgument(f"recipe step {i}: max_visual_seeds and max_results must be >= 0")
+
+
+class RecipeStore:
+    """DATA_DIR/miner/recipes/<id>/{recipe.json, head.zip}; atomic writes, re-read on list."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def list(self, class_name: str = "") -> list[recipes_pb2.Recipe]:
+        out = []
+        for f in sorted(self.root.glob("*/recipe.json")):
+            try:
+                r = from_json(f.read_text())
+            except (InvalidArgument, OSError):
+                continue
+            if not class_name or r.class_name == class_name:
+                out.append(r)
+        out.sort(key=lambda r: (r.create_time.seconds, r.recipe_id), reverse=True)
+        return out
+
+    def _folder(self, name: str) -> Path:
+        rid = name[len("recipes/"):] if name.startswith("recipes/") else name
+        f = self.root / rid
+        if not rid or "/" in rid or rid.startswith(".") or not (f / "recipe.json").is_file():
+            raise NotFound(f"no recipe {name!r}; `minehead recipes list` shows what there is")
+        return f
+
+    def get(self, name: str) -> recipes_pb2.Recipe:
+        return from_json((self._folder(name) / "recipe.json").read_text())
+
+    def head(self, name: str) -> HeadBundle:
+        return HeadBundle.from_zip((self._folder(name) / "head.zip").read_bytes())
+
+    def put(self, recipe: recipes_pb2.Recipe, head: HeadBundle) -> recipes_pb2.Recipe:
+        recipe = assign_id(recipe)
+        target = self.root / recipe.recipe_id
+        if (target / "recipe.json").is_file():
+            return self.get(recipe.recipe_id)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+        try:
+            (tmp / "recipe.json").write_text(to_json(recipe))
+            (tmp / "head.zip").write_bytes(head.to_zip())
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return recipe
+
+    def delete(self, name: str) -> None:
+        f = self._folder(name)
+        trash = self.root / f".deleted-{f.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        f.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def export_zip(self, name: str) -> bytes:
+        return bundle_zip(self.get(name), self.head(name))
+
+    def import_zip(self, data: bytes) -> recipes_pb2.Recipe:
+        recipe, head = read_bundle(data)
+        return self.put(recipe, head)
+
+
+def bundle_zip(recipe: recipes_pb2.Recipe, head: HeadBundle) -> bytes:
+    files = {"recipe.json": to_json(recipe).encode()}
+    files.update({f"head/{k}": v for k, v in head.files().items()})
+    manifest = {"schema_version": SCHEMA_VERSION, "files": {k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())}}
+    files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    return make_zip(files)
+
+
+def read_bundle(data: bytes) -> tuple[recipes_pb2.Recipe, HeadBundle]:
+    """Hostile-input safe: member names, sizes, no links or pickles, manifest hashes, strict
+    schema, and the embedded head validated and checked against the recipe."""
+    members = safe_members(data, max_member_bytes=MAX_ONNX_BYTES, max_total_bytes=MAX_ONNX_BYTES + (16 << 20),
+                           max_members=16, allowed=BUNDLE_MEMBERS)
+    for need in ("manifest.json", "recipe.json", "head/head.onnx", "head/meta.json"):
+        if need not in members:
+            raise InvalidArgument(f"recipe bundle lacks {need} (the manifest and recipe.json sit at the zip root)")
+    try:
+        manifest = json.loads(members["manifest.json"])
+        listed = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise InvalidArgument("manifest.json must be JSON with a 'files' map of name -> sha256") from None
+    for name, body in members.items():
+        if name == "manifest.json":
+            continue
+        if listed.get(name) != hashlib.sha256(body).hexdigest():
+            raise InvalidArgument(f"{name} does not match its sha256 in manifest.json")
+    missing = set(listed) - set(members)
+    if missing:
+        raise InvalidArgument(f"manifest.json lists files the bundle lacks: {', '.join(sorted(missing))}")
+    recipe = from_json(members["recipe.json"])
+    head = HeadBundle.from_files({k[len("head/"):]: v for k, v in members.items() if k.startswith("head/")})
+    check_against_head(recipe, head)
+    return recipe, head

@@ -1,0 +1,151 @@
+"""Choosing steps and gates: metrics, the one objective, the vectorised gate sweep, set cover.
+
+Everything here scores candidate recipes with the executor's own output (through the caches,
+so it is CPU work after the first pass), which is why mining's metrics and ApplyRecipe's agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+
+from head_svc.keep_rule import split_scores
+from miner_svc.geometry import match
+
+MIN_PROB_GRID = np.round(np.arange(0.05, 0.96, 0.05), 2)
+MARGIN_GRID = np.array([0.0, 0.05, 0.1, 0.2, 0.3])
+BG_MARGIN_GRID = np.array([0.0, 0.05, 0.1, 0.2, 0.3])
+
+
+@dataclasses.dataclass
+class Counts:
+    tp: int = 0
+    fp: int = 0
+    dup: int = 0
+    gt: int = 0
+    top1_bg: int = 0
+    checked: int = 0
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.tp / self.gt if self.gt else 0.0
+
+    @property
+    def bg_confusion_rate(self) -> float:
+        return self.top1_bg / self.checked if self.checked else 0.0
+
+    def to_dict(self) -> dict:
+        return {"precision": round(self.precision, 4), "recall": round(self.recall, 4), "true_positives": self.tp,
+                "false_positives": self.fp, "duplicates": self.dup, "ground_truth": self.gt}
+
+
+def count(boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> tuple[Counts, np.ndarray]:
+    """Counts for one image, and det_to_gt (N, -1 = false positive)."""
+    d2g, dup = match(boxes, scores, gt, iou)
+    return Counts(tp=int((d2g >= 0).sum()), fp=int((d2g < 0).sum()), dup=int(dup.sum()), gt=len(gt)), d2g
+
+
+def objective(c: Counts, target_precision: float, penalty: float = 0.0, looseness: float = 0.0) -> float:
+    """The one score every search maximises.
+
+    Meeting the target precision: 1 + recall, minus a little for false positives, plus a
+    little for looser thresholds (looseness in [0, 1]). Missing it: the precision (< 1), so any
+    recipe that meets the target outranks every one that does not. The background penalty
+    subtracts penalty * bg_confusion_rate (seed brief 002: score' = score - lambda * rate)."""
+    if c.tp + c.fp == 0:
+        score = 0.0
+    elif c.precision >= target_precision:
+        score = 1.0 + c.recall - 0.01 * c.fp / (c.tp + c.fp) + 0.001 * looseness
+    else:
+        score = c.precision
+    return score - penalty * c.bg_confusion_rate
+
+
+@dataclasses.dataclass
+class GateRows:
+    """Candidate detections (before the head gate) pooled over images: the sweep's input."""
+
+    target_prob: np.ndarray
+    best_other: np.ndarray
+    best_bg: np.ndarray
+    is_tp: np.ndarray  # matched at the floor gate (approximation: see sweep_gate)
+    top1_bg: np.ndarray
+    gt: int
+
+    @classmethod
+    def from_probs(cls, probs: np.ndarray, target: int, background_indices, is_tp: np.ndarray, gt: int) -> "GateRows":
+        t = np.full(len(probs), target)
+        tp, bo, bb = split_scores(probs, t, background_indices) if len(probs) else (np.zeros(0),) * 3
+        top1_bg = np.isin(probs.argmax(1), background_indices) if len(probs) and background_indices else np.zeros(len(probs), bool)
+        return cls(tp, bo, bb, np.asarray(is_tp, bool), top1_bg, gt)
+
+
+def sweep_gate(rows: GateRows, target_precision: float, guard: bool, penalty: float = 0.0,
+               margins=MARGIN_GRID, bg_margins=BG_MARGIN_GRID, min_probs=MIN_PROB_GRID) -> tuple[dict, Counts]:
+    """Best (min_prob, margin, background_margin) by the objective, over the grids, vectorised:
+    for each (margin, background margin) pair the rows passing both are sorted by target
+    probability once, and cumulative sums give TP / FP for every min_prob at once.
+
+    Match status is taken from the ungated candidates (a gated-away true positive does not
+    promote a lower duplicate): an approximation the final executor evaluation corrects."""
+    bgm = bg_margins if guard else np.array([0.0])
+    order = np.argsort(-rows.target_prob, kind="stable")
+    tp_sorted = rows.target_prob[order]
+    best = (-np.inf, None, None)
+    asc = tp_sorted[::-1]
+    for m, b in itertools.product(margins, bgm):
+        ok = np.ones(len(order), bool)
+        if m > 0:
+            ok &= (rows.target_prob - rows.best_other)[order] >= m
+        if guard:
+            ok &= (rows.target_prob - rows.best_bg)[order] >= b
+        ctp = np.concatenate([[0], np.cumsum(ok & rows.is_tp[order])])
+        cfp = np.concatenate([[0], np.cumsum(ok & ~rows.is_tp[order])])
+        cbg = np.concatenate([[0], np.cumsum(ok & rows.top1_bg[order])])
+        # rows with target_prob >= p are a prefix of the sorted order
+        n_at = len(asc) - np.searchsorted(asc, min_probs, side="left")
+        for p, n in zip(min_probs, n_at):
+            c = Counts(tp=int(ctp[n]), fp=int(cfp[n]), gt=rows.gt, top1_bg=int(cbg[n]), checked=int(ctp[n] + cfp[n]))
+            looseness = 1.0 - (p + m + b) / 3.0
+            s = objective(c, target_precision, penalty, looseness)
+            if s > best[0]:
+                best = (s, {"min_prob": float(p), "margin": float(m), "background_margin": float(b)}, c)
+    return best[1], best[2]
+
+
+def sweep_gate_loop(rows: GateRows, target_precision: float, guard: bool, penalty: float = 0.0,
+                    margins=MARGIN_GRID, bg_margins=BG_MARGIN_GRID, min_probs=MIN_PROB_GRID) -> tuple[dict, Counts]:
+    """The same search as a plain loop over rows (kept for the benchmark and as a check)."""
+    bgm = bg_margins if guard else [0.0]
+    best = (-np.inf, None, None)
+    for m, b in itertools.product(margins, bgm):
+        for p in min_probs:
+            c = Counts(gt=rows.gt)
+            for i in range(len(rows.target_prob)):
+                t = rows.target_prob[i]
+                if t < p or (m > 0 and t - rows.best_other[i] < m) or (guard and t - rows.best_bg[i] < b):
+                    continue
+                c.tp += int(rows.is_tp[i])
+                c.fp += int(not rows.is_tp[i])
+                c.top1_bg += int(rows.top1_bg[i])
+            c.checked = c.tp + c.fp
+            s = objective(c, target_precision, penalty, 1.0 - (p + m + b) / 3.0)
+            if s > best[0]:
+                best = (s, {"min_prob": float(p), "margin": float(m), "background_margin": float(b)}, c)
+    return best[1], best[2]
+
+
+def threshold_grid(scores: np.ndarray, floor: float, n: int = 8) -> list[float]:
+    """Candidate seed thresholds: the floor plus score quantiles above it."""
+    s = np.asarray(scores)
+    s = s[s >= floor]
+    if len(s) == 0:
+        return [floor]
+    qs = np.quantile(s, np.linspace(0, 0.9, n))
+    return sorted({round(float(floor), 4), *(round(float(q), 4) for q in qs)})

