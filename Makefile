@@ -45,9 +45,13 @@ run-all: setup
 test: setup
 	$(PY) -m pytest -q
 
+demo: setup
+	$(PY) -m clients.demo
+
 bench: setup
 	$(PY) -m tests.bench.bench_embedder
 	$(PY) -m tests.bench.bench_heads
+	$(PY) -m tests.bench.bench_miner
 
 clean:
 	rm -rf $(VENV) $(VAR) build dist *.egg-info .pytest_cache $(GEN_STAMP)

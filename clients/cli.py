@@ -8,6 +8,7 @@
     minehead embed text TEXT... [--model ID] [--json]
     minehead datasets synth DIR [--images 60] [--seed 1]
     minehead heads train|list|get|download|upload|delete|score|compare   (see clients/cli_heads.py)
+    minehead mine start|watch|cancel|ab, recipes list|get|export|import|apply|delete, negatives export
 
 Service addresses come from --embedder/--head/--miner or MINEHEAD_<SERVICE>_ADDR
 (defaults 127.0.0.1:50051/50052/50053). gRPC errors print as "error: CODE: message" and exit 1.
@@ -175,9 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     et = add(embed, "text", cmd_embed_text, "embed texts (CLIP models)")
     et.add_argument("texts", nargs="+")
     et.add_argument("--model", default="")
-    from clients import cli_heads
+    from clients import cli_heads, cli_miner
 
     cli_heads.add_commands(sub, add)
+    cli_miner.add_commands(sub, add)
     return p
 
 

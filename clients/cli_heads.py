@@ -42,8 +42,10 @@ def follow(client, job: common_pb2.Job, quiet: bool) -> common_pb2.Job:
     return client.jobs.get(job.name)
 
 
-def _job_exit(a, client, job, result_type):
-    if not a.wait:
+def run_job(a, client, job, result_type):
+    """Without --wait: print the job and return 0. With it: follow the job and return
+    (result, finished job), or 1 if it did not succeed."""
+    if not getattr(a, "wait", False):
         print_json(to_jsonable(job)) if a.json else print(f"started {job.name}; watch it with `minehead jobs watch {job.name}`")
         return 0
     done = follow(client, job, quiet=a.json)
@@ -52,7 +54,7 @@ def _job_exit(a, client, job, result_type):
         return 1
     result = result_type()
     done.result.Unpack(result)
-    return result
+    return result, done
 
 
 def _dataset_ref(path: str) -> head_pb2.DatasetRef:
@@ -101,9 +103,10 @@ def cmd_train(a) -> int:
         return c.start_training(spec)
 
     with HeadClient(a.head, token=a.token) as c:
-        r = _job_exit(a, c, start_with_dataset(a, c, start), head_pb2.TrainingResult)
-    if isinstance(r, int):
-        return r
+        out = run_job(a, c, start_with_dataset(a, c, start), head_pb2.TrainingResult)
+    if isinstance(out, int):
+        return out
+    r = out[0]
     if a.json:
         print_json({"head": to_jsonable(r.head), "report": to_jsonable(r.report)})
         return 0
@@ -189,9 +192,10 @@ def cmd_compare(a) -> int:
         return c.compare(req)
 
     with HeadClient(a.head, token=a.token) as c:
-        r = _job_exit(a, c, start_with_dataset(a, c, start), head_pb2.ComparisonResult)
-    if isinstance(r, int):
-        return r
+        out = run_job(a, c, start_with_dataset(a, c, start), head_pb2.ComparisonResult)
+    if isinstance(out, int):
+        return out
+    r = out[0]
     rep = to_jsonable(r.report)
     if a.json:
         print_json(rep)

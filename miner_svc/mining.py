@@ -130,7 +130,8 @@ class Miner:
                     sc, c = self.score(tune, steps, base_gate, target, class_id, looseness=1 - t)
                     if cand_best is None or sc > cand_best[0]:
                         cand_best = (sc, c, Step(p, t))
-            if cand_best is None or cand_best[0] <= best_score + 1e-9:
+            covered_before = best_counts.tp if best_counts else 0
+            if cand_best is None or cand_best[1].tp <= covered_before or cand_best[0] <= best_score + 1e-9:
                 break  # nothing new covered, or gains stalled
             best_score, best_counts = cand_best[0], cand_best[1]
             chosen.append(cand_best[2])

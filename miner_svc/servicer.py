@@ -111,7 +111,9 @@ class MinerServicer(miner_pb2_grpc.MinerServicer):
         det = self.detector(spec.detector or self.default_detector, spec.floor_threshold or 0.05)
         return ds, head, classes, det, self.settings(spec, classes)
 
-    def _mine(self, ctx: JobContext, ds, head, det, s: Settings, label: str) -> tuple[list, dict, list]:
+    def _mine(self, ctx: JobContext, ds, head, det, s: Settings, label: str, on_recipe=None) -> tuple[list, dict, list]:
+        """Mine every class; `on_recipe(recipe)` runs as each class finishes (so a cancelled job
+        keeps the classes it completed)."""
         t_start = time.perf_counter()
         before = det.counters.snapshot()
         hits0, miss0 = det.hits, det.misses
@@ -122,7 +124,7 @@ class MinerServicer(miner_pb2_grpc.MinerServicer):
             if s.guard:
                 ctx.warn(warnings[-1])
         if det.info.meaningless:
-            warnings.append(f"detector {det.info.model_id}: {det.info.note or 'random weights'}; detections are meaningless")
+            warnings.append(f"detector {det.info.model_id} is a {det.info.note or 'random-weight model: its detections are meaningless'}")
             ctx.warn(warnings[-1])
         ctx.phase("detecting")
         idx = list(range(len(ds.images)))[: s.max_images or None]
@@ -154,7 +156,7 @@ class MinerServicer(miner_pb2_grpc.MinerServicer):
             r.provenance.mining_settings_json = json.dumps(s.__dict__, sort_keys=True, default=str)
             r.provenance.sample_sha256 = _sha([it.state.image.sha256 for it in items])
             r.provenance.split_sha256 = _sha([str(i) for i in tune_i] + ["|"] + [str(i) for i in report_i])
-            recipes.append(r)
+            recipes.append(on_recipe(r) if on_recipe else r)
             ctx.metrics({"class": c, "precision": r.summary.precision, "recall": r.summary.recall,
                          "true_positives": r.summary.true_positives, "false_positives": r.summary.false_positives,
                          "ground_truth": r.summary.ground_truth, "steps": len(r.steps)})
@@ -183,9 +185,12 @@ class MinerServicer(miner_pb2_grpc.MinerServicer):
             ctx.phase("preparing")
             result = miner_pb2.MiningResult()
             ctx.partial_result = result
-            recipes, summary, negatives = self._mine(ctx, ds, head, det, s, spec.dataset)
-            for r in recipes:
-                result.recipes.append(self.store.put(r, head))
+            def keep(r):
+                stored = self.store.put(r, head)
+                result.recipes.append(stored)
+                return stored
+
+            _, summary, negatives = self._mine(ctx, ds, head, det, s, spec.dataset, on_recipe=keep)
             (self.dir / "negatives" / f"{job_id_from_name(ctx.name)}.json").write_text(
                 json.dumps({"dataset": str(ds.root), "negatives": negatives}))
             summary["hard_negatives"] = len(negatives)

@@ -119,7 +119,7 @@ def env(embedder_server, tmp_path_factory):
     assert done.state == common_pb2.Job.SUCCEEDED, done.error
     done.result.Unpack(r)
     ch = connect(addr)
-    yield {"stub": miner_pb2_grpc.MinerStub(ch), "jobs": JobsClient(addr, channel=ch), "dataset": ds_path, "ds": ds,
+    yield {"addr": addr, "stub": miner_pb2_grpc.MinerStub(ch), "jobs": JobsClient(addr, channel=ch), "dataset": ds_path, "ds": ds,
            "head": r.head.head_id, "servicer": mrunner.servicer, "head_client": hc, "tmp": tmp}
     hc.close()
     ch.close()
@@ -311,3 +311,73 @@ def test_ab_benchmark(env):
     arms = json_format.MessageToDict(r.report)["arms"]
     assert [a["arm"] for a in arms] == ["no guard", "guard seed+final", "guard+margin 0.1"]
     assert arms[0]["bg_veto_rate_seed"] == 0 and (arms[1]["bg_veto_rate_seed"] > 0 or arms[1]["bg_veto_rate_final"] > 0)
+
+
+def test_mining_with_tiny_sam3_runs_and_says_it_is_meaningless(env):
+    res, events, _ = mine(env, classes=["blue_circle"], detector="sam3-tiny-random", max_images=8, floor_threshold=0.0)
+    s = dict(res.summary)
+    assert s["detector"] == "sam3-tiny-random" and s["detector_meaningless"] is True
+    assert any("meaningless" in w for w in s["warnings"])
+    assert dict(s["passes"])["backbone_passes"] == 8
+    r = res.recipes[0]
+    assert r.detector.meaningless and any("meaningless" in w for w in r.summary.warnings)
+    if r.steps:
+        out = env["stub"].ApplyRecipe(miner_pb2.ApplyRecipeRequest(
+            recipe=r.recipe_id, images=[common_pb2.ImageRef(data=env["ds"].images[0].path.read_bytes())]))
+        assert any("meaningless" in w for w in out.warnings)
+
+
+def test_cancel_mining_keeps_partial_results(env):
+    import time
+
+    job = env["stub"].StartMining(miner_pb2.StartMiningRequest(spec=miner_pb2.MiningSpec(
+        dataset=str(env["dataset"]), head=env["head"], seed=7, max_steps=3,
+        classes=["red_square", "crimson_square", "blue_circle", "green_triangle"])))
+    for ev in env["jobs"].watch(job.name):
+        if ev.WhichOneof("payload") == "metrics" and "class" in ev.metrics:
+            env["jobs"].cancel(job.name)  # after the first class is done
+            break
+    deadline = time.time() + 120
+    while env["jobs"].get(job.name).state not in (common_pb2.Job.CANCELLED, common_pb2.Job.SUCCEEDED, common_pb2.Job.FAILED):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    done = env["jobs"].get(job.name)
+    assert done.state == common_pb2.Job.CANCELLED and done.error == ""
+    partial = miner_pb2.MiningResult()
+    assert done.result.Unpack(partial) and len(partial.recipes) >= 1  # the classes finished before the cancel
+    stored = env["stub"].ListRecipes(miner_pb2.ListRecipesRequest()).recipes
+    assert partial.recipes[0].recipe_id in [r.recipe_id for r in stored]
+
+
+def test_cli_as_written_in_the_issue(env, tmp_path):
+    import os
+
+    from tests.test_cli import run_cli
+
+    e = dict(os.environ, MINEHEAD_MINER_ADDR=env["addr"])
+    ds, head = str(env["dataset"]), env["head"]
+    r = run_cli("mine", "start", "--dataset", ds, "--head", head, "--classes", "blue_circle",
+                "--prompt", "blue_circle=blue disc,round blue", "--bg", "balanced", "--wait", "--json", env=e)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    job, rid = out["job"], out["recipes"][0]["recipe_id"]
+    assert out["recipes"][0]["gate"]["clip_head_background_guard"] is True
+    assert out["recipes"][0]["gate"]["clip_head_background_margin"] == pytest.approx(0.1)
+    assert run_cli("mine", "watch", job, env=e).returncode == 0
+    r = run_cli("mine", "cancel", job, env=e)
+    assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr  # it already ended
+    assert rid in [x["recipe_id"] for x in json.loads(run_cli("recipes", "list", "--json", env=e).stdout)]
+    z = tmp_path / "r.zip"
+    assert run_cli("recipes", "export", rid, "-o", str(z), env=e).returncode == 0
+    r = run_cli("recipes", "import", str(z), "--json", env=e)
+    assert r.returncode == 0 and json.loads(r.stdout)["recipe_id"] == rid
+    img = str(env["ds"].images[0].path)
+    r = run_cli("recipes", "apply", rid, "--image", img, "--json", env=e)
+    assert r.returncode == 0 and "images" in json.loads(r.stdout)
+    r = run_cli("negatives", "export", job, "-o", str(tmp_path / "neg"), env=e)
+    assert r.returncode == 0 and (tmp_path / "neg" / "labelmap.txt").is_file()
+    r = run_cli("mine", "ab", "--dataset", ds, "--head", head, "--classes", "blue_circle", "--json", env=e)
+    assert r.returncode == 0, r.stderr
+    assert [a["arm"] for a in json.loads(r.stdout)["arms"]][0] == "no guard"
+    r = run_cli("recipes", "list", env=e)
+    assert r.returncode == 0 and "held-out report images" in r.stdout

@@ -52,12 +52,21 @@ def test_health_and_reflection(head_and_miner):
     ch.close()
 
 
-def test_unfinished_methods_say_unimplemented(head_and_miner):
+def test_unimplemented_methods_say_so(tmp_path):
+    """A servicer method that is not written (the generated base class raises
+    NotImplementedError) answers UNIMPLEMENTED naming the method, not INTERNAL."""
+    from minehead.core.server import ServiceBinding
     from minehead.miner.v1 import miner_pb2, miner_pb2_grpc
 
-    with pytest.raises(grpc.RpcError) as e:
-        miner_pb2_grpc.MinerStub(connect(head_and_miner["miner"])).ListRecipes(miner_pb2.ListRecipesRequest())
-    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "ListRecipes" in e.value.details()
+    cfg = make_config("miner", tmp_path)
+    server = start_server(cfg, [ServiceBinding(miner_pb2_grpc.add_MinerServicer_to_server, miner_pb2_grpc.MinerServicer(),
+                                               "minehead.miner.v1.Miner")])
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            miner_pb2_grpc.MinerStub(connect(f"127.0.0.1:{server.port}")).ListRecipes(miner_pb2.ListRecipesRequest())
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "ListRecipes" in e.value.details()
+    finally:
+        server.stop(0.5)
 
 
 def test_bearer_token(tmp_path):

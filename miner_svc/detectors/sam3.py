@@ -60,7 +60,7 @@ class Sam3Detector(Detector):
             torch.manual_seed(0)
             model = Sam3Model(tiny_sam3_config())
             self.info = DetectorInfo(TINY_ID, meaningless=True,
-                                     note="tiny random-initialised Sam3Model: its detections are meaningless")
+                                     note="tiny random-initialised Sam3Model: its detections are meaningless")  # noqa: E501
         else:
             name = model_id.split(":", 1)[1] if model_id.startswith("sam3:") else model_id
             local = models_dir / "hf" / name

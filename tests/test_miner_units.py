@@ -1,0 +1,103 @@
+"""Miner internals: matching (COCO convention), NMS, thresholds vs cache floor, masks, sweep,
+and the real SAM3 code path on a tiny random Sam3Model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minehead.core.errors import InvalidArgument
+from minehead.core.images import decode_image
+from miner_svc import masks, selection
+from miner_svc.geometry import match, nms
+from tests.conftest import png_bytes, scene
+
+
+def test_matching_is_one_to_one_and_counts_duplicates():
+    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float)
+    boxes = np.array([[0, 0, 10, 10], [1, 0, 10, 10], [20, 20, 30, 31], [50, 50, 60, 60]], float)
+    scores = np.array([0.9, 0.95, 0.5, 0.8])
+    d2g, dup = match(boxes, scores, gt)
+    # the higher-scored of the two boxes on gt 0 takes it; the other is a false positive and a duplicate
+    assert d2g.tolist() == [-1, 0, 1, -1] and dup.tolist() == [True, False, False, False]
+
+
+def test_nms_and_matching_commute_with_thresholds():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, (40, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 30, (40, 2))], 1)
+    scores = rng.uniform(0, 1, 40)
+    gt = boxes[rng.choice(40, 8, replace=False)] + rng.normal(0, 1, (8, 4))
+    keep_all = nms(boxes, scores, 0.5)
+    d2g_all, _ = match(boxes, scores, gt)
+    for t in (0.2, 0.5, 0.8):
+        above = np.flatnonzero(scores >= t)
+        assert set(above[nms(boxes[above], scores[above], 0.5)]) == {i for i in keep_all if scores[i] >= t}
+        d2g_t, _ = match(boxes[above], scores[above], gt)
+        assert d2g_t.tolist() == d2g_all[above].tolist()
+
+
+def test_rle_round_trip_and_polygon():
+    m = np.zeros((7, 9), bool)
+    m[2:5, 3:8] = True
+    counts = masks.rle(m)
+    assert np.array_equal(masks.rle_decode(counts, 7, 9), m)
+    poly = np.array(masks.polygon(m)).reshape(-1, 2)
+    assert poly[:, 0].min() == 3 and poly[:, 0].max() == 8 and poly[:, 1].min() == 2 and poly[:, 1].max() == 5
+    assert masks.polygon(np.zeros((3, 3), bool)) == []
+
+
+def test_objective_prefers_meeting_the_target_then_coverage():
+    meets_low = selection.Counts(tp=5, fp=1, gt=20)
+    meets_high = selection.Counts(tp=15, fp=4, gt=20)
+    misses = selection.Counts(tp=19, fp=10, gt=20)
+    o = lambda c: selection.objective(c, 0.75)  # noqa: E731
+    assert o(meets_high) > o(meets_low) > o(misses)
+    confused = selection.Counts(tp=15, fp=4, gt=20, top1_bg=10, checked=19)
+    assert selection.objective(confused, 0.75, penalty=1.0) < o(meets_high)
+
+
+def test_vectorised_sweep_equals_plain_loop():
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.ones(5), 300)
+    rows = selection.GateRows.from_probs(p, 0, [3, 4], rng.random(300) < p[:, 0] * 1.5, gt=150)
+    for guard in (False, True):
+        a = selection.sweep_gate(rows, 0.6, guard, 0.2)
+        b = selection.sweep_gate_loop(rows, 0.6, guard, 0.2)
+        assert a[0] == b[0] and (a[1].tp, a[1].fp) == (b[1].tp, b[1].fp)
+
+
+@pytest.fixture(scope="module")
+def tiny_sam3(tmp_path_factory):
+    from miner_svc.detection_cache import CachedDetector
+    from miner_svc.detectors import create_detector
+
+    det = create_detector("sam3-tiny-random", tmp_path_factory.mktemp("m"))
+    return CachedDetector(det, tmp_path_factory.mktemp("cache"), floor=0.0)
+
+
+def test_tiny_sam3_runs_the_real_code_path_with_one_backbone_pass(tiny_sam3):
+    det = tiny_sam3
+    assert det.info.meaningless and "meaningless" in det.info.note
+    image = decode_image(png_bytes(scene(160, 120)))
+    state = det.set_image(image)
+    a = det.text(state, "red square", masks=True)
+    det.text(state, "blue circle")
+    det.text(state, "red square", 0.2)  # cached: a filter, no pass
+    e = det.exemplars(state, a.boxes[:2], masks=True)
+    c = det.counters.snapshot()
+    assert c["backbone_passes"] == 1 and c["text_passes"] == 3 and c["decoder_passes"] == 3  # 2 prompts + "visual"
+    assert a.boxes.shape[1] == 4 and a.masks.shape[1:] == (120, 160) and e.masks is not None
+    assert ((a.boxes[:, 2] > a.boxes[:, 0]) & (a.boxes[:, 3] > a.boxes[:, 1])).all()
+    # a fresh state for the same image: the cache answers, no backbone pass
+    det.text(det.set_image(image), "red square")
+    assert det.counters.snapshot()["backbone_passes"] == 1 and det.hits >= 2
+
+
+def test_thresholds_below_the_floor_are_refused(tmp_path):
+    from miner_svc.detection_cache import CachedDetector
+    from miner_svc.detectors import create_detector
+
+    det = CachedDetector(create_detector("sam3-tiny-random", tmp_path), tmp_path / "c", floor=0.3)
+    with pytest.raises(InvalidArgument, match="below the cache floor"):
+        det.text(det.set_image(decode_image(png_bytes(scene(64, 64)))), "x", 0.1)
