@@ -139,7 +139,7 @@ def cmd_recipes_apply(a) -> int:
     fmt = {"polygon": miner_pb2.ApplyRecipeRequest.POLYGON, "rle": miner_pb2.ApplyRecipeRequest.RLE,
            "none": miner_pb2.ApplyRecipeRequest.NONE}[a.masks]
     with MinerClient(a.miner, token=a.token) as c:
-        r = c.apply(a.recipe_id, a.image, fmt)
+        r = c.apply(a.recipe_id, a.image, fmt, a.detector)
     if a.json:
         print_json(to_jsonable(r))
         return 0
@@ -214,6 +214,7 @@ def add_commands(sub, add) -> None:
     ap.add_argument("recipe_id")
     ap.add_argument("--image", action="append", required=True)
     ap.add_argument("--masks", choices=["polygon", "rle", "none"], default="polygon")
+    ap.add_argument("--detector", default="", help="refuse unless the recipe was mined with this detector")
 
     neg = sub.add_parser("negatives", help="hard negatives from mining").add_subparsers(dest="neg_cmd", required=True)
     ne = add(neg, "export", cmd_negatives_export, "write a mining job's hard negatives as a small YOLO dataset")

