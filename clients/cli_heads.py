@@ -103,6 +103,11 @@ def cmd_train(a) -> int:
         return c.start_training(spec)
 
     with HeadClient(a.head, token=a.token) as c:
+        for neg in a.negatives or []:
+            # Negatives are small and usually written client-side: always sent as an upload.
+            up = c.upload_dataset(zip_folder(Path(neg)), Path(neg).name)
+            spec.negatives.add(name=up.name)
+            print(f"note: negatives {neg} uploaded as {up.name} ({up.image_count} images)", file=sys.stderr)
         out = run_job(a, c, start_with_dataset(a, c, start), head_pb2.TrainingResult)
     if isinstance(out, int):
         return out
@@ -294,6 +299,8 @@ def add_commands(sub, add) -> None:
     tr.add_argument("--bg-classes", type=int, default=None, help="number of __bg_* classes (default 2, 0 = none)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--holdout", type=float, default=0.25, help="share of images held out (default 0.25)")
+    tr.add_argument("--negatives", action="append", metavar="DIR",
+                    help="hard negatives (from `minehead negatives export`) used as background; repeatable")
     adv = tr.add_argument_group("advanced (soft targets, MLP)")
     adv.add_argument("--label-smoothing", type=float, default=0.0, help="epsilon, 0 = off (0.05-0.15 typical)")
     adv.add_argument("--teacher-temperature", type=float, default=0.0, help="> 0: soft targets from a logreg teacher")

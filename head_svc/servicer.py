@@ -131,12 +131,16 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
         frac = spec.holdout_fraction or 0.25
         if not 0 < frac < 1:
             raise InvalidArgument(f"holdout_fraction must be in (0, 1), got {frac}")
+        negatives = [load_dataset(self._dataset_path(ref)[0]) for ref in spec.negatives]
+        if negatives and bg == 0:
+            raise InvalidArgument("negatives feed the __bg_* classes: they need background_classes > 0")
 
         def job(ctx: JobContext):
             ctx.phase("reading")
             ctx.log(f"dataset {label}: {len(ds.images)} images, {ds.label_count} labels, classes {', '.join(ds.classes)}")
             p = training.prepare(ds, ctx, self.embeds, model=spec.model, classes=list(spec.classes),
-                                 background_classes=bg, holdout_fraction=frac, seed=spec.seed, policy=policy)
+                                 background_classes=bg, holdout_fraction=frac, seed=spec.seed, policy=policy,
+                                 negatives=negatives)
             ctx.phase("training")
             head, report = training.fit_variant(p, variant, ctx)
             ctx.phase("exporting")

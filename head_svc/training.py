@@ -96,7 +96,8 @@ class Prepared:
 
 
 def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: str, classes: list[str],
-            background_classes: int, holdout_fraction: float, seed: int, policy: CropPolicy) -> Prepared:
+            background_classes: int, holdout_fraction: float, seed: int, policy: CropPolicy,
+            negatives: list[Dataset] = ()) -> Prepared:
     rng = np.random.default_rng(seed)
     notes: list[str] = []
     if ds.dropped:
@@ -153,6 +154,18 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
         if len(Xb) > cap:  # about 2/3 of the positives, so background never dominates
             pick = np.sort(rng.choice(len(Xb), cap, replace=False))
             Xb, gb = Xb[pick], gb[pick]
+        if negatives:
+            # Hard negatives: whole images, each a background example the head got wrong before.
+            # They join training only (group -1 is never held out) and are not capped.
+            neg = []
+            for nds in negatives:
+                for rec in nds.images:
+                    ctx.check_cancelled()
+                    neg.append(embeds.embed(rec.path.read_bytes(), np.array([[0, 0, rec.width, rec.height]], float), policy, m))
+            if neg:
+                Xb = np.concatenate([Xb, *neg])
+                gb = np.concatenate([gb, np.full(len(neg), -1)])
+                ctx.log(f"{len(neg)} hard-negative images added as background")
         k = min(background_classes, len(Xb))
         if k < background_classes:
             notes.append(f"only {len(Xb)} background crops: {k} background classes instead of {background_classes}")
@@ -175,13 +188,13 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
     else:
         img_classes = [set() for _ in ds.images]
         for yi, gi in zip(y, group):
-            if yi < len(wanted):
+            if yi < len(wanted) and gi >= 0:
                 img_classes[gi].add(int(yi))
         _, hold_idx, split_notes = sampling.group_split(img_classes, holdout_fraction, rng, classes)
         notes += split_notes
         hold_img = np.zeros(len(ds.images), bool)
         hold_img[hold_idx] = True
-    hold = hold_img[group]
+    hold = np.where(group >= 0, hold_img[np.maximum(group, 0)], False)
     for n in notes:
         ctx.warn(n)
     ctx.log(f"split by image: {int((~hold_img).sum())} training images ({int((~hold).sum())} crops), "
@@ -211,6 +224,7 @@ def fit_variant(p: Prepared, v: Variant, ctx: JobContext) -> tuple[object, dict]
         # untouched until calibration and the final metrics.
         rng = np.random.default_rng(p.seed + 1)
         imgs = np.unique(p.group[p.train])
+        imgs = imgs[imgs >= 0]  # hard negatives (group -1) stay in the fitting part
         val_imgs = rng.choice(imgs, max(1, int(0.15 * len(imgs))), replace=False) if len(imgs) >= 4 else np.array([], int)
         is_val = np.isin(p.group[p.train], val_imgs)
         fit_t = targets[~is_val] if targets is not None else None

@@ -444,3 +444,48 @@ def test_apply_refuses_a_recipe_mined_with_another_detector(env, auto_mined):
             images=[common_pb2.ImageRef(data=env["ds"].images[0].path.read_bytes())]))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "minisam-auto" in e.value.details() and "sam3-tiny-random" in e.value.details()
+
+
+def test_hard_negative_replay_lowers_false_positives(env, auto_mined):
+    """Mine -> export the false positives -> retrain the head with them as background -> mine
+    again: fewer false positives, the objects still found."""
+    from miner_svc.geometry import iou_matrix
+    from minehead.core.safezip import safe_members, write_members
+
+    ds = env["ds"]
+
+    def fps_tps(recipe_id):
+        images = [common_pb2.ImageRef(data=rec.path.read_bytes()) for rec in ds.images]
+        out = env["stub"].ApplyRecipe(miner_pb2.ApplyRecipeRequest(recipe=recipe_id, images=images,
+                                                                   mask_format=miner_pb2.ApplyRecipeRequest.NONE))
+        fp = tp = 0
+        for rec, im in zip(ds.images, out.images):
+            boxes = np.array([[d.box.x1, d.box.y1, d.box.x2, d.box.y2] for d in im.detections]).reshape(-1, 4)
+            gt = rec.boxes[rec.class_ids == ds.classes.index("green_triangle")]
+            hit = iou_matrix(boxes, gt).max(1, initial=0) >= 0.5 if len(gt) else np.zeros(len(boxes), bool)
+            fp, tp = fp + int((~hit).sum()), tp + int(hit.sum())
+        return fp, tp
+
+    first, _, done = mine(env, classes=["green_triangle"], detector="minisam-auto", clip_head_auto_tune=False,
+                          hard_negative_min_bg_prob=0.0)
+    before = fps_tps(first.recipes[0].recipe_id)
+    data = b"".join(c.data for c in env["stub"].ExportNegatives(miner_pb2.ExportNegativesRequest(job=done.name)))
+    neg_dir = env["tmp"] / "negatives-1"
+    write_members(safe_members(data, max_member_bytes=1 << 26, max_total_bytes=1 << 28), neg_dir)
+    assert len(list((neg_dir / "images").glob("*.jpg"))) > 0
+    hc = env["head_client"]
+    job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(env["dataset"])), seed=1,
+                                                  negatives=[head_pb2.DatasetRef(path=str(neg_dir))]))
+    events = list(hc.jobs.watch(job.name))
+    assert hc.jobs.get(job.name).state == common_pb2.Job.SUCCEEDED, hc.jobs.get(job.name).error
+    assert any("hard-negative images added" in e.log.message for e in events if e.WhichOneof("payload") == "log")
+    r = head_pb2.TrainingResult()
+    hc.jobs.get(job.name).result.Unpack(r)
+    spec = miner_pb2.MiningSpec(dataset=str(env["dataset"]), head=r.head.head_id, seed=1, classes=["green_triangle"],
+                                detector="minisam-auto")
+    j2 = env["stub"].StartMining(miner_pb2.StartMiningRequest(spec=spec))
+    list(env["jobs"].watch(j2.name))
+    second = miner_pb2.MiningResult()
+    env["jobs"].get(j2.name).result.Unpack(second)
+    after = fps_tps(second.recipes[0].recipe_id)
+    assert after[0] < before[0] and after[1] >= 0.8 * before[1], (before, after)
