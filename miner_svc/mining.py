@@ -180,13 +180,14 @@ class Miner:
                     base, chosen = sc, trial
             self.timings[f"expand:{name}"] = time.perf_counter() - t0
         # Final: the executor on both parts.
-        tune_c, _ = self.counts(tune, self.run(tune, chosen, gate, target), class_id) if chosen else (selection.Counts(), None)
+        tune_results = self.run(tune, chosen, gate, target) if chosen else []
+        tune_c, _ = self.counts(tune, tune_results, class_id) if chosen else (selection.Counts(), None)
         rep_results = self.run(report, chosen, gate, target) if chosen else []
         rep_c, rep_stats = self.counts(report, rep_results, class_id) if chosen else (selection.Counts(gt=sum(
             int((it.gt_classes == class_id).sum()) for it in report)), StepStats())
         all_stats = [StepStats() for _ in chosen]
         step_logs = []
-        for items, results in ((tune, self.run(tune, chosen, gate, target) if chosen else []), (report, rep_results)):
+        for items, results in ((tune, tune_results), (report, rep_results)):
             for it, r in zip(items, results):
                 for i, st in enumerate(r.stats):
                     all_stats[i].add(st)
