@@ -139,14 +139,16 @@ def cmd_recipes_apply(a) -> int:
     fmt = {"polygon": miner_pb2.ApplyRecipeRequest.POLYGON, "rle": miner_pb2.ApplyRecipeRequest.RLE,
            "none": miner_pb2.ApplyRecipeRequest.NONE}[a.masks]
     with MinerClient(a.miner, token=a.token) as c:
-        r = c.apply(a.recipe_id, a.image, fmt, a.detector)
+        if not a.image and not a.dataset:
+            raise SystemExit("recipes apply: give --image PATH (repeatable) or --dataset DIR")
+        r = c.apply(a.recipe_id, a.image or [], fmt, a.detector, str(Path(a.dataset).resolve()) if a.dataset else "")
     if a.json:
         print_json(to_jsonable(r))
         return 0
     for w in r.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    for path, im in zip(a.image, r.images):
-        print(f"{path}: {len(im.detections)} detection(s)")
+    for im in r.images:
+        print(f"{im.label}: {len(im.detections)} detection(s)")
         print_table(["class", "box (x1,y1,x2,y2)", "score", "head p", "step"],
                     [(d.class_name, f"{d.box.x1:.0f},{d.box.y1:.0f},{d.box.x2:.0f},{d.box.y2:.0f}", d.score, d.head_prob,
                       d.step_index) for d in im.detections])
@@ -212,7 +214,8 @@ def add_commands(sub, add) -> None:
     im.add_argument("file")
     ap = add(rec, "apply", cmd_recipes_apply, "run a recipe on images")
     ap.add_argument("recipe_id")
-    ap.add_argument("--image", action="append", required=True)
+    ap.add_argument("--image", action="append", help="an image file (repeatable)")
+    ap.add_argument("--dataset", default="", help="or every image of a dataset folder on the miner's side")
     ap.add_argument("--masks", choices=["polygon", "rle", "none"], default="polygon")
     ap.add_argument("--detector", default="", help="refuse unless the recipe was mined with this detector")
 

@@ -40,10 +40,10 @@ class MinerClient(ServiceClient):
     def delete_recipe(self, name: str) -> None:
         self.stub.DeleteRecipe(miner_pb2.DeleteRecipeRequest(name=name), timeout=self.timeout)
 
-    def apply(self, name: str, images, mask_format: int = miner_pb2.ApplyRecipeRequest.POLYGON,
-              detector: str = "") -> miner_pb2.ApplyRecipeResponse:
+    def apply(self, name: str, images=(), mask_format: int = miner_pb2.ApplyRecipeRequest.POLYGON,
+              detector: str = "", dataset: str = "") -> miner_pb2.ApplyRecipeResponse:
         req = miner_pb2.ApplyRecipeRequest(recipe=name, images=[image_ref(i) for i in images], mask_format=mask_format,
-                                           detector=detector)
+                                           detector=detector, dataset=dataset)
         return self.stub.ApplyRecipe(req, timeout=self.timeout)
 
     def export_negatives(self, job: str) -> bytes:

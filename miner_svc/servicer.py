@@ -262,8 +262,12 @@ class MinerServicer(miner_pb2_grpc.MinerServicer):
             recipe, head = self.store.get(request.recipe), self.store.head(request.recipe)
         else:
             raise InvalidArgument("give a stored recipe name or an inline recipe bundle")
-        if not request.images:
-            raise InvalidArgument("no images given")
+        refs = list(request.images)
+        if request.dataset:
+            ds = load_dataset(resolve_allowed(request.dataset, self.allowed_roots))
+            refs += [common_pb2.ImageRef(path=str(r.path), label=r.path.name) for r in ds.images]
+        if not refs:
+            raise InvalidArgument("no images given (images or dataset)")
         mined_with = recipe.detector.model_id or self.default_detector
         if request.detector and request.detector != mined_with:
             raise FailedPrecondition(f"recipe {recipe.recipe_id} was mined with detector {mined_with!r}; it cannot run on "
@@ -276,7 +280,7 @@ class MinerServicer(miner_pb2_grpc.MinerServicer):
         out = miner_pb2.ApplyRecipeResponse()
         if recipe.detector.meaningless:
             out.warnings.append(f"detector {recipe.detector.model_id} has random weights: these detections are meaningless")
-        for i, ref in enumerate(request.images):
+        for i, ref in enumerate(refs):
             data = image_bytes(ref, self.allowed_roots)
             image = decode_image(data, ref.label or f"#{i}")
             r = run_recipe(det, det.set_image(image), data, steps_of(recipe), gate_of(recipe), target, scorer,

@@ -489,3 +489,36 @@ def test_hard_negative_replay_lowers_false_positives(env, auto_mined):
     env["jobs"].get(j2.name).result.Unpack(second)
     after = fps_tps(second.recipes[0].recipe_id)
     assert after[0] < before[0] and after[1] >= 0.8 * before[1], (before, after)
+
+
+def test_head_without_background_classes_turns_background_features_off(env):
+    hc = env["head_client"]
+    job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(env["dataset"])), seed=1,
+                                                  background_classes=0))
+    list(hc.jobs.watch(job.name))
+    r = head_pb2.TrainingResult()
+    hc.jobs.get(job.name).result.Unpack(r)
+    spec = miner_pb2.MiningSpec(dataset=str(env["dataset"]), head=r.head.head_id, seed=1, classes=["blue_circle"],
+                                clip_head_background_guard=True, clip_head_background_apply=recipes_pb2.BOTH)
+    job = env["stub"].StartMining(miner_pb2.StartMiningRequest(spec=spec))
+    events = list(env["jobs"].watch(job.name))
+    res = miner_pb2.MiningResult()
+    env["jobs"].get(job.name).result.Unpack(res)
+    assert any("no __bg_* classes" in w for w in dict(res.summary)["warnings"])
+    assert any("no __bg_* classes" in e.log.message for e in events if e.WhichOneof("payload") == "log")
+    rec = res.recipes[0]
+    assert rec.gate.clip_head_background_guard is False and rec.summary.bg_veto_rate_seed == 0
+
+
+def test_apply_recipe_on_a_dataset_and_on_bad_images(env, mined):
+    r = mined[0].recipes[0]
+    out = env["stub"].ApplyRecipe(miner_pb2.ApplyRecipeRequest(recipe=r.recipe_id, dataset=str(env["dataset"]),
+                                                               mask_format=miner_pb2.ApplyRecipeRequest.NONE))
+    assert len(out.images) == N_IMAGES and out.images[0].label == "img_0000.jpg"
+    for data, words in ((b"not an image", "not a recognised image"), (b"", "empty")):
+        with pytest.raises(grpc.RpcError) as e:
+            env["stub"].ApplyRecipe(miner_pb2.ApplyRecipeRequest(recipe=r.recipe_id, images=[common_pb2.ImageRef(data=data)]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        env["stub"].ApplyRecipe(miner_pb2.ApplyRecipeRequest(recipe="recipes/nope", images=[common_pb2.ImageRef(data=b"x")]))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND

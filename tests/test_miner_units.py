@@ -101,3 +101,40 @@ def test_thresholds_below_the_floor_are_refused(tmp_path):
     det = CachedDetector(create_detector("sam3-tiny-random", tmp_path), tmp_path / "c", floor=0.3)
     with pytest.raises(InvalidArgument, match="below the cache floor"):
         det.text(det.set_image(decode_image(png_bytes(scene(64, 64)))), "x", 0.1)
+
+
+class _FakeDetector:
+    """FAKE: two fixed seeds, no expansion; stands in for SAM3 to test the executor's logic."""
+
+    def text(self, state, prompt, threshold=None, masks=False):
+        from miner_svc.detectors.base import Detections
+
+        return Detections(np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32), np.array([0.9, 0.8], np.float32))
+
+
+class _FakeHead:
+    """FAKE head scorer: every crop looks like background (p = [target 0.3, __bg_0 0.7])."""
+
+    class bundle:  # noqa: N801 - mimics HeadBundle's attributes
+        classes = ["thing", "__bg_0"]
+        background_indices = [1]
+
+    def embed(self, image_bytes, boxes):
+        return np.ones((len(boxes), 4), np.float32)
+
+    def probs(self, vectors):
+        return np.tile(np.array([[0.3, 0.7]], np.float32), (len(vectors), 1))
+
+
+@pytest.mark.parametrize("apply,expect_out,expect_reason", [("both", 0, "final background veto"), ("seed", 2, "no final guard")])
+def test_all_seeds_vetoed_retries_without_guard_but_keeps_the_final_gate(apply, expect_out, expect_reason):
+    from miner_svc.executor import Gate, Step, run_step
+
+    warnings = []
+    gate = Gate(min_prob=0.2, background_guard=True, background_margin=0.0, apply=apply)
+    cand, probs, st = run_step(_FakeDetector(), None, b"", Step("thing", 0.5), gate, 0, _FakeHead(), warnings)
+    assert st.seeds_checked == 2 and st.seeds_vetoed == 2 and st.retried_without_guard == 1
+    assert warnings and "vetoed all 2 seeds" in warnings[0] and "final gate still applies" in warnings[0]
+    assert len(cand) == expect_out, expect_reason
+    if apply == "both":
+        assert st.final_vetoed == 2  # the retry never lets unfiltered detections out
