@@ -488,6 +488,7 @@ def test_hard_negative_replay_lowers_false_positives(env, auto_mined):
     second = miner_pb2.MiningResult()
     env["jobs"].get(j2.name).result.Unpack(second)
     after = fps_tps(second.recipes[0].recipe_id)
+    print(f"hard-negative replay (false positives, true positives): {before} -> {after}")
     assert after[0] < before[0] and after[1] >= 0.8 * before[1], (before, after)
 
 
