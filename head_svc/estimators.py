@@ -141,10 +141,12 @@ class MLPHead(_Standardised):
         self.seed = seed
 
     def fit(self, X: np.ndarray, y: np.ndarray, n_classes: int, targets: np.ndarray | None = None,
-            X_val: np.ndarray | None = None, y_val: np.ndarray | None = None, on_epoch=None) -> "MLPHead":
+            X_val: np.ndarray | None = None, y_val: np.ndarray | None = None, on_epoch=None,
+            X_monitor: np.ndarray | None = None, y_monitor: np.ndarray | None = None) -> "MLPHead":
         """Early stopping on the validation loss (X_val, y_val: a group-split slice of the
-        training images; never the held-out split). `on_epoch(epoch, train_loss, val_loss)` may
-        raise to stop (cancellation)."""
+        training images; never the held-out split). X_monitor / y_monitor (the held-out split)
+        are only measured for progress reports and never steer training.
+        `on_epoch(epoch, train_loss, val_loss, monitor_loss)` may raise to stop (cancellation)."""
         import torch
 
         torch.manual_seed(self.seed)
@@ -163,6 +165,8 @@ class MLPHead(_Standardised):
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         Zv = torch.tensor(self._transform(X_val), dtype=torch.float32) if X_val is not None and len(X_val) else None
         yv = torch.tensor(np.asarray(y_val, np.int64)) if Zv is not None else None
+        Zm = torch.tensor(self._transform(X_monitor), dtype=torch.float32) if X_monitor is not None and len(X_monitor) else None
+        ym = torch.tensor(np.asarray(y_monitor, np.int64)) if Zm is not None else None
 
         def loss_fn(logits, tgt, labels):
             per = -(tgt * torch.log_softmax(logits, 1)).sum(1)
@@ -190,9 +194,10 @@ class MLPHead(_Standardised):
             net.eval()
             with torch.no_grad():
                 val_loss = float(torch.nn.functional.cross_entropy(net(Zv), yv)) if Zv is not None else train_loss
-            self.history_.append((epoch, train_loss, val_loss))
+                mon_loss = float(torch.nn.functional.cross_entropy(net(Zm), ym)) if Zm is not None else float("nan")
+            self.history_.append((epoch, train_loss, val_loss, mon_loss))
             if on_epoch:
-                on_epoch(epoch, train_loss, val_loss)
+                on_epoch(epoch, train_loss, val_loss, mon_loss)
             if val_loss < best - 1e-4:
                 best, stale = val_loss, 0
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}

@@ -229,14 +229,17 @@ def fit_variant(p: Prepared, v: Variant, ctx: JobContext) -> tuple[object, dict]
         is_val = np.isin(p.group[p.train], val_imgs)
         fit_t = targets[~is_val] if targets is not None else None
 
-        def on_epoch(epoch, train_loss, val_loss):
+        def on_epoch(epoch, train_loss, val_loss, held_out_loss):
             ctx.check_cancelled()
-            ctx.metrics({"variant": v.label, "epoch": epoch + 1, "train_loss": round(train_loss, 5),
-                         "val_loss": round(val_loss, 5)})
+            m = {"variant": v.label, "epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5)}
+            if np.isfinite(held_out_loss):
+                m["held_out_loss"] = round(held_out_loss, 5)
+            ctx.metrics(m)
 
         head = MLPHead(hidden_sizes=v.hidden_sizes, dropout=v.dropout, weight_decay=v.weight_decay,
                        max_epochs=v.max_epochs, margin_loss=v.margin_loss, seed=p.seed).fit(
-            Xt[~is_val], yt[~is_val], C, targets=fit_t, X_val=Xt[is_val], y_val=yt[is_val], on_epoch=on_epoch)
+            Xt[~is_val], yt[~is_val], C, targets=fit_t, X_val=Xt[is_val], y_val=yt[is_val], on_epoch=on_epoch,
+            X_monitor=Xh, y_monitor=yh)
         ctx.log(f"[{v.label}] {head.epochs_run_} epochs (early stopping on {int(is_val.sum())} crops of training images)")
     head.temperature_ = fit_temperature(head.logits(Xh), yh) if len(yh) else 1.0
     report = classification_report(yh, head.predict_proba(Xh).argmax(1), p.classes) if len(yh) else {}
@@ -286,7 +289,9 @@ def build_bundle(p: Prepared, v: Variant, head, report: dict, display_name: str,
     meta["head_id"] = content_id(onnx_bytes, meta)
     full_report = {"held_out": report, "dropped_lines": p.dataset.dropped, "notes": p.notes,
                    "class_counts": {c: int((p.y == i).sum()) for i, c in enumerate(p.classes)},
-                   "history": [list(h) for h in getattr(head, "history_", [])]}
+                   # epoch, train loss, early-stopping loss, held-out loss (null when there is none)
+                   "history": [[x if not isinstance(x, float) or np.isfinite(x) else None for x in h]
+                               for h in getattr(head, "history_", [])]}
     import json
 
     return HeadBundle.from_files({"head.onnx": onnx_bytes, "meta.json": meta_json(meta),

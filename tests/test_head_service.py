@@ -117,7 +117,7 @@ def test_mlp_with_soft_targets(head_env):
     assert meta["soft_targets"] == {"label_smoothing": pytest.approx(0.1), "teacher_temperature": 2.0, "margin_loss": pytest.approx(0.2)}
     assert meta["parity_max_abs_err"] <= 1e-5
     epochs = [e.metrics for e in events if e.WhichOneof("payload") == "metrics" and "epoch" in e.metrics]
-    assert epochs and "train_loss" in epochs[0] and "val_loss" in epochs[0]
+    assert epochs and "train_loss" in epochs[0] and "val_loss" in epochs[0] and "held_out_loss" in epochs[0]
     assert r.report["held_out"]["accuracy"] >= 0.5
 
 
