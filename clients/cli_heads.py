@@ -10,9 +10,9 @@ from minehead.common.v1 import common_pb2
 from minehead.head.v1 import head_pb2
 
 from clients.heads import HeadClient
+from clients.jobs import FINAL
 from clients.output import print_json, print_table, to_jsonable
 
-FINAL = {common_pb2.Job.SUCCEEDED, common_pb2.Job.FAILED, common_pb2.Job.CANCELLED, common_pb2.Job.INTERRUPTED}
 
 
 def follow(client, job: common_pb2.Job, quiet: bool) -> common_pb2.Job:

@@ -8,10 +8,12 @@ from typing import Iterator
 import grpc
 
 from minehead.common.v1 import common_pb2, common_pb2_grpc
+from minehead.core.jobs import FINAL_STATES as FINAL
 
 from clients.channel import connect
 
-FINAL = {common_pb2.Job.SUCCEEDED, common_pb2.Job.FAILED, common_pb2.Job.CANCELLED, common_pb2.Job.INTERRUPTED}
+__all__ = ["FINAL", "JobsClient"]
+
 
 
 class JobsClient:

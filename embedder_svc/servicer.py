@@ -8,7 +8,7 @@ from minehead.common.v1 import common_pb2
 from minehead.core import embeddings as emb_codec
 from minehead.core.errors import InvalidArgument
 from minehead.core.images import DecodedImage, decode_image
-from minehead.core.paths import resolve_allowed
+from minehead.core.paths import image_ref_bytes
 from minehead.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
 from embedder_svc.crops import CropPolicy, boxes_from_proto
@@ -22,14 +22,8 @@ _MODALITY = {"image": embedder_pb2.IMAGE, "text": embedder_pb2.TEXT}
 
 def read_image(ref: common_pb2.ImageRef, allowed_roots: list[Path], index: int | None = None) -> DecodedImage:
     """ImageRef (bytes, or a path under the allowed roots) -> decoded image."""
-    which = ref.WhichOneof("source")
-    label = ref.label or (f"#{index}" if index is not None else "")
-    if which == "data":
-        return decode_image(ref.data, label)
-    if which == "path":
-        p = resolve_allowed(ref.path, allowed_roots)
-        return decode_image(p.read_bytes(), label or p.name)
-    raise InvalidArgument(f"image {label or ''} has neither data nor path".replace("  ", " "))
+    data, label = image_ref_bytes(ref, allowed_roots)
+    return decode_image(data, label or (f"#{index}" if index is not None else ""))
 
 
 def model_ref(info: ModelInfo) -> common_pb2.ModelRef:

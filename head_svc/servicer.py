@@ -13,7 +13,7 @@ from google.protobuf import timestamp_pb2
 from minehead.core import embeddings as codec
 from minehead.core.errors import InvalidArgument, NotFound
 from minehead.core.jobs import JobContext, JobRunner, struct_from_dict
-from minehead.core.paths import resolve_allowed
+from minehead.core.paths import image_ref_bytes, resolve_allowed
 from minehead.core.safezip import safe_members, write_members
 from minehead.head.v1 import head_pb2, head_pb2_grpc
 
@@ -106,11 +106,7 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
                 write_members(members, tmp)
                 root = _single_root(tmp)
                 load_dataset(root)  # refuse what is not a dataset before it becomes visible
-                if root != tmp:
-                    root.rename(tmp.with_name(tmp.name + "-root"))
-                    shutil.rmtree(tmp)
-                    tmp = tmp.with_name(tmp.name + "-root")
-                tmp.rename(target)
+                root.rename(target)  # the dataset folder itself, whether it is tmp or one level down
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         ds = load_dataset(target)
@@ -222,7 +218,7 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
             if not ib.boxes:
                 raise InvalidArgument("no boxes given")
             # The head's own embedder model and crop policy: scoring sees what training saw.
-            X = self.embeds.client.embed_crops(image_bytes(ib.image, self.allowed_roots), boxes_from_proto(ib.boxes),
+            X = self.embeds.client.embed_crops(image_ref_bytes(ib.image, self.allowed_roots)[0], boxes_from_proto(ib.boxes),
                                                b.embedder_model, b.crop_policy.to_proto())
         else:
             raise InvalidArgument("give embeddings or image_boxes to score")
@@ -244,12 +240,6 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
 
     def close(self) -> None:
         self.embeds.close()
-
-
-def image_bytes(ref, allowed_roots) -> bytes:
-    if ref.WhichOneof("source") == "data":
-        return ref.data
-    return resolve_allowed(ref.path, allowed_roots).read_bytes()
 
 
 def _single_root(folder: Path) -> Path:

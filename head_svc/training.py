@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import json
 
 import numpy as np
 
@@ -292,7 +293,5 @@ def build_bundle(p: Prepared, v: Variant, head, report: dict, display_name: str,
                    # epoch, train loss, early-stopping loss, held-out loss (null when there is none)
                    "history": [[x if not isinstance(x, float) or np.isfinite(x) else None for x in h]
                                for h in getattr(head, "history_", [])]}
-    import json
-
     return HeadBundle.from_files({"head.onnx": onnx_bytes, "meta.json": meta_json(meta),
                                   "report.json": json.dumps(full_report, sort_keys=True).encode()})

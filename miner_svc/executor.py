@@ -24,7 +24,7 @@ import numpy as np
 
 from head_svc.keep_rule import KEEP, REJECT_BACKGROUND, Thresholds, apply_keep_rule
 from miner_svc.detection_cache import CachedDetector
-from miner_svc.detectors.base import ImageState
+from miner_svc.detectors.base import Detections, ImageState
 from miner_svc.geometry import nms
 
 APPLY_VALUES = ("seed", "final", "both")
@@ -165,8 +165,6 @@ def run_step(det: CachedDetector, state: ImageState, image_bytes: bytes, step: S
         st.decoder_expansions = 1
         if len(exp):
             ev = head.embed(image_bytes, exp.boxes)
-            from miner_svc.detectors.base import Detections
-
             masks = None if seeds.masks is None or exp.masks is None else np.concatenate([seeds.masks, exp.masks])
             cand = Detections(np.concatenate([seeds.boxes, exp.boxes]), np.concatenate([seeds.scores, exp.scores]), masks)
             probs = np.concatenate([probs, head.probs(ev)])

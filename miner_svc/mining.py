@@ -32,7 +32,6 @@ from miner_svc.detection_cache import CachedDetector
 from miner_svc.executor import Gate, HeadScorer, ImageResult, Step, StepStats, run_recipe
 from miner_svc.recipes import APPLY_PROTO, step_proto
 
-PRESETS = {"off": (False, 0.0), "low": (True, 0.0), "balanced": (True, 0.1), "strict": (True, 0.25)}
 
 
 @dataclasses.dataclass
@@ -123,14 +122,15 @@ class Miner:
             live.append(p)
         live = live or prompts[:1]
         # Greedy set cover over (prompt, threshold) steps on the tune images.
+        grids = {p: selection.threshold_grid(np.concatenate([self.det.text(it.state, p).scores for it in tune]
+                                                            or [np.zeros(0)]), s.floor) for p in live}
         chosen: list[Step] = []
         best_score, best_counts = -np.inf, None
         for round_ in range(s.max_steps):
             ctx.check_cancelled()
             cand_best = None
             for p in live:
-                scores = np.concatenate([self.det.text(it.state, p).scores for it in tune] or [np.zeros(0)])
-                for t in selection.threshold_grid(scores, s.floor):
+                for t in grids[p]:
                     steps = chosen + [Step(p, t)]
                     sc, c = self.score(tune, steps, base_gate, target, class_id, looseness=1 - t)
                     if cand_best is None or sc > cand_best[0]:

@@ -28,7 +28,7 @@ from head_svc.bundle import MAX_ONNX_BYTES, HeadBundle
 from miner_svc.executor import Gate, Step
 
 SCHEMA_VERSION = 2
-_APPLY = {recipes_pb2.BACKGROUND_APPLY_UNSPECIFIED: "final", recipes_pb2.SEED: "seed", recipes_pb2.FINAL: "final",
+APPLY_NAMES = {recipes_pb2.BACKGROUND_APPLY_UNSPECIFIED: "final", recipes_pb2.SEED: "seed", recipes_pb2.FINAL: "final",
           recipes_pb2.BOTH: "both"}
 APPLY_PROTO = {"seed": recipes_pb2.SEED, "final": recipes_pb2.FINAL, "both": recipes_pb2.BOTH}
 BUNDLE_MEMBERS = {"recipe.json", "manifest.json", "head/head.onnx", "head/meta.json", "head/report.json"}
@@ -44,7 +44,7 @@ def gate_of(r: recipes_pb2.Recipe, prompt_filter: bool = True) -> Gate:
     g = r.gate
     bgm = g.background_margin if g.HasField("background_margin") else g.clip_head_background_margin
     return Gate(min_prob=g.min_prob, margin=g.margin, background_guard=g.clip_head_background_guard,
-                background_margin=bgm, apply=_APPLY[g.clip_head_background_apply], prompt_filter=prompt_filter)
+                background_margin=bgm, apply=APPLY_NAMES[g.clip_head_background_apply], prompt_filter=prompt_filter)
 
 
 def step_proto(s: Step) -> recipes_pb2.Step:

@@ -14,23 +14,21 @@ from minehead.common.v1 import common_pb2
 from minehead.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from minehead.core.images import decode_image
 from minehead.core.jobs import JobContext, JobRunner, job_id_from_name, struct_from_dict
-from minehead.core.paths import resolve_allowed
+from minehead.core.paths import image_ref_bytes, resolve_allowed
 from minehead.core.safezip import make_zip
 from minehead.miner.v1 import miner_pb2, miner_pb2_grpc
 
 from head_svc.bundle import HeadBundle
 from head_svc.datasets import load_dataset
 from head_svc.embedding import CropEmbeddingCache
-from head_svc.servicer import image_bytes
 from miner_svc import masks as mask_codec
 from miner_svc.detection_cache import CachedDetector
 from miner_svc.detectors import create_detector, known_detectors
 from miner_svc.executor import HeadScorer, run_recipe
-from miner_svc.mining import PRESETS, ImageItem, Miner, Settings, check_settings, negative_crops, split_images
-from miner_svc.recipes import RecipeStore, gate_of, read_bundle, steps_of
+from miner_svc.mining import ImageItem, Miner, Settings, check_settings, negative_crops, split_images
+from miner_svc.recipes import APPLY_NAMES, RecipeStore, gate_of, read_bundle, steps_of
 
 CHUNK = 1 << 20
-_APPLY_NAMES = {0: "final", 1: "seed", 2: "final", 3: "both"}
 
 
 class MinerServicer(miner_pb2_grpc.MinerServicer):
@@ -83,7 +81,7 @@ class MinerServicer(miner_pb2_grpc.MinerServicer):
             target_precision=spec.target_precision or 0.75, floor=spec.floor_threshold or 0.05,
             max_steps=spec.max_steps or 3, report_fraction=spec.report_fraction or 0.3, seed=spec.seed,
             guard=spec.clip_head_background_guard, background_margin=spec.clip_head_background_margin,
-            apply=_APPLY_NAMES[spec.clip_head_background_apply], penalty=spec.clip_head_background_penalty,
+            apply=APPLY_NAMES[spec.clip_head_background_apply], penalty=spec.clip_head_background_penalty,
             auto_tune=spec.clip_head_auto_tune,
             prompt_filter=spec.prompt_filter if spec.HasField("prompt_filter") else True,
             prompt_filter_max_veto=spec.prompt_filter_max_veto if spec.HasField("prompt_filter_max_veto") else 0.8,
@@ -281,8 +279,8 @@ class MinerServicer(miner_pb2_grpc.MinerServicer):
         if recipe.detector.meaningless:
             out.warnings.append(f"detector {recipe.detector.model_id} has random weights: these detections are meaningless")
         for i, ref in enumerate(refs):
-            data = image_bytes(ref, self.allowed_roots)
-            image = decode_image(data, ref.label or f"#{i}")
+            data, label = image_ref_bytes(ref, self.allowed_roots)
+            image = decode_image(data, label or f"#{i}")
             r = run_recipe(det, det.set_image(image), data, steps_of(recipe), gate_of(recipe), target, scorer,
                            masks=fmt != miner_pb2.ApplyRecipeRequest.NONE)
             im = out.images.add(label=ref.label or f"#{i}", width=image.width, height=image.height)
@@ -344,10 +342,5 @@ def _sha(parts: list[str]) -> str:
 def _rate(a: int, b: int) -> float:
     return round(a / b, 4) if b else 0.0
 
-
-def preset(name: str) -> tuple[bool, float]:
-    if name not in PRESETS:
-        raise InvalidArgument(f"background preset must be one of {', '.join(PRESETS)}")
-    return PRESETS[name]
 
 

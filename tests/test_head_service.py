@@ -129,7 +129,7 @@ def test_score_decisions_and_auto_class(logreg, head_env):
     ds = load_dataset(head_env["dataset"])
     rec = next(x for x in ds.images if "blue_circle" in [ds.classes[i] for i in x.class_ids])
     box = rec.boxes[[ds.classes[i] for i in rec.class_ids].index("blue_circle")]
-    resp = c.score_boxes("shapes", rec.path, [box], include := "")
+    resp = c.score_boxes("shapes", rec.path, [box])
     s = resp.scores[0]
     assert s.top1_class == "blue_circle" and s.decision == head_pb2.CropScore.KEEP and s.target_class == "blue_circle"
     # asking for the wrong class rejects it with a reason
@@ -141,7 +141,6 @@ def test_score_decisions_and_auto_class(logreg, head_env):
     # a huge ambiguity margin flags the crop as unclear rather than silently picking top-1
     amb = c.score_boxes("shapes", rec.path, [box], ambiguity_margin=1.0).scores[0]
     assert amb.ambiguous and amb.ambiguity.startswith("unclear between blue_circle and ")
-    del include
 
 
 def test_score_embeddings_and_bad_requests(logreg, head_env):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from head_svc import sampling
-from head_svc.bundle import HeadBundle, content_id, meta_json
+from head_svc.bundle import HeadBundle, content_id
 from head_svc.estimators import LogRegHead, MLPHead, fit_temperature, smooth_targets
 from head_svc.keep_rule import (KEEP, REJECT_BACKGROUND, REJECT_LOW_PROB, REJECT_MARGIN, Thresholds, apply_keep_rule)
 from head_svc.onnx_export import export_head, parity

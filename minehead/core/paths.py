@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minehead.core.errors import NotFound, PermissionDenied
+from minehead.core.errors import InvalidArgument, NotFound, PermissionDenied
 
 
 def resolve_allowed(path: str, roots: list[Path], *, must_exist: bool = True) -> Path:
@@ -26,3 +26,14 @@ def resolve_allowed(path: str, roots: list[Path], *, must_exist: bool = True) ->
         f"path {path!r} is outside the allowed roots ({', '.join(str(r) for r in roots)}); "
         "start the server with --allowed-roots to add one"
     )
+
+
+def image_ref_bytes(ref, roots: list[Path]) -> tuple[bytes, str]:
+    """A common.v1.ImageRef -> (encoded bytes, label). Paths only under `roots`."""
+    which = ref.WhichOneof("source")
+    if which == "data":
+        return ref.data, ref.label
+    if which == "path":
+        p = resolve_allowed(ref.path, roots)
+        return p.read_bytes(), ref.label or p.name
+    raise InvalidArgument(f"image {ref.label!r} has neither data nor path" if ref.label else "an image has neither data nor path")

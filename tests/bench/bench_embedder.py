@@ -117,7 +117,6 @@ def main(argv=None) -> int:
             for t in ts:
                 t.join()
 
-        before = (lm.vectors.batches_run, lm.vectors.rows_run)
         conc = timed(burst, n * per, a.min_seconds)
         in_proc_1 = next(r["in_process_img_s"] for r in results if r["case"] == "batch 1") if 1 in batches else float("nan")
         results.append({"case": f"{n} clients x batch 1", "in_process_img_s": in_proc_1, "service_img_s": conc,
