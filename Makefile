@@ -43,6 +43,7 @@ run-all: setup
 	$(PY) -m clients.run_all
 
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 demo: setup

@@ -24,26 +24,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from clients.channel import default_address
-from clients.embedder import EmbedderClient
-from clients.health import check_health
-from clients.output import print_json, print_table, to_jsonable
-
-SERVICES = {
-    "embedder": "minehead.embedder.v1.Embedder",
-    "head": "minehead.head.v1.HeadService",
-    "miner": "minehead.miner.v1.Miner",
-}
+from minehead.client.channel import default_address
+from minehead.client.embedder import EmbedderClient
+from minehead.client.health import check_health
+from clients import cli_heads, cli_miner
+from clients.cli_common import SERVICES, parse_box, print_json, print_table, to_jsonable
 
 
-def parse_box(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"box {text!r}: expected X1,Y1,X2,Y2 numbers in pixels") from None
-    if len(vals) != 4:
-        raise argparse.ArgumentTypeError(f"box {text!r}: expected 4 numbers X1,Y1,X2,Y2, got {len(vals)}")
-    return vals
 
 
 def cmd_health(a) -> int:
@@ -74,7 +61,7 @@ def cmd_models_list(a) -> int:
 
 
 def cmd_models_export(a) -> int:
-    from embedder_svc.export import export_vision_tower
+    from minehead.encoders.export import export_vision_tower
 
     models_dir = Path(a.models_dir or os.environ.get("MINEHEAD_MODELS_DIR", "var/models"))
     m = export_vision_tower(a.model_id, a.name, models_dir, opset=a.opset, tolerance=a.tolerance)
@@ -176,8 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     et = add(embed, "text", cmd_embed_text, "embed texts (CLIP models)")
     et.add_argument("texts", nargs="+")
     et.add_argument("--model", default="")
-    from clients import cli_heads, cli_miner
-
     cli_heads.add_commands(sub, add)
     cli_miner.add_commands(sub, add)
     return p

@@ -9,66 +9,15 @@ from pathlib import Path
 from minehead.common.v1 import common_pb2
 from minehead.head.v1 import head_pb2
 
-from clients.heads import HeadClient
-from clients.jobs import FINAL
-from clients.output import print_json, print_table, to_jsonable
+from minehead.client.heads import HeadClient
+from clients.cli_common import follow, parse_box, print_json, print_table, run_job, to_jsonable, zip_folder
 
-
-
-def follow(client, job: common_pb2.Job, quiet: bool) -> common_pb2.Job:
-    """Stream the job's events to stderr (progress bar, log lines) until it ends."""
-    width = 30
-    for ev in client.jobs.watch(job.name):
-        if quiet:
-            continue
-        kind = ev.WhichOneof("payload")
-        if kind == "progress" and ev.progress.total:
-            frac = ev.progress.done / ev.progress.total
-            bar = "#" * int(frac * width) + "." * (width - int(frac * width))
-            print(f"\r  [{bar}] {ev.progress.done}/{ev.progress.total} {ev.progress.unit}", end="", file=sys.stderr, flush=True)
-            if ev.progress.done == ev.progress.total:
-                print(file=sys.stderr)
-        elif kind == "phase":
-            print(f"{ev.phase} …", file=sys.stderr)
-        elif kind == "log":
-            tag = {common_pb2.LogLine.WARNING: "warning: ", common_pb2.LogLine.ERROR: "error: "}.get(ev.log.level, "")
-            print(f"  {tag}{ev.log.message}", file=sys.stderr)
-        elif kind == "metrics" and "epoch" in ev.metrics:
-            m = ev.metrics
-            held = f"  held-out loss {m['held_out_loss']:.4f}" if "held_out_loss" in m else ""
-            print(f"\r  epoch {int(m['epoch']):3d}  train loss {m['train_loss']:.4f}  val loss {m['val_loss']:.4f}{held}",
-                  end="", file=sys.stderr, flush=True)
-        elif kind == "state" and ev.state in FINAL:
-            print(f"\n{common_pb2.Job.State.Name(ev.state).lower()}", file=sys.stderr)
-    return client.jobs.get(job.name)
-
-
-def run_job(a, client, job, result_type):
-    """Without --wait: print the job and return 0. With it: follow the job and return
-    (result, finished job), or 1 if it did not succeed."""
-    if not getattr(a, "wait", False):
-        print_json(to_jsonable(job)) if a.json else print(f"started {job.name}; watch it with `minehead jobs watch {job.name}`")
-        return 0
-    done = follow(client, job, quiet=a.json)
-    if done.state != common_pb2.Job.SUCCEEDED:
-        print(f"error: job {done.name} {common_pb2.Job.State.Name(done.state)}: {done.error}", file=sys.stderr)
-        return 1
-    result = result_type()
-    done.result.Unpack(result)
-    return result, done
 
 
 def _dataset_ref(path: str) -> head_pb2.DatasetRef:
     if path.startswith("datasets/"):
         return head_pb2.DatasetRef(name=path)
     return head_pb2.DatasetRef(path=str(Path(path).resolve()))
-
-
-def zip_folder(folder: Path) -> bytes:
-    from minehead.core.safezip import make_zip
-
-    return make_zip({str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-                     if p.is_file() and not p.name.startswith(".")})
 
 
 def start_with_dataset(a, client, start):
@@ -222,10 +171,10 @@ def cmd_compare(a) -> int:
 
 
 def cmd_synth(a) -> int:
-    from head_svc.synth import make_synthetic_dataset
+    from minehead.synth import make_synthetic_dataset
 
     root = make_synthetic_dataset(a.dir, images=a.images, seed=a.seed, splits=a.splits)
-    from head_svc.datasets import load_dataset
+    from minehead.datasets import load_dataset
 
     ds = load_dataset(root)
     out = {"path": str(Path(root).resolve()), "images": len(ds.images), "labels": ds.label_count, "classes": ds.counts()}
@@ -234,7 +183,7 @@ def cmd_synth(a) -> int:
 
 
 def _jobs_client(a):
-    from clients.jobs import JobsClient
+    from minehead.client.jobs import JobsClient
 
     return JobsClient(a.miner if a.service == "miner" else a.head, token=a.token)
 
@@ -323,8 +272,6 @@ def add_commands(sub, add) -> None:
     sc = add(heads, "score", cmd_score, "score boxes of an image with a head")
     sc.add_argument("head_id")
     sc.add_argument("--image", required=True)
-    from clients.cli import parse_box
-
     sc.add_argument("--box", type=parse_box, action="append", required=True, metavar="X1,Y1,X2,Y2")
     sc.add_argument("--target", default="", help="the class each box should be (default: auto-class)")
     sc.add_argument("--min-prob", type=float, default=None)

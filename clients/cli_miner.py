@@ -11,9 +11,8 @@ from minehead.common.v1 import common_pb2
 from minehead.miner.v1 import miner_pb2
 from minehead.recipes.v2 import recipes_pb2
 
-from clients.cli_heads import follow, run_job
-from clients.miner import MinerClient
-from clients.output import print_json, print_table, to_jsonable
+from minehead.client.miner import MinerClient
+from clients.cli_common import follow, print_json, print_table, run_job, to_jsonable
 
 # Background suppression presets -> (guard, margin). "Balanced" is the one to start with.
 PRESETS = {"off": (False, 0.0), "low": (True, 0.0), "balanced": (True, 0.1), "strict": (True, 0.25)}

@@ -19,21 +19,21 @@ from minehead.head.v1 import head_pb2
 from minehead.miner.v1 import miner_pb2
 from minehead.recipes.v2 import recipes_pb2
 
-from clients.cli_heads import follow
+from clients.cli_common import follow
 from clients.cli_miner import _print_recipes
-from clients.health import check_health
-from clients.heads import HeadClient
-from clients.miner import MinerClient
-from clients.channel import default_address
+from minehead.client.health import check_health
+from minehead.client.heads import HeadClient
+from minehead.client.miner import MinerClient
+from minehead.client.channel import default_address
 
 
 def main() -> int:
-    for svc, full in (("embedder", "minehead.embedder.v1.Embedder"), ("head", "minehead.head.v1.HeadService"),
-                      ("miner", "minehead.miner.v1.Miner")):
+    for svc, full in (("embedder", "minehead.embedder.v1.EmbedderService"), ("head", "minehead.head.v1.HeadService"),
+                      ("miner", "minehead.miner.v1.MinerService")):
         if check_health(default_address(svc), full) != "SERVING":
             print(f"demo: the {svc} service is not up at {default_address(svc)}; start `make run-all` first", file=sys.stderr)
             return 1
-    from head_svc.synth import make_synthetic_dataset
+    from minehead.synth import make_synthetic_dataset
 
     root = Path(os.environ.get("MINEHEAD_DATA_DIR", "var")) / "demo" / "shapes"
     if not (root / "labelmap.txt").is_file():

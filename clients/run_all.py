@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 
-from clients.cli import SERVICES
-from clients.health import check_health
+from clients.cli_common import SERVICES
+from minehead.client.health import check_health
 from minehead.core.config import DEFAULT_PORTS
 
 MODULES = {"embedder": "embedder_svc", "head": "head_svc", "miner": "miner_svc"}

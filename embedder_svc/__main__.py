@@ -29,8 +29,8 @@ def build(config, *, preload: bool = True):
     if preload and x.get("preload"):
         for mid in x["preload"].split(","):
             embedder.model(mid or None)
-    binding = ServiceBinding(embedder_pb2_grpc.add_EmbedderServicer_to_server,
-                             EmbedderServicer(embedder, config.allowed_roots), "minehead.embedder.v1.Embedder")
+    binding = ServiceBinding(embedder_pb2_grpc.add_EmbedderServiceServicer_to_server,
+                             EmbedderServicer(embedder, config.allowed_roots), "minehead.embedder.v1.EmbedderService")
     return embedder, [binding]
 
 

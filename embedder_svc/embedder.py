@@ -21,12 +21,12 @@ import numpy as np
 from minehead.core.errors import InvalidArgument, NotFound
 from minehead.core.images import DecodedImage
 
-from embedder_svc import crops, roi
+from minehead import crops, roi
 from embedder_svc.batcher import MicroBatcher
 from embedder_svc.cache import LRUCache
-from embedder_svc.crops import CropPolicy
-from embedder_svc.encoders import registry
-from embedder_svc.encoders.base import Encoder, ModelInfo
+from minehead.crops import CropPolicy
+from minehead.encoders import registry
+from minehead.encoders.base import Encoder, ModelInfo
 
 log = logging.getLogger("minehead.embedder")
 

@@ -11,10 +11,10 @@ from minehead.core.images import DecodedImage, decode_image
 from minehead.core.paths import image_ref_bytes
 from minehead.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
-from embedder_svc.crops import CropPolicy, boxes_from_proto
+from minehead.crops import CropPolicy, boxes_from_proto
 from embedder_svc.embedder import Embedder
-from embedder_svc.encoders import registry
-from embedder_svc.encoders.base import ModelInfo
+from minehead.encoders import registry
+from minehead.encoders.base import ModelInfo
 
 MAX_IMAGES = 1024
 _MODALITY = {"image": embedder_pb2.IMAGE, "text": embedder_pb2.TEXT}
@@ -51,7 +51,7 @@ def model_proto(spec, info: ModelInfo | None, default_id: str | None) -> embedde
     return m
 
 
-class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
+class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
     def __init__(self, embedder: Embedder, allowed_roots: list[Path]) -> None:
         self.embedder = embedder
         self.allowed_roots = allowed_roots

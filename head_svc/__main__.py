@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clients.channel import default_address
+from minehead.client.channel import default_address
 from minehead.core.config import base_parser, config_from_args, env
 from minehead.core.jobs_service import job_runtime
 from minehead.core.logs import setup_logging

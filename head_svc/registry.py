@@ -18,7 +18,7 @@ from pathlib import Path
 
 from minehead.core.errors import InvalidArgument, NotFound
 
-from head_svc.bundle import HeadBundle
+from minehead.heads.bundle import HeadBundle
 
 
 class HeadRegistry:

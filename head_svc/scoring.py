@@ -16,8 +16,8 @@ import numpy as np
 
 from minehead.core.errors import InvalidArgument
 
-from head_svc.bundle import HeadBundle
-from head_svc.keep_rule import (DECISION_NAMES, KEEP, REJECT_BACKGROUND, REJECT_LOW_PROB, REJECT_MARGIN, Thresholds,
+from minehead.heads.bundle import HeadBundle
+from minehead.heads.keep_rule import (DECISION_NAMES, KEEP, REJECT_BACKGROUND, REJECT_LOW_PROB, REJECT_MARGIN, Thresholds,
                                 apply_keep_rule)
 
 DEFAULT_AMBIGUITY_MARGIN = 0.1

@@ -17,11 +17,11 @@ from minehead.core.paths import image_ref_bytes, resolve_allowed
 from minehead.core.safezip import safe_members, write_members
 from minehead.head.v1 import head_pb2, head_pb2_grpc
 
-from embedder_svc.crops import CropPolicy, boxes_from_proto
+from minehead.crops import CropPolicy, boxes_from_proto
 from head_svc import training
-from head_svc.bundle import HeadBundle
-from head_svc.datasets import load_dataset
-from head_svc.embedding import CropEmbeddingCache
+from minehead.heads.bundle import HeadBundle
+from minehead.datasets import load_dataset
+from minehead.crop_embeddings import CropEmbeddingCache
 from head_svc.registry import HeadRegistry
 from head_svc.scoring import DEFAULT_AMBIGUITY_MARGIN, effective_thresholds, score_embeddings
 
@@ -190,7 +190,7 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
 
     def UploadHead(self, request_iterator, context):
         display, data = None, bytearray()
-        from head_svc.bundle import MAX_ZIP_BYTES
+        from minehead.heads.bundle import MAX_ZIP_BYTES
 
         for part in request_iterator:
             if part.WhichOneof("part") == "display_name":

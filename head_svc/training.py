@@ -18,14 +18,14 @@ import numpy as np
 from minehead.core.errors import FailedPrecondition, InvalidArgument
 from minehead.core.jobs import JobContext
 
-from embedder_svc.crops import CropPolicy
-from head_svc import sampling
-from head_svc.bundle import BG_PREFIX, META_SCHEMA_VERSION, HeadBundle, content_id, meta_json
-from head_svc.datasets import Dataset
-from head_svc.embedding import CropEmbeddingCache
+from minehead.crops import CropPolicy
+from minehead import sampling
+from minehead.heads.bundle import BG_PREFIX, META_SCHEMA_VERSION, HeadBundle, content_id, meta_json
+from minehead.datasets import Dataset
+from minehead.crop_embeddings import CropEmbeddingCache
 from head_svc.estimators import LogRegHead, MLPHead, fit_temperature, smooth_targets, teacher_targets
 from head_svc.metrics import classification_report
-from head_svc.onnx_export import export_head, parity
+from minehead.heads.onnx_export import export_head, parity
 
 MAX_DROPPED_LOG_LINES = 50
 BG_PER_IMAGE = 3

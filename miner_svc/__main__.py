@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clients.channel import default_address
+from minehead.client.channel import default_address
 from minehead.core.config import base_parser, config_from_args, env
 from minehead.core.jobs_service import job_runtime
 from minehead.core.logs import setup_logging
@@ -21,7 +21,7 @@ def build(config):
                              x.get("embedder_addr") or default_address("embedder"), config.allowed_roots, runner,
                              default_detector=x.get("default_detector") or default_detector(config.models_dir))
     runner.servicer = servicer
-    binding = ServiceBinding(miner_pb2_grpc.add_MinerServicer_to_server, servicer, "minehead.miner.v1.Miner")
+    binding = ServiceBinding(miner_pb2_grpc.add_MinerServiceServicer_to_server, servicer, "minehead.miner.v1.MinerService")
     return runner, [binding, jobs]
 
 

@@ -22,10 +22,10 @@ import dataclasses
 
 import numpy as np
 
-from head_svc.keep_rule import KEEP, REJECT_BACKGROUND, Thresholds, apply_keep_rule
+from minehead.heads.keep_rule import KEEP, REJECT_BACKGROUND, Thresholds, apply_keep_rule
 from miner_svc.detection_cache import CachedDetector
 from miner_svc.detectors.base import Detections, ImageState
-from miner_svc.geometry import nms
+from minehead.geometry import nms
 
 APPLY_VALUES = ("seed", "final", "both")
 
@@ -106,7 +106,7 @@ class HeadScorer:
 
     def __init__(self, bundle, embeds, model) -> None:
         self.bundle = bundle
-        self.embeds = embeds  # head_svc.embedding.CropEmbeddingCache
+        self.embeds = embeds  # minehead.crop_embeddings.CropEmbeddingCache
         self.model = model  # embedder_pb2.Model of the head's embedder
         self.policy = bundle.crop_policy
 

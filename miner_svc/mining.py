@@ -24,9 +24,9 @@ from minehead.core.images import decode_image
 from minehead.core.jobs import JobContext
 from minehead.recipes.v2 import recipes_pb2
 
-from head_svc import sampling
-from head_svc.bundle import HeadBundle
-from head_svc.datasets import Dataset
+from minehead import sampling
+from minehead.heads.bundle import HeadBundle
+from minehead.datasets import Dataset
 from miner_svc import selection
 from miner_svc.detection_cache import CachedDetector
 from miner_svc.executor import Gate, HeadScorer, ImageResult, Step, StepStats, run_recipe
@@ -249,7 +249,7 @@ def split_images(ds: Dataset, classes: list[str], fraction: float, seed: int) ->
 def negative_crops(ds: Dataset, negatives: list[dict], padding: float = 0.08) -> dict[str, bytes]:
     """Hard negatives as a small YOLO dataset of crops: images/ with empty label files and the
     head's class list, so merged into a training set they add background the head must learn."""
-    from embedder_svc.crops import CropPolicy, crop_pixels, crop_regions
+    from minehead.crops import CropPolicy, crop_pixels, crop_regions
 
     files: dict[str, bytes] = {}
     for k, n in enumerate(negatives):

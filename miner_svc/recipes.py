@@ -24,7 +24,7 @@ from minehead.core.errors import InvalidArgument, NotFound
 from minehead.core.safezip import make_zip, safe_members
 from minehead.recipes.v2 import recipes_pb2
 
-from head_svc.bundle import MAX_ONNX_BYTES, HeadBundle
+from minehead.heads.bundle import MAX_ONNX_BYTES, HeadBundle
 from miner_svc.executor import Gate, Step
 
 SCHEMA_VERSION = 2

@@ -11,8 +11,8 @@ import itertools
 
 import numpy as np
 
-from head_svc.keep_rule import split_scores
-from miner_svc.geometry import match
+from minehead.heads.keep_rule import split_scores
+from minehead.geometry import match
 
 MIN_PROB_GRID = np.round(np.arange(0.05, 0.96, 0.05), 2)
 MARGIN_GRID = np.array([0.0, 0.05, 0.1, 0.2, 0.3])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from clients.heads import HeadClient
+from minehead.client.heads import HeadClient
 from minehead.common.v1 import common_pb2
 from minehead.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from minehead.core.images import decode_image
@@ -18,9 +18,9 @@ from minehead.core.paths import image_ref_bytes, resolve_allowed
 from minehead.core.safezip import make_zip
 from minehead.miner.v1 import miner_pb2, miner_pb2_grpc
 
-from head_svc.bundle import HeadBundle
-from head_svc.datasets import load_dataset
-from head_svc.embedding import CropEmbeddingCache
+from minehead.heads.bundle import HeadBundle
+from minehead.datasets import load_dataset
+from minehead.crop_embeddings import CropEmbeddingCache
 from miner_svc import masks as mask_codec
 from miner_svc.detection_cache import CachedDetector
 from miner_svc.detectors import create_detector, known_detectors
@@ -31,7 +31,7 @@ from miner_svc.recipes import APPLY_NAMES, RecipeStore, gate_of, read_bundle, st
 CHUNK = 1 << 20
 
 
-class MinerServicer(miner_pb2_grpc.MinerServicer):
+class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
     def __init__(self, service_dir: Path, models_dir: Path, head_address: str, embedder_address: str,
                  allowed_roots: list[Path], runner: JobRunner, default_detector: str = "sam3-tiny-random",
                  offline: bool = True) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from head_svc.datasets import load_dataset, parse_label_line
-from head_svc.synth import CLASSES, make_synthetic_dataset
+from minehead.datasets import load_dataset, parse_label_line
+from minehead.synth import CLASSES, make_synthetic_dataset
 from minehead.core.errors import InvalidArgument
 from tests.conftest import png_bytes, scene
 

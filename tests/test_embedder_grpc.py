@@ -6,8 +6,8 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.embedder import EmbedderClient
-from embedder_svc.crops import CropPolicy
+from minehead.client.embedder import EmbedderClient
+from minehead.crops import CropPolicy
 from minehead.core.images import decode_image
 from tests.conftest import TINY_IDS, jpeg_bytes, png_bytes, scene, start_embedder
 
@@ -152,7 +152,7 @@ def test_concurrent_clients_through_the_batcher(embedder_server):
     (That batches form is tested deterministically in test_batcher_cache.)"""
     import threading
 
-    from embedder_svc.export import export_vision_tower
+    from minehead.encoders.export import export_vision_tower
 
     export_vision_tower("open_clip:tiny-clip/random", "tiny-clip-batched", embedder_server.embedder.models_dir)
     lm = embedder_server.embedder.model("tiny-clip-batched")
@@ -183,7 +183,7 @@ def test_concurrent_clients_through_the_batcher(embedder_server):
 
 
 def local_prepare(embedder, data):
-    from embedder_svc import crops
+    from minehead import crops
 
     lm = embedder.model("tiny-clip-batched")
     pre = lm.info.preprocessing
@@ -195,7 +195,7 @@ def test_unreachable_hub_fails_fast_with_the_reason(models_dir, monkeypatch):
     import time
 
     from embedder_svc.embedder import Embedder
-    from embedder_svc.encoders import registry
+    from minehead.encoders import registry
     from minehead.core.errors import ModelUnavailable
 
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")

@@ -12,7 +12,7 @@ import pytest
 
 from embedder_svc import minisam
 from embedder_svc.embedder import Embedder
-from embedder_svc.export import export_vision_tower
+from minehead.encoders.export import export_vision_tower
 from minehead.core.images import decode_image
 from tests.conftest import REPO, TINY_IDS, png_bytes, scene
 

@@ -13,8 +13,8 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.heads import HeadClient
-from head_svc.synth import make_synthetic_dataset
+from minehead.client.heads import HeadClient
+from minehead.synth import make_synthetic_dataset
 from minehead.common.v1 import common_pb2
 from minehead.core.safezip import make_zip
 from minehead.core.server import start_server
@@ -124,7 +124,7 @@ def test_mlp_with_soft_targets(head_env):
 def test_score_decisions_and_auto_class(logreg, head_env):
     r, _ = logreg
     c = head_env["client"]
-    from head_svc.datasets import load_dataset
+    from minehead.datasets import load_dataset
 
     ds = load_dataset(head_env["dataset"])
     rec = next(x for x in ds.images if "blue_circle" in [ds.classes[i] for i in x.class_ids])
@@ -257,7 +257,7 @@ def test_dataset_outside_allowed_roots_is_permission_denied(head_env, tmp_path):
 
 
 def test_uploaded_dataset_trains_and_dropped_lines_are_reported(head_env, tmp_path):
-    from clients.cli_heads import zip_folder
+    from clients.cli_common import zip_folder
 
     ds = make_synthetic_dataset(tmp_path / "up", images=8, seed=5)
     with open(ds / "labels" / "img_0000.txt", "a") as f:

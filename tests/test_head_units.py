@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from head_svc import sampling
-from head_svc.bundle import HeadBundle, content_id
+from minehead import sampling
+from minehead.heads.bundle import HeadBundle, content_id
 from head_svc.estimators import LogRegHead, MLPHead, fit_temperature, smooth_targets
-from head_svc.keep_rule import (KEEP, REJECT_BACKGROUND, REJECT_LOW_PROB, REJECT_MARGIN, Thresholds, apply_keep_rule)
-from head_svc.onnx_export import export_head, parity
+from minehead.heads.keep_rule import (KEEP, REJECT_BACKGROUND, REJECT_LOW_PROB, REJECT_MARGIN, Thresholds, apply_keep_rule)
+from minehead.heads.onnx_export import export_head, parity
 from minehead.core.errors import InvalidArgument
 
 
@@ -105,7 +105,7 @@ def test_temperature_calibration_lowers_held_out_loss():
 
 
 def test_bundle_roundtrip_and_content_id():
-    from head_svc.bundle import bundle_from_head
+    from minehead.heads.bundle import bundle_from_head
 
     classes = ["cat", "dog", "__bg_0"]
     X, y = _blobs(n=120, c=3, d=8)

@@ -8,8 +8,8 @@ import zlib
 import numpy as np
 import pytest
 
-from embedder_svc import crops, roi
-from embedder_svc.crops import CropPolicy
+from minehead import crops, roi
+from minehead.crops import CropPolicy
 from minehead.core.errors import InvalidArgument, ResourceExhausted
 from minehead.core.images import decode_image
 from tests.conftest import jpeg_bytes, png_bytes, scene

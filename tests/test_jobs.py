@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from clients.jobs import JobsClient
+from minehead.client.jobs import JobsClient
 from minehead.common.v1 import common_pb2
 from minehead.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from minehead.core.jobs import JobRunner, JobStore, struct_from_dict

@@ -13,11 +13,11 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.channel import connect
-from clients.heads import HeadClient
-from clients.jobs import JobsClient
-from head_svc.datasets import load_dataset
-from head_svc.synth import make_synthetic_dataset
+from minehead.client.channel import connect
+from minehead.client.heads import HeadClient
+from minehead.client.jobs import JobsClient
+from minehead.datasets import load_dataset
+from minehead.synth import make_synthetic_dataset
 from minehead.common.v1 import common_pb2
 from minehead.core.safezip import make_zip
 from minehead.core.server import start_server
@@ -26,7 +26,7 @@ from minehead.miner.v1 import miner_pb2, miner_pb2_grpc
 from minehead.recipes.v2 import recipes_pb2
 from miner_svc.detectors import register_detector
 from miner_svc.detectors.base import Detections, Detector, DetectorInfo
-from miner_svc.geometry import iou_matrix
+from minehead.geometry import iou_matrix
 from tests.conftest import make_config
 
 N_IMAGES = 40
@@ -51,7 +51,7 @@ class ScriptedDetector(Detector):
         self.classes = ds.classes
 
     def _clutter(self, rec, seed):
-        from head_svc.sampling import sample_background_boxes
+        from minehead.sampling import sample_background_boxes
 
         rng = np.random.default_rng(seed)
         return sample_background_boxes(rec.width, rec.height, rec.boxes, 3, rng, min_frac=0.1, max_frac=0.25)
@@ -121,7 +121,7 @@ def env(embedder_server, models_dir, tmp_path_factory):
     assert done.state == common_pb2.Job.SUCCEEDED, done.error
     done.result.Unpack(r)
     ch = connect(addr)
-    yield {"addr": addr, "stub": miner_pb2_grpc.MinerStub(ch), "jobs": JobsClient(addr, channel=ch), "dataset": ds_path, "ds": ds,
+    yield {"addr": addr, "stub": miner_pb2_grpc.MinerServiceStub(ch), "jobs": JobsClient(addr, channel=ch), "dataset": ds_path, "ds": ds,
            "head": r.head.head_id, "servicer": mrunner.servicer, "head_client": hc, "tmp": tmp}
     hc.close()
     ch.close()
@@ -412,7 +412,7 @@ def test_minisam_auto_recipes_find_the_synthetic_objects(auto_mined):
 def test_background_guard_lowers_false_positives_on_clutter(env, auto_mined):
     """One recipe, applied with the guard off and on (nothing else differs), over all images:
     detections that match no labelled object are clutter."""
-    from miner_svc.geometry import iou_matrix
+    from minehead.geometry import iou_matrix
 
     ds, sv = env["ds"], env["servicer"]
     res, _, _ = mine(env, classes=["green_triangle"], detector="minisam-auto", clip_head_auto_tune=False)
@@ -451,7 +451,7 @@ def test_apply_refuses_a_recipe_mined_with_another_detector(env, auto_mined):
 def test_hard_negative_replay_lowers_false_positives(env, auto_mined):
     """Mine -> export the false positives -> retrain the head with them as background -> mine
     again: fewer false positives, the objects still found."""
-    from miner_svc.geometry import iou_matrix
+    from minehead.geometry import iou_matrix
     from minehead.core.safezip import safe_members, write_members
 
     ds = env["ds"]

@@ -9,7 +9,7 @@ import pytest
 from minehead.core.errors import InvalidArgument
 from minehead.core.images import decode_image
 from miner_svc import masks, selection
-from miner_svc.geometry import match, nms
+from minehead.geometry import match, nms
 from tests.conftest import png_bytes, scene
 
 

@@ -14,8 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from clients.channel import connect
-from clients.health import check_health
+from minehead.client.channel import connect
+from minehead.client.health import check_health
 from minehead.core.server import start_server
 from tests.conftest import REPO, make_config
 
@@ -39,13 +39,13 @@ def head_and_miner(tmp_path):
 def test_health_and_reflection(head_and_miner):
     addr = head_and_miner["miner"]
     assert check_health(addr) == "SERVING"
-    assert check_health(addr, "minehead.miner.v1.Miner") == "SERVING"
-    assert check_health(addr, "minehead.common.v1.Jobs") == "SERVING"
+    assert check_health(addr, "minehead.miner.v1.MinerService") == "SERVING"
+    assert check_health(addr, "minehead.common.v1.JobService") == "SERVING"
     ch = connect(addr)
     stub = reflection_pb2_grpc.ServerReflectionStub(ch)
     resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in resp.list_services_response.service}
-    assert {"minehead.miner.v1.Miner", "minehead.common.v1.Jobs", "grpc.health.v1.Health"} <= names
+    assert {"minehead.miner.v1.MinerService", "minehead.common.v1.JobService", "grpc.health.v1.Health"} <= names
     with pytest.raises(grpc.RpcError) as e:
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="nope"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
@@ -59,11 +59,11 @@ def test_unimplemented_methods_say_so(tmp_path):
     from minehead.miner.v1 import miner_pb2, miner_pb2_grpc
 
     cfg = make_config("miner", tmp_path)
-    server = start_server(cfg, [ServiceBinding(miner_pb2_grpc.add_MinerServicer_to_server, miner_pb2_grpc.MinerServicer(),
-                                               "minehead.miner.v1.Miner")])
+    server = start_server(cfg, [ServiceBinding(miner_pb2_grpc.add_MinerServiceServicer_to_server, miner_pb2_grpc.MinerServiceServicer(),
+                                               "minehead.miner.v1.MinerService")])
     try:
         with pytest.raises(grpc.RpcError) as e:
-            miner_pb2_grpc.MinerStub(connect(f"127.0.0.1:{server.port}")).ListRecipes(miner_pb2.ListRecipesRequest())
+            miner_pb2_grpc.MinerServiceStub(connect(f"127.0.0.1:{server.port}")).ListRecipes(miner_pb2.ListRecipesRequest())
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "ListRecipes" in e.value.details()
     finally:
         server.stop(0.5)
@@ -80,12 +80,12 @@ def test_bearer_token(tmp_path):
     try:
         assert check_health(addr) == "SERVING"  # health stays public for load balancers
         with pytest.raises(grpc.RpcError) as e:
-            common_pb2_grpc.JobsStub(connect(addr)).ListJobs(common_pb2.ListJobsRequest())
+            common_pb2_grpc.JobServiceStub(connect(addr)).ListJobs(common_pb2.ListJobsRequest())
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as e:
-            common_pb2_grpc.JobsStub(connect(addr, token="wrong")).ListJobs(common_pb2.ListJobsRequest())
+            common_pb2_grpc.JobServiceStub(connect(addr, token="wrong")).ListJobs(common_pb2.ListJobsRequest())
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        ok = common_pb2_grpc.JobsStub(connect(addr, token="s3cret")).ListJobs(common_pb2.ListJobsRequest())
+        ok = common_pb2_grpc.JobServiceStub(connect(addr, token="s3cret")).ListJobs(common_pb2.ListJobsRequest())
         assert list(ok.jobs) == []
     finally:
         server.stop(0.5)
@@ -131,10 +131,10 @@ def test_tls_with_token(tmp_path):
     server = start_server(cfg, bindings)
     addr = f"127.0.0.1:{server.port}"
     try:
-        ok = common_pb2_grpc.JobsStub(connect(addr, token="tok", tls_ca=str(cert))).ListJobs(common_pb2.ListJobsRequest(), timeout=10)
+        ok = common_pb2_grpc.JobServiceStub(connect(addr, token="tok", tls_ca=str(cert))).ListJobs(common_pb2.ListJobsRequest(), timeout=10)
         assert list(ok.jobs) == []
         with pytest.raises(grpc.RpcError) as e:
-            common_pb2_grpc.JobsStub(connect(addr, token="tok")).ListJobs(common_pb2.ListJobsRequest(), timeout=5)
+            common_pb2_grpc.JobServiceStub(connect(addr, token="tok")).ListJobs(common_pb2.ListJobsRequest(), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # plaintext to a TLS port
     finally:
         server.stop(0.5)

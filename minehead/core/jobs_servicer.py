@@ -1,4 +1,4 @@
-"""The minehead.common.v1.Jobs service over a JobStore: a thin gRPC edge."""
+"""The minehead.common.v1.JobService service over a JobStore: a thin gRPC edge."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from minehead.core.jobs import JobRunner, JobStore, job_id_from_name
 from minehead.core.server import ServiceBinding
 
 
-class JobsServicer(common_pb2_grpc.JobsServicer):
+class JobServicer(common_pb2_grpc.JobServiceServicer):
     def __init__(self, store: JobStore) -> None:
         self.store = store
 
@@ -26,4 +26,4 @@ class JobsServicer(common_pb2_grpc.JobsServicer):
 
 
 def jobs_binding(runner: JobRunner) -> ServiceBinding:
-    return ServiceBinding(common_pb2_grpc.add_JobsServicer_to_server, JobsServicer(runner.store), "minehead.common.v1.Jobs")
+    return ServiceBinding(common_pb2_grpc.add_JobServiceServicer_to_server, JobServicer(runner.store), "minehead.common.v1.JobService")

@@ -46,7 +46,7 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        # Clients ping every 30 s (clients.channel); accept anything >= 10 s so they are never
+        # Clients ping every 30 s (minehead.client.channel); accept anything >= 10 s so they are never
         # answered with GOAWAY too_many_pings.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 0),
@@ -136,7 +136,7 @@ def _is_abort(e: BaseException, context) -> bool:
 @dataclasses.dataclass
 class ServiceBinding:
     """One gRPC service to expose: its generated add_*_to_server function, the servicer, and
-    its full name ("minehead.embedder.v1.Embedder") for health and reflection."""
+    its full name ("minehead.embedder.v1.EmbedderService") for health and reflection."""
 
     add_to_server: Callable[[Any, grpc.Server], None]
     servicer: Any

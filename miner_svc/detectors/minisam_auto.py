@@ -27,9 +27,9 @@ import numpy as np
 
 from minehead.core.errors import ModelUnavailable
 
-from embedder_svc import crops, roi
+from minehead import crops, roi
 from miner_svc.detectors.base import Detections, Detector, DetectorInfo, ImageState
-from miner_svc.geometry import nms
+from minehead.geometry import nms
 
 MODEL_ID = "minisam-auto"
 PRED_IOU_MIN = 0.75
@@ -42,8 +42,8 @@ class MinisamAutoDetector(Detector):
         super().__init__()
         import onnxruntime as ort
 
-        from embedder_svc.encoders.onnx_backend import OnnxEncoder, onnx_providers
-        from embedder_svc.encoders.registry import ModelSpec
+        from minehead.encoders.onnx_backend import OnnxEncoder, onnx_providers
+        from minehead.encoders.registry import ModelSpec
 
         self.grid = int(model_id.split(":", 1)[1]) if ":" in model_id else 12
         if not 2 <= self.grid <= 32:

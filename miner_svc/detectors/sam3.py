@@ -51,7 +51,7 @@ class Sam3Detector(Detector):
         import torch
         from transformers import Sam3Model
 
-        from embedder_svc.encoders.base import torch_device
+        from minehead.encoders.base import torch_device
 
         self.torch = torch
         self.device = torch.device(torch_device())

@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=str(REPO / "var" / "bench" / "embedder.json"))
     a = p.parse_args(argv)
 
-    from clients.embedder import EmbedderClient
-    from clients.health import check_health
+    from minehead.client.embedder import EmbedderClient
+    from minehead.client.health import check_health
     from embedder_svc import tiny
     from embedder_svc.embedder import Embedder
     from minehead.core.images import decode_image

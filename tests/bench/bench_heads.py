@@ -58,8 +58,8 @@ def main(argv=None) -> int:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-    from clients.heads import HeadClient
-    from head_svc.bundle import bundle_from_head
+    from minehead.client.heads import HeadClient
+    from minehead.heads.bundle import bundle_from_head
     from head_svc.estimators import LogRegHead, MLPHead, l2_normalise
     from minehead.core.config import ServiceConfig
     from minehead.core.server import start_server

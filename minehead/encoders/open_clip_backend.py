@@ -11,9 +11,9 @@ import numpy as np
 
 from minehead.core.errors import ModelUnavailable, NotFound
 
-from embedder_svc.encoders.base import ModelInfo, Preprocessing, file_sha256
-from embedder_svc.encoders.registry import ModelSpec, offline_reason
-from embedder_svc.encoders.torch_common import TorchEncoder
+from minehead.encoders.base import ModelInfo, Preprocessing, file_sha256
+from minehead.encoders.registry import ModelSpec, offline_reason
+from minehead.encoders.torch_common import TorchEncoder
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

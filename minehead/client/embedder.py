@@ -12,7 +12,7 @@ from minehead.core import embeddings as emb_codec
 from minehead.core.images import encode_png
 from minehead.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
-from clients.channel import ServiceClient
+from minehead.client.channel import ServiceClient
 
 ImageLike = str | Path | bytes | np.ndarray
 
@@ -37,7 +37,7 @@ class EmbedderClient(ServiceClient):
 
     def __init__(self, address: str | None = None, **kw) -> None:
         super().__init__(address, **kw)
-        self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
+        self.stub = embedder_pb2_grpc.EmbedderServiceStub(self.channel)
 
     def list_models(self) -> list[embedder_pb2.Model]:
         return list(self.stub.ListModels(embedder_pb2.ListModelsRequest(), timeout=self.timeout).models)

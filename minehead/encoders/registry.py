@@ -23,14 +23,14 @@ from pathlib import Path
 
 from minehead.core.errors import NotFound
 
-from embedder_svc.encoders.base import Encoder
+from minehead.encoders.base import Encoder
 
 # backend name -> "module:Class", imported only when used (torch and open_clip are slow imports).
 BACKENDS = {
-    "onnx": "embedder_svc.encoders.onnx_backend:OnnxEncoder",
-    "open_clip": "embedder_svc.encoders.open_clip_backend:OpenClipEncoder",
-    "hf_clip": "embedder_svc.encoders.hf_backends:HfClipEncoder",
-    "hf_dinov3": "embedder_svc.encoders.hf_backends:HfDinov3Encoder",
+    "onnx": "minehead.encoders.onnx_backend:OnnxEncoder",
+    "open_clip": "minehead.encoders.open_clip_backend:OpenClipEncoder",
+    "hf_clip": "minehead.encoders.hf_backends:HfClipEncoder",
+    "hf_dinov3": "minehead.encoders.hf_backends:HfDinov3Encoder",
 }
 PREFIXES = {"onnx:": "onnx", "open_clip:": "open_clip", "hf-clip:": "hf_clip", "dinov3:": "hf_dinov3"}
 CANONICAL_PREFIX = {v: k for k, v in PREFIXES.items()}

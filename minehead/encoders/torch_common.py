@@ -6,7 +6,7 @@ import contextlib
 
 import numpy as np
 
-from embedder_svc.encoders.base import Encoder, Preprocessing, torch_device
+from minehead.encoders.base import Encoder, Preprocessing, torch_device
 
 
 class TorchEncoder(Encoder):

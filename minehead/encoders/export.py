@@ -21,8 +21,8 @@ import numpy as np
 
 from minehead.core.errors import FailedPrecondition, InvalidArgument
 
-from embedder_svc.encoders import registry
-from embedder_svc.encoders.base import file_sha256
+from minehead.encoders import registry
+from minehead.encoders.base import file_sha256
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.embedder import EmbedderClient
+from minehead.client.embedder import EmbedderClient
 from minehead.core import embeddings as codec
 from minehead.embedder.v1 import embedder_pb2
 
-from embedder_svc.crops import CropPolicy
+from minehead.crops import CropPolicy
 
 
 class CropEmbeddingCache:

@@ -11,9 +11,9 @@ from minehead.common.v1 import common_pb2
 from minehead.core import embeddings as codec
 from minehead.head.v1 import head_pb2, head_pb2_grpc
 
-from clients.channel import ServiceClient
-from clients.embedder import boxes_proto, image_ref
-from clients.jobs import JobsClient
+from minehead.client.channel import ServiceClient
+from minehead.client.embedder import boxes_proto, image_ref
+from minehead.client.jobs import JobsClient
 
 CHUNK = 1 << 20
 

@@ -23,8 +23,8 @@ import numpy as np
 from minehead.core.errors import InvalidArgument
 from minehead.core.safezip import make_zip, safe_members
 
-from embedder_svc.crops import CropPolicy
-from head_svc.keep_rule import Thresholds
+from minehead.crops import CropPolicy
+from minehead.heads.keep_rule import Thresholds
 
 META_SCHEMA_VERSION = 1
 BG_PREFIX = "__bg_"
@@ -235,7 +235,7 @@ class HeadBundle:
     def session(self):
         with self._lock:
             if self._session is None:
-                from head_svc.onnx_export import onnx_session
+                from minehead.heads.onnx_export import onnx_session
 
                 self._session = onnx_session(self.onnx_bytes)
             return self._session
@@ -264,7 +264,7 @@ def bundle_from_head(head, classes: list[str], model_id: str, *, crop_policy: di
                      weights_sha256: str = "", created_time: str = "2026-01-01T00:00:00+00:00", **meta_extra) -> HeadBundle:
     """A minimal valid bundle for a fitted head (LogRegHead / MLPHead with temperature_).
     Training adds metrics, dataset and soft-target details; benchmarks and tests need only this."""
-    from head_svc.onnx_export import export_head
+    from minehead.heads.onnx_export import export_head
 
     onnx_bytes = export_head(head)
     meta = {"schema_version": META_SCHEMA_VERSION, "head_type": head.head_type, "classes": list(classes),

@@ -10,7 +10,7 @@ import grpc
 from minehead.common.v1 import common_pb2, common_pb2_grpc
 from minehead.core.jobs import FINAL_STATES as FINAL
 
-from clients.channel import connect
+from minehead.client.channel import connect
 
 __all__ = ["FINAL", "JobsClient"]
 
@@ -19,7 +19,7 @@ __all__ = ["FINAL", "JobsClient"]
 class JobsClient:
     def __init__(self, address: str, *, channel: grpc.Channel | None = None, **connect_kw) -> None:
         self.channel = channel or connect(address, **connect_kw)
-        self.stub = common_pb2_grpc.JobsStub(self.channel)
+        self.stub = common_pb2_grpc.JobServiceStub(self.channel)
 
     def get(self, name: str) -> common_pb2.Job:
         return self.stub.GetJob(common_pb2.GetJobRequest(name=_name(name)))

@@ -5,10 +5,10 @@ from __future__ import annotations
 from minehead.common.v1 import common_pb2
 from minehead.miner.v1 import miner_pb2, miner_pb2_grpc
 
-from clients.channel import ServiceClient
-from clients.embedder import image_ref
-from clients.heads import chunked
-from clients.jobs import JobsClient
+from minehead.client.channel import ServiceClient
+from minehead.client.embedder import image_ref
+from minehead.client.heads import chunked
+from minehead.client.jobs import JobsClient
 
 
 class MinerClient(ServiceClient):
@@ -16,7 +16,7 @@ class MinerClient(ServiceClient):
 
     def __init__(self, address: str | None = None, **kw) -> None:
         super().__init__(address, **kw)
-        self.stub = miner_pb2_grpc.MinerStub(self.channel)
+        self.stub = miner_pb2_grpc.MinerServiceStub(self.channel)
         self.jobs = JobsClient(self.address, channel=self.channel)
 
     def start_mining(self, spec: miner_pb2.MiningSpec) -> common_pb2.Job:

@@ -22,8 +22,8 @@ import numpy as np
 
 from minehead.core.errors import ModelUnavailable
 
-from embedder_svc.encoders.base import Encoder, ModelInfo, Preprocessing, file_sha256, gpu_present
-from embedder_svc.encoders.registry import ModelSpec
+from minehead.encoders.base import Encoder, ModelInfo, Preprocessing, file_sha256, gpu_present
+from minehead.encoders.registry import ModelSpec
 
 log = logging.getLogger("minehead.onnx")
 

@@ -6,7 +6,7 @@ happens inside the encoder, on its device, in a batched tensor. Text-capable enc
 implement `encode_text`.
 
 Region encoders (`crop_mode == "roi"`) run once per whole image and pool each box's region
-from the feature map (`feature_maps` + embedder_svc.roi), the way SAM's predictor sets an
+from the feature map (`feature_maps` + minehead.roi), the way SAM's predictor sets an
 image once and answers many prompts: an encoder whose input is fixed at 1024x1024 would
 otherwise pay a full pass per box.
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.channel import connect
+from minehead.client.channel import connect
 
 
 def check_health(address: str, service: str = "", timeout: float = 3.0, **kw) -> str:
