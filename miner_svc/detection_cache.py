@@ -26,7 +26,7 @@ class CachedDetector:
         self.info = detector.info
         self.counters = detector.counters
         self.floor = floor
-        self.dir = Path(cache_dir) / hashlib.sha256(detector.info.model_id.encode()).hexdigest()[:16]
+        self.dir = Path(cache_dir) / hashlib.sha256(detector.cache_key.encode()).hexdigest()[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0

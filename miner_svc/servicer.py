@@ -44,18 +44,24 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         self.runner = runner
         self.default_detector = default_detector
         self.offline = offline
+        self._models: dict[str, object] = {}  # model id -> loaded Detector
         self._detectors: dict[str, CachedDetector] = {}
         self._lock = threading.Lock()
         (service_dir / "negatives").mkdir(parents=True, exist_ok=True)
         (service_dir / "heads").mkdir(parents=True, exist_ok=True)
 
     # -- shared pieces ----------------------------------------------------------------------
-    def detector(self, model_id: str, floor: float = 0.05) -> CachedDetector:
-        key = f"{model_id}@{floor:g}"
+    def detector(self, model_id: str, floor: float = 0.05, head: HeadBundle | None = None) -> CachedDetector:
+        """The cached detector for a model and floor; a detector that proposes with the head is
+        bound to `head` (one loaded model, one view per head)."""
         with self._lock:
+            if model_id not in self._models:
+                self._models[model_id] = create_detector(model_id, self.models_dir, self.offline)
+            base = self._models[model_id]
+            bound = base.with_head(head) if base.uses_head and head is not None else base
+            key = f"{bound.cache_key}@{floor:g}"
             if key not in self._detectors:
-                self._detectors[key] = CachedDetector(create_detector(model_id, self.models_dir, self.offline),
-                                                      self.dir / "detections", floor)
+                self._detectors[key] = CachedDetector(bound, self.dir / "detections", floor)
             return self._detectors[key]
 
     def fetch_head(self, name: str) -> HeadBundle:
@@ -106,7 +112,7 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         for k in spec.prompts:
             if k not in classes:
                 raise InvalidArgument(f"prompts given for {k!r}, which is not mined (classes: {', '.join(classes)})")
-        det = self.detector(spec.detector or self.default_detector, spec.floor_threshold or 0.05)
+        det = self.detector(spec.detector or self.default_detector, spec.floor_threshold or 0.05, head)
         return ds, head, classes, det, self.settings(spec, classes)
 
     def _mine(self, ctx: JobContext, ds, head, det, s: Settings, label: str, on_recipe=None) -> tuple[list, dict, list]:
@@ -270,7 +276,7 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         if request.detector and request.detector != mined_with:
             raise FailedPrecondition(f"recipe {recipe.recipe_id} was mined with detector {mined_with!r}; it cannot run on "
                                      f"{request.detector!r} (its thresholds mean nothing there): mine a recipe for that detector")
-        det = self.detector(mined_with)
+        det = self.detector(mined_with, head=head)
         scorer = self.scorer(head)
         fmt = request.mask_format or miner_pb2.ApplyRecipeRequest.POLYGON
         target = head.classes.index(recipe.class_name)

@@ -77,9 +77,23 @@ class ImageState:
 
 class Detector:
     info: DetectorInfo
+    # A detector that needs the head to propose boxes (head-guided proposals) says so; the miner
+    # then binds each head with `with_head` and the detection cache keys on the head too.
+    uses_head: bool = False
 
     def __init__(self) -> None:
         self.counters = PassCounters()
+
+    @property
+    def cache_key(self) -> str:
+        """What identifies this detector's raw output in the detection cache."""
+        return self.info.model_id
+
+    def with_head(self, head) -> "Detector":
+        """This detector bound to a head (a minehead.heads.bundle.HeadBundle). Detectors that do
+        not use a head return themselves; those that do return a light view sharing the loaded
+        models, whose `cache_key` names the head."""
+        return self
 
     def set_image(self, image: DecodedImage) -> ImageState:
         return ImageState(image)
