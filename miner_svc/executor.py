@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from minehead.heads.keep_rule import KEEP, REJECT_BACKGROUND, Thresholds, apply_keep_rule
+from minehead.heads.keep_rule import KEEP, KeepResult, Thresholds, apply_keep_rule
 from miner_svc.detection_cache import CachedDetector
 from miner_svc.detectors.base import Detections, ImageState
 from minehead.geometry import nms
@@ -64,10 +64,17 @@ class Gate:
 
 @dataclasses.dataclass
 class StepStats:
+    """Per stage: `*_vetoed` counts what the background check rejects, whatever else rejects it
+    too (so `bg_veto_rate_*` is the share the background check rejects); `*_vetoed_background_only`
+    counts what it alone rejects: it passes min_prob and margin and would be kept but for
+    background. Counting only "background is the first failing check" hid most vetoes (issue 13)."""
+
     seeds_checked: int = 0
     seeds_vetoed: int = 0
     final_checked: int = 0
     final_vetoed: int = 0
+    seeds_vetoed_background_only: int = 0
+    final_vetoed_background_only: int = 0
     top1_background: int = 0
     retried_without_guard: int = 0
     prompt_filtered: int = 0
@@ -132,6 +139,19 @@ def farthest_point(vectors: np.ndarray, scores: np.ndarray, k: int) -> np.ndarra
     return np.array(picked)
 
 
+def _background_counts(r: KeepResult, th: Thresholds, gate: Gate, bg) -> tuple[np.ndarray, int]:
+    """(fails the background check: N bool, how many of those pass min_prob and margin of the gate).
+    Judged against the gate's own min_prob / margin at both stages, so "alone" means the same
+    at seed and final stage: kept by the recipe's gate but for background."""
+    if not (th.background_guard and len(bg)):
+        return np.zeros(len(r.target_prob), bool), 0
+    fails = r.target_prob - r.best_background < th.background_margin
+    others_ok = r.target_prob >= gate.min_prob
+    if gate.margin > 0:
+        others_ok &= r.target_prob - r.best_other >= gate.margin
+    return fails, int((fails & others_ok).sum())
+
+
 def run_step(det: CachedDetector, state: ImageState, image_bytes: bytes, step: Step, gate: Gate, target: int,
              head: HeadScorer, warnings: list[str], step_index: int = 0, masks: bool = False):
     """-> (boxes, scores, probs, masks, StepStats) for one step on one image."""
@@ -145,7 +165,9 @@ def run_step(det: CachedDetector, state: ImageState, image_bytes: bytes, step: S
     st.seeds_checked = len(seeds)
     skip_expansion = False
     if gate.background_guard and bg and gate.apply in ("seed", "both") and len(seeds):
-        veto = apply_keep_rule(probs, np.full(len(seeds), target), gate.seed_thresholds(), bg).decision == REJECT_BACKGROUND
+        th = gate.seed_thresholds()
+        veto, st.seeds_vetoed_background_only = _background_counts(
+            apply_keep_rule(probs, np.full(len(seeds), target), th, bg), th, gate, bg)
         st.seeds_vetoed = int(veto.sum())
         keep = ~veto
         if not keep.any():
@@ -171,8 +193,10 @@ def run_step(det: CachedDetector, state: ImageState, image_bytes: bytes, step: S
     st.final_checked = len(cand)
     if len(cand):
         st.top1_background = int(np.isin(probs.argmax(1), bg).sum()) if bg else 0
-        r = apply_keep_rule(probs, np.full(len(cand), target), gate.final_thresholds(), bg)
-        st.final_vetoed = int((r.decision == REJECT_BACKGROUND).sum())
+        th = gate.final_thresholds()
+        r = apply_keep_rule(probs, np.full(len(cand), target), th, bg)
+        fails_bg, st.final_vetoed_background_only = _background_counts(r, th, gate, bg)
+        st.final_vetoed = int(fails_bg.sum())
         ok = np.flatnonzero(r.decision == KEEP)
         cand, probs = cand.take(ok), probs[ok]
         order = nms(cand.boxes, cand.scores, step.dedupe_iou)
