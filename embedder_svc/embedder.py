@@ -7,6 +7,10 @@ Expensive things happen once: a model loads on first use; decoded pixels are pre
 caller's thread; the encoder runs in one worker thread per model on batches gathered across
 callers (MicroBatcher); results are cached by image sha256 + model + crop policy + box. Region
 ("roi") encoders run once per image and pool every box from the cached feature map.
+Concurrent requests that need the same encoder output (a feature map, or a whole-image
+embedding, of one image sha256 with one model) share a single pass (minehead.core.singleflight):
+ten clients asking about one new image cost one encoder pass, not ten queued one behind another.
+`LoadedModel.passes` counts the images that went through the encoder, by kind.
 Every returned row is L2-normalised float32.
 """
 
@@ -20,6 +24,7 @@ import numpy as np
 
 from minehead.core.errors import InvalidArgument, NotFound
 from minehead.core.images import DecodedImage
+from minehead.core.singleflight import SingleFlight
 
 from minehead import crops, roi
 from embedder_svc.batcher import MicroBatcher
@@ -41,7 +46,7 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 class LoadedModel:
-    """An encoder plus its batchers and feature-map cache."""
+    """An encoder plus its batchers, feature-map cache, single flights and pass counters."""
 
     def __init__(self, encoder: Encoder, max_batch: int, max_wait_s: float, fmap_cache_bytes: int) -> None:
         self.encoder = encoder
@@ -55,6 +60,14 @@ class LoadedModel:
             self.fmap_cache = LRUCache(fmap_cache_bytes)
         pre = encoder.info.preprocessing
         self.pad_value = np.asarray(pre.mean, np.float64).round().astype(np.uint8)
+        self.fmap_flights = SingleFlight()
+        self.image_flights = SingleFlight()
+        self.passes = {"feature_map": 0, "image": 0}
+        self._count_lock = threading.Lock()
+
+    def count(self, kind: str, images: int) -> None:
+        with self._count_lock:
+            self.passes[kind] += images
 
     def close(self) -> None:
         self.vectors.close()
@@ -162,16 +175,12 @@ class Embedder:
             if lm.info.crop_mode == "roi":
                 fresh = [self._roi_vectors(lm, images[i], np.array([[0, 0, images[i].width, images[i].height]], float))[0]
                          for i in todo]
+                for i, v in zip(todo, fresh):
+                    self.cache.put(keys[i], v)
             else:
-                pre = lm.info.preprocessing
-                with lm.vectors.announce():
-                    batch = np.stack([crops.prepare_image(images[i].pixels, pre.input_size, pre.resize, lm.pad_value)[0]
-                                      for i in todo])
-                    fut = lm.vectors.submit(batch)
-                fresh = l2_normalise(fut.result())
+                fresh = self._image_vectors(lm, [images[i] for i in todo], [keys[i] for i in todo])
             for i, v in zip(todo, fresh):
                 out[i] = v
-                self.cache.put(keys[i], v)
         return self._stack(out, lm), hits, lm.info
 
     def embed_crops(self, image: DecodedImage, boxes: np.ndarray, policy: CropPolicy | None = None,
@@ -224,15 +233,61 @@ class Embedder:
         """Region encoders: (C x h x w feature map, image->input scale), computed once per image."""
         pre = lm.info.preprocessing
         key = (lm.info.id, image.sha256)
+        # The same scale crops.prepare_image returns for this resize mode.
+        scale = pre.input_size / (max(image.height, image.width) if pre.resize == "longest_side_pad" else image.width)
         fmap = lm.fmap_cache.get(key)
-        scale = pre.input_size / max(image.height, image.width) if pre.resize == "longest_side_pad" else None
         if fmap is None:
-            with lm.fmaps.announce():
-                x, scale = crops.prepare_image(image.pixels, pre.input_size, pre.resize, lm.pad_value)
-                fut = lm.fmaps.submit(x[None])
-            fmap = fut.result()[0]
-            lm.fmap_cache.put(key, fmap)
+            fmap = lm.fmap_flights.do(key, lambda: self._encode_feature_map(lm, image, key))
         return fmap, scale
+
+    def _encode_feature_map(self, lm: LoadedModel, image: DecodedImage, key) -> np.ndarray:
+        # A flight that finished between our cache miss and our claim has already stored it.
+        fmap = lm.fmap_cache.get(key)
+        if fmap is not None:
+            return fmap
+        pre = lm.info.preprocessing
+        with lm.fmaps.announce():
+            x, _ = crops.prepare_image(image.pixels, pre.input_size, pre.resize, lm.pad_value)
+            fut = lm.fmaps.submit(x[None])
+        fmap = fut.result()[0]
+        lm.count("feature_map", 1)
+        lm.fmap_cache.put(key, fmap)
+        return fmap
+
+    def _image_vectors(self, lm: LoadedModel, images: list[DecodedImage], keys: list) -> list[np.ndarray]:
+        """Whole-image vectors for cache misses, one encoder batch for the images this call leads;
+        images another request is already encoding are waited for, not encoded again."""
+        flights = [lm.image_flights.claim(k) for k in keys]
+        mine = [j for j, f in enumerate(flights) if f.leader]
+        values: dict[int, np.ndarray] = {}
+        try:
+            need = []
+            for j in mine:
+                v = self.cache.get(keys[j])
+                if v is None:
+                    need.append(j)
+                else:
+                    values[j] = v
+            if need:
+                pre = lm.info.preprocessing
+                with lm.vectors.announce():
+                    batch = np.stack([crops.prepare_image(images[j].pixels, pre.input_size, pre.resize, lm.pad_value)[0]
+                                      for j in need])
+                    fut = lm.vectors.submit(batch)
+                fresh = l2_normalise(fut.result())
+                lm.count("image", len(need))
+                for j, v in zip(need, fresh):
+                    values[j] = v
+                    self.cache.put(keys[j], v)
+        except BaseException as e:
+            for j in mine:
+                flights[j].fail(e)
+            raise
+        # Everything this call leads is settled before it waits on others: no two calls can
+        # wait on each other.
+        for j in mine:
+            flights[j].resolve(values[j])
+        return [f.result() for f in flights]
 
     def _roi_vectors(self, lm: LoadedModel, image: DecodedImage, regions: np.ndarray) -> np.ndarray:
         pre = lm.info.preprocessing
