@@ -9,6 +9,8 @@
     minehead datasets synth DIR [--images 60] [--seed 1]
     minehead heads train|list|get|download|upload|delete|score|compare   (see clients/cli_heads.py)
     minehead mine start|watch|cancel|ab, recipes list|get|export|import|apply|delete, negatives export
+    minehead recipes sets list|get|create|delete|export|import
+    minehead draft --recipes SET_OR_JOB --images DIR -o OUT [--format yolo,coco,labelstudio] [--polygons] [--merge] [--resume JOB]
 
 Service addresses come from --embedder/--head/--miner or MINEHEAD_<SERVICE>_ADDR
 (defaults 127.0.0.1:50051/50052/50053). gRPC errors print as "error: CODE: message" and exit 1.
@@ -27,7 +29,7 @@ import numpy as np
 from minehead.client.channel import default_address
 from minehead.client.embedder import EmbedderClient
 from minehead.client.health import check_health
-from clients import cli_heads, cli_miner
+from clients import cli_draft, cli_heads, cli_miner
 from clients.cli_common import SERVICES, parse_box, print_json, print_table, to_jsonable
 
 
@@ -164,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("texts", nargs="+")
     et.add_argument("--model", default="")
     cli_heads.add_commands(sub, add)
-    cli_miner.add_commands(sub, add)
+    recipes = cli_miner.add_commands(sub, add)
+    cli_draft.add_commands(sub, add, recipes)
     return p
 
 

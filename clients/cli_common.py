@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,19 +58,40 @@ def parse_box(text: str) -> list[float]:
     return vals
 
 
+class ProgressBar:
+    """`[#####.....] 40/100 images  2.31 images/s  ETA 0:26` on stderr, redrawn in place. The
+    rate counts only units done while watching, so a resumed job's ETA is not flattered."""
+
+    def __init__(self, width: int = 30) -> None:
+        self.width = width
+        self.start: tuple[float, int, str] | None = None
+
+    def update(self, done: int, total: int, unit: str) -> None:
+        now = time.monotonic()
+        if self.start is None or self.start[2] != unit or done < self.start[1]:
+            self.start = (now, done, unit)
+        t0, d0, _ = self.start
+        frac = done / total if total else 0.0
+        bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
+        rate = (done - d0) / (now - t0) if now > t0 and done > d0 else 0.0
+        tail = ""
+        if rate > 0:
+            eta = int((total - done) / rate)
+            tail = f"  {rate:.2f} {unit}/s  ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+        print(f"\r  [{bar}] {done}/{total} {unit}{tail}   ", end="", file=sys.stderr, flush=True)
+        if total and done >= total:
+            print(file=sys.stderr)
+
+
 def follow(client, job: common_pb2.Job, quiet: bool) -> common_pb2.Job:
     """Stream the job's events to stderr (progress bar, log lines) until it ends."""
-    width = 30
+    bar = ProgressBar()
     for ev in client.jobs.watch(job.name):
         if quiet:
             continue
         kind = ev.WhichOneof("payload")
         if kind == "progress" and ev.progress.total:
-            frac = ev.progress.done / ev.progress.total
-            bar = "#" * int(frac * width) + "." * (width - int(frac * width))
-            print(f"\r  [{bar}] {ev.progress.done}/{ev.progress.total} {ev.progress.unit}", end="", file=sys.stderr, flush=True)
-            if ev.progress.done == ev.progress.total:
-                print(file=sys.stderr)
+            bar.update(ev.progress.done, ev.progress.total, ev.progress.unit)
         elif kind == "phase":
             print(f"{ev.phase} …", file=sys.stderr)
         elif kind == "log":

@@ -168,7 +168,8 @@ def cmd_negatives_export(a) -> int:
     return 0
 
 
-def add_commands(sub, add) -> None:
+def add_commands(sub, add):
+    """Adds mine/recipes/negatives; returns the `recipes` subparsers (recipe sets hang there)."""
     mine = sub.add_parser("mine", help="recipe mining").add_subparsers(dest="mine_cmd", required=True)
 
     def mining_args(p):
@@ -222,3 +223,4 @@ def add_commands(sub, add) -> None:
     ne = add(neg, "export", cmd_negatives_export, "write a mining job's hard negatives as a small YOLO dataset")
     ne.add_argument("job")
     ne.add_argument("-o", "--output", required=True)
+    return rec

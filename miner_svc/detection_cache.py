@@ -21,7 +21,9 @@ from miner_svc.detectors.base import Detections, Detector, ImageState
 
 
 class CachedDetector:
-    def __init__(self, detector: Detector, cache_dir: Path, floor: float = 0.05) -> None:
+    def __init__(self, detector: Detector, cache_dir: Path, floor: float = 0.05, persist: bool = True) -> None:
+        """persist=False keeps new runs in memory only (drafting: new images are seen once, so
+        writing their raw output to disk buys nothing); the disk is still read."""
         self.detector = detector
         self.info = detector.info
         self.counters = detector.counters
@@ -30,7 +32,9 @@ class CachedDetector:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0
+        self.persist = persist
         self._mem: dict[Path, tuple] = {}
+        self._by_image: dict[str, list[Path]] = {}
 
     def set_image(self, image: DecodedImage) -> ImageState:
         return self.detector.set_image(image)
@@ -53,21 +57,30 @@ class CachedDetector:
             m = d.masks if d.masks is not None else np.zeros((len(d), h, w), bool)
             rec = (d.boxes.astype(np.float32), d.scores.astype(np.float32),
                    np.packbits(m.reshape(len(d), h * w), axis=1), (len(d), h, w))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, boxes=rec[0], scores=rec[1], masks=rec[2], shape=np.array(rec[3]))
-            os.replace(tmp, path)
+            if self.persist:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+                with os.fdopen(fd, "wb") as f:
+                    np.savez_compressed(f, boxes=rec[0], scores=rec[1], masks=rec[2], shape=np.array(rec[3]))
+                os.replace(tmp, path)
         else:
             self.hits += 1
         if len(self._mem) > 20_000:
             self._mem.clear()
+            self._by_image.clear()
+        if path not in self._mem:
+            self._by_image.setdefault(state.image.sha256, []).append(path)
         self._mem[path] = rec
         boxes, scores, packed, (n, h, w) = rec
         mk = None
         if masks:
             mk = np.unpackbits(packed, axis=1, count=h * w).reshape(n, h, w).astype(bool) if n else np.zeros((0, h, w), bool)
         return Detections(boxes, scores, mk)
+
+    def forget(self, image_sha256: str) -> None:
+        """Drop one image's rows from memory (drafting is done with it)."""
+        for p in self._by_image.pop(image_sha256, []):
+            self._mem.pop(p, None)
 
     def text(self, state: ImageState, prompt: str, threshold: float | None = None, masks: bool = False) -> Detections:
         """Detections for a text prompt with score >= threshold (default: the floor)."""

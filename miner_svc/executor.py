@@ -19,6 +19,8 @@ Arrays: boxes N x 4 XYXY pixels; probs N x C head probabilities in the head's cl
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -109,19 +111,56 @@ class ImageResult:
 
 
 class HeadScorer:
-    """Head probabilities (and embeddings, for seed diversity) for boxes of one image."""
+    """Head probabilities (and embeddings, for seed diversity) for boxes of one image.
 
-    def __init__(self, bundle, embeds, model) -> None:
+    `score` remembers the current image's rows: each distinct box is embedded and scored once,
+    however many steps and classes (a whole recipe set) ask for it. `pool`, when given, is
+    (ImageState, boxes Nx4 XYXY, CropPolicy) -> N x D vectors pooled from the detector's own
+    feature map (same encoder as the head's embedder), which saves the embedder's second
+    encoder pass; otherwise one EmbedCrops call per image for the boxes it lacks."""
+
+    def __init__(self, bundle, embeds, model, pool=None, keep_images: int = 256) -> None:
         self.bundle = bundle
         self.embeds = embeds  # minehead.crop_embeddings.CropEmbeddingCache
         self.model = model  # embedder_pb2.Model of the head's embedder
         self.policy = bundle.crop_policy
+        self.pool = pool
+        self.boxes_embedded = 0
+        self.keep_images = keep_images  # mining revisits its tune images; drafting sees each once
+        self._lock = threading.Lock()
+        self._images: OrderedDict[str, dict[bytes, tuple[np.ndarray, np.ndarray]]] = OrderedDict()
 
-    def embed(self, image_bytes: bytes, boxes: np.ndarray) -> np.ndarray:
+    def embed(self, state: ImageState, image_bytes: bytes, boxes: np.ndarray) -> np.ndarray:
+        if self.pool is not None:
+            return self.pool(state, boxes, self.policy)
         return self.embeds.embed(image_bytes, boxes, self.policy, self.model)
 
     def probs(self, vectors: np.ndarray) -> np.ndarray:
         return self.bundle.predict_proba(vectors)
+
+    def score(self, state: ImageState, image_bytes: bytes, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """boxes N x 4 XYXY pixels -> (N x D embeddings, N x C probabilities)."""
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        C, D = len(self.bundle.classes), int(self.model.dim) if self.model is not None else 0
+        if not len(boxes):
+            return np.zeros((0, D), np.float32), np.zeros((0, C), np.float32)
+        with self._lock:
+            rows = self._images.get(state.image.sha256)
+            if rows is None:
+                rows = self._images[state.image.sha256] = {}
+                while len(self._images) > self.keep_images:
+                    self._images.popitem(last=False)
+            keys = [b.tobytes() for b in boxes]
+            todo = list(dict.fromkeys(k for k in keys if k not in rows))
+            if todo:
+                tb = np.frombuffer(b"".join(todo), np.float32).reshape(-1, 4)
+                vecs = np.asarray(self.embed(state, image_bytes, tb), np.float32)
+                probs = self.probs(vecs)
+                self.boxes_embedded += len(todo)
+                for k, v, p in zip(todo, vecs, probs):
+                    rows[k] = (v, p)
+            got = [rows[k] for k in keys]
+        return np.stack([r[0] for r in got]), np.stack([r[1] for r in got])
 
 
 def farthest_point(vectors: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
@@ -159,8 +198,7 @@ def run_step(det: CachedDetector, state: ImageState, image_bytes: bytes, step: S
     st = StepStats()
     seeds = det.text(state, step.prompt, step.seed_threshold, masks=masks)
     seeds = seeds.take(nms(seeds.boxes, seeds.scores, step.seed_dedupe_iou))
-    vecs = head.embed(image_bytes, seeds.boxes)
-    probs = head.probs(vecs)
+    vecs, probs = head.score(state, image_bytes, seeds.boxes)
     keep = np.ones(len(seeds), bool)
     st.seeds_checked = len(seeds)
     skip_expansion = False
@@ -186,10 +224,10 @@ def run_step(det: CachedDetector, state: ImageState, image_bytes: bytes, step: S
         exp = det.exemplars(state, seeds.boxes[picked], step.expand_threshold, masks=masks)
         st.decoder_expansions = 1
         if len(exp):
-            ev = head.embed(image_bytes, exp.boxes)
+            _, eprobs = head.score(state, image_bytes, exp.boxes)
             masks = None if seeds.masks is None or exp.masks is None else np.concatenate([seeds.masks, exp.masks])
             cand = Detections(np.concatenate([seeds.boxes, exp.boxes]), np.concatenate([seeds.scores, exp.scores]), masks)
-            probs = np.concatenate([probs, head.probs(ev)])
+            probs = np.concatenate([probs, eprobs])
     st.final_checked = len(cand)
     if len(cand):
         st.top1_background = int(np.isin(probs.argmax(1), bg).sum()) if bg else 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -95,24 +96,62 @@ def check_against_head(r: recipes_pb2.Recipe, head: HeadBundle) -> None:
 
 
 class RecipeStore:
-    """DATA_DIR/miner/recipes/<id>/{recipe.json, head.zip}; atomic writes, re-read on list."""
+    """DATA_DIR/miner/recipes/<id>/{recipe.json, head.zip}, plus index.json (the ids).
+
+    Writes are atomic (temp dir, then rename; the index by os.replace). `list` answers from
+    parsed recipes kept in memory and checks only the index's mtime, so listing 1,000 recipes
+    costs one stat; a recipe written by another process appears once the index changes. A
+    missing or unreadable index is rebuilt from the folders."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._index = self.root / "index.json"
+        self._index_stamp: int | None = None
+        self._parsed: dict[str, recipes_pb2.Recipe] = {}
+        self._sorted: list[recipes_pb2.Recipe] = []
+
+    def _read_ids(self) -> list[str]:
+        try:
+            return list(json.loads(self._index.read_text())["recipes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            ids = sorted(f.parent.name for f in self.root.glob("*/recipe.json") if not f.parent.name.startswith("."))
+            self._write_ids(ids)
+            return ids
+
+    def _write_ids(self, ids) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".index-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"recipes": sorted(set(ids))}, f)
+        os.replace(tmp, self._index)
+
+    def _refresh(self) -> list[recipes_pb2.Recipe]:
+        with self._lock:
+            try:
+                stamp = self._index.stat().st_mtime_ns
+            except FileNotFoundError:
+                stamp = None
+            if stamp is not None and stamp == self._index_stamp:
+                return self._sorted
+            ids = self._read_ids()
+            parsed = {}
+            for rid in ids:
+                r = self._parsed.get(rid)
+                if r is None:
+                    try:
+                        r = from_json((self.root / rid / "recipe.json").read_text())
+                    except (InvalidArgument, OSError):
+                        continue
+                parsed[rid] = r
+            self._parsed = parsed
+            self._sorted = sorted(parsed.values(), key=lambda r: (r.create_time.seconds, r.recipe_id), reverse=True)
+            # The stamp read before the ids: a write racing with this read shows up next time.
+            self._index_stamp = stamp if stamp is not None else self._index.stat().st_mtime_ns
+            return self._sorted
 
     def list(self, class_name: str = "") -> list[recipes_pb2.Recipe]:
-        out = []
-        for f in sorted(self.root.glob("*/recipe.json")):
-            try:
-                r = from_json(f.read_text())
-            except (InvalidArgument, OSError):
-                continue
-            if not class_name or r.class_name == class_name:
-                out.append(r)
-        out.sort(key=lambda r: (r.create_time.seconds, r.recipe_id), reverse=True)
-        return out
+        return [r for r in self._refresh() if not class_name or r.class_name == class_name]
 
     def _folder(self, name: str) -> Path:
         rid = name[len("recipes/"):] if name.startswith("recipes/") else name
@@ -139,6 +178,8 @@ class RecipeStore:
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        with self._lock:
+            self._write_ids(self._read_ids() + [recipe.recipe_id])
         return recipe
 
     def delete(self, name: str) -> None:
@@ -147,6 +188,8 @@ class RecipeStore:
         shutil.rmtree(trash, ignore_errors=True)
         f.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
+        with self._lock:
+            self._write_ids([i for i in self._read_ids() if i != f.name])
 
     def export_zip(self, name: str) -> bytes:
         return bundle_zip(self.get(name), self.head(name))

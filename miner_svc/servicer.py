@@ -12,6 +12,7 @@ import grpc
 from minehead.client.heads import HeadClient
 from minehead.common.v1 import common_pb2
 from minehead.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from minehead.core.floats import user_float
 from minehead.core.images import decode_image
 from minehead.core.jobs import JobContext, JobRunner, job_id_from_name, struct_from_dict
 from minehead.core.paths import image_ref_bytes, resolve_allowed
@@ -25,13 +26,15 @@ from miner_svc import masks as mask_codec
 from miner_svc.detection_cache import CachedDetector
 from miner_svc.detectors import create_detector, known_detectors
 from miner_svc.executor import HeadScorer, run_recipe
-from miner_svc.mining import ImageItem, Miner, Settings, check_settings, negative_crops, split_images
+from miner_svc.mining import ImageItem, Miner, Settings, check_settings, class_report, negative_crops, split_images
+from miner_svc.drafting_rpcs import DraftingRPCs
+from miner_svc.recipe_sets import RecipeSetStore, make_set
 from miner_svc.recipes import APPLY_NAMES, RecipeStore, gate_of, read_bundle, steps_of
 
 CHUNK = 1 << 20
 
 
-class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
+class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
     def __init__(self, service_dir: Path, models_dir: Path, head_address: str, embedder_address: str,
                  allowed_roots: list[Path], runner: JobRunner, default_detector: str = "sam3-tiny-random",
                  offline: bool = True) -> None:
@@ -39,6 +42,7 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
         self.models_dir = models_dir
         self.head_address = head_address
         self.store = RecipeStore(service_dir / "recipes")
+        self.sets = RecipeSetStore(service_dir / "recipe_sets")
         self.embeds = CropEmbeddingCache(embedder_address, service_dir / "embeddings")
         self.allowed_roots = allowed_roots
         self.runner = runner
@@ -81,19 +85,28 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
     def scorer(self, head: HeadBundle) -> HeadScorer:
         return HeadScorer(head, self.embeds, self.embeds.model_info(head.embedder_model))
 
+    def scorer_for(self, head: HeadBundle, det: CachedDetector, keep_images: int = 256) -> HeadScorer:
+        """The head's scorer for runs with `det`."""
+        return HeadScorer(head, self.embeds, self.embeds.model_info(head.embedder_model), keep_images=keep_images)
+
+    def resolve_dataset(self, ref: str) -> Path:
+        """A dataset folder the miner may read: a path under the allowed roots."""
+        return resolve_allowed(ref, self.allowed_roots)
+
     def settings(self, spec: miner_pb2.MiningSpec, classes: list[str]) -> Settings:
+        uf = user_float  # float32 proto fields back to what the user typed (0.1, not 0.10000000149011612)
         s = Settings(
             classes=classes, prompts={k: list(v.prompts) for k, v in spec.prompts.items()},
-            target_precision=spec.target_precision or 0.75, floor=spec.floor_threshold or 0.05,
-            max_steps=spec.max_steps or 3, report_fraction=spec.report_fraction or 0.3, seed=spec.seed,
-            guard=spec.clip_head_background_guard, background_margin=spec.clip_head_background_margin,
-            apply=APPLY_NAMES[spec.clip_head_background_apply], penalty=spec.clip_head_background_penalty,
+            target_precision=uf(spec.target_precision) or 0.75, floor=uf(spec.floor_threshold) or 0.05,
+            max_steps=spec.max_steps or 3, report_fraction=uf(spec.report_fraction) or 0.3, seed=spec.seed,
+            guard=spec.clip_head_background_guard, background_margin=uf(spec.clip_head_background_margin),
+            apply=APPLY_NAMES[spec.clip_head_background_apply], penalty=uf(spec.clip_head_background_penalty),
             auto_tune=spec.clip_head_auto_tune,
             prompt_filter=spec.prompt_filter if spec.HasField("prompt_filter") else True,
-            prompt_filter_max_veto=spec.prompt_filter_max_veto if spec.HasField("prompt_filter_max_veto") else 0.8,
+            prompt_filter_max_veto=uf(spec.prompt_filter_max_veto) if spec.HasField("prompt_filter_max_veto") else 0.8,
             prompt_filter_min_seeds=spec.prompt_filter_min_seeds if spec.HasField("prompt_filter_min_seeds") else 5,
             max_images=spec.max_images,
-            hard_negative_min_bg_prob=spec.hard_negative_min_bg_prob if spec.HasField("hard_negative_min_bg_prob") else 0.5)
+            hard_negative_min_bg_prob=uf(spec.hard_negative_min_bg_prob) if spec.HasField("hard_negative_min_bg_prob") else 0.5)
         check_settings(s)
         return s
 
@@ -176,7 +189,9 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
             "images": len(items), "tune_images": len(tune), "report_images": len(report),
             "seconds": {"detecting": round(t_detect, 3), **{k: round(v, 3) for k, v in miner.timings.items()},
                         "total": round(time.perf_counter() - t_start, 3)},
-            "warnings": warnings,
+            # run-level warnings, then each class's own (an unreachable target, no step found)
+            "warnings": warnings + list(dict.fromkeys(w for r in recipes for w in r.summary.warnings if w not in warnings)),
+            "classes": {r.class_name: class_report(r) for r in recipes},
         }
         return recipes, summary, miner.negatives
 
@@ -195,6 +210,10 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                 return stored
 
             _, summary, negatives = self._mine(ctx, ds, head, det, s, spec.dataset, on_recipe=keep)
+            if result.recipes:
+                rset = self.sets.put(make_set(list(result.recipes), head, ctx.name), head)
+                result.recipe_set = rset.name
+                ctx.log(f"recipe set {rset.name}: {', '.join(rset.classes)} (draft with `minehead draft --recipes {rset.name}`)")
             (self.dir / "negatives" / f"{job_id_from_name(ctx.name)}.json").write_text(
                 json.dumps({"dataset": str(ds.root), "negatives": negatives}))
             summary["hard_negatives"] = len(negatives)
@@ -206,7 +225,7 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
     def StartBenchmark(self, request, context):
         spec = request.spec
         ds, head, classes, det, _ = self._prepare(spec)
-        margin = request.margin or 0.1
+        margin = user_float(request.margin) or 0.1
         arms = [("no guard", dict(guard=False)), ("guard seed+final", dict(guard=True, apply="both", background_margin=0.0)),
                 (f"guard+margin {margin:g}", dict(guard=True, apply="both", background_margin=margin))]
 
@@ -228,6 +247,8 @@ class MinerServicer(miner_pb2_grpc.MinerServiceServicer):
                              "ground_truth": gt,
                              "bg_veto_rate_seed": _rate(sum(st.seeds_vetoed_background for st in seeds), sum(st.seeds_checked for st in seeds)),
                              "bg_veto_rate_final": _rate(sum(st.final_vetoed_background for st in seeds), sum(st.final_checked for st in seeds)),
+                             "seeds_vetoed_background_only": sum(st.seeds_vetoed_background_only for st in seeds),
+                             "final_vetoed_background_only": sum(st.final_vetoed_background_only for st in seeds),
                              "seconds": round(time.perf_counter() - t0, 3), "passes": summary["passes"]})
                 ctx.progress(k + 1, len(arms), "arms")
             return miner_pb2.BenchmarkResult(report=struct_from_dict({"arms": rows, "detector": det.info.model_id,

@@ -125,6 +125,10 @@ class _FakeHead:
     def probs(self, vectors):
         return np.tile(np.array([[0.3, 0.7]], np.float32), (len(vectors), 1))
 
+    def score(self, state, image_bytes, boxes):
+        v = self.embed(image_bytes, boxes)
+        return v, self.probs(v)
+
 
 @pytest.mark.parametrize("apply,expect_out,expect_reason", [("both", 0, "final background veto"), ("seed", 2, "no final guard")])
 def test_all_seeds_vetoed_retries_without_guard_but_keeps_the_final_gate(apply, expect_out, expect_reason):

@@ -1,9 +1,11 @@
-"""Miner client: mining jobs, recipes, ApplyRecipe, negatives."""
+"""Miner client: mining jobs, recipes, recipe sets, drafting, ApplyRecipe, negatives."""
 
 from __future__ import annotations
 
 from minehead.common.v1 import common_pb2
-from minehead.miner.v1 import miner_pb2, miner_pb2_grpc
+from typing import Iterable, Iterator
+
+from minehead.miner.v1 import drafting_pb2, miner_pb2, miner_pb2_grpc
 
 from minehead.client.channel import ServiceClient
 from minehead.client.embedder import image_ref
@@ -49,3 +51,51 @@ class MinerClient(ServiceClient):
     def export_negatives(self, job: str) -> bytes:
         name = job if job.startswith("jobs/") else f"jobs/{job}"
         return b"".join(c.data for c in self.stub.ExportNegatives(miner_pb2.ExportNegativesRequest(job=name), timeout=self.timeout))
+
+    # -- recipe sets ------------------------------------------------------------------------
+    def create_recipe_set(self, recipes: Iterable[str] = (), job: str = "") -> drafting_pb2.RecipeSet:
+        """From stored recipes (one head, one detector, one per class) or a mining job."""
+        if job:
+            req = drafting_pb2.CreateRecipeSetRequest(job=job if job.startswith("jobs/") else f"jobs/{job}")
+        else:
+            req = drafting_pb2.CreateRecipeSetRequest(recipes=drafting_pb2.RecipeNames(names=list(recipes)))
+        return self.stub.CreateRecipeSet(req, timeout=self.timeout)
+
+    def list_recipe_sets(self) -> list[drafting_pb2.RecipeSet]:
+        return list(self.stub.ListRecipeSets(drafting_pb2.ListRecipeSetsRequest(), timeout=self.timeout).recipe_sets)
+
+    def get_recipe_set(self, name: str) -> drafting_pb2.RecipeSet:
+        return self.stub.GetRecipeSet(drafting_pb2.GetRecipeSetRequest(name=name), timeout=self.timeout)
+
+    def delete_recipe_set(self, name: str) -> None:
+        self.stub.DeleteRecipeSet(drafting_pb2.DeleteRecipeSetRequest(name=name), timeout=self.timeout)
+
+    def export_recipe_set(self, name: str) -> bytes:
+        req = drafting_pb2.ExportRecipeSetRequest(name=name)
+        return b"".join(c.data for c in self.stub.ExportRecipeSet(req, timeout=self.timeout))
+
+    def import_recipe_set(self, data: bytes) -> drafting_pb2.RecipeSet:
+        return self.stub.ImportRecipeSet(chunked(None, data, lambda c: drafting_pb2.ImportRecipeSetRequest(chunk=c)),
+                                         timeout=self.timeout)
+
+    # -- drafting ---------------------------------------------------------------------------
+    def start_drafting(self, spec: drafting_pb2.DraftingSpec | None = None, resume: str = "") -> common_pb2.Job:
+        if resume and not resume.startswith("jobs/"):
+            resume = f"jobs/{resume}"
+        req = drafting_pb2.StartDraftingRequest(spec=spec, resume=resume)
+        return self.stub.StartDrafting(req, timeout=self.timeout)
+
+    def export_draft(self, job: str) -> bytes:
+        name = job if job.startswith("jobs/") else f"jobs/{job}"
+        return b"".join(c.data for c in self.stub.ExportDraft(drafting_pb2.ExportDraftRequest(job=name), timeout=self.timeout))
+
+    def draft_images(self, options: drafting_pb2.DraftOptions, images: Iterable) -> Iterator[drafting_pb2.DraftedImage]:
+        """Interactive drafting: `images` (paths, bytes or HxWx3 arrays; read lazily, one at a
+        time) -> one DraftedImage per image, in order, as soon as the server has it."""
+        def requests():
+            yield drafting_pb2.DraftImagesRequest(options=options)
+            for im in images:
+                yield drafting_pb2.DraftImagesRequest(image=image_ref(im))
+
+        # No overall deadline: a stream of many images takes as long as it takes.
+        return self.stub.DraftImages(requests())

@@ -1,0 +1,133 @@
+"""Drafting: a recipe set applied to new images (the product's last step).
+
+    drafter = Drafter(det, head, scorer, recipe_set, options)
+    drafted = drafter.draft(data, "img_0001.jpg", index=0)      # -> miner.v1.DraftedImage
+
+Per image the detector's backbone runs once (one ImageState), each distinct prompt across all
+classes runs once (the detection cache), every candidate box is embedded and scored by the
+head once (HeadScorer.score remembers the image's rows), and each class's recipe is then the
+same executor as mining (`run_recipe`) filtering those rows. Between classes: two kept boxes of
+different classes overlapping at IoU >= overlap_iou keep the higher head probability, and the
+loser is recorded as the winner's runner-up. A box whose head margin (its class minus the best
+other real class) is under the ambiguity margin is flagged ambiguous.
+
+`uncertainty` orders the review queue: the smallest of the head margin and the slack to every
+threshold the box passed (min_prob, margin, background margin, the step's detector threshold).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numpy as np
+
+from minehead.core.errors import MineheadError
+from minehead.core.images import decode_image
+from minehead.geometry import iou_matrix
+from minehead.heads.bundle import HeadBundle
+from minehead.heads.keep_rule import split_scores
+from minehead.miner.v1 import drafting_pb2
+
+from miner_svc import masks as mask_codec
+from miner_svc.detection_cache import CachedDetector
+from miner_svc.executor import Gate, HeadScorer, Step, run_recipe
+from miner_svc.recipes import gate_of, steps_of
+
+DEFAULT_OVERLAP_IOU = 0.7
+DEFAULT_AMBIGUITY_MARGIN = 0.1
+
+
+@dataclasses.dataclass
+class _ClassRecipe:
+    recipe_id: str
+    class_name: str
+    target: int
+    steps: list[Step]
+    gate: Gate
+
+
+class Drafter:
+    def __init__(self, det: CachedDetector, head: HeadBundle, scorer: HeadScorer, recipe_set: drafting_pb2.RecipeSet,
+                 options: drafting_pb2.DraftOptions) -> None:
+        self.det, self.head, self.scorer = det, head, scorer
+        self.recipes = [_ClassRecipe(r.recipe_id, r.class_name, head.classes.index(r.class_name), steps_of(r), gate_of(r))
+                        for r in recipe_set.recipes]
+        self.polygons = options.polygons
+        self.overlap_iou = options.overlap_iou or DEFAULT_OVERLAP_IOU
+        self.ambiguity_margin = options.ambiguity_margin or DEFAULT_AMBIGUITY_MARGIN
+        self.real = [i for i in range(len(head.classes)) if i not in set(head.background_indices)]
+        self.warnings: list[str] = []
+
+    def draft(self, data: bytes, name: str, index: int) -> drafting_pb2.DraftedImage:
+        """One image; an unreadable image comes back with `error` set and no boxes."""
+        out = drafting_pb2.DraftedImage(image=name, index=index)
+        try:
+            image = decode_image(data, name)
+        except MineheadError as e:
+            out.error = str(e)
+            return out
+        out.width, out.height = image.width, image.height
+        state = self.det.set_image(image)
+        rows = []  # (head_prob, class recipe, box, score, probs, step, mask)
+        for cr in self.recipes:
+            r = run_recipe(self.det, state, data, cr.steps, cr.gate, cr.target, self.scorer, masks=self.polygons)
+            for w in r.warnings:
+                if w not in self.warnings:
+                    self.warnings.append(w)
+            for j in range(len(r.boxes)):
+                rows.append((float(r.probs[j, cr.target]), cr, r.boxes[j], float(r.scores[j]), r.probs[j],
+                             int(r.step_index[j]), r.masks[j] if r.masks is not None else None))
+        self.det.forget(image.sha256)
+        for row, runner_up in self._resolve(rows):
+            out.boxes.append(self._box(row, runner_up))
+        return out
+
+    def _resolve(self, rows):
+        """Cross-class overlaps: the higher head probability wins; the loser is the runner-up."""
+        rows.sort(key=lambda r: -r[0])
+        if not rows:
+            return []
+        boxes = np.stack([r[2] for r in rows]).astype(np.float64)
+        iou = iou_matrix(boxes, boxes)
+        kept: list[int] = []
+        runner: dict[int, tuple[str, float]] = {}
+        for i, r in enumerate(rows):
+            clash = [k for k in kept if rows[k][1].class_name != r[1].class_name and iou[i, k] >= self.overlap_iou]
+            if clash:
+                k = max(clash, key=lambda k: iou[i, k])
+                runner.setdefault(k, (r[1].class_name, r[0]))
+                continue
+            kept.append(i)
+        return [(rows[k], runner.get(k)) for k in kept]
+
+    def _box(self, row, runner_up) -> drafting_pb2.DraftBox:
+        p, cr, box, score, probs, step, mask = row
+        g = cr.gate
+        tp, best_other, best_bg = (float(v[0]) for v in split_scores(probs[None], np.array([cr.target]),
+                                                                        self.head.background_indices))
+        others = [c for c in self.real if c != cr.target]
+        second = self.head.classes[max(others, key=lambda c: probs[c])] if others else ""
+        margin = tp - best_other
+        st = cr.steps[step]
+        det_thr = st.seed_threshold if score >= st.seed_threshold else st.expand_threshold
+        slack = {"head margin": margin, "min_prob": tp - g.min_prob, "detector threshold": score - det_thr}
+        why = [f"head p={tp:.2f} >= min_prob {g.min_prob:.2f}"]
+        if g.margin > 0:
+            slack["margin"] = margin - g.margin
+            why.append(f"margin {margin:.2f} >= {g.margin:.2f}")
+        guard = g.background_guard and g.apply in ("final", "both") and bool(self.head.background_indices)
+        if guard:
+            slack["background margin"] = tp - best_bg - g.background_margin
+            why.append(f"background margin {tp - best_bg:.2f} >= {g.background_margin:.2f}")
+        why.append(f"step {step} {st.prompt!r}: detector score {score:.2f} >= {det_thr:.2f}")
+        tightest = min(slack, key=slack.get)
+        b = drafting_pb2.DraftBox(
+            class_name=cr.class_name, score=score, head_prob=tp, head_probabilities=[float(v) for v in probs],
+            recipe_id=cr.recipe_id, step_index=step, prompt=st.prompt, margin=margin, second_class=second,
+            ambiguous=bool(second) and margin < self.ambiguity_margin, uncertainty=float(slack[tightest]),
+            reason="; ".join(why) + f" (tightest: {tightest})")
+        b.box.x1, b.box.y1, b.box.x2, b.box.y2 = (float(v) for v in box)
+        if runner_up:
+            b.runner_up_class, b.runner_up_prob = runner_up
+        if self.polygons and mask is not None:
+            b.polygon.extend(mask_codec.polygon(mask))
+        return b
