@@ -12,6 +12,7 @@ from google.protobuf import timestamp_pb2
 
 from minehead.core import embeddings as codec
 from minehead.core.errors import InvalidArgument, NotFound
+from minehead.core.floats import user_float
 from minehead.core.jobs import JobContext, JobRunner, struct_from_dict
 from minehead.core.paths import image_ref_bytes, resolve_allowed
 from minehead.core.safezip import safe_members, write_members
@@ -23,25 +24,25 @@ from minehead.heads.bundle import HeadBundle
 from minehead.datasets import load_dataset
 from minehead.crop_embeddings import CropEmbeddingCache
 from head_svc.registry import HeadRegistry
+from head_svc.score_wire import score_response
 from head_svc.scoring import DEFAULT_AMBIGUITY_MARGIN, effective_thresholds, score_embeddings
 
 CHUNK = 1 << 20
 MAX_DATASET_ZIP = 2 << 30
 MAX_DATASET_MEMBER = 256 << 20
 _HEAD_TYPES = {head_pb2.HEAD_TYPE_UNSPECIFIED: "logreg", head_pb2.LOGREG: "logreg", head_pb2.MLP: "mlp"}
-_DECISIONS = {"keep": head_pb2.CropScore.KEEP, "reject_low_prob": head_pb2.CropScore.REJECT_LOW_PROB,
-              "reject_margin": head_pb2.CropScore.REJECT_MARGIN, "reject_background": head_pb2.CropScore.REJECT_BACKGROUND}
 
 
 def variant_from_spec(spec: head_pb2.TrainingSpec, name: str = "") -> training.Variant:
     st = spec.soft_targets
+    uf = user_float  # float32 proto fields back to what the user typed (0.1, not 0.10000000149011612)
     return training.Variant(
-        head_type=_HEAD_TYPES.get(spec.head_type, "logreg"), label_smoothing=st.label_smoothing,
-        teacher_temperature=st.teacher_temperature, margin_loss=st.margin_loss,
+        head_type=_HEAD_TYPES.get(spec.head_type, "logreg"), label_smoothing=uf(st.label_smoothing),
+        teacher_temperature=uf(st.teacher_temperature), margin_loss=uf(st.margin_loss),
         hidden_sizes=tuple(spec.hidden_sizes) or (256,),
-        dropout=spec.dropout if spec.HasField("dropout") else 0.1,
-        weight_decay=spec.weight_decay if spec.HasField("weight_decay") else 1e-4,
-        max_epochs=spec.max_epochs or 200, logreg_c=spec.logreg_c or 1.0, name=name)
+        dropout=uf(spec.dropout) if spec.HasField("dropout") else 0.1,
+        weight_decay=uf(spec.weight_decay) if spec.HasField("weight_decay") else 1e-4,
+        max_epochs=spec.max_epochs or 200, logreg_c=uf(spec.logreg_c) or 1.0, name=name)
 
 
 def head_proto(b: HeadBundle, full: bool = False) -> head_pb2.Head:
@@ -124,7 +125,7 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
         bg = spec.background_classes if spec.HasField("background_classes") else 2
         if bg < 0 or bg > 16:
             raise InvalidArgument(f"background_classes must be 0..16, got {bg}")
-        frac = spec.holdout_fraction or 0.25
+        frac = user_float(spec.holdout_fraction) or 0.25
         if not 0 < frac < 1:
             raise InvalidArgument(f"holdout_fraction must be in (0, 1), got {frac}")
         negatives = [load_dataset(self._dataset_path(ref)[0]) for ref in spec.negatives]
@@ -227,16 +228,8 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
             b, *(getattr(th, f) if th.HasField(f) else None for f in ("min_prob", "margin", "background_guard", "background_margin")))
         amb = request.ambiguity_margin if request.HasField("ambiguity_margin") else DEFAULT_AMBIGUITY_MARGIN
         res = score_embeddings(b, X, request.target_class or None, t, warnings, amb)
-        out = head_pb2.ScoreResponse(head_id=b.head_id, warnings=res.warnings,
-                                     thresholds=head_pb2.Thresholds(min_prob=t.min_prob, margin=t.margin,
-                                                                    background_guard=t.background_guard,
-                                                                    background_margin=t.background_margin))
-        for i, r in enumerate(res.rows):
-            cs = out.scores.add(**{k: v for k, v in r.items() if k not in ("decision", "decision_code")})
-            cs.decision = _DECISIONS[r["decision"]]
-            if request.include_probabilities:
-                cs.probabilities.extend(res.probabilities[i].tolist())
-        return out
+        # Column-wise wire encoding: one CropScore built per crop through the API cost more than the head.
+        return score_response(res, b.head_id, request.include_probabilities)
 
     def close(self) -> None:
         self.embeds.close()
