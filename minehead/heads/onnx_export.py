@@ -68,12 +68,10 @@ def export_head(head) -> bytes:
 def onnx_session(onnx_bytes: bytes):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
+    from minehead.encoders.onnx_backend import ort_session_options
+
     # Heads are tiny: one thread avoids thread-pool wake-ups that cost more than the maths.
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(onnx_bytes, ort_session_options(threads=1), providers=["CPUExecutionProvider"])
 
 
 def parity(head, onnx_bytes: bytes, X: np.ndarray) -> float:
