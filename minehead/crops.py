@@ -19,6 +19,7 @@ from PIL import Image
 
 from minehead.common.v1 import common_pb2
 from minehead.core.errors import InvalidArgument
+from minehead.core.floats import user_float
 
 DEFAULT_PADDING = 0.08
 MAX_BOXES = 4096
@@ -40,7 +41,7 @@ class CropPolicy:
         if msg.output_size < 0 or msg.output_size > 2048:
             raise InvalidArgument(f"crop_policy.output_size must be in [0, 2048], got {msg.output_size}")
         return cls(
-            padding_ratio=msg.padding_ratio or DEFAULT_PADDING,
+            padding_ratio=user_float(msg.padding_ratio) or DEFAULT_PADDING,  # float32 field: stored as typed
             square=msg.square != common_pb2.CropPolicy.SQUARE_MODE_NONE,
             fill="zero" if msg.fill == common_pb2.CropPolicy.FILL_MODE_ZERO else "mean",
             output_size=msg.output_size,

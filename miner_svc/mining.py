@@ -84,7 +84,7 @@ class Miner:
         for it, r in zip(items, results):
             gt = it.gt_boxes[it.gt_classes == class_id]
             c, _ = selection.count(r.boxes, r.scores, gt)
-            total.tp, total.fp, total.dup, total.gt = total.tp + c.tp, total.fp + c.fp, total.dup + c.dup, total.gt + c.gt
+            total.add(c)
             for st in r.stats:
                 stats.add(st)
         total.top1_bg, total.checked = stats.top1_background, stats.final_checked
@@ -126,6 +126,7 @@ class Miner:
                                                             or [np.zeros(0)]), s.floor) for p in live}
         chosen: list[Step] = []
         best_score, best_counts = -np.inf, None
+        best_precision = 0.0  # over every setting tried, for the unreachable-target warning
         for round_ in range(s.max_steps):
             ctx.check_cancelled()
             cand_best = None
@@ -133,6 +134,7 @@ class Miner:
                 for t in grids[p]:
                     steps = chosen + [Step(p, t)]
                     sc, c = self.score(tune, steps, base_gate, target, class_id, looseness=1 - t)
+                    best_precision = max(best_precision, c.precision)
                     if cand_best is None or sc > cand_best[0]:
                         cand_best = (sc, c, Step(p, t))
             covered_before = best_counts.tp if best_counts else 0
@@ -192,12 +194,15 @@ class Miner:
                 for i, st in enumerate(r.stats):
                     all_stats[i].add(st)
                 self._collect_negatives(it, r, class_id, name)
+        new_cover = self.new_instances(tune, chosen, gate, target, class_id)
         for i, (st_, st) in enumerate(zip(chosen, all_stats)):
-            msg = f"bg veto: {st.seeds_vetoed}/{st.seeds_checked} seeds dropped, {st.final_vetoed}/{st.final_checked} final"
-            ctx.log(f"[{name}] step {i} ({st_.prompt!r}): {msg}")
+            msg = veto_line(st)
+            ctx.log(f"[{name}] step {i} ({st_.prompt!r}): {msg}; {new_cover[i]} new instance(s) on tune")
             step_logs.append(recipes_pb2.StepLog(
                 step_index=i, prompt=st_.prompt, seeds_checked=st.seeds_checked, seeds_vetoed_background=st.seeds_vetoed,
                 final_checked=st.final_checked, final_vetoed_background=st.final_vetoed,
+                seeds_vetoed_background_only=st.seeds_vetoed_background_only,
+                final_vetoed_background_only=st.final_vetoed_background_only, new_instances_covered=new_cover[i],
                 bg_veto_rate_seed=st.bg_veto_rate_seed, bg_veto_rate_final=st.bg_veto_rate_final, messages=[msg]
                 + (["background guard vetoed every seed on some image: retried without it"] if st.retried_without_guard else [])
                 + ([f"prompt filter skipped expansion on {st.prompt_filtered} image(s)"] if st.prompt_filtered else [])))
@@ -207,6 +212,15 @@ class Miner:
         warnings = list(self.warnings)
         if not chosen:
             warnings.append(f"no step found for {name!r}: no prompt/threshold produced a detection the head kept")
+        target_met = bool(chosen) and selection.meets_target(tune_c, s.target_precision)
+        if not target_met:
+            best = max(best_precision, tune_c.precision)
+            warnings.append(f"{name}: best tune precision {best:.2f} < target {s.target_precision:.2f}" if best < s.target_precision
+                            else f"{name}: tune precision {tune_c.precision:.2f} < target {s.target_precision:.2f} "
+                                 "once the head gate and expansion were chosen")
+            ctx.warn(warnings[-1])
+        il = selection.image_level([(r.boxes, it.gt_boxes[it.gt_classes == class_id]) for it, r in zip(report, rep_results)]
+                                   if chosen else [(np.zeros((0, 4)), it.gt_boxes[it.gt_classes == class_id]) for it in report])
         if self.det.info.meaningless:
             warnings.append(f"detector {self.det.info.model_id} has random weights: these detections are meaningless")
         recipe = recipes_pb2.Recipe(
@@ -222,10 +236,29 @@ class Miner:
                 ground_truth=rep_c.gt, duplicates=rep_c.dup, report_images=len(report),
                 bg_veto_rate_seed=total.bg_veto_rate_seed, bg_veto_rate_final=total.bg_veto_rate_final,
                 bg_confusion_rate=total.bg_confusion_rate, steps=step_logs, warnings=warnings,
-                tune_precision=tune_c.precision, tune_recall=tune_c.recall))
+                tune_precision=tune_c.precision, tune_recall=tune_c.recall, target_met=target_met,
+                selection_rule=selection.selection_rule(tune_c, s.target_precision),
+                seeds_checked=total.seeds_checked, seeds_vetoed_background=total.seeds_vetoed,
+                seeds_vetoed_background_only=total.seeds_vetoed_background_only, final_checked=total.final_checked,
+                final_vetoed_background=total.final_vetoed, final_vetoed_background_only=total.final_vetoed_background_only,
+                image_level=recipes_pb2.ImageLevelMetrics(**il)))
         if guard and s.auto_tune:
             recipe.gate.background_margin = gate.background_margin
         return recipe
+
+    def new_instances(self, tune: list[ImageItem], steps: list[Step], gate: Gate, target: int, class_id: int) -> list[int]:
+        """Per step, in recipe order: ground-truth instances on the tune split that steps[:k+1]
+        match and steps[:k] do not, with the final gate (cached rows: CPU only)."""
+        covered: set[tuple[int, int]] = set()
+        out = []
+        for k in range(len(steps)):
+            now = set()
+            for n, (it, r) in enumerate(zip(tune, self.run(tune, steps[:k + 1], gate, target))):
+                _, d2g = selection.count(r.boxes, r.scores, it.gt_boxes[it.gt_classes == class_id])
+                now |= {(n, int(j)) for j in d2g[d2g >= 0]}
+            out.append(len(now - covered))
+            covered |= now
+        return out
 
     def _collect_negatives(self, it: ImageItem, r: ImageResult, class_id: int, name: str) -> None:
         """False positives the head gives a high background probability: hard negatives."""
@@ -237,6 +270,33 @@ class Miner:
         for i in np.flatnonzero((d2g < 0) & (best_bg >= self.s.hard_negative_min_bg_prob)):
             self.negatives.append({"image": it.index, "box": r.boxes[i].tolist(), "class": name,
                                    "bg_prob": float(best_bg[i])})
+
+
+def veto_line(st: StepStats) -> str:
+    return (f"bg veto: {st.seeds_vetoed}/{st.seeds_checked} seeds dropped ({st.seeds_vetoed_background_only} by background "
+            f"alone), {st.final_vetoed}/{st.final_checked} final rejected ({st.final_vetoed_background_only} by background alone)")
+
+
+def class_report(r: recipes_pb2.Recipe) -> dict:
+    """One class's line of the run summary: the held-out counts, whether the target was met and
+    by which rule the recipe was chosen, background rejections per stage, and SAM3's metrics."""
+    s = r.summary
+    il = s.image_level
+    return {"precision": round(s.precision, 4), "recall": round(s.recall, 4), "true_positives": s.true_positives,
+            "false_positives": s.false_positives, "ground_truth": s.ground_truth,
+            "tune_precision": round(s.tune_precision, 4), "target_precision": round(float(r.target_precision), 4),
+            "target_met": s.target_met, "selection_rule": s.selection_rule,
+            "background": {"seeds_checked": s.seeds_checked, "seeds_rejected_background": s.seeds_vetoed_background,
+                           "seeds_vetoed_background_only": s.seeds_vetoed_background_only,
+                           "final_checked": s.final_checked, "final_rejected_background": s.final_vetoed_background,
+                           "final_vetoed_background_only": s.final_vetoed_background_only,
+                           "bg_veto_rate_seed": round(s.bg_veto_rate_seed, 4), "bg_veto_rate_final": round(s.bg_veto_rate_final, 4),
+                           "bg_confusion_rate": round(s.bg_confusion_rate, 4)},
+            "image_level": {"true_positives": il.true_positives, "false_positives": il.false_positives,
+                            "false_negatives": il.false_negatives, "true_negatives": il.true_negatives,
+                            "il_mcc": round(il.il_mcc, 4), "positive_micro_f1": round(il.positive_micro_f1, 4),
+                            "cg_f1": round(il.cg_f1, 4)},
+            "steps": [{"prompt": st.prompt, "new_instances_covered": st.new_instances_covered} for st in s.steps]}
 
 
 def split_images(ds: Dataset, classes: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

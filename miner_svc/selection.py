@@ -37,8 +37,16 @@ class Counts:
         return self.tp / self.gt if self.gt else 0.0
 
     @property
+    def f1(self) -> float:
+        return 2 * self.tp / (2 * self.tp + self.fp + (self.gt - self.tp)) if self.tp else 0.0
+
+    @property
     def bg_confusion_rate(self) -> float:
         return self.top1_bg / self.checked if self.checked else 0.0
+
+    def add(self, other: "Counts") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def to_dict(self) -> dict:
         return {"precision": round(self.precision, 4), "recall": round(self.recall, 4), "true_positives": self.tp,
@@ -51,20 +59,80 @@ def count(boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou: float = 0.
     return Counts(tp=int((d2g >= 0).sum()), fp=int((d2g < 0).sum()), dup=int(dup.sum()), gt=len(gt)), d2g
 
 
+RULE_TARGET = "target precision on tune, then most matches"
+RULE_FALLBACK = "best tune F1 (target unreachable)"
+
+
+def meets_target(c: Counts, target_precision: float) -> bool:
+    return c.tp + c.fp > 0 and c.precision >= target_precision
+
+
+def selection_rule(c: Counts, target_precision: float) -> str:
+    """Which branch of `objective` chose a recipe with tune counts c (for the summary)."""
+    return RULE_TARGET if meets_target(c, target_precision) else RULE_FALLBACK
+
+
 def objective(c: Counts, target_precision: float, penalty: float = 0.0, looseness: float = 0.0) -> float:
     """The one score every search maximises.
 
     Meeting the target precision: 1 + recall, minus a little for false positives, plus a
-    little for looser thresholds (looseness in [0, 1]). Missing it: the precision (< 1), so any
-    recipe that meets the target outranks every one that does not. The background penalty
-    subtracts penalty * bg_confusion_rate (seed brief 002: score' = score - lambda * rate)."""
+    little for looser thresholds (looseness in [0, 1]). Missing it: the declared fallback, the
+    F1 (< 1 whenever precision < 1), so any recipe that meets the target outranks every one that
+    does not, and when no setting reaches the target the search ends at the best F1 rather than
+    at the highest precision at any recall (which picked a threshold that found 1 object in 12).
+    The background penalty subtracts penalty * bg_confusion_rate (seed brief 002:
+    score' = score - lambda * rate)."""
     if c.tp + c.fp == 0:
         score = 0.0
-    elif c.precision >= target_precision:
+    elif meets_target(c, target_precision):
         score = 1.0 + c.recall - 0.01 * c.fp / (c.tp + c.fp) + 0.001 * looseness
     else:
-        score = c.precision
+        score = c.f1
     return score - penalty * c.bg_confusion_rate
+
+
+def image_level(per_image: list[tuple[np.ndarray, np.ndarray]], iou: float = 0.5) -> dict:
+    """Per-class image-level and positive-image metrics as in SAM3's cgF1 evaluation
+    (facebookresearch/sam3, sam3/eval/cgf1_eval.py, CGF1Eval), from (predicted boxes, gt boxes)
+    per report image, the class's boxes only.
+
+    - Image level: an image is predicted positive when the recipe outputs any box (the recipe's
+      output is its operating point, as SAM3's score >= 0.5 cut is); TP/FP/FN/TN against "the
+      class is in the image's ground truth". IL_MCC = (TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)),
+      0 when a margin of the table is empty (SAM3 adds 1e-6 to the denominator, which gives 0).
+    - Positive micro-F1 (pmF1): boxes matched one-to-one by the assignment that maximises total
+      IoU (Hungarian, as SAM3 does), a match counting when its IoU >= `iou`; TP and FN summed over
+      images that contain the class, FP summed over images that contain the class and have a
+      prediction (false positives on images without the class are scored by IL_MCC instead);
+      pmF1 = 2PR / (P + R) with P = TP / (TP + FP), R = TP / (TP + FN). SAM3's headline cgF1
+      averages this over IoU 0.5:0.95 (and reports IoU 0.5 too); here it is IoU 0.5 only, the
+      threshold every other number of the summary uses.
+    - cgF1 = pmF1 x IL_MCC."""
+    from scipy.optimize import linear_sum_assignment
+
+    from minehead.geometry import iou_matrix
+
+    il = {"true_positives": 0, "false_positives": 0, "false_negatives": 0, "true_negatives": 0}
+    tp = fp = fn = 0
+    for pred, gt in per_image:
+        has_gt, has_pred = len(gt) > 0, len(pred) > 0
+        il[("true_" if has_gt == has_pred else "false_") + ("positives" if has_pred else "negatives")] += 1
+        if not has_gt:
+            continue
+        m = 0
+        if has_pred:
+            ious = iou_matrix(pred, gt)
+            r, c = linear_sum_assignment(-ious)
+            m = int((ious[r, c] >= iou).sum())
+            fp += len(pred) - m
+        tp, fn = tp + m, fn + len(gt) - m
+    a, b, c_, d = il["true_positives"], il["false_positives"], il["false_negatives"], il["true_negatives"]
+    den = float(a + b) * (a + c_) * (d + b) * (d + c_)
+    mcc = (a * d - b * c_) / den ** 0.5 if den > 0 else 0.0
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    pmf1 = 2 * p * r / (p + r) if p + r else 0.0
+    return {**il, "il_mcc": mcc, "positive_micro_f1": pmf1, "cg_f1": pmf1 * mcc}
 
 
 @dataclasses.dataclass
