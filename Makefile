@@ -53,6 +53,7 @@ bench: setup
 	$(PY) -m tests.bench.bench_embedder
 	$(PY) -m tests.bench.bench_heads
 	$(PY) -m tests.bench.bench_miner
+	$(PY) -m tests.bench.bench_load
 
 clean:
 	rm -rf $(VENV) $(VAR) build dist *.egg-info .pytest_cache $(GEN_STAMP)
