@@ -83,7 +83,9 @@ def _stream(a, c: MinerClient, options: drafting_pb2.DraftOptions) -> int:
     bar, t0, merged = ProgressBar(), time.perf_counter(), {}
     bar.update(len(done), len(images), "images")
     n = 0
-    for (i, p), drafted in zip(todo, c.draft_images(options, (p for _, p in todo))):
+    responses = c.draft_images(options, (p for _, p in todo)) if todo else []
+    for k, drafted in enumerate(responses):
+        i, p = todo[k]
         drafted.index = i  # the folder's numbering, stable across resumed runs
         drafted.image = p.name
         added = folder.add(drafted, p)

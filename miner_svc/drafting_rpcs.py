@@ -12,6 +12,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import grpc
 from google.protobuf import json_format
 
 from minehead.common.v1 import common_pb2
@@ -233,7 +234,7 @@ class DraftingRPCs:
         if first is None or first.WhichOneof("item") != "options":
             raise InvalidArgument("DraftImages: the first message must carry the options (recipe_set, …)")
         drafter, _ = self.drafter(first.options)
-        for i, req in enumerate(request_iterator):
+        for i, req in enumerate(_until_client_stops(request_iterator)):
             if req.WhichOneof("item") != "image":
                 raise InvalidArgument(f"DraftImages: message {i + 2} must carry an image")
             label = req.image.label or f"#{i}"
@@ -243,3 +244,12 @@ class DraftingRPCs:
                 yield drafting_pb2.DraftedImage(image=label or f"#{i}", index=i, error=str(e))
                 continue
             yield drafter.draft(data, label or f"#{i}", i)
+
+
+def _until_client_stops(requests):
+    """The client's messages until it half-closes or goes away (a client that stops listening
+    cancels the call; that ends the stream, it is not a server error)."""
+    try:
+        yield from requests
+    except grpc.RpcError:
+        return

@@ -51,8 +51,8 @@ def describe(summary: dict, where: str) -> str:
             f"another class; {len(skipped)} skipped")
     if skipped:
         text += " (" + "; ".join(f"{s['image']}: {s['reason']}" for s in skipped[:3]) + (", …" if len(skipped) > 3 else "") + ")"
-    if rate:
-        text += f". This run: {summary.get('drafted_this_run', 0)} images at {rate:.2f} images/s"
+    if "drafted_this_run" in summary:
+        text += f". This run: {summary['drafted_this_run']} images" + (f" at {rate:.2f} images/s" if rate else "")
     if summary.get("merged_lines"):
         text += f"; appended {sum(summary['merged_lines'].values())} lines to {len(summary['merged_lines'])} existing label files"
     text += (". Files: " + ", ".join(summary.get("files", [])) + ". Review the most uncertain boxes first: review.jsonl.")
