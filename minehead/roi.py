@@ -41,3 +41,46 @@ def pool_regions(fmap: np.ndarray, regions: np.ndarray, stride: float, valid_hw:
     tmp = np.einsum("nh,chw->ncw", wy.astype(np.float32), f, optimize=True)
     out = np.einsum("ncw,nw->nc", tmp, wx.astype(np.float32), optimize=True)
     return out / (wy.sum(1) * wx.sum(1))[:, None].astype(np.float32)
+
+
+
+class RoiPooler:
+    """Pooling for many regions of one feature map, through a summed-area table built once.
+
+    The table is built on a grid `sub` times finer than the cells (each cell split into sub x
+    sub equal parts: the same piecewise-constant map), so a region whose edges lie on that
+    finer grid costs four table lookups, O(C), whatever its size: dense anchor scoring pools
+    ~10^4-10^5 such regions an image in tens of milliseconds. Edges are rounded to the finer
+    grid (at most half a sub-cell, 4 input px at sub=2 for a stride-16 map), so the vectors are
+    close to, not equal to, `pool_regions`: good for ranking anchors; scores that matter are
+    recomputed with `pool_regions`.
+    """
+
+    def __init__(self, fmap: np.ndarray, stride: float, valid_hw: tuple[float, float], sub: int = 2) -> None:
+        C, h, w = fmap.shape
+        f = np.moveaxis(fmap.astype(np.float32, copy=False), 0, -1)  # h x w x C
+        if sub > 1:
+            f = np.repeat(np.repeat(f, sub, 0), sub, 1)
+        self.sub, self.h, self.w = sub, h * sub, w * sub
+        self.unit = float(stride) / sub  # input pixels per fine cell
+        # Valid (image) area in fine cells, rounded down: padding never enters a mean.
+        self.vh = max(1, int(np.floor(valid_hw[0] / self.unit + 1e-6)))
+        self.vw = max(1, int(np.floor(valid_hw[1] / self.unit + 1e-6)))
+        sat = np.zeros((self.h + 1, self.w + 1, C), np.float64)  # sat[y, x] = sum over [0, y) x [0, x)
+        sat[1:, 1:] = np.cumsum(np.cumsum(f, 0, dtype=np.float64), 1)
+        self.sat = sat.astype(np.float32)
+
+    def sums(self, regions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """regions: N x 4 XYXY in input pixels -> (N x C sums over the fine cells they cover,
+        N areas in fine cells). Sums of nested regions subtract: a ring is outer minus inner."""
+        r = np.rint(np.asarray(regions, dtype=np.float64).reshape(-1, 4) / self.unit).astype(np.int64)
+        x1, x2 = np.clip(r[:, 0], 0, self.vw - 1), np.clip(r[:, 2], 1, self.vw)
+        y1, y2 = np.clip(r[:, 1], 0, self.vh - 1), np.clip(r[:, 3], 1, self.vh)
+        x2, y2 = np.maximum(x2, x1 + 1), np.maximum(y2, y1 + 1)  # at least one fine cell
+        s = self.sat
+        return s[y2, x2] - s[y1, x2] - s[y2, x1] + s[y1, x1], ((x2 - x1) * (y2 - y1)).astype(np.float32)
+
+    def pool(self, regions: np.ndarray) -> np.ndarray:
+        """regions: N x 4 XYXY in input pixels -> N x C float32 means (not normalised)."""
+        tot, area = self.sums(regions)
+        return tot / area[:, None]

