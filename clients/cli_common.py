@@ -125,3 +125,29 @@ def run_job(a, client, job, result_type):
 def zip_folder(folder: Path) -> bytes:
     return make_zip({str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
                      if p.is_file() and not p.name.startswith(".")})
+
+
+def dataset_arg(dataset: str) -> str:
+    """--dataset as the server takes it: "datasets/{id}" as given, a folder as its absolute path."""
+    return dataset if dataset.startswith("datasets/") else str(Path(dataset).resolve())
+
+
+def start_with_dataset(dataset: str, start, upload):
+    """start(ref: str) -> Job, with ref = dataset_arg(dataset). When the server may not read the
+    folder (not under its allowed roots: PERMISSION_DENIED) or cannot see it (another machine:
+    NOT_FOUND), upload it once to the one dataset store with upload(zip bytes, display name) ->
+    head.v1.Dataset and start again on "datasets/{id}", which training, mining and drafting all
+    take."""
+    import grpc
+
+    try:
+        return start(dataset_arg(dataset))
+    except grpc.RpcError as e:
+        local = Path(dataset)
+        if e.code() not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND) or not local.is_dir():
+            raise
+        print(f"note: the server cannot read {local} ({e.details()}); uploading it instead", file=sys.stderr)
+        ds = upload(zip_folder(local), local.name)
+        print(f"note: uploaded as {ds.name} ({ds.image_count} images, {ds.label_count} labels); "
+              f"give --dataset {ds.name} next time", file=sys.stderr)
+        return start(ds.name)

@@ -11,6 +11,7 @@ from minehead.head.v1 import head_pb2
 
 from minehead.client.heads import HeadClient
 from clients.cli_common import follow, parse_box, print_json, print_table, run_job, to_jsonable, zip_folder
+from clients.cli_common import start_with_dataset as common_start_with_dataset
 
 
 
@@ -21,20 +22,9 @@ def _dataset_ref(path: str) -> head_pb2.DatasetRef:
 
 
 def start_with_dataset(a, client, start):
-    """start(dataset_ref) -> Job. When the server may not read the folder (not under its allowed
-    roots) or cannot see it (another machine), upload it as a zip and start on the copy."""
-    import grpc
-
-    try:
-        return start(_dataset_ref(a.dataset))
-    except grpc.RpcError as e:
-        local = Path(a.dataset)
-        if e.code() not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND) or not local.is_dir():
-            raise
-        print(f"note: the server cannot read {local} ({e.details()}); uploading it instead", file=sys.stderr)
-        ds = client.upload_dataset(zip_folder(local), local.name)
-        print(f"note: uploaded as {ds.name} ({ds.image_count} images, {ds.label_count} labels)", file=sys.stderr)
-        return start(head_pb2.DatasetRef(name=ds.name))
+    """start(dataset_ref) -> Job; a folder the server may not read is uploaded first
+    (cli_common.start_with_dataset, shared with `mine start`)."""
+    return common_start_with_dataset(a.dataset, lambda ref: start(_dataset_ref(ref)), client.upload_dataset)
 
 
 def cmd_train(a) -> int:

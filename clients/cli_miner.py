@@ -12,7 +12,7 @@ from minehead.miner.v1 import miner_pb2
 from minehead.recipes.v2 import recipes_pb2
 
 from minehead.client.miner import MinerClient
-from clients.cli_common import follow, print_json, print_table, run_job, to_jsonable
+from clients.cli_common import dataset_arg, follow, print_json, print_table, run_job, start_with_dataset, to_jsonable
 
 # Background suppression presets -> (guard, margin). "Balanced" is the one to start with.
 PRESETS = {"off": (False, 0.0), "low": (True, 0.0), "balanced": (True, 0.1), "strict": (True, 0.25)}
@@ -22,7 +22,7 @@ APPLY = {"seed": recipes_pb2.SEED, "final": recipes_pb2.FINAL, "both": recipes_p
 def _spec(a) -> miner_pb2.MiningSpec:
     guard, margin = PRESETS[a.bg]
     spec = miner_pb2.MiningSpec(
-        dataset=str(Path(a.dataset).resolve()), head=a.head_id, classes=a.classes.split(",") if a.classes else [],
+        dataset=dataset_arg(a.dataset), head=a.head_id, classes=a.classes.split(",") if a.classes else [],
         detector=a.detector or "", target_precision=a.target_precision, seed=a.seed, max_images=a.max_images,
         clip_head_background_guard=guard,
         clip_head_background_margin=a.bg_margin if a.bg_margin is not None else margin,
@@ -55,9 +55,26 @@ def _print_recipes(recipes, summary=None):
     print("(precision and recall are on the held-out report images, with the counts they rest on)")
 
 
+def _upload_dataset(a):
+    """upload(zip, name) into the one dataset store (the head service's), for start_with_dataset."""
+    def upload(data: bytes, name: str):
+        from minehead.client.heads import HeadClient
+
+        with HeadClient(a.head, token=a.token) as h:
+            return h.upload_dataset(data, name)
+    return upload
+
+
 def cmd_mine_start(a) -> int:
+    spec = _spec(a)
+
+    def start(ref: str):
+        spec.dataset = ref
+        return c.start_mining(spec)
+
     with MinerClient(a.miner, token=a.token) as c:
-        out = run_job(a, c, c.start_mining(_spec(a)), miner_pb2.MiningResult)
+        # a folder the miner may not read (or cannot see) is uploaded once, as `heads train` does
+        out = run_job(a, c, start_with_dataset(a.dataset, start, _upload_dataset(a)), miner_pb2.MiningResult)
     if isinstance(out, int):
         return out
     r, done = out
@@ -140,7 +157,7 @@ def cmd_recipes_apply(a) -> int:
     with MinerClient(a.miner, token=a.token) as c:
         if not a.image and not a.dataset:
             raise SystemExit("recipes apply: give --image PATH (repeatable) or --dataset DIR")
-        r = c.apply(a.recipe_id, a.image or [], fmt, a.detector, str(Path(a.dataset).resolve()) if a.dataset else "")
+        r = c.apply(a.recipe_id, a.image or [], fmt, a.detector, dataset_arg(a.dataset) if a.dataset else "")
     if a.json:
         print_json(to_jsonable(r))
         return 0
@@ -173,7 +190,8 @@ def add_commands(sub, add):
     mine = sub.add_parser("mine", help="recipe mining").add_subparsers(dest="mine_cmd", required=True)
 
     def mining_args(p):
-        p.add_argument("--dataset", required=True, help="YOLO dataset folder under the miner's allowed roots")
+        p.add_argument("--dataset", required=True, help="YOLO dataset folder (uploaded when the miner may not read it) "
+                       "or datasets/{id}")
         p.add_argument("--head", dest="head_id", required=True, help="head id or display name")
         p.add_argument("--classes", default="", help="comma-separated (default: every class the head knows)")
         p.add_argument("--prompt", action="append", metavar="CLASS=P1,P2", help="extra prompts for a class")
@@ -215,7 +233,7 @@ def add_commands(sub, add):
     ap = add(rec, "apply", cmd_recipes_apply, "run a recipe on images")
     ap.add_argument("recipe_id")
     ap.add_argument("--image", action="append", help="an image file (repeatable)")
-    ap.add_argument("--dataset", default="", help="or every image of a dataset folder on the miner's side")
+    ap.add_argument("--dataset", default="", help="or every image of a dataset: a folder on the miner's side or datasets/{id}")
     ap.add_argument("--masks", choices=["polygon", "rle", "none"], default="polygon")
     ap.add_argument("--detector", default="", help="refuse unless the recipe was mined with this detector")
 

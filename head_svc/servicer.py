@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +13,12 @@ from minehead.core.errors import InvalidArgument, NotFound
 from minehead.core.floats import user_float
 from minehead.core.jobs import JobContext, JobRunner, struct_from_dict
 from minehead.core.paths import image_ref_bytes, resolve_allowed
-from minehead.core.safezip import safe_members, write_members
 from minehead.head.v1 import head_pb2, head_pb2_grpc
 
 from minehead.crops import CropPolicy, boxes_from_proto
 from head_svc import training
 from minehead.heads.bundle import HeadBundle
+from minehead import dataset_store
 from minehead.datasets import load_dataset
 from minehead.crop_embeddings import CropEmbeddingCache
 from head_svc.registry import HeadRegistry
@@ -28,8 +26,7 @@ from head_svc.score_wire import score_response
 from head_svc.scoring import DEFAULT_AMBIGUITY_MARGIN, effective_thresholds, score_embeddings
 
 CHUNK = 1 << 20
-MAX_DATASET_ZIP = 2 << 30
-MAX_DATASET_MEMBER = 256 << 20
+MAX_DATASET_ZIP = dataset_store.MAX_DATASET_ZIP
 _HEAD_TYPES = {head_pb2.HEAD_TYPE_UNSPECIFIED: "logreg", head_pb2.LOGREG: "logreg", head_pb2.MLP: "mlp"}
 
 
@@ -81,12 +78,15 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
         if which == "path":
             return resolve_allowed(ref.path, self.allowed_roots), ref.path
         if which == "name":
-            did = ref.name[len("datasets/"):] if ref.name.startswith("datasets/") else ref.name
-            p = self.datasets_dir / did
-            if "/" in did or did.startswith(".") or not p.is_dir():
-                raise NotFound(f"no uploaded dataset {ref.name!r}")
-            return p, f"datasets/{did}"
+            return self._stored_dataset(ref.name)
         raise InvalidArgument("dataset: give a path (under the allowed roots) or an uploaded dataset name")
+
+    def _stored_dataset(self, name: str) -> tuple[Path, str]:
+        did = dataset_store.dataset_id(name)
+        p = self.datasets_dir / did
+        if not p.is_dir():
+            raise NotFound(f"no uploaded dataset {name!r}")
+        return p, f"datasets/{did}"
 
     def UploadDataset(self, request_iterator, context):
         display, data = "", bytearray()
@@ -97,22 +97,26 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
                 data += part.chunk.data
                 if len(data) > MAX_DATASET_ZIP:
                     raise InvalidArgument(f"dataset zip is over {MAX_DATASET_ZIP} bytes")
-        members = safe_members(bytes(data), max_member_bytes=MAX_DATASET_MEMBER, max_total_bytes=MAX_DATASET_ZIP * 2,
-                               max_members=200_000)
         did = hashlib.sha256(bytes(data)).hexdigest()[:16]
-        target = self.datasets_dir / did
-        if not target.is_dir():
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.datasets_dir))
-            try:
-                write_members(members, tmp)
-                root = _single_root(tmp)
-                load_dataset(root)  # refuse what is not a dataset before it becomes visible
-                root.rename(target)  # the dataset folder itself, whether it is tmp or one level down
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        # the same checks and unpacking as every other service that stores a dataset
+        target = dataset_store.unpack(bytes(data), self.datasets_dir, did)
         ds = load_dataset(target)
         return head_pb2.Dataset(name=f"datasets/{did}", display_name=display, classes=ds.classes,
                                 image_count=len(ds.images), label_count=ds.label_count, dropped=ds.dropped)
+
+    def GetDataset(self, request, context):
+        path, name = self._stored_dataset(request.name)
+        ds = load_dataset(path)
+        return head_pb2.Dataset(name=name, classes=ds.classes, image_count=len(ds.images), label_count=ds.label_count,
+                                dropped=ds.dropped)
+
+    def ExportDataset(self, request, context):
+        from minehead.common.v1 import common_pb2
+
+        path, _ = self._stored_dataset(request.name)
+        data = dataset_store.folder_zip(path)
+        for i in range(0, len(data), CHUNK):
+            yield common_pb2.FileChunk(data=data[i:i + CHUNK])
 
     # -- jobs -------------------------------------------------------------------------------
     def StartTraining(self, request, context):
@@ -233,14 +237,6 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
 
     def close(self) -> None:
         self.embeds.close()
-
-
-def _single_root(folder: Path) -> Path:
-    """A zip of 'mydata/…' has its dataset one level down; accept both layouts."""
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    if len(entries) == 1 and entries[0].is_dir() and not (folder / "images").exists():
-        return entries[0]
-    return folder
 
 
 def comparison_report(p: training.Prepared, reports: dict[str, dict]) -> dict:

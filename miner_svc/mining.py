@@ -194,7 +194,7 @@ class Miner:
                 for i, st in enumerate(r.stats):
                     all_stats[i].add(st)
                 self._collect_negatives(it, r, class_id, name)
-        new_cover = self.new_instances(tune, chosen, gate, target, class_id)
+        new_cover = self.new_instances(tune, chosen, gate, target, class_id, tune_results)
         for i, (st_, st) in enumerate(zip(chosen, all_stats)):
             msg = veto_line(st)
             ctx.log(f"[{name}] step {i} ({st_.prompt!r}): {msg}; {new_cover[i]} new instance(s) on tune")
@@ -246,14 +246,17 @@ class Miner:
             recipe.gate.background_margin = gate.background_margin
         return recipe
 
-    def new_instances(self, tune: list[ImageItem], steps: list[Step], gate: Gate, target: int, class_id: int) -> list[int]:
+    def new_instances(self, tune: list[ImageItem], steps: list[Step], gate: Gate, target: int, class_id: int,
+                      full: list[ImageResult]) -> list[int]:
         """Per step, in recipe order: ground-truth instances on the tune split that steps[:k+1]
-        match and steps[:k] do not, with the final gate (cached rows: CPU only)."""
+        match and steps[:k] do not, with the final gate (cached rows: CPU only). `full` is the
+        whole recipe's results on tune, already computed."""
         covered: set[tuple[int, int]] = set()
         out = []
         for k in range(len(steps)):
+            results = full if k == len(steps) - 1 else self.run(tune, steps[:k + 1], gate, target)
             now = set()
-            for n, (it, r) in enumerate(zip(tune, self.run(tune, steps[:k + 1], gate, target))):
+            for n, (it, r) in enumerate(zip(tune, results)):
                 _, d2g = selection.count(r.boxes, r.scores, it.gt_boxes[it.gt_classes == class_id])
                 now |= {(n, int(j)) for j in d2g[d2g >= 0]}
             out.append(len(now - covered))

@@ -23,6 +23,7 @@ from minehead.heads.bundle import HeadBundle
 from minehead.datasets import load_dataset
 from minehead.crop_embeddings import CropEmbeddingCache
 from miner_svc import masks as mask_codec
+from miner_svc.datasets_ref import DatasetResolver
 from miner_svc.detection_cache import CachedDetector
 from miner_svc.detectors import create_detector, known_detectors
 from miner_svc.executor import HeadScorer, run_recipe
@@ -45,6 +46,8 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
         self.sets = RecipeSetStore(service_dir / "recipe_sets")
         self.embeds = CropEmbeddingCache(embedder_address, service_dir / "embeddings")
         self.allowed_roots = allowed_roots
+        # one dataset store: folders under the allowed roots, or "datasets/{id}" from the head service
+        self.datasets = DatasetResolver(head_address, allowed_roots, service_dir / "datasets")
         self.runner = runner
         self.default_detector = default_detector
         self.offline = offline
@@ -90,8 +93,9 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
         return HeadScorer(head, self.embeds, self.embeds.model_info(head.embedder_model), keep_images=keep_images)
 
     def resolve_dataset(self, ref: str) -> Path:
-        """A dataset folder the miner may read: a path under the allowed roots."""
-        return resolve_allowed(ref, self.allowed_roots)
+        """A dataset folder the miner may read: a path under the allowed roots, or "datasets/{id}"
+        uploaded to the head service (fetched once, kept by id)."""
+        return self.datasets.resolve(ref)
 
     def settings(self, spec: miner_pb2.MiningSpec, classes: list[str]) -> Settings:
         uf = user_float  # float32 proto fields back to what the user typed (0.1, not 0.10000000149011612)
@@ -113,7 +117,7 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
     def _prepare(self, spec: miner_pb2.MiningSpec):
         if not spec.head:
             raise InvalidArgument("mining needs a head (--head)")
-        path = resolve_allowed(spec.dataset, self.allowed_roots)
+        path = self.resolve_dataset(spec.dataset)
         ds = load_dataset(path)
         head = self.fetch_head(spec.head)
         classes = list(spec.classes) or [c for c in ds.classes if c in head.real_classes]
@@ -289,7 +293,7 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
             raise InvalidArgument("give a stored recipe name or an inline recipe bundle")
         refs = list(request.images)
         if request.dataset:
-            ds = load_dataset(resolve_allowed(request.dataset, self.allowed_roots))
+            ds = load_dataset(self.resolve_dataset(request.dataset))
             refs += [common_pb2.ImageRef(path=str(r.path), label=r.path.name) for r in ds.images]
         if not refs:
             raise InvalidArgument("no images given (images or dataset)")

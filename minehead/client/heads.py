@@ -61,6 +61,13 @@ class HeadClient(ServiceClient):
         return self.stub.UploadDataset(chunked(first, zip_bytes, lambda c: head_pb2.UploadDatasetRequest(chunk=c)),
                                        timeout=self.timeout)
 
+    def get_dataset(self, name: str) -> head_pb2.Dataset:
+        return self.stub.GetDataset(head_pb2.GetDatasetRequest(name=name), timeout=self.timeout)
+
+    def export_dataset(self, name: str) -> bytes:
+        """A stored dataset ("datasets/{id}") as the zip of its folder."""
+        return b"".join(c.data for c in self.stub.ExportDataset(head_pb2.ExportDatasetRequest(name=name), timeout=self.timeout))
+
     def score_embeddings(self, head: str, X: np.ndarray, target_class: str = "", **thresholds) -> head_pb2.ScoreResponse:
         req = head_pb2.ScoreRequest(head=head, embeddings=codec.to_proto(np.asarray(X, np.float32)), target_class=target_class,
                                     thresholds=head_pb2.Thresholds(**thresholds))
