@@ -53,6 +53,7 @@ bench: setup
 	$(PY) -m tests.bench.bench_embedder
 	$(PY) -m tests.bench.bench_heads
 	$(PY) -m tests.bench.bench_miner
+	$(PY) -m tests.bench.bench_detector
 	$(PY) -m tests.bench.bench_load
 
 clean:

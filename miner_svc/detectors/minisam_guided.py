@@ -260,7 +260,7 @@ class MinisamGuidedDetector(MinisamAutoDetector):
             cx, cy = (boxes[i, :2] + boxes[i, 2:]) / 2
             if taken[min(int(cy), H - 1), min(int(cx), W - 1)]:
                 continue  # the object this anchor sees is found already: no decoder pass
-            logits, pred_iou, n = self.refine(f, boxes[i], (H, W), bounded)
+            logits, pred_iou, n = self.refine(f, boxes[i], (H, W), bool(bounded) and passes + 2 <= self.budget)
             passes += n
             m, stab = self.mask_quality(logits)
             area = int(m.sum())

