@@ -163,6 +163,7 @@ class DraftingRPCs:
                     "boxes_this_run": sum(counts.values()), "class_counts_this_run": dict(counts),
                     "seconds": round(secs, 3), "images_per_s": round(n_done / secs, 4) if secs > 0 else 0.0,
                     "passes": {k: after[k] - before[k] for k in after}, "boxes_embedded": drafter.scorer.boxes_embedded,
+                    "boxes_pooled": drafter.scorer.boxes_pooled,
                     "skipped": [{"image": s.image, "reason": s.reason} for s in result.skipped],
                     "merged_lines": dict(result.merged_lines), "warnings": drafter.warnings, "complete": final}
 

@@ -116,8 +116,9 @@ class HeadScorer:
     `score` remembers the current image's rows: each distinct box is embedded and scored once,
     however many steps and classes (a whole recipe set) ask for it. `pool`, when given, is
     (ImageState, boxes Nx4 XYXY, CropPolicy) -> N x D vectors pooled from the detector's own
-    feature map (same encoder as the head's embedder), which saves the embedder's second
-    encoder pass; otherwise one EmbedCrops call per image for the boxes it lacks."""
+    feature map (same encoder as the head's embedder), or None when it has none for the image;
+    that saves the embedder's second encoder pass. Otherwise one EmbedCrops call per image for
+    the boxes it lacks (cached on disk per box)."""
 
     def __init__(self, bundle, embeds, model, pool=None, keep_images: int = 256) -> None:
         self.bundle = bundle
@@ -125,14 +126,17 @@ class HeadScorer:
         self.model = model  # embedder_pb2.Model of the head's embedder
         self.policy = bundle.crop_policy
         self.pool = pool
-        self.boxes_embedded = 0
+        self.boxes_embedded = 0  # distinct boxes embedded (pooled or from the embedder)
+        self.boxes_pooled = 0  # of those, pooled from the detector's feature map
         self.keep_images = keep_images  # mining revisits its tune images; drafting sees each once
         self._lock = threading.Lock()
         self._images: OrderedDict[str, dict[bytes, tuple[np.ndarray, np.ndarray]]] = OrderedDict()
 
     def embed(self, state: ImageState, image_bytes: bytes, boxes: np.ndarray) -> np.ndarray:
-        if self.pool is not None:
-            return self.pool(state, boxes, self.policy)
+        v = self.pool(state, boxes, self.policy) if self.pool is not None else None
+        if v is not None:
+            self.boxes_pooled += len(boxes)
+            return v
         return self.embeds.embed(image_bytes, boxes, self.policy, self.model)
 
     def probs(self, vectors: np.ndarray) -> np.ndarray:

