@@ -18,17 +18,19 @@ over a million rows a second. So, per image and head:
    around the region)). Log margins because calibrated heads still give exactly 1.0 to most
    crops near an object; the ring because a crop *inside* an object is also called that object.
 3. Per real class: anchors whose best class it is with a positive score, NMS, best first;
-   classes take turns. An anchor centred inside an anchor already picked is skipped (one
-   anchor per object, not a cluster of small crops around its edges).
-4. Each picked anchor gets a SAM point prompt at its centre, unless that point already lies in
-   a confidently found object of plausible size (no pass). When the mask is too large to be
-   one object and the head sees the anchor's class at its centre, a second pass adds a *box
-   prompt* (the anchor grown 1.6x) that bounds it: the tree, not the canopy. Box prompts alone
-   were measured first and cut objects: an anchor is only roughly where its object is (IoU
-   ~0.7 at best), and SAM keeps a box prompt's mask inside the box (recall 0.31 against 0.94
-   with point prompts, same anchors, crowded synthetic scenes).
+   classes take turns. An anchor centred in the central half of one already picked is skipped
+   (one anchor per object, not a cluster of small crops around its edges).
+4. Each picked anchor gets a SAM point prompt at its centre, unless that point lies in a
+   confidently found object of plausible size, or within 10 % of its box (an edge crop of it):
+   no pass then. When the mask is too large to be one object yet not the image's background
+   (8-50 % of the image) and the head sees the anchor's class at its centre, a second pass adds
+   a *box prompt* (the anchor grown 1.6x) that bounds it: the tree, not the canopy. Box
+   prompts alone were measured first and cut objects: an anchor is only roughly where its
+   object is (IoU ~0.7 at best), and SAM keeps a box prompt's mask inside the box (recall 0.31
+   against 0.94 with point prompts, same anchors, crowded synthetic scenes).
 5. The tight box of each mask is re-embedded exactly as the embedder does (`pool_regions`,
-   the head's crop policy) and scored again. NMS over the refined boxes.
+   the head's crop policy) and scored again. NMS over the refined boxes (IoU 0.5), and a mask
+   lying 90 % inside a better one of the same class (a triangle's tip) is dropped.
 
 Scores: for a prompt naming a head class (compared with the class name and with underscores as
 spaces, case-insensitive) the score of a box is that class's probability times the decoder's
@@ -61,9 +63,12 @@ MIN_SIDE = 32.0  # smallest anchor side, 1024-frame pixels (20 px in a 640-wide 
 ANCHOR_MIN_MARGIN = 0.0  # an anchor is a candidate for its best real class when it beats every other class
 ANCHOR_NMS_IOU = 0.5
 ANCHOR_TOPK = 1500  # per class, before NMS (NMS builds a k x k IoU matrix)
-REFINED_NMS_IOU = 0.7
+REFINED_NMS_IOU = 0.5  # refined boxes of one object converge; touching objects' boxes barely overlap
+FOUND_MARGIN = 0.1  # an anchor centred within this share of a found object's size of its box is skipped
+PART_OF = 0.9  # a refined mask lying this much inside a better one of the same class is a part of it
 HEAT_SIDE = 32.0  # window side (input px) checked at an anchor's centre, where its point prompt goes
 CENTRE_MIN_MARGIN = 0.0  # ... "on the object" when its class beats every other class there
+BOUND_MAX_FRAC = 0.5  # a point mask larger than this is the background: the point missed, no second pass
 BOX_GROWTH = 1.6  # a point mask too large to be one object: second pass bounded by the anchor grown this much
 RING_GROWTH = 1.5  # the context ring around an anchor's crop region: 1.5 x its side
 
@@ -94,11 +99,11 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         super().__init__(MODEL_ID, models_dir, offline)  # the grid detector's models and 12 x 12 grid
         self.budget = int(model_id.split(":", 1)[1]) if ":" in model_id else DEFAULT_BUDGET
         if not 1 <= self.budget <= 256:
-            raise ModelUnavailable(f"{model_id}: the refinement budget must be 1..256 boxes an image")
+            raise ModelUnavailable(f"{model_id}: the budget must be 1..256 decoder passes an image")
         self.head = None
         self.real: list[int] = []
         self.info = DetectorInfo(model_id if ":" in model_id else MODEL_ID, class_agnostic=False,
-                                 note=f"SAM TinyViT proposals guided by the head (<= {self.budget} box prompts an "
+                                 note=f"SAM TinyViT proposals guided by the head (<= {self.budget} decoder passes an "
                                       f"image); without a head, a {self.grid}x{self.grid} point grid")
 
     # -- binding ----------------------------------------------------------------------------
@@ -189,15 +194,17 @@ class MinisamGuidedDetector(MinisamAutoDetector):
             for r, q in enumerate(queues):
                 if q:
                     order.append((int(q.pop(0)), r))
-        # One anchor per object: skip an anchor whose centre lies in an anchor already picked
-        # (of any class). The clusters of small crops around an object's edges, which a head
-        # also scores highly, then cost nothing.
+        # One anchor per object: skip an anchor centred in the central half of an anchor
+        # already picked (of any class): the cluster of crops around one object costs nothing,
+        # while a neighbour inside a large anchor covering two objects keeps its own.
         picked: list[tuple[int, int]] = []
         for i, r in order:
             cx, cy = (boxes[i, 0] + boxes[i, 2]) / 2, (boxes[i, 1] + boxes[i, 3]) / 2
             if picked:
                 pb = boxes[[j for j, _ in picked]]
-                if ((pb[:, 0] <= cx) & (cx <= pb[:, 2]) & (pb[:, 1] <= cy) & (cy <= pb[:, 3])).any():
+                qw, qh = (pb[:, 2] - pb[:, 0]) / 4, (pb[:, 3] - pb[:, 1]) / 4  # the central half
+                pcx, pcy = (pb[:, 0] + pb[:, 2]) / 2, (pb[:, 1] + pb[:, 3]) / 2
+                if ((np.abs(cx - pcx) <= qw) & (np.abs(cy - pcy) <= qh)).any():
                     continue
             picked.append((i, r))
             if len(picked) >= limit:
@@ -220,14 +227,16 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         """Decoder passes for one anchor (XYXY image px): (logits H x W, predicted IoU, passes).
         A point prompt at the anchor's centre first: SAM's strength, while an anchor's box is
         only roughly where the object is (box prompts from these anchors cut objects). When the
-        point's mask is too large to be one object (the canopy, not the tree) and `bounded`
+        point's mask is too large to be one object but not the image's background (more than
+        SUPPRESS_MAX_FRAC, at most BOUND_MAX_FRAC of it: the canopy, not the tree) and `bounded`
         (the head sees the anchor's class at its centre, so the point was on an object, not
         beside it), a second pass adds the anchor's box, grown BOX_GROWTH times, as a box
         prompt bounding the mask."""
         point = (box[:2] + box[2:]) / 2
         logits, iou = self.decode_point(f, point, size)
         bw, bh = box[2] - box[0], box[3] - box[1]
-        if not bounded or int((logits > 0).sum()) <= SUPPRESS_MAX_FRAC * size[0] * size[1]:
+        area = int((logits > 0).sum())
+        if not bounded or not SUPPRESS_MAX_FRAC * size[0] * size[1] < area <= BOUND_MAX_FRAC * size[0] * size[1]:
             return logits, iou, 1
         c = (box[:2] + box[2:]) / 2
         half = np.array([bw, bh]) / 2 * BOX_GROWTH
@@ -253,6 +262,7 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         on_class = self._centre_margins(f, pooler, boxes[picked], cls) > CENTRE_MIN_MARGIN
         out_boxes, ious, masks = [], [], []
         taken = np.zeros((H, W), bool)  # inside a confidently found object: prompts landing here are skipped
+        found = np.zeros((0, 4))  # those objects' boxes, grown FOUND_MARGIN a side: edge crops centred here too
         passes = 0
         for i, bounded in zip(picked, on_class):
             if passes >= self.budget:
@@ -260,6 +270,8 @@ class MinisamGuidedDetector(MinisamAutoDetector):
             cx, cy = (boxes[i, :2] + boxes[i, 2:]) / 2
             if taken[min(int(cy), H - 1), min(int(cx), W - 1)]:
                 continue  # the object this anchor sees is found already: no decoder pass
+            if len(found) and ((found[:, 0] <= cx) & (cx <= found[:, 2]) & (found[:, 1] <= cy) & (cy <= found[:, 3])).any():
+                continue  # centred just beside a found object: an edge crop of it
             logits, pred_iou, n = self.refine(f, boxes[i], (H, W), bool(bounded) and passes + 2 <= self.budget)
             passes += n
             m, stab = self.mask_quality(logits)
@@ -272,6 +284,9 @@ class MinisamGuidedDetector(MinisamAutoDetector):
             masks.append(m)
             if pred_iou >= SUPPRESS_IOU and stab >= SUPPRESS_STABILITY and area <= SUPPRESS_MAX_FRAC * H * W:
                 taken |= m
+                fb = np.array(out_boxes[-1], np.float64)
+                grow = (fb[2:] - fb[:2]) * FOUND_MARGIN
+                found = np.concatenate([found, [np.concatenate([fb[:2] - grow, fb[2:] + grow])]])
         if not out_boxes:
             res = (Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, H, W), bool),
                               np.zeros(0, "<U4")), np.zeros((0, len(self.head.classes)), np.float32), np.zeros(0, np.float32))
@@ -282,9 +297,23 @@ class MinisamGuidedDetector(MinisamAutoDetector):
             score = (probs[:, self.real].max(1) * ious).astype(np.float32)
             d = Detections(rb, score, np.stack(masks), np.full(len(rb), "head"))
             keep = nms(d.boxes, d.scores, REFINED_NMS_IOU)
+            keep = keep[~self._parts(d.masks[keep], probs[keep])]
             res = (d.take(keep), probs[keep], ious[keep])
         f[key] = res
         return res
+
+    def _parts(self, masks: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """N bool, for masks in descending score order: the mask lies PART_OF inside an earlier
+        (better) mask whose best real class is the same (a triangle's tip, half a square):
+        a false positive at IoU 0.5 that NMS keeps because it barely overlaps the whole."""
+        if len(masks) < 2:
+            return np.zeros(len(masks), bool)
+        m = masks[:, ::4, ::4].reshape(len(masks), -1).astype(np.float32)  # 4x coarser is plenty here
+        inter = m @ m.T
+        frac = inter / np.maximum(m.sum(1), 1)[:, None]  # [j, i]: share of j inside i
+        best = probs[:, self.real].argmax(1)
+        earlier = np.tri(len(masks), k=-1, dtype=bool)  # i < j
+        return ((frac >= PART_OF) & earlier & (best[:, None] == best[None, :])).any(1)
 
     def proposals(self, state: ImageState) -> Detections:
         if self.head is None:
