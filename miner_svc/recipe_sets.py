@@ -14,7 +14,6 @@ against the embedded head.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 import threading
@@ -24,14 +23,12 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from minehead.core.errors import FailedPrecondition, InvalidArgument, NotFound
-from minehead.core.safezip import make_zip, safe_members
 from minehead.heads.bundle import MAX_ONNX_BYTES, HeadBundle
 from minehead.miner.v1 import drafting_pb2
 from minehead.recipes.v2 import recipes_pb2
 
-from miner_svc.recipes import SCHEMA_VERSION, assign_id, check_against_head
+from miner_svc.recipes import assign_id, check_against_head, manifest_zip, read_manifest_zip
 
-SET_MEMBERS = {"recipe_set.json", "manifest.json", "head/head.onnx", "head/meta.json", "head/report.json"}
 MAX_RECIPES = 1000
 
 
@@ -156,33 +153,14 @@ class RecipeSetStore:
 
 
 def bundle_zip(s: drafting_pb2.RecipeSet, head: HeadBundle) -> bytes:
-    files = {"recipe_set.json": to_json(s).encode()}
-    files.update({f"head/{k}": v for k, v in head.files().items()})
-    manifest = {"schema_version": SCHEMA_VERSION, "files": {k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())}}
-    files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    return make_zip(files)
+    return manifest_zip({"recipe_set.json": to_json(s).encode()}, head)
 
 
 def read_bundle(data: bytes) -> tuple[drafting_pb2.RecipeSet, HeadBundle]:
     """Hostile-input safe, like recipe bundles; every recipe is re-identified from its content
     (a tampered recipe cannot keep its old id) and checked against the embedded head."""
-    members = safe_members(data, max_member_bytes=MAX_ONNX_BYTES, max_total_bytes=MAX_ONNX_BYTES + (32 << 20),
-                           max_members=16, allowed=SET_MEMBERS)
-    for need in ("manifest.json", "recipe_set.json", "head/head.onnx", "head/meta.json"):
-        if need not in members:
-            raise InvalidArgument(f"recipe set bundle lacks {need} (the manifest and recipe_set.json sit at the zip root)")
-    try:
-        listed = json.loads(members["manifest.json"])["files"]
-    except (ValueError, KeyError, TypeError):
-        raise InvalidArgument("manifest.json must be JSON with a 'files' map of name -> sha256") from None
-    for name, body in members.items():
-        if name != "manifest.json" and listed.get(name) != hashlib.sha256(body).hexdigest():
-            raise InvalidArgument(f"{name} does not match its sha256 in manifest.json")
-    missing = set(listed) - set(members)
-    if missing:
-        raise InvalidArgument(f"manifest.json lists files the bundle lacks: {', '.join(sorted(missing))}")
+    members, head = read_manifest_zip(data, "recipe_set.json", "recipe set bundle", MAX_ONNX_BYTES + (32 << 20))
     given = from_json(members["recipe_set.json"])
-    head = HeadBundle.from_files({k[len("head/"):]: v for k, v in members.items() if k.startswith("head/")})
     recipes = []
     for r in given.recipes:
         claimed = r.recipe_id

@@ -199,36 +199,44 @@ class RecipeStore:
         return self.put(recipe, head)
 
 
-def bundle_zip(recipe: recipes_pb2.Recipe, head: HeadBundle) -> bytes:
-    files = {"recipe.json": to_json(recipe).encode()}
-    files.update({f"head/{k}": v for k, v in head.files().items()})
+def manifest_zip(files: dict[str, bytes], head: HeadBundle) -> bytes:
+    """A bundle zip: `files`, the head bundle under head/, and manifest.json of their sha256s."""
+    files = {**files, **{f"head/{k}": v for k, v in head.files().items()}}
     manifest = {"schema_version": SCHEMA_VERSION, "files": {k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())}}
     files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True).encode()
     return make_zip(files)
 
 
-def read_bundle(data: bytes) -> tuple[recipes_pb2.Recipe, HeadBundle]:
-    """Hostile-input safe: member names, sizes, no links or pickles, manifest hashes, strict
-    schema, and the embedded head validated and checked against the recipe."""
-    members = safe_members(data, max_member_bytes=MAX_ONNX_BYTES, max_total_bytes=MAX_ONNX_BYTES + (16 << 20),
-                           max_members=16, allowed=BUNDLE_MEMBERS)
-    for need in ("manifest.json", "recipe.json", "head/head.onnx", "head/meta.json"):
+def read_manifest_zip(data: bytes, main: str, what: str, max_total_bytes: int) -> tuple[dict[str, bytes], HeadBundle]:
+    """Hostile-input safe: member names, sizes, no links or pickles, every member's sha256
+    against manifest.json, and the embedded head bundle validated. -> (members, head)."""
+    members = safe_members(data, max_member_bytes=MAX_ONNX_BYTES, max_total_bytes=max_total_bytes,
+                           max_members=16, allowed=(BUNDLE_MEMBERS - {"recipe.json"}) | {main})
+    for need in ("manifest.json", main, "head/head.onnx", "head/meta.json"):
         if need not in members:
-            raise InvalidArgument(f"recipe bundle lacks {need} (the manifest and recipe.json sit at the zip root)")
+            raise InvalidArgument(f"{what} lacks {need} (the manifest and {main} sit at the zip root)")
     try:
-        manifest = json.loads(members["manifest.json"])
-        listed = manifest["files"]
+        listed = json.loads(members["manifest.json"])["files"]
     except (ValueError, KeyError, TypeError):
         raise InvalidArgument("manifest.json must be JSON with a 'files' map of name -> sha256") from None
     for name, body in members.items():
-        if name == "manifest.json":
-            continue
-        if listed.get(name) != hashlib.sha256(body).hexdigest():
+        if name != "manifest.json" and listed.get(name) != hashlib.sha256(body).hexdigest():
             raise InvalidArgument(f"{name} does not match its sha256 in manifest.json")
     missing = set(listed) - set(members)
     if missing:
         raise InvalidArgument(f"manifest.json lists files the bundle lacks: {', '.join(sorted(missing))}")
-    recipe = from_json(members["recipe.json"])
     head = HeadBundle.from_files({k[len("head/"):]: v for k, v in members.items() if k.startswith("head/")})
+    return members, head
+
+
+def bundle_zip(recipe: recipes_pb2.Recipe, head: HeadBundle) -> bytes:
+    return manifest_zip({"recipe.json": to_json(recipe).encode()}, head)
+
+
+def read_bundle(data: bytes) -> tuple[recipes_pb2.Recipe, HeadBundle]:
+    """A recipe bundle, checked (read_manifest_zip), its recipe parsed strictly and checked
+    against the embedded head."""
+    members, head = read_manifest_zip(data, "recipe.json", "recipe bundle", MAX_ONNX_BYTES + (16 << 20))
+    recipe = from_json(members["recipe.json"])
     check_against_head(recipe, head)
     return recipe, head

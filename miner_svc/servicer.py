@@ -15,7 +15,7 @@ from minehead.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from minehead.core.floats import user_float
 from minehead.core.images import decode_image
 from minehead.core.jobs import JobContext, JobRunner, job_id_from_name, struct_from_dict
-from minehead.core.paths import image_ref_bytes, resolve_allowed
+from minehead.core.paths import image_ref_bytes
 from minehead.core.safezip import make_zip
 from minehead.miner.v1 import miner_pb2, miner_pb2_grpc
 
@@ -94,13 +94,14 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
         model = self.embeds.model_info(head.embedder_model)
         d = det.detector
         enc = getattr(d, "encoder", None)
-        pool = None
-        if hasattr(d, "embeddings") and enc is not None and enc.info.id == head.embedder_model and \
-                enc.info.weights_sha256 == model.weights_sha256 and \
-                head.meta["embedder"].get("weights_sha256", model.weights_sha256) in ("", model.weights_sha256):
-            def pool(state, boxes, policy):
-                return d.embeddings(state, boxes, policy) if state.features is not None else None
-        return HeadScorer(head, self.embeds, model, pool=pool, keep_images=keep_images)
+        same = hasattr(d, "embeddings") and enc is not None and enc.info.id == head.embedder_model and \
+            enc.info.weights_sha256 == model.weights_sha256 and \
+            head.meta["embedder"].get("weights_sha256", model.weights_sha256) in ("", model.weights_sha256)
+
+        def pool(state, boxes, policy):
+            return d.embeddings(state, boxes, policy) if state.features is not None else None
+
+        return HeadScorer(head, self.embeds, model, pool=pool if same else None, keep_images=keep_images)
 
     def resolve_dataset(self, ref: str) -> Path:
         """A dataset folder the miner may read: a path under the allowed roots, or "datasets/{id}"
