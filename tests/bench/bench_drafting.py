@@ -9,7 +9,10 @@ recipe sets (recipes are parameters, no mining needed) of 1 class and of every r
 1. Drafting images/s with the 1-class set vs the 5-class set, in alternating repeats on fresh
    images (so no cache helps either arm). Target: 5-class >= 0.8x 1-class.
 2. A drafting job on N new images: backbone passes (target: = N).
-3. Peak RSS (VmHWM) of a fresh miner process drafting N and 4N images. Target: flat within 10 %.
+3. Drafting one new image over gRPC vs the detector alone on one new image (its encoder and
+   decoder passes, in-process), alternating. Target: drafting <= 1.15x the detector's time.
+4. ListRecipes with 1,000 recipes stored: p50 over gRPC (target < 5 ms).
+5. Peak RSS (VmHWM) of a fresh miner process drafting N and 4N images. Target: flat within 10 %.
 """
 
 from __future__ import annotations
@@ -174,6 +177,50 @@ def main(argv=None) -> int:
               f"(target = {a.images}), decoder passes {int(passes['decoder_passes'])}, "
               f"{dict(res.summary)['images_per_s']:.2f} images/s, {res.boxes} boxes")
         out["passes"] = {"images": a.images, **{k: int(v) for k, v in passes.items()}}
+
+        # Drafting one new image end to end vs the detector alone on one new image.
+        from minehead.core.images import decode_image
+        from miner_svc.detectors import create_detector
+
+        solo = create_detector(detector, models).with_head(head)
+        prompt = classes[0].replace("_", " ")
+
+        def detector_alone() -> float:
+            seed[0] += 1
+            src = _images(tmp / f"solo-{seed[0]}", 1, seed[0])
+            data = next((src / "images").iterdir()).read_bytes()
+            t0 = time.perf_counter()
+            solo.predict_text(solo.set_image(decode_image(data)), prompt, 0.05)
+            return time.perf_counter() - t0
+
+        cmp = alternate(arm(1), detector_alone, repeats=a.repeats, warmup=1, work_a=a.per_call, work_b=1,
+                        names=("drafting (gRPC)", "detector alone"))
+        print()
+        print(cmp.report(f"one new image: drafting a 1-class set vs {detector} alone (encoder + decoder)", unit="img/s",
+                         target=1 / 1.15, ratio_name="drafting / detector"))
+        print(f"{'':>22s}  (as time: drafting takes {1 / cmp.ratio:.2f}x the detector's time; target <= 1.15x)")
+        out["drafting_vs_detector"] = cmp.to_dict()
+
+        # ListRecipes with 1,000 recipes stored (the store answers from its index).
+        import statistics
+
+        store = mr.servicer.store
+        base = mc.get_recipe_set(sets[1]).recipes[0]
+        for k in range(1000):
+            r = recipes_pb2.Recipe()
+            r.CopyFrom(base)
+            r.provenance.job = f"jobs/bench-{k}"
+            store.put(r, head)
+        n = len(mc.list_recipes())
+        lat = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            mc.list_recipes()
+            lat.append(time.perf_counter() - t0)
+        p50 = statistics.median(lat) * 1000
+        print(f"\nListRecipes over gRPC with {n} recipes: p50 {p50:.1f} ms, max {max(lat) * 1000:.1f} ms "
+              f"(target p50 < 5 ms: {'meets' if p50 < 5 else 'MISSES'})")
+        out["list_recipes"] = {"recipes": n, "p50_ms": p50, "max_ms": max(lat) * 1000}
         mc.close()
 
         rss = {}
