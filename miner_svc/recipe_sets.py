@@ -20,14 +20,12 @@ import threading
 import time
 from pathlib import Path
 
-from google.protobuf import json_format
-
 from minehead.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from minehead.heads.bundle import MAX_ONNX_BYTES, HeadBundle
 from minehead.miner.v1 import drafting_pb2
 from minehead.recipes.v2 import recipes_pb2
 
-from miner_svc.recipes import assign_id, check_against_head, manifest_zip, read_manifest_zip
+from miner_svc.recipes import assign_id, check_against_head, manifest_zip, parse_strict, read_manifest_zip, to_json
 
 MAX_RECIPES = 1000
 
@@ -36,17 +34,8 @@ def set_id(recipe_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(recipe_ids)).encode()).hexdigest()[:16]
 
 
-def to_json(s: drafting_pb2.RecipeSet) -> str:
-    return json_format.MessageToJson(s, preserving_proto_field_name=True, sort_keys=True, indent=2)
-
-
 def from_json(text: str | bytes) -> drafting_pb2.RecipeSet:
-    s = drafting_pb2.RecipeSet()
-    try:
-        json_format.Parse(text, s, ignore_unknown_fields=False)
-    except json_format.ParseError as e:
-        raise InvalidArgument(f"recipe_set.json does not match the RecipeSet schema: {e}") from None
-    return s
+    return parse_strict(text, drafting_pb2.RecipeSet(), "recipe_set.json (RecipeSet)")
 
 
 def make_set(recipes: list[recipes_pb2.Recipe], head: HeadBundle, source_job: str = "") -> drafting_pb2.RecipeSet:

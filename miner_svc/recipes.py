@@ -54,17 +54,23 @@ def step_proto(s: Step) -> recipes_pb2.Step:
                             dedupe_iou=s.dedupe_iou, max_results=s.max_results, enabled=s.enabled)
 
 
-def to_json(r: recipes_pb2.Recipe) -> str:
-    return json_format.MessageToJson(r, preserving_proto_field_name=True, sort_keys=True, indent=2)
+def to_json(msg) -> str:
+    """The canonical protobuf JSON of a recipe (or any message stored beside recipes)."""
+    return json_format.MessageToJson(msg, preserving_proto_field_name=True, sort_keys=True, indent=2)
+
+
+def parse_strict(text: str | bytes, msg, what: str):
+    """Parse JSON into `msg`; unknown fields are an error (INVALID_ARGUMENT naming `what`),
+    not silently dropped."""
+    try:
+        json_format.Parse(text, msg, ignore_unknown_fields=False)
+    except json_format.ParseError as e:
+        raise InvalidArgument(f"{what} does not match its schema: {e}") from None
+    return msg
 
 
 def from_json(text: str | bytes) -> recipes_pb2.Recipe:
-    """Strict: unknown fields are an error, not silently dropped."""
-    r = recipes_pb2.Recipe()
-    try:
-        json_format.Parse(text, r, ignore_unknown_fields=False)
-    except json_format.ParseError as e:
-        raise InvalidArgument(f"recipe.json does not match schema v2: {e}") from None
+    r = parse_strict(text, recipes_pb2.Recipe(), "recipe.json (schema v2)")
     if r.schema_version not in (0, SCHEMA_VERSION):
         raise InvalidArgument(f"recipe schema_version {r.schema_version} is not supported (expected {SCHEMA_VERSION})")
     return r

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.bench.trio import Trio
+
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "real_photos"
 SHAPES = ["red_square", "crimson_square", "blue_circle", "green_triangle", "thin_diamond"]
@@ -263,14 +265,9 @@ def bench_mining(models_dir: Path, images: int, detector: str = "") -> dict:
 
     from google.protobuf import json_format
 
-    from embedder_svc.__main__ import build as build_e
-    from head_svc.__main__ import build as build_h
-    from miner_svc.__main__ import build as build_m
     from minehead.client.heads import HeadClient
     from minehead.client.miner import MinerClient
     from minehead.common.v1 import common_pb2
-    from minehead.core.config import ServiceConfig
-    from minehead.core.server import start_server
     from minehead.head.v1 import head_pb2
     from minehead.miner.v1 import miner_pb2
     from minehead.synth import make_synthetic_dataset
@@ -278,17 +275,8 @@ def bench_mining(models_dir: Path, images: int, detector: str = "") -> dict:
     tmp = Path(tempfile.mkdtemp())
     ds = make_synthetic_dataset(tmp / "shapes", images=images, seed=3, width=640, height=480, max_objects=8, clutter=3)
 
-    def cfg(svc, **extra):
-        return ServiceConfig(service=svc, port=0, data_dir=tmp, models_dir=models_dir, allowed_roots=[tmp], extra=extra)
-
-    emb, eb = build_e(cfg("embedder"))
-    es = start_server(cfg("embedder"), eb)
-    ea = f"127.0.0.1:{es.port}"
-    hr, hb = build_h(cfg("head", embedder_addr=ea))
-    hs = start_server(cfg("head"), hb)
-    ha = f"127.0.0.1:{hs.port}"
-    mr, mb = build_m(cfg("miner", embedder_addr=ea, head_addr=ha))
-    ms = start_server(cfg("miner"), mb)
+    trio = Trio(tmp, models_dir)
+    ha = trio.head
     try:
         with HeadClient(ha) as hc:
             job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1))
@@ -299,7 +287,7 @@ def bench_mining(models_dir: Path, images: int, detector: str = "") -> dict:
             done.result.Unpack(tr)
         spec = miner_pb2.MiningSpec(dataset=str(ds), head=tr.head.head_id, seed=1, detector=detector,
                                     clip_head_auto_tune=True)
-        with MinerClient(f"127.0.0.1:{ms.port}") as mc:
+        with MinerClient(trio.miner) as mc:
             t0 = time.perf_counter()
             job = mc.start_mining(spec)
             list(mc.jobs.watch(job.name))
@@ -315,12 +303,7 @@ def bench_mining(models_dir: Path, images: int, detector: str = "") -> dict:
                                            "steps": [f"{s.prompt!r}>={s.seed_threshold:.2f}" for s in r.steps]}
                             for r in res.recipes}}
     finally:
-        ms.stop(0.5)
-        hs.stop(0.5)
-        es.stop(0.5)
-        for r in (mr, hr):
-            r.shutdown()
-        emb.close()
+        trio.close()
 
 
 def main(argv=None) -> int:

