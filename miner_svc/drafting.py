@@ -18,6 +18,8 @@ threshold the box passed (min_prob, margin, background margin, the step's detect
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+
 import numpy as np
 
 from minehead.core.errors import MineheadError
@@ -29,11 +31,30 @@ from minehead.miner.v1 import drafting_pb2
 
 from miner_svc import masks as mask_codec
 from miner_svc.detection_cache import CachedDetector
-from miner_svc.executor import Gate, HeadScorer, Step, run_recipe
+from miner_svc.executor import Gate, HeadScorer, Step, feature_pool, run_recipe
 from miner_svc.recipes import gate_of, steps_of
 
 DEFAULT_OVERLAP_IOU = 0.7
 DEFAULT_AMBIGUITY_MARGIN = 0.1
+
+
+def draft_floor(recipe_set: drafting_pb2.RecipeSet) -> float:
+    """The detection cache floor for a set: low enough for every threshold its steps use."""
+    return min([0.05] + [t for r in recipe_set.recipes for s in r.steps for t in (s.seed_threshold, s.expand_threshold) if t > 0])
+
+
+def make_drafter(detector, head: HeadBundle, recipe_set: drafting_pb2.RecipeSet, options: drafting_pb2.DraftOptions,
+                 embeds, model, cache_dir: Path) -> "Drafter":
+    """A Drafter on a loaded detector (bound to `head` when it proposes with the head), built the
+    same way in the miner (`DraftingRPCs.drafter`) and on a Ray worker (`miner_svc.ray_pool`).
+
+    The detection cache is per drafter: new images are seen once, so nothing is written to disk
+    and each image's rows are dropped when it is done (memory stays flat); the disk under
+    `cache_dir` is still read (images that were mined). embeds: CropEmbeddingCache; model: the
+    head embedder's embedder_pb2.Model."""
+    det = CachedDetector(detector, cache_dir, draft_floor(recipe_set), persist=False)
+    scorer = HeadScorer(head, embeds, model, pool=feature_pool(detector, head, model), keep_images=1)
+    return Drafter(det, head, scorer, recipe_set, options)
 
 
 @dataclasses.dataclass

@@ -23,8 +23,7 @@ from minehead.core.safezip import make_zip
 from minehead.drafts.folder import DraftFolder, check_formats, describe, list_images
 from minehead.miner.v1 import drafting_pb2, miner_pb2
 
-from miner_svc.detection_cache import CachedDetector
-from miner_svc.drafting import Drafter
+from miner_svc.drafting import Drafter, draft_floor, make_drafter
 from miner_svc.recipe_sets import make_set
 
 CHUNK = 1 << 20
@@ -89,13 +88,9 @@ class DraftingRPCs:
             raise InvalidArgument("overlap_iou and ambiguity_margin must be within [0, 1]")
         rset = self.GetRecipeSet(drafting_pb2.GetRecipeSetRequest(name=options.recipe_set), None)
         head = self.sets.head(rset.recipe_set_id)
-        floor = min([0.05] + [t for r in rset.recipes for s in r.steps for t in (s.seed_threshold, s.expand_threshold) if t > 0])
-        shared = self.detector(rset.detector, floor, head)
-        # A per-drafter cache: new images are seen once, so nothing is written to disk and each
-        # image's rows are dropped when it is done (memory stays flat).
-        det = CachedDetector(shared.detector, self.dir / "detections", floor, persist=False)
-        scorer = self.scorer_for(head, det, keep_images=1)
-        return Drafter(det, head, scorer, rset, options), rset
+        shared = self.detector(rset.detector, draft_floor(rset), head)
+        model = self.embeds.model_info(head.embedder_model)
+        return make_drafter(shared.detector, head, rset, options, self.embeds, model, self.dir / "detections"), rset
 
     def _images(self, spec: drafting_pb2.DraftingSpec) -> tuple[list[Path], str]:
         which = spec.WhichOneof("source")
@@ -131,11 +126,12 @@ class DraftingRPCs:
                              source=source)
 
         def job(ctx: JobContext):
-            return self._draft_job(ctx, drafter, rset, folder, images, request.resume)
+            return self._draft_job(ctx, drafter, rset, folder, images, request.resume, spec.options)
 
         return self.runner.start("drafting", drafting_pb2.StartDraftingRequest(spec=spec, resume=request.resume), job)
 
-    def _draft_job(self, ctx: JobContext, drafter: Drafter, rset, folder: DraftFolder, images: list[Path], resumed: str):
+    def _draft_job(self, ctx: JobContext, drafter: Drafter, rset, folder: DraftFolder, images: list[Path], resumed: str,
+                   options: drafting_pb2.DraftOptions):
         result = drafting_pb2.DraftingResult(output_dir=str(folder.root), images=len(images))
         ctx.partial_result = result
         done = folder.finished()
@@ -168,15 +164,12 @@ class DraftingRPCs:
                     "merged_lines": dict(result.merged_lines), "warnings": drafter.warnings, "complete": final}
 
         n_done = 0
+        if self.ray is not None:  # each image drafted on a Ray worker; the folder is written here
+            results = self.ray.draft(ctx, drafter, rset, options, todo, self.embeds.address, self.dir / "detections")
+        else:
+            results = _draft_here(ctx, drafter, todo)
         try:
-            for n, (i, p) in enumerate(todo):
-                ctx.check_cancelled()
-                try:
-                    data = p.read_bytes()
-                except OSError as e:
-                    drafted = drafting_pb2.DraftedImage(image=p.name, index=i, error=f"unreadable: {e.strerror}")
-                else:
-                    drafted = drafter.draft(data, p.name, i)
+            for n, (i, p, drafted) in enumerate(results):
                 added = folder.add(drafted, p)
                 if drafted.error:
                     ctx.warn(f"skipped {p.name}: {drafted.error}")
@@ -190,8 +183,11 @@ class DraftingRPCs:
                     last = now
                     ctx.metrics({"images_per_s": round(n_done / (now - t0), 4), **{f"count/{k}": v for k, v in counts.items()}})
         except Cancelled:
+            results.close()  # stop the Ray workers' chunks before writing the folder's files
             self._finish(ctx, folder, result, summary(False))
             raise
+        finally:
+            results.close()
         self._finish(ctx, folder, result, summary(True))
         return result
 
@@ -245,6 +241,18 @@ class DraftingRPCs:
                 yield drafting_pb2.DraftedImage(image=label or f"#{i}", index=i, error=str(e))
                 continue
             yield drafter.draft(data, label or f"#{i}", i)
+
+
+def _draft_here(ctx: JobContext, drafter: Drafter, todo: list[tuple[int, Path]]):
+    """In-process drafting: (index, path, DraftedImage) per image, cancel checked before each."""
+    for i, p in todo:
+        ctx.check_cancelled()
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            yield i, p, drafting_pb2.DraftedImage(image=p.name, index=i, error=f"unreadable: {e.strerror}")
+        else:
+            yield i, p, drafter.draft(data, p.name, i)
 
 
 def _until_client_stops(requests):

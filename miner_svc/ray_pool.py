@@ -1,0 +1,446 @@
+"""Scale-out on Ray (issue 14): mining's detection phase and drafting's per-image work run on
+Ray actors instead of in the miner's process. Without `--ray-address` nothing here is imported.
+
+    pool = RayPool("auto", workers=None, models_dir=..., offline=True)   # connects on first use
+    for k, data, state in pool.detect(ctx, det, head, scorer, paths, prompts): ...   # mining
+    for i, path, drafted in pool.draft(ctx, drafter, rset, options, todo, ...): ...   # drafting
+
+What runs where. A `Worker` actor (one per GPU with num_gpus=1, else N on CPU) loads each
+detector once and keeps it for every later job; per job it builds what the job needs once (the
+head bound to the detector, or a whole `Drafter`) from a spec put in the object store once.
+Images travel to it in chunks (bytes: workers need not share a filesystem); results come back
+through the object store: for mining the floor runs per (image, prompt) exactly as the miner's
+detection cache keeps them (`detection_cache.pack`) plus the crop embeddings of their boxes
+pooled from the worker's feature map; for drafting the serialized `DraftedImage`s. Everything
+after that (selection, gate sweep, the draft folder and its exactly-once ledger, job events)
+stays in the miner, unchanged, so results equal the in-process ones.
+
+Dispatch keeps one chunk in flight per actor (`ray.wait`), so a slow actor never holds work
+another could do. An actor that dies (RayActorError) has its unfinished chunk put back at the
+front of the queue and is replaced; a chunk that kills MAX_ATTEMPTS actors fails the job. Every
+image is yielded once: a chunk's result is taken once, or re-run whole. Cancel is checked after
+each result and every POLL_S while waiting; on cancel (or any error) queued tasks are cancelled
+and running ones are told to stop after their current image (`Worker.stop`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import tempfile
+import threading
+import uuid
+from collections import OrderedDict, deque
+from pathlib import Path
+
+import numpy as np
+
+from minehead.core.errors import FailedPrecondition
+from minehead.core.images import decode_image
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "minehead"
+CHUNK_IMAGES = 4  # small enough to balance and to lose little when an actor dies
+MAX_ATTEMPTS = 3  # a chunk that takes down this many actors is poison: fail the job, naming it
+POLL_S = 0.5  # cancel latency while waiting on workers
+START_TIMEOUT_S = 180.0  # the first job waits this long for the workers to come up
+SETUPS_KEPT = 4  # per-job setups (bound heads, drafters) an actor keeps
+
+
+class Worker:
+    """The Ray actor (wrapped with ray.remote by RayPool; a plain class so importing this
+    module needs no Ray). Runs one chunk at a time; `stop` and `info` answer meanwhile."""
+
+    def __init__(self, models_dir: str, offline: bool, threads: int = 0) -> None:
+        if threads:  # CPU actors share the node's cores: ORT's pool must not oversubscribe them
+            os.environ["MINEHEAD_ORT_THREADS"] = str(threads)
+        self.models_dir, self.offline = Path(models_dir), offline
+        self.scratch = Path(tempfile.mkdtemp(prefix="minehead-worker-"))
+        self._models: dict[str, object] = {}
+        self._setups: OrderedDict[str, object] = OrderedDict()
+        self._work = threading.Lock()
+        self._stopped: deque[str] = deque(maxlen=64)
+        self.images_done = 0
+        self.busy = False
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "images_done": self.images_done, "busy": self.busy, "models": sorted(self._models)}
+
+    def stop(self, token: str) -> None:
+        self._stopped.append(token)
+
+    # -- setup, once per job ------------------------------------------------------------------
+    def _setup(self, spec: dict):
+        got = self._setups.get(spec["key"])
+        if got is not None:
+            self._setups.move_to_end(spec["key"])
+            return got
+        from minehead.crop_embeddings import CropEmbeddingCache
+        from minehead.embedder.v1 import embedder_pb2
+        from minehead.heads.bundle import HeadBundle
+        from minehead.miner.v1 import drafting_pb2
+        from miner_svc.detectors import create_detector
+        from miner_svc.drafting import make_drafter
+        from miner_svc.executor import feature_pool
+
+        head = HeadBundle.from_zip(spec["head_zip"])
+        model = embedder_pb2.Model.FromString(spec["model"])
+        mid = spec["model_id"]
+        if mid not in self._models:
+            self._models[mid] = create_detector(mid, self.models_dir, self.offline)
+        base = self._models[mid]
+        det = base.with_head(head) if base.uses_head else base
+        if spec["kind"] == "draft":
+            embeds = CropEmbeddingCache(spec["embedder"], self.scratch / "embeddings")
+            got = make_drafter(det, head, drafting_pb2.RecipeSet.FromString(spec["recipe_set"]),
+                               drafting_pb2.DraftOptions.FromString(spec["options"]), embeds, model,
+                               self._cache_dir(spec["cache_dir"]))
+        else:
+            got = (det, head, feature_pool(det, head, model))
+        self._setups[spec["key"]] = got
+        while len(self._setups) > SETUPS_KEPT:
+            old = self._setups.popitem(last=False)[1]
+            if hasattr(old, "scorer"):
+                old.scorer.embeds.close()
+        return got
+
+    def _cache_dir(self, shared: str) -> Path:
+        """The miner's detection cache where this node sees it (same machine, or a shared volume
+        at the same path): mined images are then not detected again. Else a scratch folder."""
+        try:
+            Path(shared).mkdir(parents=True, exist_ok=True)
+            return Path(shared)
+        except OSError:
+            return self.scratch / "detections"
+
+    # -- work ---------------------------------------------------------------------------------
+    def detect(self, spec: dict, token: str, chunk: list) -> dict:
+        """chunk: [(key, name, bytes)] -> {"images": [(key, {prompt: packed floor run}, boxes,
+        vectors or None)], "passes": counter deltas}."""
+        from miner_svc.detection_cache import pack
+
+        with self._work:
+            self.busy = True
+            try:
+                det, head, pool = self._setup(spec)
+                before = det.counters.snapshot()
+                out = []
+                for key, name, data in chunk:
+                    if token in self._stopped:
+                        break
+                    state = det.set_image(decode_image(data, name))
+                    h, w = state.image.height, state.image.width
+                    if det.info.class_agnostic:  # the prompt cannot steer it: one run serves all
+                        rec = pack(det.predict_text(state, "", spec["floor"]), h, w)
+                        recs = {p: rec for p in spec["prompts"]}
+                    else:
+                        recs = {p: pack(det.predict_text(state, p, spec["floor"]), h, w) for p in spec["prompts"]}
+                    boxes = np.unique(np.concatenate([r[0] for r in recs.values()] + [np.zeros((0, 4), np.float32)]), axis=0)
+                    vectors = None
+                    if pool is not None and len(boxes):
+                        vectors = pool(state, boxes, head.crop_policy)
+                    out.append((key, recs, boxes, vectors))
+                    self.images_done += 1
+                after = det.counters.snapshot()
+                return {"images": out, "passes": {k: after[k] - before[k] for k in after}}
+            finally:
+                self.busy = False
+
+    def draft(self, spec: dict, token: str, chunk: list) -> dict:
+        """chunk: [(index, name, bytes)] -> {"drafted": [DraftedImage bytes], counters, warnings}."""
+        with self._work:
+            self.busy = True
+            try:
+                drafter = self._setup(spec)
+                before = drafter.det.counters.snapshot()
+                e0, p0 = drafter.scorer.boxes_embedded, drafter.scorer.boxes_pooled
+                out = []
+                for i, name, data in chunk:
+                    if token in self._stopped:
+                        break
+                    out.append(drafter.draft(data, name, i).SerializeToString())
+                    self.images_done += 1
+                after = drafter.det.counters.snapshot()
+                return {"drafted": out, "passes": {k: after[k] - before[k] for k in after},
+                        "boxes_embedded": drafter.scorer.boxes_embedded - e0,
+                        "boxes_pooled": drafter.scorer.boxes_pooled - p0, "warnings": list(drafter.warnings)}
+            finally:
+                self.busy = False
+
+
+class _Chunk:
+    def __init__(self, items: list, meta: list) -> None:
+        self.items, self.meta, self.attempts = items, meta, 0
+
+
+class RayPool:
+    """The miner's handle on its Ray workers. Thread-safe; connects and starts the actors on
+    first use (a miner whose Ray cluster is not up yet still starts and serves)."""
+
+    def __init__(self, address: str, workers: int | None, models_dir: Path, offline: bool = True,
+                 chunk: int = CHUNK_IMAGES) -> None:
+        self.address, self.workers, self.models_dir, self.offline = address, workers, Path(models_dir), offline
+        self.chunk = max(1, int(chunk or CHUNK_IMAGES))
+        self.id = uuid.uuid4().hex[:8]
+        self._lock = threading.Lock()
+        self._ray = None
+        self._started_ray = False
+        self._actors: list = []
+        self._names: list[str] = []
+        self._gen = itertools.count()
+        self._opts: dict = {}
+        self._threads = 0
+
+    # -- cluster ------------------------------------------------------------------------------
+    def _connect(self):
+        with self._lock:
+            if self._ray is None:
+                if self.address == "local":
+                    # A one-machine cluster in this process: keep it on loopback (Ray would bind
+                    # the node's network address); read when ray is first imported.
+                    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+                import ray
+
+                if not ray.is_initialized():
+                    kw = dict(namespace=NAMESPACE, log_to_driver=False)
+                    if self.address == "local":
+                        ray.init(include_dashboard=False, **kw)
+                    else:
+                        ray.init(address=self.address, **kw)
+                    self._started_ray = True
+                self._ray = ray
+                self._start_actors(ray)
+            ray = self._ray
+        self._ready(ray)
+        return ray
+
+    def _ready(self, ray) -> None:
+        """Block until every worker has loaded Python and answered, replacing any that died
+        since the last job: a cluster that cannot place them (no CPU or GPU free) fails the job
+        with a message instead of hanging it."""
+        for slot in range(len(self._actors)):
+            handle = self._actors[slot]
+            try:
+                ray.get(handle.info.remote(), timeout=START_TIMEOUT_S)
+            except ray.exceptions.RayActorError:
+                self._replace(slot, handle)
+                self._ready_one(ray, slot)
+            except ray.exceptions.GetTimeoutError:
+                self._timeout(ray)
+
+    def _ready_one(self, ray, slot: int) -> None:
+        try:
+            ray.get(self._actors[slot].info.remote(), timeout=START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            self._timeout(ray)
+
+    def _timeout(self, ray):
+        raise FailedPrecondition(f"Ray at {self.address}: {len(self._actors)} worker(s) with {self._opts} did not "
+                                 f"start within {START_TIMEOUT_S:.0f} s (cluster resources: {ray.cluster_resources()})")
+
+    def _start_actors(self, ray) -> None:
+        res = ray.cluster_resources()
+        gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
+        if gpus:  # one per GPU: the GPU is the unit of work; ORT/torch pick CUDA inside
+            n = self.workers or gpus
+            self._opts, threads = {"num_gpus": 1 if n <= gpus else gpus / n, "num_cpus": 1}, 0
+        else:  # N on CPU, sharing the cores evenly (1 worker on a 2-core node gets both)
+            n = self.workers or cpus
+            share = cpus // n if n <= cpus else cpus / n
+            self._opts, threads = {"num_cpus": share}, max(1, int(share))
+        self._threads = threads
+        for _ in range(n):
+            self._actors.append(None)
+            self._names.append("")
+            self._spawn(ray, len(self._actors) - 1)
+        log.info("Ray at %s: %d worker(s), %s each", self.address, n, self._opts)
+
+    def _spawn(self, ray, slot: int) -> None:
+        name = f"minehead-worker-{self.id}-{slot}-{next(self._gen)}"
+        cls = ray.remote(max_concurrency=2, max_restarts=0)(Worker)  # 2: stop/info run beside a chunk
+        self._actors[slot] = cls.options(name=name, namespace=NAMESPACE, **self._opts).remote(
+            str(self.models_dir), self.offline, self._threads)
+        self._names[slot] = name
+
+    def _replace(self, slot: int, handle) -> None:
+        with self._lock:
+            if self._actors[slot] is handle:  # another job may have replaced it already
+                try:
+                    self._ray.kill(handle, no_restart=True)
+                except Exception:  # already gone
+                    pass
+                self._spawn(self._ray, slot)
+
+    def worker_names(self) -> list[str]:
+        """The named actors (namespace "minehead"), in slot order; for operators and the tests."""
+        with self._lock:
+            return list(self._names)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ray is None:
+                return
+            for a in self._actors:
+                try:
+                    self._ray.kill(a, no_restart=True)
+                except Exception:
+                    pass
+            if self._started_ray:
+                self._ray.shutdown()
+            self._ray, self._actors, self._names = None, [], []
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def _run(self, ctx, method: str, spec: dict, chunks):
+        """Yields (chunk, result) as chunks finish, in any order; see the module docstring."""
+        ray = self._connect()
+        retry = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError)
+        spec_ref = ray.put(spec)
+        token = uuid.uuid4().hex
+        pending: deque[_Chunk] = deque()
+        inflight: dict = {}  # ObjectRef -> (slot, actor handle, chunk)
+        free = list(range(len(self._actors)))
+        source = iter(chunks)
+        try:
+            while True:
+                while free:
+                    c = pending.popleft() if pending else next(source, None)
+                    if c is None:
+                        break
+                    slot = free.pop()
+                    handle = self._actors[slot]
+                    inflight[getattr(handle, method).remote(spec_ref, token, c.items)] = (slot, handle, c)
+                if not inflight:
+                    return
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
+                ctx.check_cancelled()
+                for ref in ready:
+                    slot, handle, c = inflight.pop(ref)
+                    try:
+                        res = ray.get(ref)
+                    except retry as e:
+                        c.attempts += 1
+                        name = self._names[slot]
+                        if c.attempts >= MAX_ATTEMPTS:
+                            raise FailedPrecondition(f"{c.attempts} Ray workers died on images {', '.join(map(str, c.meta))}: "
+                                                     f"{type(e).__name__}") from None
+                        ctx.warn(f"Ray worker {name} died ({type(e).__name__}); its {len(c.items)} image(s) run again "
+                                 "on another worker")
+                        self._replace(slot, handle)
+                        pending.appendleft(c)
+                        free.append(slot)
+                        continue
+                    except ray.exceptions.RayTaskError as e:
+                        # The worker's own exception (a bug, a model that failed to load): as in-process.
+                        cause = getattr(e, "cause", None)
+                        raise (cause if isinstance(cause, Exception) else e) from None
+                    free.append(slot)
+                    yield c, res
+        finally:
+            for ref, (slot, handle, _) in inflight.items():
+                try:
+                    ray.cancel(ref)  # still queued in the actor: never runs
+                    handle.stop.remote(token)  # running: stops after its current image
+                except Exception:  # the actor is gone: nothing to stop
+                    pass
+
+    def detect(self, ctx, det, head, scorer, images: list[tuple[int, str, Path]], prompts: list[str]):
+        """Mining's detection phase: every (image, prompt) floor run the miner's detection cache
+        lacks is made on the workers and stored in `det` as if made here; the crop embeddings of
+        those boxes, pooled by the workers, serve `scorer` (no second encoder pass, no embedder
+        call). images: [(position, name, path)]. Yields (position, bytes, ImageState) as each image
+        is ready, in any order."""
+        prompts = list(dict.fromkeys(prompts + ([""] if det.info.class_agnostic else [])))
+        shipped: dict[str, dict[bytes, np.ndarray]] = {}
+        base_pool = scorer.pool
+        if base_pool is not None:
+            def pool(state, boxes, policy):
+                rows = shipped.get(state.image.sha256)
+                if rows is not None:
+                    got = [rows.get(b.tobytes()) for b in np.asarray(boxes, np.float32)]
+                    if all(g is not None for g in got):
+                        return np.stack(got) if got else None
+                return base_pool(state, boxes, policy)
+
+            scorer.pool = pool
+        local: deque = deque()  # images the cache already answers: no Ray round trip
+        states: dict[int, tuple[bytes, object]] = {}
+
+        def chunks():
+            batch: list = []
+            for k, name, path in images:
+                data = path.read_bytes()
+                state = det.set_image(decode_image(data, name))
+                if all(det.has_text(state.image.sha256, p) for p in prompts):
+                    for p in prompts:
+                        det.text(state, p)
+                    local.append((k, data, state))
+                    continue
+                states[k] = (data, state)
+                batch.append((k, name, data))
+                if len(batch) == self.chunk:
+                    yield _Chunk(batch, [n for _, n, _ in batch])
+                    batch = []
+            if batch:
+                yield _Chunk(batch, [n for _, n, _ in batch])
+
+        spec = {"kind": "detect", "key": f"detect|{det.detector.cache_key}|{det.floor:g}|{head.head_id}|{scorer.model.weights_sha256}",
+                "model_id": det.info.model_id, "head_zip": head.to_zip(), "model": scorer.model.SerializeToString(),
+                "floor": det.floor, "prompts": prompts}
+        for _, res in self._run(ctx, "detect", spec, chunks()):
+            while local:
+                yield local.popleft()
+            det.counters.add(**{k.replace("_passes", ""): v for k, v in res["passes"].items()})
+            for k, recs, boxes, vectors in res["images"]:
+                data, state = states.pop(k)
+                for p in prompts:
+                    det.put_text(state, p, recs[p])
+                if vectors is not None:
+                    shipped[state.image.sha256] = {b.tobytes(): v for b, v in zip(boxes, np.asarray(vectors, np.float32))}
+                yield k, data, state
+        while local:
+            yield local.popleft()
+
+    def draft(self, ctx, drafter, rset, options, todo: list[tuple[int, Path]], embedder: str, cache_dir: Path):
+        """Drafting's per-image work on the workers. Yields (index, path, DraftedImage) as each
+        image is done, in any order; the workers' pass counters, embedded / pooled box counts and
+        warnings are added to `drafter`'s, so the job's summary reads as in-process."""
+        from minehead.miner.v1 import drafting_pb2
+
+        local: deque = deque()  # unreadable files: answered here, as in-process
+        paths: dict[int, Path] = {}
+
+        def chunks():
+            batch: list = []
+            for i, p in todo:
+                try:
+                    data = p.read_bytes()
+                except OSError as e:
+                    local.append((i, p, drafting_pb2.DraftedImage(image=p.name, index=i, error=f"unreadable: {e.strerror}")))
+                    continue
+                paths[i] = p
+                batch.append((i, p.name, data))
+                if len(batch) == self.chunk:
+                    yield _Chunk(batch, [n for _, n, _ in batch])
+                    batch = []
+            if batch:
+                yield _Chunk(batch, [n for _, n, _ in batch])
+
+        rs, opts = rset.SerializeToString(deterministic=True), options.SerializeToString(deterministic=True)
+        spec = {"kind": "draft", "key": "draft|" + hashlib.sha256(rs + b"|" + opts + drafter.head.head_id.encode()).hexdigest(),
+                "model_id": rset.detector, "head_zip": drafter.head.to_zip(), "model": drafter.scorer.model.SerializeToString(),
+                "recipe_set": rs, "options": opts, "embedder": embedder, "cache_dir": str(cache_dir)}
+        for _, res in self._run(ctx, "draft", spec, chunks()):
+            while local:
+                yield local.popleft()
+            drafter.det.counters.add(**{k.replace("_passes", ""): v for k, v in res["passes"].items()})
+            drafter.scorer.boxes_embedded += res["boxes_embedded"]
+            drafter.scorer.boxes_pooled += res["boxes_pooled"]
+            drafter.warnings.extend(w for w in res["warnings"] if w not in drafter.warnings)
+            for raw in res["drafted"]:
+                d = drafting_pb2.DraftedImage.FromString(raw)
+                yield d.index, paths.pop(d.index), d
+        while local:
+            yield local.popleft()
