@@ -193,6 +193,7 @@ class RayPool:
         self._gen = itertools.count()
         self._opts: dict = {}
         self._threads = 0
+        self._local_done: threading.Event | None = None
 
     # -- cluster ------------------------------------------------------------------------------
     def _connect(self):
@@ -207,7 +208,7 @@ class RayPool:
                 if not ray.is_initialized():
                     kw = dict(namespace=NAMESPACE, log_to_driver=False)
                     if self.address == "local":
-                        ray.init(include_dashboard=False, **kw)
+                        self._start_local(ray, kw)
                     else:
                         ray.init(address=self.address, **kw)
                     self._started_ray = True
@@ -216,6 +217,27 @@ class RayPool:
             ray = self._ray
         self._ready(ray)
         return ray
+
+    def _start_local(self, ray, kw: dict) -> None:
+        """`ray.init` for a local cluster, from a thread that lives until `close`: Ray's head
+        processes die with the *thread* that spawned them (PR_SET_PDEATHSIG), and a job thread
+        may end first (the runner's pool shutting down), which killed them mid-shutdown and
+        left their agents orphaned."""
+        started, failed = threading.Event(), []
+
+        def keeper():
+            try:
+                ray.init(include_dashboard=False, **kw)
+            except BaseException as e:  # noqa: BLE001 - reported to the caller below
+                failed.append(e)
+            started.set()
+            self._local_done.wait()
+
+        self._local_done = threading.Event()
+        threading.Thread(target=keeper, name="ray-local", daemon=True).start()
+        started.wait()
+        if failed:
+            raise failed[0]
 
     def _ready(self, ray) -> None:
         """Block until every worker has loaded Python and answered, replacing any that died
@@ -290,7 +312,14 @@ class RayPool:
                     pass
             if self._started_ray:
                 self._ray.shutdown()
+                if self._local_done is not None:
+                    self._local_done.set()
             self._ray, self._actors, self._names = None, [], []
+
+    def _chunk_size(self, total: int) -> int:
+        """`chunk` images, fewer when the job is small: every worker should get a share (4
+        images on 2 workers go 2 + 2, not 4 + 0). Read once the actors exist."""
+        return max(1, min(self.chunk, -(-total // max(1, len(self._actors)))))
 
     # -- dispatch -----------------------------------------------------------------------------
     def _run(self, ctx, method: str, spec: dict, chunks):
@@ -370,6 +399,7 @@ class RayPool:
 
         def chunks():
             batch: list = []
+            size = self._chunk_size(len(images))
             for k, name, path in images:
                 data = path.read_bytes()
                 state = det.set_image(decode_image(data, name))
@@ -380,7 +410,7 @@ class RayPool:
                     continue
                 states[k] = (data, state)
                 batch.append((k, name, data))
-                if len(batch) == self.chunk:
+                if len(batch) == size:
                     yield _Chunk(batch, [n for _, n, _ in batch])
                     batch = []
             if batch:
@@ -414,6 +444,7 @@ class RayPool:
 
         def chunks():
             batch: list = []
+            size = self._chunk_size(len(todo))
             for i, p in todo:
                 try:
                     data = p.read_bytes()
@@ -422,7 +453,7 @@ class RayPool:
                     continue
                 paths[i] = p
                 batch.append((i, p.name, data))
-                if len(batch) == self.chunk:
+                if len(batch) == size:
                     yield _Chunk(batch, [n for _, n, _ in batch])
                     batch = []
             if batch:
