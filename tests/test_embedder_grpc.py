@@ -10,6 +10,7 @@ from minehead.client.embedder import EmbedderClient
 from minehead.crops import CropPolicy
 from minehead.core.images import decode_image
 from tests.conftest import TINY_IDS, jpeg_bytes, png_bytes, scene, start_embedder
+from embedder_svc.minisam import DIM as MINISAM_DIM
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +27,12 @@ def test_default_model_is_minisam_and_crops_are_normalised(client, embedder_serv
     img = scene(seed=1)
     boxes = [[40, 30, 140, 110], [200, 100, 300, 200], [0, 0, 20, 20]]
     resp = client.embed_crops_raw(jpeg_bytes(img), boxes)
-    assert resp.model.model_id == "minisam-tinyvit" and resp.model.dim == 256
+    assert resp.model.model_id == "minisam-tinyvit" and resp.model.dim == MINISAM_DIM
     assert len(resp.model.weights_sha256) == 64
     from minehead.core import embeddings
 
     v = embeddings.from_proto(resp.embeddings)
-    assert v.shape == (3, 256) and v.dtype == np.float32
+    assert v.shape == (3, MINISAM_DIM) and v.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert resp.crop_policy.padding_ratio == pytest.approx(0.08)
     # The same image and boxes again come from the cache, bit for bit.
@@ -54,7 +55,7 @@ def test_minisam_crops_tell_colours_apart(client):
 def test_embed_images_minisam(client):
     imgs = [png_bytes(scene(seed=s)) for s in range(2)]
     v = client.embed_images(imgs)
-    assert v.shape == (2, 256)
+    assert v.shape == (2, MINISAM_DIM)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
 
 
@@ -81,7 +82,7 @@ def test_text_embeddings_for_clip_models(client, model_id):
 def test_list_models_shows_local_models_before_loading(client):
     models = {m.id: m for m in client.list_models()}
     assert {"minisam-tinyvit", *TINY_IDS} <= set(models)
-    assert models["minisam-tinyvit"].is_default and models["minisam-tinyvit"].dim == 256
+    assert models["minisam-tinyvit"].is_default and models["minisam-tinyvit"].dim == MINISAM_DIM
 
 
 def test_bad_inputs_get_clear_codes_and_server_keeps_serving(client):
@@ -103,7 +104,7 @@ def test_bad_inputs_get_clear_codes_and_server_keeps_serving(client):
             call()
         assert e.value.code() == code, (words, e.value.details())
         assert words in e.value.details()
-    assert client.embed_crops(img, [[0, 0, 50, 50]]).shape == (1, 256)
+    assert client.embed_crops(img, [[0, 0, 50, 50]]).shape == (1, MINISAM_DIM)
 
 
 @pytest.mark.parametrize("model_id,words", [
@@ -142,7 +143,7 @@ def test_oversize_message_is_resource_exhausted(tmp_path, models_dir):
             with pytest.raises(grpc.RpcError) as e:
                 c.embed_images([png_bytes(big)])
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert c.embed_crops(png_bytes(scene()), [[0, 0, 50, 50]]).shape == (1, 256)
+            assert c.embed_crops(png_bytes(scene()), [[0, 0, 50, 50]]).shape == (1, MINISAM_DIM)
     finally:
         r.stop()
 

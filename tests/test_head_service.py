@@ -20,6 +20,7 @@ from minehead.core.safezip import make_zip
 from minehead.core.server import start_server
 from minehead.head.v1 import head_pb2
 from tests.conftest import make_config
+from embedder_svc.minisam import DIM as MINISAM_DIM
 
 N_IMAGES = 40
 
@@ -88,7 +89,7 @@ def test_meta_json_has_every_field(logreg, head_env):
     assert meta["head_type"] == "logreg" and meta["parity_max_abs_err"] <= 1e-5
     assert meta["classes"][-2:] == ["__bg_0", "__bg_1"] and meta["background_indices"] == [4, 5]
     emb = meta["embedder"]
-    assert emb["model_id"] == "minisam-tinyvit" and emb["dim"] == 256 and len(emb["weights_sha256"]) == 64
+    assert emb["model_id"] == "minisam-tinyvit" and emb["dim"] == MINISAM_DIM and len(emb["weights_sha256"]) == 64
     assert emb["crop_policy"]["padding_ratio"] == pytest.approx(0.08)
     assert set(meta["soft_targets"]) == {"label_smoothing", "teacher_temperature", "margin_loss"}
     assert meta["metrics"]["per_class"]["blue_circle"]["precision"] >= 0
@@ -147,13 +148,13 @@ def test_score_embeddings_and_bad_requests(logreg, head_env):
     r, _ = logreg
     c = head_env["client"]
     rng = np.random.default_rng(0)
-    resp = c.score_embeddings(r.head.head_id, rng.normal(size=(5, 256)))
+    resp = c.score_embeddings(r.head.head_id, rng.normal(size=(5, MINISAM_DIM)))
     assert len(resp.scores) == 5
     for call, code, words in [
         (lambda: c.score_embeddings(r.head.head_id, rng.normal(size=(2, 32))), grpc.StatusCode.INVALID_ARGUMENT, "N x 256"),
-        (lambda: c.score_embeddings("no-such-head", rng.normal(size=(1, 256))), grpc.StatusCode.NOT_FOUND, "no head"),
-        (lambda: c.score_embeddings(r.head.head_id, rng.normal(size=(1, 256)), "__bg_0"), grpc.StatusCode.INVALID_ARGUMENT, "not a real class"),
-        (lambda: c.score_embeddings(r.head.head_id, rng.normal(size=(1, 256)), min_prob=3.0), grpc.StatusCode.INVALID_ARGUMENT, "min_prob"),
+        (lambda: c.score_embeddings("no-such-head", rng.normal(size=(1, MINISAM_DIM))), grpc.StatusCode.NOT_FOUND, "no head"),
+        (lambda: c.score_embeddings(r.head.head_id, rng.normal(size=(1, MINISAM_DIM)), "__bg_0"), grpc.StatusCode.INVALID_ARGUMENT, "not a real class"),
+        (lambda: c.score_embeddings(r.head.head_id, rng.normal(size=(1, MINISAM_DIM)), min_prob=3.0), grpc.StatusCode.INVALID_ARGUMENT, "min_prob"),
     ]:
         with pytest.raises(grpc.RpcError) as e:
             call()
@@ -162,7 +163,7 @@ def test_score_embeddings_and_bad_requests(logreg, head_env):
 
 def test_head_without_background_classes_disables_the_guard_with_a_warning(head_env):
     r, _ = train(head_env["client"], dataset=head_pb2.DatasetRef(path=str(head_env["dataset"])), seed=2, background_classes=0)
-    resp = head_env["client"].score_embeddings(r.head.head_id, np.ones((1, 256)), background_guard=True)
+    resp = head_env["client"].score_embeddings(r.head.head_id, np.ones((1, MINISAM_DIM)), background_guard=True)
     assert any("no __bg_* classes" in w for w in resp.warnings)
     assert resp.thresholds.background_guard is False
     assert resp.scores[0].best_background_class == ""

