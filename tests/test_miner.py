@@ -385,10 +385,16 @@ def test_cli_as_written_in_the_issue(env, tmp_path):
     assert r.returncode == 0 and "held-out report images" in r.stdout
 
 
+# The real offline detector on an 8 x 8 point grid (at most 64 decoder passes an image, ~half
+# the default 12 x 12): the same code path, and the module's setup stays within its timeout on
+# a loaded 2-core machine (the 12 x 12 grid took ~5 min there).
+AUTO = "minisam-auto:8"
+
+
 @pytest.fixture(scope="module")
 def auto_mined(env):
     """Recipes mined with the real offline detector (SAM TinyViT proposals): no fake here."""
-    return mine(env, classes=["blue_circle", "green_triangle"], detector="minisam-auto", clip_head_auto_tune=True)
+    return mine(env, classes=["blue_circle", "green_triangle"], detector=AUTO, clip_head_auto_tune=True)
 
 
 def test_minisam_auto_recipes_find_the_synthetic_objects(auto_mined):
@@ -396,7 +402,7 @@ def test_minisam_auto_recipes_find_the_synthetic_objects(auto_mined):
     by = {r.class_name: r for r in res.recipes}
     for r in res.recipes:
         s = r.summary
-        assert r.detector.model_id == "minisam-auto" and r.detector.class_agnostic and not r.detector.meaningless
+        assert r.detector.model_id == AUTO and r.detector.class_agnostic and not r.detector.meaningless
         assert all(st.prompt == "" for st in r.steps)  # class-agnostic: the head names the class
         assert s.ground_truth >= 5 and s.report_images > 0
         # The search met its target where it searched (tune split), or the recipe says it did
@@ -421,7 +427,7 @@ def test_background_guard_lowers_false_positives_on_clutter(env, auto_mined):
     from minehead.geometry import iou_matrix
 
     ds, sv = env["ds"], env["servicer"]
-    res, _, _ = mine(env, classes=["green_triangle"], detector="minisam-auto", clip_head_auto_tune=False)
+    res, _, _ = mine(env, classes=["green_triangle"], detector=AUTO, clip_head_auto_tune=False)
     off = res.recipes[0]
     on = recipes_pb2.Recipe()
     on.CopyFrom(off)
@@ -474,7 +480,7 @@ def test_hard_negative_replay_lowers_false_positives(env, auto_mined):
             fp, tp = fp + int((~hit).sum()), tp + int(hit.sum())
         return fp, tp
 
-    first, _, done = mine(env, classes=["green_triangle"], detector="minisam-auto", clip_head_auto_tune=False,
+    first, _, done = mine(env, classes=["green_triangle"], detector=AUTO, clip_head_auto_tune=False,
                           hard_negative_min_bg_prob=0.0)
     before = fps_tps(first.recipes[0].recipe_id)
     data = b"".join(c.data for c in env["stub"].ExportNegatives(miner_pb2.ExportNegativesRequest(job=done.name)))
@@ -490,18 +496,16 @@ def test_hard_negative_replay_lowers_false_positives(env, auto_mined):
     r = head_pb2.TrainingResult()
     hc.jobs.get(job.name).result.Unpack(r)
     spec = miner_pb2.MiningSpec(dataset=str(env["dataset"]), head=r.head.head_id, seed=1, classes=["green_triangle"],
-                                detector="minisam-auto")
+                                detector=AUTO)
     j2 = env["stub"].StartMining(miner_pb2.StartMiningRequest(spec=spec))
     list(env["jobs"].watch(j2.name))
     second = miner_pb2.MiningResult()
     env["jobs"].get(j2.name).result.Unpack(second)
     after = fps_tps(second.recipes[0].recipe_id)
     print(f"hard-negative replay (false positives, true positives): {before} -> {after}")
-    # Replay must never add false positives nor lose the objects. It used to remove one or two
-    # of them here (7 -> 6); since this session's changes it removes none on these scenes (see
-    # the closing note of issues 11-13: bisected to the mining/serving changes, not the detector),
-    # so the strict decrease is not asserted until that is understood.
-    assert after[0] <= before[0] and after[1] >= 0.8 * before[1], (before, after)
+    # Measured here: (21, 20) -> (20, 20) with the 8 x 8 grid and minisam-tinyvit's colour
+    # channels; the 12 x 12 grid without colour channels stayed at (13, 18).
+    assert after[0] < before[0] and after[1] >= 0.8 * before[1], (before, after)
 
 
 def test_head_without_background_classes_turns_background_features_off(env):
