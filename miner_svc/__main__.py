@@ -22,7 +22,7 @@ def build(config):
         from miner_svc.ray_pool import RayPool
 
         pool = RayPool(x["ray_address"], int(x.get("ray_workers") or 0) or None, config.models_dir,
-                       chunk=int(x.get("ray_chunk") or 0))
+                       chunk=int(x.get("ray_chunk") or 0), worker_cpus=int(x.get("ray_worker_cpus") or 0) or None)
     servicer = MinerServicer(config.service_dir, config.models_dir, x.get("head_addr") or default_address("head"),
                              x.get("embedder_addr") or default_address("embedder"), config.allowed_roots, runner,
                              default_detector=x.get("default_detector") or default_detector(config.models_dir), ray=pool)
@@ -45,6 +45,8 @@ def parser():
                         "default: off, everything in-process")
     p.add_argument("--ray-workers", type=int, default=int(env("ray_workers", "0")),
                    help="Ray worker actors (default: one per GPU with num_gpus=1 when the cluster has GPUs, else one per CPU)")
+    p.add_argument("--ray-worker-cpus", type=int, default=int(env("ray_worker_cpus", "0")),
+                   help="CPUs (and ONNX Runtime threads) per CPU worker actor (default: the cluster's CPUs / workers)")
     p.add_argument("--ray-chunk", type=int, default=int(env("ray_chunk", "4")), help="images sent to a Ray worker at a time")
     return p
 
@@ -52,7 +54,7 @@ def parser():
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     config = config_from_args("miner", args, ("head_addr", "embedder_addr", "default_detector", "ray_address", "ray_workers",
-                                              "ray_chunk"))
+                                              "ray_chunk", "ray_worker_cpus"))
     setup_logging(config.log_format, config.log_level)
     runner, bindings = build(config)
     running = start_server(config, bindings)

@@ -5,10 +5,10 @@ Ray actors instead of in the miner's process. Without `--ray-address` nothing he
     for k, data, state in pool.detect(ctx, det, head, scorer, paths, prompts): ...   # mining
     for i, path, drafted in pool.draft(ctx, drafter, rset, options, todo, ...): ...   # drafting
 
-What runs where. A `Worker` actor (one per GPU with num_gpus=1, else N on CPU) loads each
-detector once and keeps it for every later job; per job it builds what the job needs once (the
-head bound to the detector, or a whole `Drafter`) from a spec put in the object store once.
-Images travel to it in chunks (bytes: workers need not share a filesystem); results come back
+What runs where. A `Worker` actor (`miner_svc.ray_worker`; one per GPU with num_gpus=1, else N
+on CPU) loads each detector once and keeps it for every later job; per job it builds what the
+job needs once (the head bound to the detector, or a whole `Drafter`) from a spec put in the
+object store once. Images travel to it in chunks (bytes: workers need not share a filesystem); results come back
 through the object store: for mining the floor runs per (image, prompt) exactly as the miner's
 detection cache keeps them (`detection_cache.pack`) plus the crop embeddings of their boxes
 pooled from the worker's feature map; for drafting the serialized `DraftedImage`s. Everything
@@ -29,16 +29,17 @@ import hashlib
 import itertools
 import logging
 import os
-import tempfile
 import threading
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 
 from minehead.core.errors import FailedPrecondition
 from minehead.core.images import decode_image
+
+from miner_svc.ray_worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -47,128 +48,6 @@ CHUNK_IMAGES = 4  # small enough to balance and to lose little when an actor die
 MAX_ATTEMPTS = 3  # a chunk that takes down this many actors is poison: fail the job, naming it
 POLL_S = 0.5  # cancel latency while waiting on workers
 START_TIMEOUT_S = 180.0  # the first job waits this long for the workers to come up
-SETUPS_KEPT = 4  # per-job setups (bound heads, drafters) an actor keeps
-
-
-class Worker:
-    """The Ray actor (wrapped with ray.remote by RayPool; a plain class so importing this
-    module needs no Ray). Runs one chunk at a time; `stop` and `info` answer meanwhile."""
-
-    def __init__(self, models_dir: str, offline: bool, threads: int = 0) -> None:
-        if threads:  # CPU actors share the node's cores: ORT's pool must not oversubscribe them
-            os.environ["MINEHEAD_ORT_THREADS"] = str(threads)
-        self.models_dir, self.offline = Path(models_dir), offline
-        self.scratch = Path(tempfile.mkdtemp(prefix="minehead-worker-"))
-        self._models: dict[str, object] = {}
-        self._setups: OrderedDict[str, object] = OrderedDict()
-        self._work = threading.Lock()
-        self._stopped: deque[str] = deque(maxlen=64)
-        self.images_done = 0
-        self.busy = False
-
-    def info(self) -> dict:
-        return {"pid": os.getpid(), "images_done": self.images_done, "busy": self.busy, "models": sorted(self._models)}
-
-    def stop(self, token: str) -> None:
-        self._stopped.append(token)
-
-    # -- setup, once per job ------------------------------------------------------------------
-    def _setup(self, spec: dict):
-        got = self._setups.get(spec["key"])
-        if got is not None:
-            self._setups.move_to_end(spec["key"])
-            return got
-        from minehead.crop_embeddings import CropEmbeddingCache
-        from minehead.embedder.v1 import embedder_pb2
-        from minehead.heads.bundle import HeadBundle
-        from minehead.miner.v1 import drafting_pb2
-        from miner_svc.detectors import create_detector
-        from miner_svc.drafting import make_drafter
-        from miner_svc.executor import feature_pool
-
-        head = HeadBundle.from_zip(spec["head_zip"])
-        model = embedder_pb2.Model.FromString(spec["model"])
-        mid = spec["model_id"]
-        if mid not in self._models:
-            self._models[mid] = create_detector(mid, self.models_dir, self.offline)
-        base = self._models[mid]
-        det = base.with_head(head) if base.uses_head else base
-        if spec["kind"] == "draft":
-            embeds = CropEmbeddingCache(spec["embedder"], self.scratch / "embeddings")
-            got = make_drafter(det, head, drafting_pb2.RecipeSet.FromString(spec["recipe_set"]),
-                               drafting_pb2.DraftOptions.FromString(spec["options"]), embeds, model,
-                               self._cache_dir(spec["cache_dir"]))
-        else:
-            got = (det, head, feature_pool(det, head, model))
-        self._setups[spec["key"]] = got
-        while len(self._setups) > SETUPS_KEPT:
-            old = self._setups.popitem(last=False)[1]
-            if hasattr(old, "scorer"):
-                old.scorer.embeds.close()
-        return got
-
-    def _cache_dir(self, shared: str) -> Path:
-        """The miner's detection cache where this node sees it (same machine, or a shared volume
-        at the same path): mined images are then not detected again. Else a scratch folder."""
-        try:
-            Path(shared).mkdir(parents=True, exist_ok=True)
-            return Path(shared)
-        except OSError:
-            return self.scratch / "detections"
-
-    # -- work ---------------------------------------------------------------------------------
-    def detect(self, spec: dict, token: str, chunk: list) -> dict:
-        """chunk: [(key, name, bytes)] -> {"images": [(key, {prompt: packed floor run}, boxes,
-        vectors or None)], "passes": counter deltas}."""
-        from miner_svc.detection_cache import pack
-
-        with self._work:
-            self.busy = True
-            try:
-                det, head, pool = self._setup(spec)
-                before = det.counters.snapshot()
-                out = []
-                for key, name, data in chunk:
-                    if token in self._stopped:
-                        break
-                    state = det.set_image(decode_image(data, name))
-                    h, w = state.image.height, state.image.width
-                    if det.info.class_agnostic:  # the prompt cannot steer it: one run serves all
-                        rec = pack(det.predict_text(state, "", spec["floor"]), h, w)
-                        recs = {p: rec for p in spec["prompts"]}
-                    else:
-                        recs = {p: pack(det.predict_text(state, p, spec["floor"]), h, w) for p in spec["prompts"]}
-                    boxes = np.unique(np.concatenate([r[0] for r in recs.values()] + [np.zeros((0, 4), np.float32)]), axis=0)
-                    vectors = None
-                    if pool is not None and len(boxes):
-                        vectors = pool(state, boxes, head.crop_policy)
-                    out.append((key, recs, boxes, vectors))
-                    self.images_done += 1
-                after = det.counters.snapshot()
-                return {"images": out, "passes": {k: after[k] - before[k] for k in after}}
-            finally:
-                self.busy = False
-
-    def draft(self, spec: dict, token: str, chunk: list) -> dict:
-        """chunk: [(index, name, bytes)] -> {"drafted": [DraftedImage bytes], counters, warnings}."""
-        with self._work:
-            self.busy = True
-            try:
-                drafter = self._setup(spec)
-                before = drafter.det.counters.snapshot()
-                e0, p0 = drafter.scorer.boxes_embedded, drafter.scorer.boxes_pooled
-                out = []
-                for i, name, data in chunk:
-                    if token in self._stopped:
-                        break
-                    out.append(drafter.draft(data, name, i).SerializeToString())
-                    self.images_done += 1
-                after = drafter.det.counters.snapshot()
-                return {"drafted": out, "passes": {k: after[k] - before[k] for k in after},
-                        "boxes_embedded": drafter.scorer.boxes_embedded - e0,
-                        "boxes_pooled": drafter.scorer.boxes_pooled - p0, "warnings": list(drafter.warnings)}
-            finally:
-                self.busy = False
 
 
 class _Chunk:
@@ -181,9 +60,10 @@ class RayPool:
     first use (a miner whose Ray cluster is not up yet still starts and serves)."""
 
     def __init__(self, address: str, workers: int | None, models_dir: Path, offline: bool = True,
-                 chunk: int = CHUNK_IMAGES) -> None:
+                 chunk: int = CHUNK_IMAGES, worker_cpus: int | None = None) -> None:
         self.address, self.workers, self.models_dir, self.offline = address, workers, Path(models_dir), offline
         self.chunk = max(1, int(chunk or CHUNK_IMAGES))
+        self.worker_cpus = worker_cpus or None  # CPUs (and ONNX Runtime threads) per CPU actor
         self.id = uuid.uuid4().hex[:8]
         self._lock = threading.Lock()
         self._ray = None
@@ -268,10 +148,10 @@ class RayPool:
         gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
         if gpus:  # one per GPU: the GPU is the unit of work; ORT/torch pick CUDA inside
             n = self.workers or gpus
-            self._opts, threads = {"num_gpus": 1 if n <= gpus else gpus / n, "num_cpus": 1}, 0
-        else:  # N on CPU, sharing the cores evenly (1 worker on a 2-core node gets both)
-            n = self.workers or cpus
-            share = cpus // n if n <= cpus else cpus / n
+            self._opts, threads = {"num_gpus": 1 if n <= gpus else gpus / n, "num_cpus": self.worker_cpus or 1}, 0
+        else:  # N on CPU, sharing the cores evenly (1 worker on a 2-core node gets both) unless told
+            n = self.workers or (cpus // self.worker_cpus if self.worker_cpus else cpus) or 1
+            share = self.worker_cpus or (cpus // n if n <= cpus else cpus / n)
             self._opts, threads = {"num_cpus": share}, max(1, int(share))
         self._threads = threads
         for _ in range(n):
