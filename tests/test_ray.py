@@ -15,8 +15,11 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback (read when ray is imported)
 
@@ -31,7 +34,7 @@ from minehead.head.v1 import head_pb2  # noqa: E402
 from minehead.miner.v1 import drafting_pb2, miner_pb2  # noqa: E402
 from minehead.recipes.v2 import recipes_pb2  # noqa: E402
 from minehead.synth import make_synthetic_dataset  # noqa: E402
-from tests.conftest import make_config  # noqa: E402
+from tests.conftest import REPO, make_config  # noqa: E402
 
 CLASSES = ["red_square", "blue_circle"]
 TIMING = ("seconds", "images_per_s")
@@ -45,6 +48,65 @@ def _miner(tmp, models_dir, embedder, head_addr, roots, **extra):
     runner, bindings = build(cfg)
     server = start_server(cfg, bindings)
     return runner, server, MinerClient(f"127.0.0.1:{server.port}")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process under `pid` (from /proc)."""
+    parent = {}
+    for st in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            f = st.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(st.parent.name)] = int(f[1])
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_local_ray_starts_from_a_job_thread_and_leaves_nothing_behind(models_dir, tmp_path):
+    """`--ray-address local`: the miner starts Ray from the job thread that first needs it. Ray's
+    processes die with the thread that spawned them, and job threads end before the miner does:
+    the pool starts Ray from a thread of its own, the workers answer after the job thread is
+    gone, and `close` leaves no Ray process behind. (Runs before this module's own cluster.)"""
+    import inspect
+
+    script = tmp_path / "local.py"
+    script.write_text(
+        "import json, os, sys, threading\n"
+        + inspect.getsource(_descendants) +
+        "from pathlib import Path\n"
+        "from miner_svc.ray_pool import RayPool\n"
+        "pool = RayPool('local', 1, Path(sys.argv[1]))\n"
+        "t = threading.Thread(target=pool._connect)\n"
+        "t.start(); t.join()\n"
+        "import ray\n"
+        "info = ray.get(ray.get_actor(pool.worker_names()[0], namespace='minehead').info.remote(), timeout=60)\n"
+        "print(json.dumps({'info': info, 'nodes': [n['NodeManagerAddress'] for n in ray.nodes()],\n"
+        "                  'pids': _descendants(os.getpid())}), flush=True)\n"
+        "pool.close()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    r = subprocess.run([sys.executable, str(script), str(models_dir)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["nodes"] == ["127.0.0.1"] and out["info"]["images_done"] == 0
+    assert len(out["pids"]) >= 3  # GCS, raylet, the worker, the agents
+    deadline = time.time() + 30
+    while any(_alive(p) for p in out["pids"]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in out["pids"] if _alive(p)], "Ray processes outlived the pool"
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,9 @@ def main(argv=None) -> int:
     # start reliably), owned by this process: 5 logical CPUs hold the 2 + 1 + 1 + 1 CPUs their
     # actors reserve; only one arm works at a time, on the 2 real cores.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (read when ray is imported)
+    # Ray runs its workers at nice 15 by default; the in-process arm runs at 0. Like for like here
+    # (on a box shared with other work the default costs the workers whatever else runs).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # Ray's socket paths must stay short
