@@ -281,6 +281,7 @@ class RayPool:
             batch: list = []
             size = self._chunk_size(len(images))
             for k, name, path in images:
+                ctx.check_cancelled()  # as in-process, before each image (cache hits never wait on Ray)
                 data = path.read_bytes()
                 state = det.set_image(decode_image(data, name))
                 if all(det.has_text(state.image.sha256, p) for p in prompts):
