@@ -156,17 +156,22 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
             pick = np.sort(rng.choice(len(Xb), cap, replace=False))
             Xb, gb = Xb[pick], gb[pick]
         if negatives:
-            # Hard negatives: whole images, each a background example the head got wrong before.
-            # They join training only (group -1 is never held out) and are not capped.
-            neg = []
+            # Hard negatives: the boxes a miner exported (false positives in their images),
+            # each a background example embedded as the miner embeds it; an image without
+            # label lines counts whole. They join training only (group -1 is never held out)
+            # and are not capped.
+            neg, n_images = [], 0
             for nds in negatives:
                 for rec in nds.images:
                     ctx.check_cancelled()
-                    neg.append(embeds.embed(rec.path.read_bytes(), np.array([[0, 0, rec.width, rec.height]], float), policy, m))
+                    boxes = rec.boxes if len(rec.boxes) else np.array([[0, 0, rec.width, rec.height]], float)
+                    neg.append(embeds.embed(rec.path.read_bytes(), boxes, policy, m))
+                    n_images += 1
             if neg:
-                Xb = np.concatenate([Xb, *neg])
+                neg = np.concatenate(neg)
+                Xb = np.concatenate([Xb, neg])
                 gb = np.concatenate([gb, np.full(len(neg), -1)])
-                ctx.log(f"{len(neg)} hard-negative images added as background")
+                ctx.log(f"{len(neg)} hard-negative boxes from {n_images} images added as background")
         k = min(background_classes, len(Xb))
         if k < background_classes:
             notes.append(f"only {len(Xb)} background crops: {k} background classes instead of {background_classes}")

