@@ -43,7 +43,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_miner(models: Path, tmp: Path, ea: str, ha: str, address: str, workers: int, cpus: int):
+def _ray_miner(models: Path, tmp: Path, ea: str, ha: str, address: str, workers: int, cpus: int, chunk: int):
     """A miner process on the bench's Ray cluster once it answers its health check."""
     from minehead.client.health import check_health
 
@@ -53,7 +53,7 @@ def _ray_miner(models: Path, tmp: Path, ea: str, ha: str, address: str, workers:
         proc = subprocess.Popen([sys.executable, "-m", "miner_svc", "--port", str(port), "--data-dir", str(tmp / tag),
                                  "--models-dir", str(models), "--allowed-roots", str(tmp), "--embedder-addr", ea,
                                  "--head-addr", ha, "--ray-address", address, "--ray-workers", str(workers),
-                                 "--ray-worker-cpus", str(cpus)], cwd=REPO,
+                                 "--ray-worker-cpus", str(cpus), "--ray-chunk", str(chunk)], cwd=REPO,
                                 env=dict(os.environ, MINEHEAD_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=log)
     addr = f"127.0.0.1:{port}"
     while check_health(addr, "minehead.miner.v1.MinerService") != "SERVING":
@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=4, help="new images per drafting job (one job per arm per repeat)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--chunk", type=int, default=4, help="--ray-chunk of the Ray miners (the miner's default: 4; a 4-image "
+                                                        "job then goes 2 + 2, and the faster worker idles at the end)")
     p.add_argument("--json", default=str(REPO / "var" / "bench" / "ray.json"))
     a = p.parse_args(argv)
     os.environ.setdefault("MINEHEAD_OFFLINE", "1")
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
         bundle = bundle_zip(make_set(recipes, head), head)
         arms = {"in-process": trio.miner}
         for name, w, cpus in (("Ray, 1 worker", 1, 2), ("Ray, 1 worker x 1 CPU", 1, 1), ("Ray, 2 workers", 2, 1)):
-            proc, addr = _ray_miner(models, tmp, trio.embedder, trio.head, gcs, w, cpus)
+            proc, addr = _ray_miner(models, tmp, trio.embedder, trio.head, gcs, w, cpus, a.chunk)
             procs.append(proc)
             arms[name] = addr
         clients = {k: MinerClient(v) for k, v in arms.items()}
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
         same = all(labels[k] == labels[names[0]] for k in names)
         arm = {k: Arm(k, rates[k], 1) for k in names}
         print(f"\ndrafting with {detector}, {len(recipes)}-class set, {a.images} new synthetic images per job, "
-              f"{a.repeats} repeats after a warm-up (os.cpu_count() = {os.cpu_count()})")
+              f"{a.repeats} repeats after a warm-up, --ray-chunk {a.chunk} (os.cpu_count() = {os.cpu_count()})")
         for k in names:
             print(arm[k].line("img/s"))
         one, one_cpu, two = names[1], names[2], names[3]
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
                         target=1.6, ratio_name="2 workers / 1 worker x 1 CPU"))
         print(f"\nbackbone passes per job: {', '.join(f'{k} {sorted(set(v))}' for k, v in passes.items())} "
               f"(= {a.images}: one per image wherever it runs); labels identical across arms: {same}")
-        out = {"images_per_job": a.images, "repeats": a.repeats, "detector": detector,
+        out = {"images_per_job": a.images, "repeats": a.repeats, "chunk": a.chunk, "detector": detector,
                "arms": {k: rates[k] for k in names}, "one_worker_vs_in_process": c1.to_dict(),
                "two_workers_vs_one": c2.to_dict(), "two_workers_vs_one_on_one_cpu": c3.to_dict(), "labels_identical": same}
         for mc in clients.values():
