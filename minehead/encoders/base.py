@@ -96,3 +96,14 @@ def gpu_present() -> bool:
     if os.environ.get("MINEHEAD_DEVICE", "auto") == "cpu":
         return False
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
+def model_identity(m: dict, file_sha: str = "") -> str:
+    """The weights_sha256 a manifest's model reports: the ONNX file's sha256, folded with the
+    colour weight when it has one (the same weights with colour channels embed differently, so
+    caches and heads must not mix the two)."""
+    sha = m.get("sha256") or file_sha
+    w = float(m.get("colour_weight") or 0)
+    if sha and w > 0:
+        sha = hashlib.sha256(f"{sha}|colour_weight={w:g}".encode()).hexdigest()
+    return sha

@@ -22,7 +22,6 @@ Layout: models_dir/onnx/NAME/model.onnx + manifest.json. Manifest fields:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import numpy as np
 
 from minehead.core.errors import ModelUnavailable
 
-from minehead.encoders.base import Encoder, ModelInfo, Preprocessing, file_sha256, gpu_present
+from minehead.encoders.base import Encoder, ModelInfo, Preprocessing, file_sha256, gpu_present, model_identity
 from minehead.encoders.registry import ModelSpec
 
 log = logging.getLogger("minehead.onnx")
@@ -85,17 +84,6 @@ def onnx_providers() -> list[str]:
     if gpu_present() and "CUDAExecutionProvider" in avail:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
-
-
-def model_identity(m: dict, file_sha: str = "") -> str:
-    """The weights_sha256 a manifest's model reports: the ONNX file's sha256, folded with the
-    colour weight when it has one (the same weights with colour channels embed differently, so
-    caches and heads must not mix the two)."""
-    sha = m.get("sha256") or file_sha
-    w = float(m.get("colour_weight") or 0)
-    if sha and w > 0:
-        sha = hashlib.sha256(f"{sha}|colour_weight={w:g}".encode()).hexdigest()
-    return sha
 
 
 def load_manifest(folder) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from minehead.core.errors import NotFound
 
-from minehead.encoders.base import Encoder
+from minehead.encoders.base import Encoder, model_identity
 
 # backend name -> "module:Class", imported only when used (torch and open_clip are slow imports).
 BACKENDS = {
@@ -167,8 +167,6 @@ def peek_info(spec: ModelSpec) -> dict:
     """What can be known without loading: for local ONNX models, the manifest's dim and input."""
     if spec.backend != "onnx":
         return {}
-    from minehead.encoders.onnx_backend import model_identity  # (it imports this module)
-
     try:
         m = json.loads((spec.models_dir / "onnx" / spec.name / "manifest.json").read_text())
     except (OSError, ValueError):
