@@ -151,7 +151,7 @@ def test_score_embeddings_and_bad_requests(logreg, head_env):
     resp = c.score_embeddings(r.head.head_id, rng.normal(size=(5, MINISAM_DIM)))
     assert len(resp.scores) == 5
     for call, code, words in [
-        (lambda: c.score_embeddings(r.head.head_id, rng.normal(size=(2, 32))), grpc.StatusCode.INVALID_ARGUMENT, "N x 256"),
+        (lambda: c.score_embeddings(r.head.head_id, rng.normal(size=(2, 32))), grpc.StatusCode.INVALID_ARGUMENT, f"N x {MINISAM_DIM}"),
         (lambda: c.score_embeddings("no-such-head", rng.normal(size=(1, MINISAM_DIM))), grpc.StatusCode.NOT_FOUND, "no head"),
         (lambda: c.score_embeddings(r.head.head_id, rng.normal(size=(1, MINISAM_DIM)), "__bg_0"), grpc.StatusCode.INVALID_ARGUMENT, "not a real class"),
         (lambda: c.score_embeddings(r.head.head_id, rng.normal(size=(1, MINISAM_DIM)), min_prob=3.0), grpc.StatusCode.INVALID_ARGUMENT, "min_prob"),

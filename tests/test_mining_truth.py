@@ -118,8 +118,11 @@ def test_target_met_and_settings_stored_as_entered(final_guard):
 
 def test_unreachable_target_is_said_and_falls_back_to_best_f1(env):  # noqa: F811
     register_detector("scripted-shifted", lambda mid, md, off: ShiftedDetector(env["ds"]))
+    # No head-gate tuning: the twins' head probabilities differ by chance (a left and a right
+    # crop), and a tuned gate can keep one twin of each pair at low recall; the search over
+    # detector thresholds alone is what this detector makes hopeless.
     res, events, _ = mine(env, classes=["blue_circle"], detector="scripted-shifted", target_precision=0.9,
-                          clip_head_auto_tune=True)
+                          clip_head_auto_tune=False)
     r = res.recipes[0]
     s = r.summary
     assert s.HasField("target_met") and not s.target_met
