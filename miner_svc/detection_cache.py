@@ -65,12 +65,7 @@ class CachedDetector:
             self._write(path, rec)
         else:
             self.hits += 1
-        if len(self._mem) > 20_000:
-            self._mem.clear()
-            self._by_image.clear()
-        if path not in self._mem:
-            self._by_image.setdefault(state.image.sha256, []).append(path)
-        self._mem[path] = rec
+        self._remember(path, state.image.sha256, rec)
         boxes, scores, packed, (n, h, w) = rec
         mk = None
         if masks:
@@ -97,11 +92,14 @@ class CachedDetector:
         path = self._path(state.image.sha256, f"text:{prompt}")
         self.misses += 1
         self._write(path, rec)
-        if len(self._mem) > 20_000:
+        self._remember(path, state.image.sha256, rec)
+
+    def _remember(self, path: Path, image_sha256: str, rec: tuple) -> None:
+        if len(self._mem) > 20_000:  # a bound, not an LRU: a long job refills it from disk
             self._mem.clear()
             self._by_image.clear()
         if path not in self._mem:
-            self._by_image.setdefault(state.image.sha256, []).append(path)
+            self._by_image.setdefault(image_sha256, []).append(path)
         self._mem[path] = rec
 
     def forget(self, image_sha256: str) -> None:
