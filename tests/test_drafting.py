@@ -56,12 +56,7 @@ def denv(embedder_server, models_dir, tmp_path_factory):
     mrunner, mb = build_miner(mcfg)
     mserver = start_server(mcfg, mb)
     hc = HeadClient(head_addr)
-    job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds_path)), seed=1))
-    list(hc.jobs.watch(job.name))
-    done = hc.jobs.get(job.name)
-    assert done.state == common_pb2.Job.SUCCEEDED, done.error
-    tr = head_pb2.TrainingResult()
-    done.result.Unpack(tr)
+    tr = hc.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds_path)), seed=1))  # JobFailed unless it succeeds
     mc = MinerClient(f"127.0.0.1:{mserver.port}")
     spec = miner_pb2.MiningSpec(dataset=str(ds_path), head=tr.head.head_id, seed=1, classes=CLASSES,
                                 clip_head_background_guard=True, clip_head_background_apply=recipes_pb2.BOTH,

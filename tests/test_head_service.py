@@ -291,6 +291,12 @@ def test_cancel_during_embedding(head_env, tmp_path):
         time.sleep(0.1)
     done = c.jobs.get(job.name)
     assert done.state == common_pb2.Job.CANCELLED and done.error == ""
+    # The client library's "wait for the result" says how the job ended instead of unpacking nothing.
+    from minehead.client.jobs import JobFailed
+
+    with pytest.raises(JobFailed, match="CANCELLED") as e:
+        c.jobs.result(job.name, head_pb2.TrainingResult)
+    assert e.value.job.state == common_pb2.Job.CANCELLED
 
 
 def test_compare_heads(head_env):

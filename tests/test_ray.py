@@ -126,12 +126,7 @@ def renv(embedder_server, models_dir, tmp_path_factory):
     hserver = start_server(hcfg, hb)
     head_addr = f"127.0.0.1:{hserver.port}"
     hc = HeadClient(head_addr)
-    job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds_path)), seed=1))
-    list(hc.jobs.watch(job.name))
-    done = hc.jobs.get(job.name)
-    assert done.state == common_pb2.Job.SUCCEEDED, done.error
-    tr = head_pb2.TrainingResult()
-    done.result.Unpack(tr)
+    tr = hc.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds_path)), seed=1))  # JobFailed unless it succeeds
     here = _miner(tmp / "here", models_dir, embedder_server.address, head_addr, roots=[tmp])
     there = _miner(tmp / "there", models_dir, embedder_server.address, head_addr, roots=[tmp], ray_address="local",
                    ray_workers=2, ray_chunk=2)

@@ -37,6 +37,10 @@ class HeadClient(ServiceClient):
     def start_training(self, spec: head_pb2.TrainingSpec) -> common_pb2.Job:
         return self.stub.StartTraining(head_pb2.StartTrainingRequest(spec=spec), timeout=self.timeout)
 
+    def train(self, spec: head_pb2.TrainingSpec) -> head_pb2.TrainingResult:
+        """Start a training job and wait for its result (JobFailed if it does not succeed)."""
+        return self.jobs.result(self.start_training(spec).name, head_pb2.TrainingResult)
+
     def compare(self, request: head_pb2.CompareHeadsRequest) -> common_pb2.Job:
         return self.stub.CompareHeads(request, timeout=self.timeout)
 

@@ -12,8 +12,15 @@ from minehead.core.jobs import FINAL_STATES as FINAL
 
 from minehead.client.channel import connect
 
-__all__ = ["FINAL", "JobsClient"]
+__all__ = ["FINAL", "JobFailed", "JobsClient"]
 
+
+class JobFailed(RuntimeError):
+    """A job that ended in any state but SUCCEEDED; `.job` is its final Job message."""
+
+    def __init__(self, job: common_pb2.Job) -> None:
+        super().__init__(f"{job.name} ended {common_pb2.Job.State.Name(job.state)}: {job.error or 'no error given'}")
+        self.job = job
 
 
 class JobsClient:
@@ -45,6 +52,18 @@ class JobsClient:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or failures > retries:
                     raise
                 time.sleep(min(0.2 * 2 ** failures, 5.0))
+
+    def result(self, name: str, result_type):
+        """Wait for the job to end and return its result unpacked into a new `result_type`
+        message (e.g. head_pb2.TrainingResult); JobFailed unless it SUCCEEDED."""
+        for _ in self.watch(name):
+            pass
+        job = self.get(name)
+        if job.state != common_pb2.Job.SUCCEEDED:
+            raise JobFailed(job)
+        out = result_type()
+        job.result.Unpack(out)
+        return out
 
     def close(self) -> None:
         self.channel.close()

@@ -282,14 +282,8 @@ def bench_mining(models_dir: Path, images: int, detector: str = "", replay: bool
     trio = Trio(tmp, models_dir)
 
     def train(hc, negatives=()):
-        job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1,
-                                                      negatives=[head_pb2.DatasetRef(path=str(n)) for n in negatives]))
-        list(hc.jobs.watch(job.name))
-        done = hc.jobs.get(job.name)
-        assert done.state == common_pb2.Job.SUCCEEDED, done.error
-        tr = head_pb2.TrainingResult()
-        done.result.Unpack(tr)
-        return tr.head.head_id
+        return hc.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1,
+                                              negatives=[head_pb2.DatasetRef(path=str(n)) for n in negatives])).head.head_id
 
     def mine(mc, head):
         # Every false positive is exported (min bg prob 0): the clutter the head calls an object

@@ -92,7 +92,6 @@ def main(argv=None) -> int:
 
     from minehead.client.heads import HeadClient
     from minehead.client.miner import MinerClient
-    from minehead.common.v1 import common_pb2
     from minehead.head.v1 import head_pb2
     from minehead.miner.v1 import drafting_pb2
     from minehead.recipes.v2 import recipes_pb2
@@ -110,12 +109,7 @@ def main(argv=None) -> int:
     try:
         ds = make_synthetic_dataset(tmp / "train", images=24, seed=1)
         with HeadClient(ha) as hc:
-            job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1))
-            list(hc.jobs.watch(job.name))
-            done = hc.jobs.get(job.name)
-            assert done.state == common_pb2.Job.SUCCEEDED, done.error
-            tr = head_pb2.TrainingResult()
-            done.result.Unpack(tr)
+            tr = hc.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1))
             from minehead.heads.bundle import HeadBundle
 
             head = HeadBundle.from_zip(hc.download(tr.head.head_id))

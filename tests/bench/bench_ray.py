@@ -104,12 +104,7 @@ def main(argv=None) -> int:
     try:
         ds = make_synthetic_dataset(tmp / "train", images=16, seed=1)
         with HeadClient(trio.head) as hc:
-            job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1))
-            list(hc.jobs.watch(job.name))
-            done = hc.jobs.get(job.name)
-            assert done.state == common_pb2.Job.SUCCEEDED, done.error
-            tr = head_pb2.TrainingResult()
-            done.result.Unpack(tr)
+            tr = hc.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1))
             head = HeadBundle.from_zip(hc.download(tr.head.head_id))
         detector = default_for_head(default_detector(models), head)
         recipes = [assign_id(recipes_pb2.Recipe(
