@@ -130,6 +130,10 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
         pos = rec.boxes[sel]
         bg = sampling.sample_background_boxes(rec.width, rec.height, rec.boxes, per_image_bg, rng,
                                               padding_ratio=policy.padding_ratio) if per_image_bg else np.zeros((0, 4))
+        if per_image_bg and not len(bg) and len(rec.boxes):
+            # The objects fill the image (a canopy, a wall): no box fits between them, so the
+            # background is what a detector gets wrong there: boxes at their scale matching none.
+            bg = sampling.sample_misaligned_boxes(rec.width, rec.height, rec.boxes, per_image_bg, rng)
         vecs = embeds.embed(data, np.concatenate([pos, bg]), policy, m)
         X_parts.append(vecs[:len(pos)])
         y_parts.append(np.array([keep_ids[c] for c in rec.class_ids[sel]], np.int64))

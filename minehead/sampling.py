@@ -43,6 +43,42 @@ def sample_background_boxes(width: int, height: int, objects: np.ndarray, n: int
     return np.array(out, float).reshape(-1, 4)
 
 
+def box_iou(cand: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    """IoU of one box (4,) with each of M boxes (Mx4); (M,)."""
+    if len(objects) == 0:
+        return np.zeros(0)
+    iw = np.clip(np.minimum(cand[2], objects[:, 2]) - np.maximum(cand[0], objects[:, 0]), 0, None)
+    ih = np.clip(np.minimum(cand[3], objects[:, 3]) - np.maximum(cand[1], objects[:, 1]), 0, None)
+    inter = iw * ih
+    area = (cand[2] - cand[0]) * (cand[3] - cand[1])
+    return inter / np.maximum(area + (objects[:, 2] - objects[:, 0]) * (objects[:, 3] - objects[:, 1]) - inter, 1e-9)
+
+
+def sample_misaligned_boxes(width: int, height: int, objects: np.ndarray, n: int, rng: np.random.Generator, *,
+                            max_iou: float = 0.3, tries_per_box: int = 30) -> np.ndarray:
+    """Up to n boxes at the objects' own scale that match no object (IoU < max_iou with each):
+    a pair of neighbours in one box, half an object, an object with its surroundings.
+
+    Background for images the objects fill (a canopy, a wall, a shelf), where no box fits between
+    them: these are exactly what a detector proposes wrongly there, as Fast R-CNN's background
+    (IoU 0.1-0.5) is. Each is an object's box scaled 0.5-2.5 per side, placed at random."""
+    if len(objects) == 0:
+        return np.zeros((0, 4))
+    sides = np.stack([objects[:, 2] - objects[:, 0], objects[:, 3] - objects[:, 1]], 1)
+    out = []
+    for _ in range(n * tries_per_box):
+        if len(out) >= n:
+            break
+        w, h = sides[rng.integers(len(sides))] * np.exp(rng.uniform(np.log(0.15), np.log(2.5), 2))
+        w, h = min(max(w, 4.0), width), min(max(h, 4.0), height)
+        x1, y1 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        cand = np.array([x1, y1, x1 + w, y1 + h])
+        if box_iou(cand, objects).max() >= max_iou:
+            continue
+        out.append(cand)
+    return np.array(out, float).reshape(-1, 4)
+
+
 def group_split(image_classes: list[set[int]], holdout_fraction: float, rng: np.random.Generator,
                 class_names: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Split images (groups) into train / held-out, stratified so every class with at least two

@@ -54,6 +54,22 @@ def test_background_boxes_avoid_objects_including_small_inside_large():
         assert 0.08 * 320 - 1e-6 <= w <= 0.40 * 320 + 1e-6 and 0.08 * 240 - 1e-6 <= h <= 0.40 * 240 + 1e-6
 
 
+def test_misaligned_boxes_are_the_background_of_an_image_the_objects_fill():
+    """A wall of touching 80 x 80 objects: no box fits between them, so the background is boxes
+    at their scale that match none of them (IoU < 0.3): pairs, halves, fragments."""
+    objects = np.array([[x, y, x + 80, y + 80] for x in range(0, 320, 80) for y in range(0, 240, 80)], float)
+    rng = np.random.default_rng(0)
+    assert len(sampling.sample_background_boxes(320, 240, objects, 3, rng)) == 0
+    boxes = sampling.sample_misaligned_boxes(320, 240, objects, 40, rng)
+    assert len(boxes) == 40
+    for b in boxes:
+        assert sampling.box_iou(b, objects).max() < 0.3
+        assert (b[:2] >= 0).all() and b[2] <= 320 and b[3] <= 240
+        assert 0.15 * 80 - 1e-6 <= min(b[2] - b[0], b[3] - b[1]) and max(b[2] - b[0], b[3] - b[1]) <= 2.5 * 80 + 1e-6
+    assert sampling.box_iou(np.array([0, 0, 80, 80.]), objects[:1])[0] == 1.0
+    assert len(sampling.sample_misaligned_boxes(320, 240, np.zeros((0, 4)), 5, rng)) == 0
+
+
 def test_group_split_keeps_every_class_on_both_sides():
     rng = np.random.default_rng(0)
     imgs = [{int(c) for c in rng.choice(5, rng.integers(1, 3), replace=False)} for _ in range(30)] + [{5}, {5}, {6}]
@@ -117,3 +133,4 @@ def test_bundle_roundtrip_and_content_id():
     assert again.predict_proba(np.ones((3, 8))).shape == (3, 3)
     with pytest.raises(InvalidArgument, match="background classes must come last"):
         bundle_from_head(LogRegHead().fit(X, y, 3), ["cat", "__bg_0", "dog"], "m")
+

