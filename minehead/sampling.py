@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from minehead.crops import crop_regions, CropPolicy
+from minehead.geometry import iou_matrix
 
 
 def intersection_over_candidate(cand: np.ndarray, objects: np.ndarray) -> np.ndarray:
@@ -43,17 +44,6 @@ def sample_background_boxes(width: int, height: int, objects: np.ndarray, n: int
     return np.array(out, float).reshape(-1, 4)
 
 
-def box_iou(cand: np.ndarray, objects: np.ndarray) -> np.ndarray:
-    """IoU of one box (4,) with each of M boxes (Mx4); (M,)."""
-    if len(objects) == 0:
-        return np.zeros(0)
-    iw = np.clip(np.minimum(cand[2], objects[:, 2]) - np.maximum(cand[0], objects[:, 0]), 0, None)
-    ih = np.clip(np.minimum(cand[3], objects[:, 3]) - np.maximum(cand[1], objects[:, 1]), 0, None)
-    inter = iw * ih
-    area = (cand[2] - cand[0]) * (cand[3] - cand[1])
-    return inter / np.maximum(area + (objects[:, 2] - objects[:, 0]) * (objects[:, 3] - objects[:, 1]) - inter, 1e-9)
-
-
 def sample_misaligned_boxes(width: int, height: int, objects: np.ndarray, n: int, rng: np.random.Generator, *,
                             max_iou: float = 0.3, tries_per_box: int = 30) -> np.ndarray:
     """Up to n boxes at the objects' own scale that match no object (IoU < max_iou with each):
@@ -73,7 +63,7 @@ def sample_misaligned_boxes(width: int, height: int, objects: np.ndarray, n: int
         w, h = min(max(w, 4.0), width), min(max(h, 4.0), height)
         x1, y1 = rng.uniform(0, width - w), rng.uniform(0, height - h)
         cand = np.array([x1, y1, x1 + w, y1 + h])
-        if box_iou(cand, objects).max() >= max_iou:
+        if iou_matrix(cand, objects).max() >= max_iou:
             continue
         out.append(cand)
     return np.array(out, float).reshape(-1, 4)
