@@ -36,7 +36,7 @@ from minehead.core.singleflight import SingleFlight
 
 from minehead import crops, roi
 from miner_svc.detectors.base import Detections, Detector, DetectorInfo, ImageState
-from miner_svc.detectors.sam_decoder import MULTIMASK, SamDecoder, sam_choice
+from miner_svc.detectors.sam_decoder import MULTIMASK, SamDecoder
 from minehead.geometry import nms
 
 MODEL_ID = "minisam-auto"
@@ -129,6 +129,24 @@ class MinisamAutoDetector(Detector):
         lo = int((logits > -1.0).sum())
         return logits > 0, (int((logits > 1.0).sum()) / lo if lo else 0.0)
 
+    def masks_of(self, logits: np.ndarray, ious: np.ndarray, min_iou: float = 0.0) -> list[dict]:
+        """The masks of one decoder pass (logits K x H x W, predicted IoU K) that can be a
+        proposal at all (predicted IoU >= min_iou, non-empty, not the whole image): each as
+        {mask H x W bool, box XYXY float32 (its tight box), iou, stab, area}."""
+        H, W = logits.shape[1:]
+        out = []
+        for lg, iou in zip(logits, ious):
+            if iou < min_iou:
+                continue
+            m, stab = self.mask_quality(lg)
+            area = int(m.sum())
+            if not area or area > KEEP_MAX_FRAC * H * W:
+                continue
+            ys, xs = np.nonzero(m)
+            out.append({"mask": m, "box": np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32),
+                        "iou": float(iou), "stab": stab, "area": area})
+        return out
+
     def grid_proposals(self, state: ImageState) -> Detections:
         """Point-grid proposals for the image (score = predicted IoU, source "grid"), computed once."""
         f = self._features(state)
@@ -144,21 +162,15 @@ class MinisamAutoDetector(Detector):
                 if suppress[min(int(py), H - 1), min(int(px), W - 1)]:
                     continue
                 logits, pred_ious = self.decode_point(f, np.array([px, py]), (H, W))
-                cover = None  # the largest confident mask of plausible size: later points inside it are skipped
-                for lg, pred_iou in zip(logits, pred_ious):
-                    m, stab = self.mask_quality(lg)
-                    area = int(m.sum())
-                    if pred_iou < PRED_IOU_MIN or stab < STABILITY_MIN or area == 0 or area > KEEP_MAX_FRAC * H * W:
-                        continue
-                    ys, xs = np.nonzero(m)
-                    boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-                    scores.append(float(pred_iou))
-                    masks.append(m)
-                    if (pred_iou >= SUPPRESS_IOU and stab >= SUPPRESS_STABILITY and area <= SUPPRESS_MAX_FRAC * H * W
-                            and (cover is None or area > cover.sum())):
-                        cover = m
-                if cover is not None:
-                    suppress |= cover
+                kept = [c for c in self.masks_of(logits, pred_ious, PRED_IOU_MIN) if c["stab"] >= STABILITY_MIN]
+                boxes += [c["box"] for c in kept]
+                scores += [c["iou"] for c in kept]
+                masks += [c["mask"] for c in kept]
+                # The largest confident mask of plausible size: later points inside it are skipped.
+                cover = [c for c in kept if c["iou"] >= SUPPRESS_IOU and c["stab"] >= SUPPRESS_STABILITY
+                         and c["area"] <= SUPPRESS_MAX_FRAC * H * W]
+                if cover:
+                    suppress |= max(cover, key=lambda c: c["area"])["mask"]
         if not boxes:
             d = Detections.empty(H, W)
             d.sources = np.zeros(0, dtype="<U4")

@@ -61,7 +61,7 @@ from minehead.core.errors import FailedPrecondition, ModelUnavailable
 from minehead import crops, roi
 from minehead.geometry import nms
 from miner_svc.detectors.base import Detections, DetectorInfo, ImageState, PassCounters
-from miner_svc.detectors.minisam_auto import (KEEP_MAX_FRAC, PROPOSALS_VERSION, STABILITY_MIN, SUPPRESS_IOU, SUPPRESS_MAX_FRAC,
+from miner_svc.detectors.minisam_auto import (PROPOSALS_VERSION, STABILITY_MIN, SUPPRESS_IOU, SUPPRESS_MAX_FRAC,
                                               SUPPRESS_STABILITY, MinisamAutoDetector)
 
 MODEL_ID = "minisam-guided"
@@ -252,18 +252,7 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         embedder does). The IoU floor is SAM's own automatic-mask default: a point on a reddish
         background comes back as the background (dropped: too large) and a speck of it (predicted
         IoU 0.72-0.80, measured) that the head calls red; real objects' masks predict >= 0.89."""
-        H, W = state.image.height, state.image.width
-        out = []
-        for lg, iou in zip(logits, ious):
-            if iou < MASK_MIN_IOU:
-                continue
-            m, stab = self.mask_quality(lg)
-            area = int(m.sum())
-            if not area or area > KEEP_MAX_FRAC * H * W:
-                continue
-            ys, xs = np.nonzero(m)
-            out.append({"box": np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32), "mask": m,
-                        "iou": float(iou), "stab": stab, "area": area})
+        out = self.masks_of(logits, ious, MASK_MIN_IOU)
         if out:
             probs = self.head.predict_proba(self.embeddings(state, np.stack([c["box"] for c in out]), policy))
             for c, p in zip(out, probs):

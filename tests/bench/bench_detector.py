@@ -272,7 +272,6 @@ def bench_mining(models_dir: Path, images: int, detector: str = "", replay: bool
 
     from minehead.client.heads import HeadClient
     from minehead.client.miner import MinerClient
-    from minehead.common.v1 import common_pb2
     from minehead.core.safezip import safe_members, write_members
     from minehead.head.v1 import head_pb2
     from minehead.miner.v1 import miner_pb2
@@ -294,12 +293,8 @@ def bench_mining(models_dir: Path, images: int, detector: str = "", replay: bool
                                     hard_negative_min_bg_prob=0.0)
         t0 = time.perf_counter()
         job = mc.start_mining(spec)
-        list(mc.jobs.watch(job.name))
+        res = mc.jobs.result(job.name, miner_pb2.MiningResult)
         wall = time.perf_counter() - t0
-        done = mc.jobs.get(job.name)
-        assert done.state == common_pb2.Job.SUCCEEDED, done.error
-        res = miner_pb2.MiningResult()
-        done.result.Unpack(res)
         summary = json_format.MessageToDict(res.summary)
         return job.name, {
             "head": head, "wall_s": wall, "detector": summary.get("detector"), "passes": summary.get("passes"),

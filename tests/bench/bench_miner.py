@@ -39,7 +39,6 @@ def main(argv=None) -> int:
     from minehead.client.miner import MinerClient
     from embedder_svc import tiny
     from minehead.synth import CLASSES, make_synthetic_dataset
-    from minehead.common.v1 import common_pb2
     from minehead.head.v1 import head_pb2
     from minehead.miner.v1 import miner_pb2
     from miner_svc import selection
@@ -54,10 +53,7 @@ def main(argv=None) -> int:
     runs = []
     try:
         with HeadClient(ha) as hc:
-            job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), model=model, seed=1))
-            list(hc.jobs.watch(job.name))
-            tr = head_pb2.TrainingResult()
-            hc.jobs.get(job.name).result.Unpack(tr)
+            tr = hc.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), model=model, seed=1))
         extra = [f"shape {k}" for k in range(max(0, a.prompts - 1))]
         spec = miner_pb2.MiningSpec(dataset=str(ds), head=tr.head.head_id, classes=[CLASSES[2]], seed=1,
                                     detector="sam3-tiny-random", floor_threshold=0.0,
@@ -65,13 +61,8 @@ def main(argv=None) -> int:
         with MinerClient(trio.miner) as mc:
             for label in ("cold cache", "warm cache"):
                 t0 = time.perf_counter()
-                job = mc.start_mining(spec)
-                list(mc.jobs.watch(job.name))
+                res = mc.jobs.result(mc.start_mining(spec).name, miner_pb2.MiningResult)
                 wall = time.perf_counter() - t0
-                done = mc.jobs.get(job.name)
-                assert done.state == common_pb2.Job.SUCCEEDED, done.error
-                res = miner_pb2.MiningResult()
-                done.result.Unpack(res)
                 from google.protobuf import json_format
 
                 s = json_format.MessageToDict(res.summary)

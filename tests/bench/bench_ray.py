@@ -75,7 +75,6 @@ def main(argv=None) -> int:
 
     from minehead.client.heads import HeadClient
     from minehead.client.miner import MinerClient
-    from minehead.common.v1 import common_pb2
     from minehead.head.v1 import head_pb2
     from minehead.heads.bundle import HeadBundle
     from minehead.miner.v1 import drafting_pb2
@@ -125,12 +124,8 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             job = mc.start_drafting(drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=sets[k]),
                                                               folder=str(src), output_dir=str(out)))
-            list(mc.jobs.watch(job.name))
+            res = mc.jobs.result(job.name, drafting_pb2.DraftingResult)
             dt = time.perf_counter() - t0
-            done = mc.jobs.get(job.name)
-            assert done.state == common_pb2.Job.SUCCEEDED, done.error
-            res = drafting_pb2.DraftingResult()
-            done.result.Unpack(res)
             assert res.images_drafted == a.images, (k, res.images_drafted)
             return dt, dict(res.summary)
 
