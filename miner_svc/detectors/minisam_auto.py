@@ -50,7 +50,7 @@ NMS_IOU = 0.7
 RECENT_IMAGES = 8
 # Bumped whenever the proposals change for the same model and image: the detection cache on
 # disk is keyed by `cache_key`, and must not serve an earlier version's proposals.
-PROPOSALS_VERSION = 2  # 2: all three masks of a point prompt (sam_decoder)
+PROPOSALS_VERSION = 3  # 2: all three masks of a point prompt (sam_decoder); 3: masks sized outside ORT
 
 
 class MinisamAutoDetector(Detector):
@@ -107,44 +107,49 @@ class MinisamAutoDetector(Detector):
                 self._recent.popitem(last=False)
         return fmap, scale
 
-    def _decode(self, fmap: np.ndarray, coords_1024: np.ndarray, labels: np.ndarray, size: tuple[int, int]):
+    def _decode(self, fmap: np.ndarray, coords_1024: np.ndarray, labels: np.ndarray):
         """One decoder pass. coords_1024: P x 2 prompt points in the encoder's input frame;
-        labels: P (1 point, 2/3 box corners, -1 padding). Returns (logits 4 x H x W at the
-        image size, predicted IoU (4,)): all of SAM's mask tokens (sam_decoder)."""
-        logits, iou = self.decoder.run(fmap, coords_1024, labels, size)
+        labels: P (1 point, 2/3 box corners, -1 padding). Returns (low-resolution logits
+        4 x 256 x 256, predicted IoU (4,)): all of SAM's mask tokens (sam_decoder); masks_of
+        brings the ones worth looking at to the image size."""
+        low, iou = self.decoder.run(fmap, coords_1024, labels)
         self.counters.add(decoder=1)
-        return logits, iou
+        return low, iou
 
-    def decode_point(self, f: dict, xy: np.ndarray, size: tuple[int, int]):
+    def decode_point(self, f: dict, xy: np.ndarray):
         """One point prompt (X, Y image pixels) -> SAM's three masks for an ambiguous point
-        (part, object, whole): (logits 3 x H x W, predicted IoU (3,)), each IoU capped at 1."""
+        (part, object, whole): (low-resolution logits 3 x 256 x 256, predicted IoU (3,)), each
+        IoU capped at 1."""
         # SAM's padding point goes last when no box is given.
-        logits, iou = self._decode(f["fmap"], np.array([np.asarray(xy) * f["scale"], [0.0, 0.0]]),
-                                   np.array([1.0, -1.0]), size)
-        return logits[MULTIMASK], np.minimum(iou[MULTIMASK], 1.0)
+        low, iou = self._decode(f["fmap"], np.array([np.asarray(xy) * f["scale"], [0.0, 0.0]]), np.array([1.0, -1.0]))
+        return low[MULTIMASK], np.minimum(iou[MULTIMASK], 1.0)
 
-    @staticmethod
-    def mask_quality(logits: np.ndarray) -> tuple[np.ndarray, float]:
-        """(mask = logits > 0, stability = |logits > 1| / |logits > -1|)."""
-        lo = int((logits > -1.0).sum())
-        return logits > 0, (int((logits > 1.0).sum()) / lo if lo else 0.0)
-
-    def masks_of(self, logits: np.ndarray, ious: np.ndarray, min_iou: float = 0.0) -> list[dict]:
-        """The masks of one decoder pass (logits K x H x W, predicted IoU K) that can be a
-        proposal at all (predicted IoU >= min_iou, non-empty, not the whole image): each as
-        {mask H x W bool, box XYXY float32 (its tight box), iou, stab, area}."""
-        H, W = logits.shape[1:]
+    def masks_of(self, low: np.ndarray, ious: np.ndarray, size: tuple[int, int], min_iou: float = 0.0) -> list[dict]:
+        """The masks of one decoder pass (low-resolution logits K x 256 x 256, predicted IoU K)
+        that can be a proposal at all (predicted IoU >= min_iou, non-empty, not the whole image)
+        at image size H x W: each as {mask H x W bool, box XYXY float32 (its tight box), iou,
+        stab (SAM's stability: |logits > 1| / |logits > -1|), area}. Logits are brought to the
+        image size only where they exceed -1 (sam_decoder.Upscaler.window): exact for all three."""
+        H, W = size
+        up = self.decoder.upscaler(size)
         out = []
-        for lg, iou in zip(logits, ious):
+        for lg, iou in zip(low, ious):
             if iou < min_iou:
                 continue
-            m, stab = self.mask_quality(lg)
+            win = up.window(lg, -1.0)
+            if win is None:
+                continue
+            y0, x0, block = win
+            m = block > 0
             area = int(m.sum())
             if not area or area > KEEP_MAX_FRAC * H * W:
                 continue
+            mask = np.zeros((H, W), bool)
+            mask[y0:y0 + m.shape[0], x0:x0 + m.shape[1]] = m
             ys, xs = np.nonzero(m)
-            out.append({"mask": m, "box": np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32),
-                        "iou": float(iou), "stab": stab, "area": area})
+            out.append({"mask": mask, "iou": float(iou), "stab": int((block > 1.0).sum()) / int((block > -1.0).sum()),
+                        "area": area, "box": np.array([x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1],
+                                                      np.float32)})
         return out
 
     def grid_proposals(self, state: ImageState) -> Detections:
@@ -161,8 +166,8 @@ class MinisamAutoDetector(Detector):
                 px, py = gx * W, gy * H
                 if suppress[min(int(py), H - 1), min(int(px), W - 1)]:
                     continue
-                logits, pred_ious = self.decode_point(f, np.array([px, py]), (H, W))
-                kept = [c for c in self.masks_of(logits, pred_ious, PRED_IOU_MIN) if c["stab"] >= STABILITY_MIN]
+                kept = [c for c in self.masks_of(*self.decode_point(f, np.array([px, py])), (H, W), PRED_IOU_MIN)
+                        if c["stab"] >= STABILITY_MIN]
                 boxes += [c["box"] for c in kept]
                 scores += [c["iou"] for c in kept]
                 masks += [c["mask"] for c in kept]

@@ -1,0 +1,155 @@
+"""Which prompts the head-guided detector spends its decoder passes on, and when it stops.
+
+Two sources of prompts, one bookkeeping:
+
+- *anchors*: the head's best anchor boxes (minisam_guided), prompted with a point at the centre;
+- *neighbours*: once an object is found, where the next one of its kind would be if objects
+  repeat (a wall of bricks, a canopy, a tray of cells): a box of its size one step left, right,
+  up and down, prompted with that box (grown NEIGHBOUR_BOX_GROWTH) and its centre.
+
+Why neighbours: on a photo the objects fill, a head trained elsewhere is unsure where an object
+is aligned (its anchors land on the mortar), and SAM answers a lone point there with a column
+of bricks; a box of about the right size makes it cut at the joints. Measured on skimage's
+brick photo, SAM's mask hit the brick (box IoU >= 0.5) 96 % of the time from a point and a box
+1.2x the brick, its centre moved by up to 40 % of the height and its size by up to 20 %; 55 %
+from the point alone. Neighbour steps give such boxes without asking the head.
+
+Why a look-alike gate: where objects do not repeat (a few shapes on a table) a step lands on the
+background, and a pass there is wasted. A neighbour is prompted only when its box's embedding
+(a ROI pool: microseconds) has cosine similarity >= NEIGHBOUR_MIN_SIMILARITY with the object its
+chain started from (found from an anchor, so vouched for by the head): measured, bricks' steps
+0.94-0.999 (10th-90th percentile), steps off shapes in crowded synthetic scenes 0.30-0.84.
+Comparing with the chain's first object, not the previous one, keeps a chain from drifting into
+the background one look-alike patch at a time.
+
+Why a growing budget: 40 passes cannot find 93 bricks. The limit is `budget` passes and grows
+to PASSES_PER_OBJECT per object found, at most max_passes: a scene of many objects costs more
+while passes keep finding them; a scene of a few costs what it did.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+NEIGHBOUR_STEP = 1.1  # from a found object's centre to its neighbour's: one size plus a joint
+NEIGHBOUR_BOX_GROWTH = 1.2  # the neighbour's box prompt: the found object's size grown this much
+NEIGHBOUR_MIN_SIMILARITY = 0.9  # cosine similarity of a neighbour's box with the object it steps from
+CHAIN_MIN_SIMILARITY = 0.75  # ... and with its chain's first object
+PASSES_PER_OBJECT = 2.0  # the pass limit grows to this many passes per object found
+DUPLICATE_SHARE = 0.5  # a mask this much inside objects found already finds nothing new
+OBJECT_MARGIN = 0.1  # a prompt centred within this share of an object's size of its box is that object's
+
+
+@dataclass
+class Probe:
+    """One prompt to spend a pass on. box: XYXY image pixels (the anchor, or the box a
+    neighbour is expected in); r: the head's real-class column it looks for; source: "anchor"
+    or "neighbour"; like: a neighbour's chain's first object's embedding (D,)."""
+
+    box: np.ndarray
+    r: int
+    source: str
+    bounded: bool = False  # an anchor whose too-large answer may take a second, box-bounded pass
+    like: np.ndarray | None = None
+    root: np.ndarray | None = None
+
+    @property
+    def centre(self) -> np.ndarray:
+        return (self.box[:2] + self.box[2:]) / 2
+
+
+class Probing:
+    """The prompts for one image and head, and what the passes found so far.
+
+    size: (H, W) image pixels; budget / max_passes: decoder passes before / after growth;
+    similarity(box XYXY, embedding) -> cosine similarity of the box's embedding with it.
+    next() -> the next Probe worth a pass, None to stop; spend() -> one more pass for it (a
+    second pass) if in budget; found(probe, box, mask, confident, like) reports an object a pass
+    found (box XYXY, mask H x W bool; confident: SAM's strict filters, so later prompts inside
+    its mask are skipped; like: its embedding, which starts a chain when it came from an anchor).
+    """
+
+    def __init__(self, anchors: list[Probe], size: tuple[int, int], budget: int, max_passes: int,
+                 similarity: Callable[[np.ndarray, np.ndarray], float]) -> None:
+        self.H, self.W = size
+        self.anchors = deque(anchors)
+        self.neighbours: deque[Probe] = deque()
+        self.budget, self.max_passes = budget, max(budget, max_passes)
+        self.similarity = similarity
+        self.passes = 0
+        self.tried = {"anchor": 0, "neighbour": 0}
+        self.hits = {"anchor": 0, "neighbour": 0}
+        self.taken = np.zeros(size, bool)  # inside a confidently found object's mask
+        self.claimed = np.zeros(size, bool)  # inside any found object's mask
+        self.objects = np.zeros((0, 4))  # found objects' boxes grown OBJECT_MARGIN a side
+        self.confident = np.zeros(0, bool)  # ... found with SAM's strict filters
+
+    @property
+    def limit(self) -> int:
+        """Passes allowed now: the budget, grown with the objects found."""
+        return int(min(self.max_passes, max(self.budget, PASSES_PER_OBJECT * len(self.objects))))
+
+    def covered(self, xy: np.ndarray, any_object: bool) -> bool:
+        """Is a prompt at xy (image px) inside an object found already: a confident one's mask,
+        or its box grown OBJECT_MARGIN (an edge crop of it); with any_object, any object's box.
+        Anchors are skipped only by confident objects: a thin diamond beside a square found
+        unsurely is centred in that square's grown box."""
+        x, y = xy
+        if not (0 <= x < self.W and 0 <= y < self.H):
+            return True  # a step off the image
+        if self.taken[int(y), int(x)]:
+            return True
+        o = self.objects if any_object else self.objects[self.confident]
+        return bool(((o[:, 0] <= x) & (x <= o[:, 2]) & (o[:, 1] <= y) & (y <= o[:, 3])).any())
+
+    def next(self) -> Probe | None:
+        while self.passes < self.limit:
+            queue = self.neighbours or self.anchors
+            if not queue:
+                return None
+            p = queue.popleft()
+            if p.source == "neighbour":
+                if self.covered(p.centre, True):
+                    continue
+                sim = self.similarity(p.box, np.stack([p.like, p.root]))
+                if sim[0] < NEIGHBOUR_MIN_SIMILARITY or sim[1] < CHAIN_MIN_SIMILARITY:
+                    continue
+            elif self.covered(p.centre, False):
+                continue
+            self.passes += 1
+            self.tried[p.source] += 1
+            return p
+        return None
+
+    def spend(self) -> bool:
+        if self.passes >= self.limit:
+            return False
+        self.passes += 1
+        return True
+
+    def is_new(self, mask: np.ndarray) -> bool:
+        """Whether a mask (H x W bool) is not mostly (DUPLICATE_SHARE) an object found already."""
+        return int((mask & self.claimed).sum()) < DUPLICATE_SHARE * int(mask.sum())
+
+    def found(self, probe: Probe, box: np.ndarray, mask: np.ndarray, confident: bool, like: np.ndarray) -> None:
+        box = np.asarray(box, np.float64)
+        wh = box[2:] - box[:2]
+        self.hits[probe.source] += 1
+        self.objects = np.concatenate([self.objects, [np.concatenate([box[:2] - wh * OBJECT_MARGIN,
+                                                                      box[2:] + wh * OBJECT_MARGIN])]])
+        self.confident = np.append(self.confident, confident)
+        self.claimed |= mask
+        if confident:
+            self.taken |= mask
+        root = like if probe.root is None else probe.root
+        for step in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            box2 = box + np.tile(np.array(step) * wh * NEIGHBOUR_STEP, 2)
+            self.neighbours.append(Probe(box2, probe.r, "neighbour", like=like, root=root))
+
+    def report(self) -> dict:
+        """Passes spent, prompts tried and objects found per source (for benches and logs)."""
+        return {"passes": self.passes, "tried": dict(self.tried), "hits": dict(self.hits)}
