@@ -42,7 +42,7 @@ def test_the_pass_limit_grows_with_objects_found_up_to_max_passes():
         probe = p.next()
         assert probe is not None, k
         box = probe.box + [0, 0, 1, 1]
-        p.found(probe, box, box_mask(box), confident=False, like=np.ones(3))
+        p.record(probe, box, box_mask(box), confident=False, like=np.ones(3))
     # 12 objects found: 2 passes each would be 24, max_passes caps it.
     assert p.limit == 12 and p.next() is None and p.passes == 12
 
@@ -51,7 +51,7 @@ def test_a_found_object_puts_its_four_neighbours_first():
     p = Probing(anchors(5), (H, W), budget=20, max_passes=20, similarity=alike)
     first = p.next()
     obj = np.array([100.0, 50, 120, 90])  # 20 x 40
-    p.found(first, obj, box_mask(obj), confident=True, like=np.ones(3))
+    p.record(first, obj, box_mask(obj), confident=True, like=np.ones(3))
     nxt = [p.next() for _ in range(4)]
     assert [n.source for n in nxt] == ["neighbour"] * 4
     centres = sorted(map(tuple, np.round([n.centre for n in nxt], 3)))
@@ -68,7 +68,7 @@ def test_a_neighbour_that_does_not_look_like_its_object_costs_no_pass():
         p = Probing(anchors(3), (H, W), budget=10, max_passes=10, similarity=lambda b, l: np.array([to_parent, to_root]))
         first = p.next()
         obj = np.array([100.0, 80, 120, 100])
-        p.found(first, obj, box_mask(obj), confident=True, like=np.ones(3))
+        p.record(first, obj, box_mask(obj), confident=True, like=np.ones(3))
         n = p.next()
         if case == "both":
             assert n.source == "neighbour" and p.passes == 2
@@ -87,10 +87,10 @@ def test_a_chain_compares_with_its_first_object():
     first = p.next()
     root, second = np.array([1.0, 0, 0]), np.array([0.0, 1, 0])
     obj = np.array([100.0, 80, 120, 100])
-    p.found(first, obj, box_mask(obj), confident=False, like=root)
+    p.record(first, obj, box_mask(obj), confident=False, like=root)
     n = p.next()
     nb = n.box
-    p.found(n, nb, box_mask(nb), confident=False, like=second)
+    p.record(n, nb, box_mask(nb), confident=False, like=second)
     while p.next() is not None:
         pass
     # The first object's neighbours compare with it twice over; the second's with it, then the first.
@@ -104,10 +104,10 @@ def test_covered_prompts_are_skipped_and_unsure_objects_do_not_skip_anchors():
     first = p.next()
     # An unsure object around the second anchor's centre: anchors still get their pass ...
     obj = a[1].box + [-5, -5, 5, 5]
-    p.found(first, obj, box_mask(obj), confident=False, like=np.ones(3))
+    p.record(first, obj, box_mask(obj), confident=False, like=np.ones(3))
     assert p.covered(a[1].centre, any_object=True) and not p.covered(a[1].centre, any_object=False)
     # ... a confident one skips them, and a step off the image is covered.
-    p.found(first, obj, box_mask(obj), confident=True, like=np.ones(3))
+    p.record(first, obj, box_mask(obj), confident=True, like=np.ones(3))
     assert p.covered(a[1].centre, any_object=False)
     assert p.covered(np.array([-1.0, 5]), any_object=False) and p.covered(np.array([5.0, H]), any_object=False)
 
@@ -115,7 +115,7 @@ def test_covered_prompts_are_skipped_and_unsure_objects_do_not_skip_anchors():
 def test_a_mask_mostly_inside_found_objects_is_no_new_object():
     p = Probing(anchors(2), (H, W), budget=10, max_passes=10, similarity=alike)
     obj = np.array([100.0, 80, 140, 120])
-    p.found(p.next(), obj, box_mask(obj), confident=False, like=np.ones(3))
+    p.record(p.next(), obj, box_mask(obj), confident=False, like=np.ones(3))
     assert not p.is_new(box_mask([110, 90, 150, 130]))  # 30 x 30 of its 40 x 40 inside: 56 %
     assert p.is_new(box_mask([130, 90, 170, 130]))  # 10 x 30 of 40 x 40: 19 %
 
@@ -124,3 +124,15 @@ def test_a_second_pass_is_paid_only_within_the_limit():
     p = Probing(anchors(5), (H, W), budget=2, max_passes=2, similarity=alike)
     p.next()
     assert p.spend() and p.passes == 2 and not p.spend() and p.next() is None
+
+
+def test_a_confident_answer_that_is_no_object_only_skips_prompts():
+    """SAM is sure of the mask but the head does not call it the class: later prompts inside it
+    are skipped (as before neighbours existed), yet it neither grows the limit nor has neighbours."""
+    a = anchors(3)
+    p = Probing(list(a), (H, W), budget=2, max_passes=10, similarity=alike)
+    first = p.next()
+    obj = a[1].box + [-5, -5, 5, 5]
+    p.record(first, obj, box_mask(obj), confident=True, like=None)
+    assert p.covered(a[1].centre, any_object=False) and p.limit == 2 and p.report()["hits"]["anchor"] == 0
+    assert p.next() is a[2] and p.next() is None

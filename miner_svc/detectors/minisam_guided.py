@@ -22,9 +22,10 @@ over a million rows a second. So, per image and head:
    (one anchor per object, not a cluster of small crops around its edges).
 4. Each picked anchor gets a SAM point prompt at its centre, unless that point lies in a
    confidently found object of plausible size, or within 10 % of its box (an edge crop of it):
-   no pass then (`probing`: which prompts get a pass, in which order, and how many). A point is ambiguous, and SAM answers it with three masks (part, object,
-   whole; `sam_decoder`): each is re-embedded exactly as the embedder does (`pool_regions`,
-   the head's crop policy) and scored by the head. The pass's answer for the anchor is the mask
+   no pass then (`probing`: which prompts get a pass, in which order, and how many). A point
+   is ambiguous, and SAM answers it with three masks (part, object, whole; `sam_decoder`):
+   each is re-embedded exactly as the embedder does (`pool_regions`, the head's crop policy)
+   and scored by the head. The pass's answer for the anchor is the mask
    with the best probability of the anchor's class times predicted IoU; the pass's other masks
    are kept too when the head calls them a real class (p >= 0.5): the square of a pair of
    touching look-alikes that came back as one mask, a thin diamond beside the point. SAM's own
@@ -255,11 +256,12 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         low, iou = self._decode(f["fmap"], np.array([c, c - half, c + half]) * f["scale"], np.array([1.0, 2.0, 3.0]))
         return low[:1], np.minimum(iou[:1], 1.0)
 
-    def _candidates(self, state: ImageState, low: np.ndarray, ious: np.ndarray, policy, min_iou: float = MASK_MIN_IOU) -> list[dict]:
-        """The masks of one decoder pass (low-resolution logits K x 256 x 256, predicted IoU K) that are a proposal
-        at all (predicted IoU >= MASK_MIN_IOU, non-empty, not the whole image), each with its
-        tight box, stability, area and the head's probabilities for that box (re-embedded as the
-        embedder does). The IoU floor is SAM's own automatic-mask default: a point on a reddish
+    def _candidates(self, state: ImageState, low: np.ndarray, ious: np.ndarray, policy,
+                    min_iou: float = MASK_MIN_IOU) -> list[dict]:
+        """The masks of one decoder pass (low-resolution logits K x 256 x 256, predicted IoU K)
+        that are a proposal at all (predicted IoU >= min_iou, non-empty, not the whole image),
+        each with its tight box, stability, area, embedding ("vec", re-embedded as the embedder
+        does) and the head's probabilities for it. The IoU floor is SAM's own automatic-mask default: a point on a reddish
         background comes back as the background (dropped: too large) and a speck of it (predicted
         IoU 0.72-0.80, measured) that the head calls red; real objects' masks predict >= 0.89."""
         out = self.masks_of(low, ious, (state.image.height, state.image.width), min_iou)
@@ -294,7 +296,8 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         kept: list[dict] = []
         while (probe := probing.next()) is not None:
             if probe.source == "neighbour":
-                cands = self._candidates(state, *self.bound(f, probe.box, NEIGHBOUR_BOX_GROWTH), policy, NEIGHBOUR_MIN_IOU)
+                low, iou = self.bound(f, probe.box, NEIGHBOUR_BOX_GROWTH)
+                cands = self._candidates(state, low, iou, policy, NEIGHBOUR_MIN_IOU)
             else:
                 cands = self._candidates(state, *self.decode_point(f, probe.centre), policy)
             best = self._choose(cands, probe.r)
@@ -308,9 +311,11 @@ class MinisamGuidedDetector(MinisamAutoDetector):
             # (the neighbour merged with it, the whole of which this is a part).
             kept += [dict(c, source="head" if probe.source == "anchor" else "neighbour")
                      for c in cands if c is best or self._also(c, best)]
-            if self._is_object(best, probe, (H, W)) and probing.is_new(best["mask"]):
-                probing.found(probe, best["box"], best["mask"], like=best["vec"],
-                              confident=best["iou"] >= SUPPRESS_IOU and best["stab"] >= SUPPRESS_STABILITY)
+            confident = (best["iou"] >= SUPPRESS_IOU and best["stab"] >= SUPPRESS_STABILITY
+                         and best["area"] <= SUPPRESS_MAX_FRAC * H * W)
+            is_object = self._is_object(best, probe, (H, W)) and probing.is_new(best["mask"])
+            if confident or is_object:
+                probing.record(probe, best["box"], best["mask"], confident, best["vec"] if is_object else None)
         f[f"probing:{self.head.head_id}"] = probing.report()
         if not kept:
             res = (Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, H, W), bool),
@@ -327,8 +332,9 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         return res
 
     def _is_object(self, mask: dict, probe: Probe, size: tuple[int, int]) -> bool:
-        """Whether a pass's answer counts as an object found (it suppresses later prompts, grows
-        the pass limit and starts or extends a chain of neighbours): stable, of plausible size,
+        """Whether a pass's answer counts as an object found (it grows the pass limit and starts
+        or extends a chain of neighbours; suppressing later prompts only needs SAM's confidence):
+        stable, of plausible size,
         and for an anchor called its class by the head (p >= OTHER_MASK_MIN_PROB); for a
         neighbour, which the head vouched for at its chain's start and the look-alike gate
         since, about its expected size (NEIGHBOUR_AREA of the box it was expected in)."""

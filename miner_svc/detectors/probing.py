@@ -68,9 +68,8 @@ class Probing:
     size: (H, W) image pixels; budget / max_passes: decoder passes before / after growth;
     similarity(box XYXY, embedding) -> cosine similarity of the box's embedding with it.
     next() -> the next Probe worth a pass, None to stop; spend() -> one more pass for it (a
-    second pass) if in budget; found(probe, box, mask, confident, like) reports an object a pass
-    found (box XYXY, mask H x W bool; confident: SAM's strict filters, so later prompts inside
-    its mask are skipped; like: its embedding, which starts a chain when it came from an anchor).
+    second pass) if in budget; record() what the pass answered; is_new(mask): not mostly an
+    object found already.
     """
 
     def __init__(self, anchors: list[Probe], size: tuple[int, int], budget: int, max_passes: int,
@@ -86,7 +85,7 @@ class Probing:
         self.taken = np.zeros(size, bool)  # inside a confidently found object's mask
         self.claimed = np.zeros(size, bool)  # inside any found object's mask
         self.objects = np.zeros((0, 4))  # found objects' boxes grown OBJECT_MARGIN a side
-        self.confident = np.zeros(0, bool)  # ... found with SAM's strict filters
+        self.sure = np.zeros((0, 4))  # confident answers' boxes, grown the same
 
     @property
     def limit(self) -> int:
@@ -94,16 +93,16 @@ class Probing:
         return int(min(self.max_passes, max(self.budget, PASSES_PER_OBJECT * len(self.objects))))
 
     def covered(self, xy: np.ndarray, any_object: bool) -> bool:
-        """Is a prompt at xy (image px) inside an object found already: a confident one's mask,
-        or its box grown OBJECT_MARGIN (an edge crop of it); with any_object, any object's box.
-        Anchors are skipped only by confident objects: a thin diamond beside a square found
-        unsurely is centred in that square's grown box."""
+        """Is a prompt at xy (image px) inside something answered already: a confident answer's
+        mask, or its box grown OBJECT_MARGIN (an edge crop of it); with any_object, also any
+        object found's box. Anchors are skipped only by confident answers: a thin diamond
+        beside a square found unsurely is centred in that square's grown box."""
         x, y = xy
         if not (0 <= x < self.W and 0 <= y < self.H):
             return True  # a step off the image
         if self.taken[int(y), int(x)]:
             return True
-        o = self.objects if any_object else self.objects[self.confident]
+        o = np.concatenate([self.sure, self.objects]) if any_object else self.sure
         return bool(((o[:, 0] <= x) & (x <= o[:, 2]) & (o[:, 1] <= y) & (y <= o[:, 3])).any())
 
     def next(self) -> Probe | None:
@@ -135,16 +134,23 @@ class Probing:
         """Whether a mask (H x W bool) is not mostly (DUPLICATE_SHARE) an object found already."""
         return int((mask & self.claimed).sum()) < DUPLICATE_SHARE * int(mask.sum())
 
-    def found(self, probe: Probe, box: np.ndarray, mask: np.ndarray, confident: bool, like: np.ndarray) -> None:
+    def record(self, probe: Probe, box: np.ndarray, mask: np.ndarray, confident: bool,
+               like: np.ndarray | None) -> None:
+        """A pass's answer (box XYXY, mask H x W bool). confident: SAM's strict filters and a
+        plausible size: later prompts inside its mask or box are skipped. like: its embedding
+        (D,) when it is an object found: it counts toward the pass limit and puts its neighbours
+        in the queue, their chain starting here when the prompt came from an anchor."""
         box = np.asarray(box, np.float64)
         wh = box[2:] - box[:2]
-        self.hits[probe.source] += 1
-        self.objects = np.concatenate([self.objects, [np.concatenate([box[:2] - wh * OBJECT_MARGIN,
-                                                                      box[2:] + wh * OBJECT_MARGIN])]])
-        self.confident = np.append(self.confident, confident)
-        self.claimed |= mask
+        grown = np.concatenate([box[:2] - wh * OBJECT_MARGIN, box[2:] + wh * OBJECT_MARGIN])
         if confident:
             self.taken |= mask
+            self.sure = np.concatenate([self.sure, [grown]])
+        if like is None:
+            return
+        self.hits[probe.source] += 1
+        self.objects = np.concatenate([self.objects, [grown]])
+        self.claimed |= mask
         root = like if probe.root is None else probe.root
         for step in ((1, 0), (-1, 0), (0, 1), (0, -1)):
             box2 = box + np.tile(np.array(step) * wh * NEIGHBOUR_STEP, 2)

