@@ -2,7 +2,7 @@
 trained on minisam-tinyvit embeddings.
 
     minisam-guided      40 decoder passes an image, more where many objects are found
-    minisam-guided:K    K (1..256), growing to at most min(256, 6K)
+    minisam-guided:K    K (1..256), growing to at most min(256, 6K) (3 passes per object found)
 
 Why: a point grid pays one ~50 ms decoder pass per point and still has to be lucky where the
 points land. This project already has a cheap, strong signal: the image's feature map (computed
@@ -39,8 +39,8 @@ over a million rows a second. So, per image and head:
 5. Objects that repeat: each object found (stable, plausible size, the head's class) makes
    its four neighbours' boxes candidates: one object size away, prompted with that box and its
    centre, when the box's embedding looks like the object (`probing`). On a wall of bricks
-   that is most of the finds (held-out brick recall 0.07 -> ~0.6, the passes growing with the
-   objects found); in scenes of a few separate shapes it costs ~3 passes an image.
+   that is most of the finds (held-out brick recall 0.07 -> 0.67, the passes growing with the
+   objects found: 236 for 92 bricks); in scenes of a few separate shapes it costs ~3 passes an image.
 6. NMS over the refined boxes (IoU 0.5). (A rule dropping a mask lying 90 % inside a better one
    of the same class, for a triangle's tip, was removed with the three masks: it dropped thin
    diamonds inside a diamond-and-neighbour mask, 0.90 -> 0.77 recall, for 0.5 fewer proposals
@@ -220,20 +220,21 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         # One anchor per object: skip an anchor centred in the central half of an anchor
         # already picked (of any class): the cluster of crops around one object costs nothing,
         # while a neighbour inside a large anchor covering two objects keeps its own.
-        picked: list[tuple[int, int]] = []
-        for i, r in order:
-            cx, cy = (boxes[i, 0] + boxes[i, 2]) / 2, (boxes[i, 1] + boxes[i, 3]) / 2
-            if picked:
-                pb = boxes[[j for j, _ in picked]]
-                qw, qh = (pb[:, 2] - pb[:, 0]) / 4, (pb[:, 3] - pb[:, 1]) / 4  # the central half
-                pcx, pcy = (pb[:, 0] + pb[:, 2]) / 2, (pb[:, 1] + pb[:, 3]) / 2
-                if ((np.abs(cx - pcx) <= qw) & (np.abs(cy - pcy) <= qh)).any():
-                    continue
-            picked.append((i, r))
-            if len(picked) >= limit:
+        if not order:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        idx = np.array(order, np.int64)
+        b = boxes[idx[:, 0]]
+        centre, quarter = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 4  # quarter sides: the central half
+        picked = np.zeros(min(limit, len(idx)), np.int64)  # rows of idx, a running array (no per-row copies)
+        n = 0
+        for k in range(len(idx)):
+            if n and (np.abs(centre[k] - centre[picked[:n]]) <= quarter[picked[:n]]).all(1).any():
+                continue
+            picked[n] = k
+            n += 1
+            if n >= limit:
                 break
-        arr = np.array(picked, np.int64).reshape(-1, 2)
-        return arr[:, 0], arr[:, 1]
+        return idx[picked[:n], 0], idx[picked[:n], 1]
 
     def _centre_margins(self, f: dict, pooler: roi.RoiPooler, boxes: np.ndarray, cls: np.ndarray) -> np.ndarray:
         """Per anchor (XYXY image px) and its real-class column: the class margin of a small
