@@ -19,7 +19,7 @@ from minehead.crops import CropPolicy
 from miner_svc.detectors import create_detector, default_detector, default_for_head
 from miner_svc.detectors.minisam_guided import class_index, log_margins
 from tests.bench.bench_detector import (SHAPES, big_enough, crowded_scene, decoded, load_photo, photo_head, recall_hits,
-                                        train_head)
+                                        scenes_head)
 
 
 # -- units: no models -----------------------------------------------------------------------
@@ -171,12 +171,7 @@ def test_a_head_of_another_embedder_is_refused(guided, coins_head):
 def test_guided_recall_on_crowded_synthetic_scenes(guided):
     """Touching objects, thin diamonds, 10-16 objects an image: a head trained on other scenes
     of the kind guides the proposals."""
-    rng = np.random.default_rng(1)
-    train = []
-    for _ in range(6):
-        px, b, n = crowded_scene(rng)
-        train.append((guided.set_image(decoded(px)), b, n))
-    det = guided.with_head(train_head(guided, train, SHAPES))
+    det = scenes_head(guided, 6)
     rng = np.random.default_rng(100)
     hits, names = [], []
     for _ in range(2):
@@ -229,7 +224,7 @@ def test_decoder_returns_every_mask_and_its_choice_is_the_exports_own(models_dir
     """sam_decoder rewires SAM's single-mask ONNX export to return all four mask tokens at low
     resolution; the token SAM's export would pick (sam_choice), brought to the image size by
     Upscaler, is the export's own output, for a point, a box, and a point with a box, at a
-    landscape, a portrait and an odd size; Upscaler.window is the same logits where they
+    landscape, a portrait, an odd size and one larger than SAM's 1024 frame; Upscaler.window is the same logits where they
     exceed -1 (what masks, areas and stability are computed from)."""
     import onnxruntime as ort
 
@@ -240,8 +235,8 @@ def test_decoder_returns_every_mask_and_its_choice_is_the_exports_own(models_dir
     mine = SamDecoder(path, None, ["CPUExecutionProvider"])
     fmap = np.random.default_rng(0).normal(size=(259, 64, 64)).astype(np.float32)  # colour channels are not fed
     prompts = [([[300, 400], [0, 0]], [1, -1]), ([[100, 120], [380, 300]], [2, 3]),
-               ([[250, 200], [100, 120], [380, 300]], [1, 2, 3])]
-    for size, (coords, labels) in zip([(240, 320), (700, 300), (333, 517)], prompts):
+               ([[250, 200], [100, 120], [380, 300]], [1, 2, 3]), ([[500, 300], [0, 0]], [1, -1])]
+    for size, (coords, labels) in zip([(240, 320), (700, 300), (333, 517), (1300, 1000)], prompts):
         coords, labels = np.array(coords, np.float32), np.array(labels, np.float32)
         low, iou = mine.run(fmap, coords, labels)
         assert low.shape == (4, 256, 256) and iou.shape == (4,)

@@ -110,6 +110,7 @@ class Upscaler:
         # Each output line mixes at most 3 neighbouring low-resolution lines: (index, weight)
         # taps instead of dense matrices (a dense H x 256 @ 256 x 256 @ 256 x W costs ~6 ms).
         self._taps = [self._sparse(resize_matrix(n, m) @ up[:n]) for n, m in ((h_in, H), (w_in, W))]
+        self._pad = max(w.shape[1] for _, w in self._taps) - 1  # taps past the last cell (weight 0) read padding
 
     @staticmethod
     def _sparse(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +131,7 @@ class Upscaler:
 
     def full(self, low: np.ndarray) -> np.ndarray:
         """256 x 256 logits -> H x W logits."""
-        low = np.pad(low.astype(np.float32, copy=False), ((0, 2), (0, 2)), mode="edge")  # taps past the last cell weigh 0
+        low = np.pad(low.astype(np.float32, copy=False), ((0, self._pad), (0, self._pad)), mode="edge")
         return self._apply(low, slice(None), slice(None), 0, 0)
 
     def window(self, low: np.ndarray, floor: float = -1.0):
@@ -148,7 +149,7 @@ class Upscaler:
             sel.append(slice(out[0], out[-1] + 1))
         ys, xs = sel
         a0, b0 = self._taps[0][0][ys.start], self._taps[1][0][xs.start]
-        low = np.pad(low.astype(np.float32, copy=False), ((0, 2), (0, 2)), mode="edge")
+        low = np.pad(low.astype(np.float32, copy=False), ((0, self._pad), (0, self._pad)), mode="edge")
         a1 = self._taps[0][0][ys.stop - 1] + self._taps[0][1].shape[1]
         b1 = self._taps[1][0][xs.stop - 1] + self._taps[1][1].shape[1]
         return ys.start, xs.start, self._apply(low[a0:a1, b0:b1], ys, xs, a0, b0)

