@@ -273,7 +273,8 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         return out
 
     def head_proposals(self, state: ImageState) -> tuple[Detections, np.ndarray, np.ndarray]:
-        """(refined proposals with score = best real-class prob x predicted IoU, source "head";
+        """(refined proposals with score = best real-class prob x predicted IoU, source "head" or
+        "neighbour" (which prompt found it);
         their class probabilities N x C; their predicted IoUs N), once per image and head."""
         f = self._features(state)
         key = f"head:{self.head.head_id}"
@@ -317,7 +318,6 @@ class MinisamGuidedDetector(MinisamAutoDetector):
             is_object = self._is_object(best, probe, (H, W)) and probing.is_new(best["mask"])
             if confident or is_object:
                 probing.record(probe, best["box"], best["mask"], confident, best["vec"] if is_object else None)
-        f[f"probing:{self.head.head_id}"] = probing.report()
         if not kept:
             res = (Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, H, W), bool),
                               np.zeros(0, "<U9")), np.zeros((0, len(self.head.classes)), np.float32), np.zeros(0, np.float32))
