@@ -43,6 +43,7 @@ NEIGHBOUR_MIN_SIMILARITY = 0.9  # cosine similarity of a neighbour's box with th
 CHAIN_MIN_SIMILARITY = 0.75  # ... and with its chain's first object
 PASSES_PER_OBJECT = 3.0  # the pass limit grows to this many passes per object found
 DUPLICATE_SHARE = 0.5  # a mask this much inside objects found already finds nothing new
+STEPS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # right, left, down, up, in object sizes
 OBJECT_MARGIN = 0.1  # a prompt centred within this share of an object's size of its box is that object's
 
 
@@ -154,7 +155,7 @@ class Probing:
         self.objects = np.concatenate([self.objects, [grown]])
         self.claimed |= mask
         root = like if probe.root is None else probe.root
-        for step in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        for step in STEPS:
             box2 = box + np.tile(np.array(step) * wh * NEIGHBOUR_STEP, 2)
             self.neighbours.append(Probe(box2, probe.r, "neighbour", like=like, root=root))
 
