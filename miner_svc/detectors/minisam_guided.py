@@ -250,7 +250,8 @@ class MinisamGuidedDetector(MinisamAutoDetector):
     def bound(self, f: dict, box: np.ndarray, growth: float = BOX_GROWTH):
         """The second pass for an anchor (XYXY image px) whose point found a region too large to
         be one object (the canopy, not the tree): the same point plus the anchor's box grown
-        BOX_GROWTH times as a box prompt, which bounds the mask. SAM answers a box with its
+        `growth` times as a box prompt, which bounds the mask (also a neighbour's prompt:
+        its expected box grown NEIGHBOUR_BOX_GROWTH). SAM answers a box with its
         single-mask token. Returns (low-resolution logits 1 x 256 x 256, predicted IoU (1,))."""
         c = (box[:2] + box[2:]) / 2
         half = (box[2:] - box[:2]) / 2 * growth
@@ -262,8 +263,8 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         """The masks of one decoder pass (low-resolution logits K x 256 x 256, predicted IoU K)
         that are a proposal at all (predicted IoU >= min_iou, non-empty, not the whole image),
         each with its tight box, stability, area, embedding ("vec", re-embedded as the embedder
-        does) and the head's probabilities for it. The IoU floor is SAM's own automatic-mask default: a point on a reddish
-        background comes back as the background (dropped: too large) and a speck of it (predicted
+        does) and the head's probabilities for it. The default IoU floor is SAM's own
+        automatic-mask default: a point on a reddish background comes back as the background (dropped: too large) and a speck of it (predicted
         IoU 0.72-0.80, measured) that the head calls red; real objects' masks predict >= 0.89."""
         out = self.masks_of(low, ious, (state.image.height, state.image.width), min_iou)
         if out:

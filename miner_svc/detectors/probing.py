@@ -51,7 +51,8 @@ OBJECT_MARGIN = 0.1  # a prompt centred within this share of an object's size of
 class Probe:
     """One prompt to spend a pass on. box: XYXY image pixels (the anchor, or the box a
     neighbour is expected in); r: the head's real-class column it looks for; source: "anchor"
-    or "neighbour"; like: a neighbour's chain's first object's embedding (D,)."""
+    or "neighbour"; like / root: a neighbour's embeddings (D,) of the object it steps from and
+    of its chain's first object (found from an anchor)."""
 
     box: np.ndarray
     r: int
@@ -69,14 +70,14 @@ class Probing:
     """The prompts for one image and head, and what the passes found so far.
 
     size: (H, W) image pixels; budget / max_passes: decoder passes before / after growth;
-    similarity(box XYXY, embedding) -> cosine similarity of the box's embedding with it.
+    similarity(box XYXY, embeddings K x D) -> K cosine similarities of the box's embedding.
     next() -> the next Probe worth a pass, None to stop; spend() -> one more pass for it (a
     second pass) if in budget; record() what the pass answered; is_new(mask): not mostly an
     object found already.
     """
 
     def __init__(self, anchors: list[Probe], size: tuple[int, int], budget: int, max_passes: int,
-                 similarity: Callable[[np.ndarray, np.ndarray], float]) -> None:
+                 similarity: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
         self.H, self.W = size
         self.anchors = deque(anchors)
         self.neighbours: deque[Probe] = deque()

@@ -13,13 +13,14 @@ The rewiring is exact: the selected mask equals the export's own output (checked
 tests/test_detectors.py). The rewired graph stops at the 256 x 256 low-resolution logits: the
 export's post-processing (bilinear to the 1024 frame, crop the unpadded input, bilinear to the
 image size) cost ~12 of ~50 ms a pass for four masks, most of them then dropped. `Upscaler` does
-the same two resizes as two matrices, only for the masks a detector looks at, and only over
+the same two resizes (as at most 3 taps per output line), only for the masks a detector looks at, and only over
 the rows and columns where a mask's logits exceed -1 (the rest cannot count for a mask or its
 stability): a few hundred microseconds for an object's mask instead of ~3 ms.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,8 @@ class Upscaler:
     """SAM's mask post-processing for one image size, as the export does it: low-resolution
     logits (256 x 256, the padded 1024 frame) -> bilinear to 1024 x 1024 -> crop the unpadded
     input (the image's long side scaled to 1024, rounded) -> bilinear to H x W. Both resizes are
-    linear and separable, so logits = Ry @ low @ Rx.T with Ry: H x 256, Rx: W x 256."""
+    linear and separable, so logits = Ry @ low @ Rx.T with Ry: H x 256, Rx: W x 256, each row
+    of which has at most 3 neighbouring non-zero weights (kept as taps, not dense matrices)."""
 
     LOW = 256
     FRAME = 1024
@@ -149,10 +151,17 @@ class Upscaler:
             sel.append(slice(out[0], out[-1] + 1))
         ys, xs = sel
         a0, b0 = self._taps[0][0][ys.start], self._taps[1][0][xs.start]
-        low = np.pad(low.astype(np.float32, copy=False), ((0, self._pad), (0, self._pad)), mode="edge")
         a1 = self._taps[0][0][ys.stop - 1] + self._taps[0][1].shape[1]
         b1 = self._taps[1][0][xs.stop - 1] + self._taps[1][1].shape[1]
-        return ys.start, xs.start, self._apply(low[a0:a1, b0:b1], ys, xs, a0, b0)
+        # Only the window is copied; taps past the last cell (weight 0) read edge padding.
+        block = low[a0:a1, b0:b1].astype(np.float32, copy=False)
+        block = np.pad(block, ((0, a1 - a0 - block.shape[0]), (0, b1 - b0 - block.shape[1])), mode="edge")
+        return ys.start, xs.start, self._apply(block, ys, xs, a0, b0)
+
+
+@functools.lru_cache(maxsize=64)  # a folder of photos has a few sizes; a long-lived miner sees many
+def _upscaler(H: int, W: int) -> Upscaler:
+    return Upscaler((H, W))
 
 
 class SamDecoder:
@@ -168,13 +177,10 @@ class SamDecoder:
         self.session = ort.InferenceSession(model.SerializeToString(), session_options, providers=providers)
         self.channels = int(self.session.get_inputs()[0].shape[1])  # 256: SAM's image embedding
         self._inputs = {i.name for i in self.session.get_inputs()}
-        self._upscalers: dict[tuple[int, int], Upscaler] = {}
 
-    def upscaler(self, size: tuple[int, int]) -> Upscaler:
-        size = (int(size[0]), int(size[1]))
-        if size not in self._upscalers:  # a few images' sizes: a race builds one twice, harmlessly
-            self._upscalers[size] = Upscaler(size)
-        return self._upscalers[size]
+    @staticmethod
+    def upscaler(size: tuple[int, int]) -> Upscaler:
+        return _upscaler(int(size[0]), int(size[1]))
 
     def run(self, fmap: np.ndarray, coords_1024: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         feeds = {
