@@ -18,21 +18,29 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Indices kept by greedy NMS, in descending score order.
+    """Indices kept by greedy NMS, in descending score order (a box is dropped when its IoU
+    with a kept, higher-scoring box exceeds `iou`).
 
     Greedy NMS commutes with score thresholds (a detection is only ever suppressed by a
-    higher-scoring one), so NMS at the floor then filtering equals filtering then NMS."""
+    higher-scoring one), so NMS at the floor then filtering equals filtering then NMS.
+    Each kept box is compared with the boxes still alive only (no N x N matrix): dense anchors
+    keep a few hundred of a few thousand."""
     order = np.argsort(-np.asarray(scores), kind="stable")
     if iou >= 1.0 or len(order) <= 1:
         return order
-    ious = iou_matrix(boxes, boxes)
-    keep, dead = [], np.zeros(len(order), bool)
-    for i in order:
-        if dead[i]:
-            continue
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)[order]
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    rest = np.arange(len(order))
+    keep = []
+    while len(rest):
+        i, rest = rest[0], rest[1:]
         keep.append(i)
-        dead |= ious[i] > iou
-    return np.array(keep, np.int64)
+        r = b[rest]
+        iw = np.clip(np.minimum(b[i, 2], r[:, 2]) - np.maximum(b[i, 0], r[:, 0]), 0, None)
+        ih = np.clip(np.minimum(b[i, 3], r[:, 3]) - np.maximum(b[i, 1], r[:, 1]), 0, None)
+        inter = iw * ih
+        rest = rest[inter / np.maximum(area[i] + area[rest] - inter, 1e-9) <= iou]
+    return order[np.array(keep, np.int64)]
 
 
 def match(boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:

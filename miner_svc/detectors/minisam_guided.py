@@ -70,7 +70,7 @@ from minehead.geometry import nms
 from miner_svc.detectors.base import Detections, DetectorInfo, ImageState, PassCounters
 from miner_svc.detectors.probing import NEIGHBOUR_BOX_GROWTH, Probe, Probing
 from miner_svc.detectors.minisam_auto import (PROPOSALS_VERSION, STABILITY_MIN, SUPPRESS_IOU, SUPPRESS_MAX_FRAC,
-                                              SUPPRESS_STABILITY, MinisamAutoDetector)
+                                              SUPPRESS_STABILITY, MinisamAutoDetector, one_blas_thread)
 
 MODEL_ID = "minisam-guided"
 EMBEDDER = "minisam-tinyvit"
@@ -191,16 +191,17 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         inner, a_in = pooler.sums(regions)
         c = (regions[:, :2] + regions[:, 2:]) / 2
         half = (regions[:, 2:] - regions[:, :2]) / 2 * RING_GROWTH
-        outer, a_out = pooler.sums(np.concatenate([c - half, c + half], 1))
-        ring_area = a_out - a_in
-        has_ring = ring_area > 0  # a region covering the whole image has no ring: nothing to compare
-        v_in = inner / a_in[:, None]
-        v_ring = np.where(has_ring[:, None], (outer - inner) / np.maximum(ring_area, 1)[:, None], v_in)
-        v = np.concatenate([v_in, v_ring])
-        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        m = log_margins(self.head.predict_proba(v))[:, self.real]
-        m_in, m_ring = m[:len(regions)], m[len(regions):]
-        return m_in - np.where(has_ring[:, None], np.maximum(m_ring, 0.0), 0.0)
+        ring, a_out = pooler.sums(np.concatenate([c - half, c + half], 1))
+        ring -= inner  # outer sum minus inner: the ring's sum (means are not needed: vectors are L2-normalised)
+        has_ring = a_out - a_in > 0  # a region covering the whole image has no ring: nothing to compare
+        score = self._margins(inner)
+        score[has_ring] -= np.maximum(self._margins(ring[has_ring]), 0.0)
+        return score
+
+    def _margins(self, sums: np.ndarray) -> np.ndarray:
+        """N x D pooled sums (float32, normalised in place) -> N x R real-class log margins."""
+        sums /= np.maximum(np.sqrt(np.einsum("ij,ij->i", sums, sums)), 1e-12)[:, None]
+        return log_margins(self.head.predict_proba(sums))[:, self.real]
 
     def _pick(self, boxes: np.ndarray, scores: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
         """(anchor indices, their real-class column) to refine, in order (scores: N x R from
@@ -255,7 +256,7 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         single-mask token. Returns (low-resolution logits 1 x 256 x 256, predicted IoU (1,))."""
         c = (box[:2] + box[2:]) / 2
         half = (box[2:] - box[:2]) / 2 * growth
-        low, iou = self._decode(f["fmap"], np.array([c, c - half, c + half]) * f["scale"], np.array([1.0, 2.0, 3.0]))
+        low, iou = self._decode(f, np.array([c, c - half, c + half]) * f["scale"], np.array([1.0, 2.0, 3.0]))
         return low[:1], np.minimum(iou[:1], 1.0)
 
     def _candidates(self, state: ImageState, low: np.ndarray, ious: np.ndarray, policy,
@@ -273,6 +274,7 @@ class MinisamGuidedDetector(MinisamAutoDetector):
                 c["vec"], c["probs"] = v, p
         return out
 
+    @one_blas_thread
     def head_proposals(self, state: ImageState) -> tuple[Detections, np.ndarray, np.ndarray]:
         """(refined proposals with score = best real-class prob x predicted IoU, source "head" or
         "neighbour" (which prompt found it);

@@ -21,6 +21,7 @@ stability): a few hundred microseconds for an object's mask instead of ~3 ms.
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,8 @@ class Upscaler:
     logits (256 x 256, the padded 1024 frame) -> bilinear to 1024 x 1024 -> crop the unpadded
     input (the image's long side scaled to 1024, rounded) -> bilinear to H x W. Both resizes are
     linear and separable, so logits = Ry @ low @ Rx.T with Ry: H x 256, Rx: W x 256, each row
-    of which has at most 3 neighbouring non-zero weights (kept as taps, not dense matrices)."""
+    of which has at most 3 neighbouring non-zero weights: a window of cells reaches only the
+    output lines whose taps read it, and only those rows and columns are computed."""
 
     LOW = 256
     FRAME = 1024
@@ -109,10 +111,12 @@ class Upscaler:
         h_in, w_in = int(np.floor(H * s + 0.5)), int(np.floor(W * s + 0.5))
         up = resize_matrix(self.LOW, self.FRAME)
         self.size = (H, W)
-        # Each output line mixes at most 3 neighbouring low-resolution lines: (index, weight)
-        # taps instead of dense matrices (a dense H x 256 @ 256 x 256 @ 256 x W costs ~6 ms).
+        # Each output line mixes at most 3 neighbouring low-resolution lines (the taps say which:
+        # windows are found from them); the products themselves are dense matrix products over
+        # the window's lines, a view of Ry / Rx (BLAS: a mask's window in ~0.1 ms).
         self._taps = [self._sparse(resize_matrix(n, m) @ up[:n]) for n, m in ((h_in, H), (w_in, W))]
         self._pad = max(w.shape[1] for _, w in self._taps) - 1  # taps past the last cell (weight 0) read padding
+        self._dense = [self._densify(first, w, self.LOW + self._pad) for first, w in self._taps]
 
     @staticmethod
     def _sparse(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -124,12 +128,18 @@ class Upscaler:
         w = np.take_along_axis(r, idx, 1) * (first[:, None] + np.arange(k) < r.shape[1])
         return first, w.astype(np.float32)
 
+    @staticmethod
+    def _densify(first: np.ndarray, w: np.ndarray, n_in: int) -> np.ndarray:
+        """The taps as an n_out x n_in float32 matrix (columns past 256: the padding)."""
+        d = np.zeros((len(first), n_in), np.float32)
+        for k in range(w.shape[1]):
+            d[np.arange(len(first)), first + k] += w[:, k]
+        return d
+
     def _apply(self, low: np.ndarray, ys: slice, xs: slice, a0: int, b0: int) -> np.ndarray:
         """Output rows ys x columns xs of the logits from low (cells offset by (a0, b0))."""
-        (fy, wy), (fx, wx) = self._taps
-        iy, ix = fy[ys] - a0, fx[xs] - b0
-        tmp = sum(wy[ys, k, None] * low[iy + k] for k in range(wy.shape[1]))
-        return sum(wx[xs, k] * tmp[:, ix + k] for k in range(wx.shape[1]))
+        ry, rx = self._dense
+        return ry[ys, a0:a0 + low.shape[0]] @ low @ rx[xs, b0:b0 + low.shape[1]].T
 
     def full(self, low: np.ndarray) -> np.ndarray:
         """256 x 256 logits -> H x W logits."""
@@ -164,34 +174,146 @@ def _upscaler(H: int, W: int) -> Upscaler:
     return Upscaler((H, W))
 
 
+PROMPT_INPUTS = ("point_coords", "point_labels")
+
+
+def _with_points(model, num_points: int):
+    """A copy of the decoder graph with num_points prompt points (static), folded by
+    onnxruntime's basic (ONNX-standard, exact) optimisations: constants and the shape
+    arithmetic (the Tile by the prompt batch, the positional encoding of the 64 x 64 grid)."""
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i in m.graph.input:
+        if i.name in PROMPT_INPUTS:
+            i.type.tensor_type.shape.dim[1].Clear()
+            i.type.tensor_type.shape.dim[1].dim_value = num_points
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    with tempfile.TemporaryDirectory() as d:
+        so.optimized_model_filepath = os.path.join(d, "folded.onnx")
+        ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return onnx.load(so.optimized_model_filepath)
+
+
+def split_at_prompt(model, num_points: int):
+    """SAM's decoder graph (rewired, expose_all_masks) -> (image part, prompt part) for
+    prompts of num_points points. The image part holds every node that does not depend on the
+    prompt (the first attention layer's key, value and query projections of the 64 x 64
+    embedding, the no-mask embedding, the transposes): run once per image, its outputs (the
+    boundary tensors) are inputs of the prompt part, which is the rest of the graph. Exact: the
+    same operations, cut in two. Returns two onnx.ModelProto; the prompt part's inputs are the
+    boundary tensors, then the prompt inputs."""
+    import onnx
+    from onnx import helper
+
+    m = _with_points(model, num_points)
+    g = m.graph
+    dep = set(PROMPT_INPUTS)
+    for n in g.node:  # topological order: a node depends on the prompt if any input does
+        if any(i in dep for i in n.input):
+            dep.update(n.output)
+    image_nodes = [n for n in g.node if not any(o in dep for o in n.output)]
+    prompt_nodes = [n for n in g.node if any(o in dep for o in n.output)]
+    made = {o for n in image_nodes for o in n.output} | {i.name for i in g.input}
+    boundary = list(dict.fromkeys(i for n in prompt_nodes for i in n.input if i in made and i not in PROMPT_INPUTS))
+    typed = onnx.shape_inference.infer_shapes(m).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*typed.value_info, *typed.input, *typed.output]}
+    if missing := [b for b in boundary if not types.get(b)]:
+        raise ValueError(f"SAM decoder graph: no type inferred for {missing}")
+
+    def part(nodes, inputs, outputs):
+        used = {i for n in nodes for i in n.input}
+        graph = helper.make_graph(nodes, "sam_decoder_part",
+                                  [helper.make_tensor_value_info(t, types[t], None) for t in inputs],
+                                  [helper.make_tensor_value_info(t, types[t], None) for t in outputs],
+                                  [i for i in g.initializer if i.name in used])
+        return helper.make_model(graph, opset_imports=m.opset_import, ir_version=m.ir_version)
+
+    image_inputs = [i.name for i in g.input if i.name not in PROMPT_INPUTS and any(i.name in n.input for n in image_nodes)]
+    return (part(image_nodes, image_inputs, [b for b in boundary if b not in image_inputs]),
+            part(prompt_nodes, boundary + list(PROMPT_INPUTS), [o.name for o in g.output]))
+
+
+class DecoderImage:
+    """One image's side of the decoder (SamDecoder.set_image): the feature map and, per prompt
+    size, the outputs of the decoder's image part, computed on first use."""
+
+    def __init__(self, decoder: "SamDecoder", fmap: np.ndarray) -> None:
+        self.decoder = decoder
+        self.fmap = fmap
+        self._feeds: dict[int, dict] = {}
+        self._lock = threading.Lock()
+
+    def feeds(self, num_points: int) -> dict:
+        with self._lock:
+            if num_points not in self._feeds:
+                self._feeds[num_points] = self.decoder._image_feeds(self.fmap, num_points)
+            return self._feeds[num_points]
+
+
 class SamDecoder:
-    """One loaded decoder. run(): one pass -> (low-resolution logits 4 x 256 x 256 float32,
-    predicted IoU (4,)); prompt points are P x 2 (X, Y) in the encoder's 1024 input frame.
-    upscaler(size): the post-processing to an H x W image (cached per size)."""
+    """One loaded decoder, SamPredictor's way: set_image(fmap) once per image (the part of the
+    decoder that only reads the image embedding: ~11 of ~47 ms a pass, measured), then run() per
+    prompt -> (low-resolution logits 4 x 256 x 256 float32, predicted IoU (4,)); prompt points
+    are P x 2 (X, Y) in the encoder's 1024 input frame. upscaler(size): the post-processing to
+    an H x W image (cached per size)."""
 
     def __init__(self, path: Path, session_options, providers) -> None:
         import onnx
+
+        self._model = expose_all_masks(onnx.load(str(path)))
+        self._options, self._providers = session_options, providers
+        self.channels = int(self._model.graph.input[0].type.tensor_type.shape.dim[1].dim_value)  # 256: SAM's image embedding
+        self._parts: dict[int, tuple] = {}  # prompt points -> (image session, prompt session)
+        self._lock = threading.Lock()
+
+    def _sessions(self, num_points: int):
+        """The (image part, prompt part) sessions for prompts of num_points points, built on
+        first use (~0.3 s each: a point prompt has 2 points with SAM's padding, a box 2 or 3)."""
         import onnxruntime as ort
 
-        model = expose_all_masks(onnx.load(str(path)))
-        self.session = ort.InferenceSession(model.SerializeToString(), session_options, providers=providers)
-        self.channels = int(self.session.get_inputs()[0].shape[1])  # 256: SAM's image embedding
-        self._inputs = {i.name for i in self.session.get_inputs()}
+        with self._lock:
+            if num_points not in self._parts:
+                self._parts[num_points] = tuple(
+                    ort.InferenceSession(p.SerializeToString(), self._options, providers=self._providers)
+                    for p in split_at_prompt(self._model, num_points))
+            return self._parts[num_points]
+
+    def _image_feeds(self, fmap: np.ndarray, num_points: int) -> dict:
+        image, _ = self._sessions(num_points)
+        inputs = {
+            # the encoder's own channels: the map may carry colour channels after them (pooling only)
+            "image_embeddings": fmap[None, :self.channels].astype(np.float32, copy=False),
+            "mask_input": np.zeros((1, 1, 256, 256), np.float32),
+            "has_mask_input": np.zeros(1, np.float32),
+            "orig_im_size": np.array([1024, 1024], np.float32),  # declared; unused without the masks output
+        }
+        inputs = {i.name: inputs[i.name] for i in image.get_inputs()}
+        return {**inputs, **dict(zip([o.name for o in image.get_outputs()], image.run(None, inputs)))}
+
+    def set_image(self, fmap: np.ndarray) -> DecoderImage:
+        """fmap: C x 64 x 64 (the encoder's channels first) -> the image's side of the decoder."""
+        return DecoderImage(self, fmap)
 
     @staticmethod
     def upscaler(size: tuple[int, int]) -> Upscaler:
         return _upscaler(int(size[0]), int(size[1]))
 
-    def run(self, fmap: np.ndarray, coords_1024: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        feeds = {
-            # the encoder's own channels: the map may carry colour channels after them (pooling only)
-            "image_embeddings": fmap[None, :self.channels].astype(np.float32, copy=False),
-            "point_coords": np.asarray(coords_1024, np.float32)[None],
-            "point_labels": np.asarray(labels, np.float32)[None],
-            "mask_input": np.zeros((1, 1, 256, 256), np.float32),
-            "has_mask_input": np.zeros(1, np.float32),
-            "orig_im_size": np.array([1024, 1024], np.float32),  # declared; unused without the masks output
-        }
-        out = dict(zip([o.name for o in self.session.get_outputs()],
-                       self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})))
+    def run(self, image: DecoderImage | np.ndarray, coords_1024: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """image: from set_image (or a feature map, prepared for this one pass)."""
+        if not isinstance(image, DecoderImage):
+            image = self.set_image(image)
+        coords = np.asarray(coords_1024, np.float32)[None]
+        _, prompt = self._sessions(coords.shape[1])
+        feeds = image.feeds(coords.shape[1])
+        feeds = {i.name: feeds[i.name] for i in prompt.get_inputs() if i.name not in PROMPT_INPUTS}
+        out = dict(zip([o.name for o in prompt.get_outputs()],
+                       prompt.run(None, {**feeds, "point_coords": coords,
+                                         "point_labels": np.asarray(labels, np.float32)[None]})))
         return out["low_res_masks"][0], out["iou_predictions"][0]
