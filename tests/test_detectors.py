@@ -96,6 +96,24 @@ def test_guided_finds_held_out_coins_in_a_real_photo(guided, coins_head):
     assert det.counters.snapshot()["decoder_passes"] == passes["decoder_passes"]  # computed once per image
 
 
+def test_proposal_loops_keep_numpy_blas_on_one_thread(guided, coins_head):
+    """Between decoder passes numpy's BLAS runs on one thread (its idle threads busy-wait and
+    slow onnxruntime's passes, measured 50 vs 38 ms); the caller's setting is restored after."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    det = guided.with_head(coins_head[0])
+    seen = []
+    pick = det._pick
+    det._pick = lambda *a: (seen.append(blas_threads()), pick(*a))[1]
+    before = blas_threads()
+    px, _, _ = load_photo("coins")
+    det.predict_text(det.set_image(decoded(px)), "", 0.0)
+    assert seen and all(n == 1 for n in seen[0]) and blas_threads() == before
+
+
 def test_grid_mode_is_not_swallowed_by_the_background(guided):
     """Unbound (no head), the guided detector is the grid; the coins lie on one large
     background region that used to end the grid after a few decoder calls."""
@@ -261,3 +279,12 @@ def test_decoder_returns_every_mask_and_its_choice_is_the_exports_own(models_dir
         assert (ref[outside] <= -1.0 + 1e-5).all()
         assert up.window(np.full((256, 256), -3.0, np.float32)) is None
     assert len({sam_choice(np.array([0.9, 0.1, 0.2, 0.3]), 2), sam_choice(np.array([0.1, 0.9, 0.2, 0.3]), 3)}) == 2
+    # set_image once, prompts of both sizes after: the image part's outputs are reused, and
+    # each pass equals a pass on the bare feature map.
+    image = mine.set_image(fmap)
+    for coords, labels in prompts * 2:
+        a, ia = mine.run(image, np.array(coords, np.float32), np.array(labels, np.float32))
+        b, ib = mine.run(fmap, np.array(coords, np.float32), np.array(labels, np.float32))
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ia, ib)
+    assert sorted(image._feeds) == [2, 3]

