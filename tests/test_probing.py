@@ -43,7 +43,7 @@ def test_the_pass_limit_grows_with_objects_found_up_to_max_passes():
         assert probe is not None, k
         box = probe.box + [0, 0, 1, 1]
         p.record(probe, box, box_mask(box), confident=False, like=np.ones(3))
-    # 12 objects found: 2 passes each would be 24, max_passes caps it.
+    # 12 objects found: PASSES_PER_OBJECT each would be more, max_passes caps it.
     assert p.limit == 12 and p.next() is None and p.passes == 12
 
 
@@ -136,3 +136,29 @@ def test_a_confident_answer_that_is_no_object_only_skips_prompts():
     p.record(first, obj, box_mask(obj), confident=True, like=None)
     assert p.covered(a[1].centre, any_object=False) and p.limit == 2 and p.report()["hits"]["anchor"] == 0
     assert p.next() is a[2] and p.next() is None
+
+
+def test_once_the_queues_are_empty_a_class_with_many_objects_probes_its_gaps():
+    """A class with GAP_MIN_FOUND objects found gets, once both queues are empty, a lattice of
+    its median object size over the image wherever no found object claims the centre; each
+    box is gated like a neighbour of the nearest object. A class with fewer gets none."""
+    n = probing.GAP_MIN_FOUND
+    right_half = lambda box, likes: np.full(len(likes), 1.0 if (box[0] + box[2]) / 2 > 150 else 0.0)  # noqa: E731
+    p = Probing([], (H, W), budget=1000, max_passes=1000, similarity=right_half)
+    objs = [np.array([5.0 + 16 * k, 10, 21 + 16 * k, 30]) for k in range(n)]  # 16 x 20, in the left half
+    for k, box in enumerate(objs):
+        p.record(Probe(box, 0, "anchor"), box, box_mask(box), confident=False, like=np.eye(n)[k])
+    few = np.array([10.0, 150, 30, 170])
+    p.record(Probe(few, 1, "anchor"), few, box_mask(few), confident=False, like=np.ones(n))
+    got = []
+    while (q := p.next()) is not None:
+        got.append(q)
+    gaps = [q for q in got if q.r == 0 and np.allclose(q.box[2:] - q.box[:2], [16, 20])]
+    assert gaps and all(q.source == "neighbour" for q in gaps) and {q.r for q in got} == {0}
+    centres = np.array([q.centre for q in gaps])
+    assert (centres[:, 0] > 150).all()  # the look-alike gate still applies
+    step = 16 * probing.GAP_STEP
+    assert np.allclose((centres[:, 0] - 8) / step, np.round((centres[:, 0] - 8) / step))  # on the lattice
+    assert not any(p.claimed[int(y), int(x)] for x, y in centres)
+    assert all(q.like is q.root for q in gaps) and all(q.like[-1] == 1 for q in gaps)  # the nearest object: the last one
+    assert p.next() is None  # the lattice is queued once

@@ -2,9 +2,9 @@
 trained on minisam-tinyvit embeddings.
 
     minisam-guided      40 decoder passes an image, more where many objects are found
-    minisam-guided:K    K (1..256), growing to at most min(512, 10K) (3 passes per object found)
+    minisam-guided:K    K (1..256), growing to at most min(512, 16K) (4 passes per object found)
 
-Why: a point grid pays one ~50 ms decoder pass per point and still has to be lucky where the
+Why: a point grid pays one ~30-40 ms decoder pass per point and still has to be lucky where the
 points land. This project already has a cheap, strong signal: the image's feature map (computed
 once), from which a box's crop embedding is a ROI pool, and a head that scores embeddings at
 over a million rows a second. So, per image and head:
@@ -38,9 +38,11 @@ over a million rows a second. So, per image and head:
    with point prompts, same anchors, crowded synthetic scenes).
 5. Objects that repeat: each object found (stable, plausible size, the head's class) makes
    its four neighbours' boxes candidates: one object size away, prompted with that box and its
-   centre, when the box's embedding looks like the object (`probing`). On a wall of bricks
-   that is most of the finds (held-out brick recall 0.07 -> 0.77, the passes growing with the
-   objects found: ~310 for 92 bricks); in scenes of a few separate shapes it costs ~3 passes an image.
+   centre, when the box's embedding looks like the object (`probing`). When those chains run
+   dry, a class with many objects found probes the gaps between them (a lattice of its object
+   size over what no found object claims). On a wall of bricks that is most of the finds
+   (held-out brick recall 0.07 -> 0.82, the passes growing with the objects found: ~360 for 92
+   bricks); in scenes of a few separate shapes it costs ~3 passes an image.
 6. NMS over the refined boxes (IoU 0.5). (A rule dropping a mask lying 90 % inside a better one
    of the same class, for a triangle's tip, was removed with the three masks: it dropped thin
    diamonds inside a diamond-and-neighbour mask, 0.90 -> 0.77 recall, for 0.5 fewer proposals
@@ -75,7 +77,7 @@ from miner_svc.detectors.minisam_auto import (PROPOSALS_VERSION, STABILITY_MIN, 
 MODEL_ID = "minisam-guided"
 EMBEDDER = "minisam-tinyvit"
 DEFAULT_BUDGET = 40
-GROWTH_MAX = 10  # the budget grows (probing.PASSES_PER_OBJECT) to at most this many times itself ...
+GROWTH_MAX = 16  # the budget grows (probing.PASSES_PER_OBJECT) to at most this many times itself ...
 MAX_PASSES = 512  # ... and at most this many passes an image
 MIN_SIDE = 32.0  # smallest anchor side, 1024-frame pixels (20 px in a 640-wide image)
 ANCHOR_MIN_MARGIN = 0.0  # an anchor is a candidate for its best real class when it beats every other class
