@@ -54,11 +54,33 @@ RECENT_IMAGES = 8
 PROPOSALS_VERSION = 3  # 2: all three masks of a point prompt (sam_decoder); 3: masks sized outside ORT
 
 
-@functools.lru_cache(maxsize=1)
-def _blas():
-    from threadpoolctl import ThreadpoolController
+class _OneBlasThread:
+    """numpy's BLAS on one thread while any proposal loop runs, the caller's setting restored
+    when the last one ends (threadpoolctl's limit is process-wide: per-call save/restore from
+    concurrent requests could leave it at one thread for good)."""
 
-    return ThreadpoolController()
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._limiter = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                from threadpoolctl import ThreadpoolController
+
+                self._limiter = ThreadpoolController().limit(limits=1, user_api="blas")
+            self._users += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+_one_blas_thread = _OneBlasThread()
 
 
 def one_blas_thread(fn):
@@ -68,7 +90,7 @@ def one_blas_thread(fn):
     loop took 50 ms (38 ms with one BLAS thread; 36 ms back to back)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _blas().limit(limits=1, user_api="blas"):
+        with _one_blas_thread:
             return fn(*args, **kwargs)
     return wrapper
 
