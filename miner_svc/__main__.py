@@ -10,6 +10,7 @@ from minehead.core.server import ServiceBinding, serve_forever, start_server
 from minehead.miner.v1 import miner_pb2_grpc
 
 from miner_svc.detectors import default_detector
+from miner_svc.detectors.minisam_auto import use_one_blas_thread
 from miner_svc.servicer import MinerServicer
 
 
@@ -56,6 +57,7 @@ def main(argv=None) -> None:
     config = config_from_args("miner", args, ("head_addr", "embedder_addr", "default_detector", "ray_address", "ray_workers",
                                               "ray_chunk", "ray_worker_cpus"))
     setup_logging(config.log_format, config.log_level)
+    use_one_blas_thread()  # before any request thread: see one_blas_thread
     runner, bindings = build(config)
     running = start_server(config, bindings)
     serve_forever(running, on_stop=lambda: (runner.shutdown(), runner.servicer.close()))

@@ -96,36 +96,6 @@ def test_guided_finds_held_out_coins_in_a_real_photo(guided, coins_head):
     assert det.counters.snapshot()["decoder_passes"] == passes["decoder_passes"]  # computed once per image
 
 
-def test_one_blas_thread_restores_the_setting_after_overlapping_calls():
-    """Concurrent proposal loops overlap; the limit is process-wide, so the setting is restored
-    when the last one ends, not by whichever ends first."""
-    import threading
-    import time
-
-    from threadpoolctl import threadpool_info
-
-    from miner_svc.detectors.minisam_auto import one_blas_thread
-
-    def blas_threads():
-        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-
-    seen = []
-
-    @one_blas_thread
-    def loop(seconds):
-        seen.append(blas_threads())
-        time.sleep(seconds)
-        seen.append(blas_threads())
-
-    before = blas_threads()
-    threads = [threading.Thread(target=loop, args=(0.02 * (k % 3 + 1),)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(seen) == 12 and all(n == 1 for s in seen for n in s) and blas_threads() == before
-
-
 def test_proposal_loops_keep_numpy_blas_on_one_thread(guided, coins_head):
     """Between decoder passes numpy's BLAS runs on one thread (its idle threads busy-wait and
     slow onnxruntime's passes, measured 50 vs 38 ms); the caller's setting is restored after."""

@@ -54,45 +54,35 @@ RECENT_IMAGES = 8
 PROPOSALS_VERSION = 3  # 2: all three masks of a point prompt (sam_decoder); 3: masks sized outside ORT
 
 
-class _OneBlasThread:
-    """numpy's BLAS on one thread while any proposal loop runs, the caller's setting restored
-    when the last one ends (threadpoolctl's limit is process-wide: per-call save/restore from
-    concurrent requests could leave it at one thread for good)."""
+@functools.lru_cache(maxsize=1)
+def _blas():
+    from threadpoolctl import ThreadpoolController
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._limiter = None
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self._users == 0:
-                from threadpoolctl import ThreadpoolController
-
-                self._limiter = ThreadpoolController().limit(limits=1, user_api="blas")
-            self._users += 1
-
-    def __exit__(self, *exc) -> None:
-        with self._lock:
-            self._users -= 1
-            if self._users == 0:
-                self._limiter.restore_original_limits()
-                self._limiter = None
-
-
-_one_blas_thread = _OneBlasThread()
+    return ThreadpoolController()
 
 
 def one_blas_thread(fn):
     """Run fn with numpy's BLAS on one thread. Between decoder passes numpy multiplies small
     matrices (mask upscaling, pooling); OpenBLAS's threads then busy-wait for more work and take
     the cores from onnxruntime's pool: measured on 2 cores, a pass in the guided detector's
-    loop took 50 ms (38 ms with one BLAS thread; 36 ms back to back)."""
+    loop took 50 ms (38 ms with one BLAS thread; 36 ms back to back).
+
+    Per call, saved and restored by the calling thread. numpy's OpenBLAS (0.3.31) applies a
+    thread count set from the main thread to every thread and, once its pool is running,
+    ignores one set from any other thread (measured), so this acts in the main thread (library
+    use, benches, tests); the miner service sets one BLAS thread for its whole process at
+    startup instead (`use_one_blas_thread`), since its requests run on worker threads."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _one_blas_thread:
+        with _blas().limit(limits=1, user_api="blas"):
             return fn(*args, **kwargs)
     return wrapper
+
+
+def use_one_blas_thread() -> None:
+    """numpy's BLAS on one thread for the rest of the process (call from the main thread): the
+    miner's numpy work is small matrices between onnxruntime passes (one_blas_thread)."""
+    _blas().limit(limits=1, user_api="blas")
 
 
 class MinisamAutoDetector(Detector):
