@@ -96,6 +96,28 @@ def test_guided_finds_held_out_coins_in_a_real_photo(guided, coins_head):
     assert det.counters.snapshot()["decoder_passes"] == passes["decoder_passes"]  # computed once per image
 
 
+def test_the_miner_process_runs_numpy_blas_on_one_thread_on_every_thread():
+    """The miner service's requests run on worker threads, where numpy's OpenBLAS ignores a
+    thread count the thread sets itself once its pool runs; so the service sets one BLAS thread
+    for the process at startup (use_one_blas_thread, from the main thread), seen by every
+    thread. Run in a fresh interpreter: the setting is process-wide."""
+    import subprocess
+    import sys
+
+    code = """
+import threading, numpy as np
+from threadpoolctl import threadpool_info
+np.ones((64, 64)) @ np.ones((64, 64))  # the BLAS pool is running
+from miner_svc.detectors.minisam_auto import use_one_blas_thread
+use_one_blas_thread()
+seen = []
+t = threading.Thread(target=lambda: seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]))
+t.start(); t.join()
+assert seen[0] and all(n == 1 for n in seen[0]), seen
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_proposal_loops_keep_numpy_blas_on_one_thread(guided, coins_head):
     """Between decoder passes numpy's BLAS runs on one thread (its idle threads busy-wait and
     slow onnxruntime's passes, measured 50 vs 38 ms); the caller's setting is restored after."""
