@@ -15,7 +15,9 @@ from miner_svc.servicer import MinerServicer
 
 
 def build(config):
-    """(runner, bindings) for a config; shared by main() and the tests."""
+    """(runner, bindings) for a config; shared by main() and the tests. Sets numpy's BLAS to one
+    thread for the process (call from the main thread; see one_blas_thread)."""
+    use_one_blas_thread()  # before any request thread
     runner, jobs = job_runtime(config)
     x = config.extra
     pool = None
@@ -57,7 +59,6 @@ def main(argv=None) -> None:
     config = config_from_args("miner", args, ("head_addr", "embedder_addr", "default_detector", "ray_address", "ray_workers",
                                               "ray_chunk", "ray_worker_cpus"))
     setup_logging(config.log_format, config.log_level)
-    use_one_blas_thread()  # before any request thread: see one_blas_thread
     runner, bindings = build(config)
     running = start_server(config, bindings)
     serve_forever(running, on_stop=lambda: (runner.shutdown(), runner.servicer.close()))
