@@ -51,7 +51,9 @@ NMS_IOU = 0.7
 RECENT_IMAGES = 8
 # Bumped whenever the proposals change for the same model and image: the detection cache on
 # disk is keyed by `cache_key`, and must not serve an earlier version's proposals.
-PROPOSALS_VERSION = 3  # 2: all three masks of a point prompt (sam_decoder); 3: masks sized outside ORT
+# 2: all three masks of a point prompt (sam_decoder); 3: masks sized outside ORT; 4: the guided
+# detector's gap lattice and 4 passes an object (probing)
+PROPOSALS_VERSION = 4
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,8 +72,8 @@ def one_blas_thread(fn):
     Per call, saved and restored by the calling thread. numpy's OpenBLAS (0.3.31) applies a
     thread count set from the main thread to every thread and, once its pool is running,
     ignores one set from any other thread (measured), so this acts in the main thread (library
-    use, benches, tests); the miner service sets one BLAS thread for its whole process at
-    startup instead (`use_one_blas_thread`), since its requests run on worker threads."""
+    use, benches, tests); the miner service sets one BLAS thread for its whole process when it
+    is built instead (`use_one_blas_thread`), since its requests run on worker threads."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with _blas().limit(limits=1, user_api="blas"):
@@ -144,8 +146,8 @@ class MinisamAutoDetector(Detector):
         encoder's input frame; labels: P (1 point, 2/3 box corners, -1 padding). Returns
         (low-resolution logits 4 x 256 x 256, predicted IoU (4,)): all of SAM's mask tokens
         (sam_decoder); masks_of brings the ones worth looking at to the image size."""
-        # The decoder's image side, once per image (set_image is free; its first pass computes it).
-        image = f.setdefault("decoder", self.decoder.set_image(f["fmap"]))
+        # The decoder's image side, once per image (computed by its first pass).
+        image = f.get("decoder") or f.setdefault("decoder", self.decoder.set_image(f["fmap"]))
         low, iou = self.decoder.run(image, coords_1024, labels)
         self.counters.add(decoder=1)
         return low, iou

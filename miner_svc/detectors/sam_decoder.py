@@ -274,7 +274,7 @@ class SamDecoder:
         self._model = expose_all_masks(onnx.load(str(path)))
         self._options, self._providers = session_options, providers
         self.channels = int(self._model.graph.input[0].type.tensor_type.shape.dim[1].dim_value)  # 256: SAM's image embedding
-        self._parts: dict[int, tuple] = {}  # prompt points -> (image session, prompt session)
+        self._parts: dict[int, tuple] = {}  # prompt points -> (image session, prompt session, its boundary inputs)
         self._lock = threading.Lock()
 
     def _sessions(self, num_points: int):
@@ -284,13 +284,14 @@ class SamDecoder:
 
         with self._lock:
             if num_points not in self._parts:
-                self._parts[num_points] = tuple(
-                    ort.InferenceSession(p.SerializeToString(), self._options, providers=self._providers)
-                    for p in split_at_prompt(self._model, num_points))
+                image, prompt = (ort.InferenceSession(p.SerializeToString(), self._options, providers=self._providers)
+                                 for p in split_at_prompt(self._model, num_points))
+                names = [i.name for i in prompt.get_inputs() if i.name not in PROMPT_INPUTS]
+                self._parts[num_points] = (image, prompt, names)
             return self._parts[num_points]
 
     def _image_feeds(self, fmap: np.ndarray, num_points: int) -> dict:
-        image, _ = self._sessions(num_points)
+        image, _, _ = self._sessions(num_points)
         inputs = {
             # the encoder's own channels: the map may carry colour channels after them (pooling only)
             "image_embeddings": fmap[None, :self.channels].astype(np.float32, copy=False),
@@ -314,9 +315,9 @@ class SamDecoder:
         if not isinstance(image, DecoderImage):
             image = self.set_image(image)
         coords = np.asarray(coords_1024, np.float32)[None]
-        _, prompt = self._sessions(coords.shape[1])
+        _, prompt, names = self._sessions(coords.shape[1])
         feeds = image.feeds(coords.shape[1])
-        feeds = {i.name: feeds[i.name] for i in prompt.get_inputs() if i.name not in PROMPT_INPUTS}
+        feeds = {n: feeds[n] for n in names}
         out = dict(zip([o.name for o in prompt.get_outputs()],
                        prompt.run(None, {**feeds, "point_coords": coords,
                                          "point_labels": np.asarray(labels, np.float32)[None]})))
