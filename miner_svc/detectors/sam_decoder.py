@@ -118,9 +118,10 @@ class Upscaler:
         # Each output line mixes at most 3 neighbouring low-resolution lines (the taps say which:
         # windows are found from them); the products themselves are dense matrix products over
         # the window's lines, a view of Ry / Rx (BLAS: a mask's window in ~0.1 ms).
-        self._taps = [self._sparse(resize_matrix(n, m) @ up[:n]) for n, m in ((h_in, H), (w_in, W))]
+        mix = [resize_matrix(n, m) @ up[:n] for n, m in ((h_in, H), (w_in, W))]  # H x 256, W x 256
+        self._taps = [self._sparse(r) for r in mix]
         self._pad = max(w.shape[1] for _, w in self._taps) - 1  # taps past the last cell (weight 0) read padding
-        self._dense = [self._densify(first, w, self.LOW + self._pad) for first, w in self._taps]
+        self._dense = [np.pad(r, ((0, 0), (0, self._pad))).astype(np.float32) for r in mix]  # padding columns: weight 0
 
     @staticmethod
     def _sparse(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,14 +132,6 @@ class Upscaler:
         idx = np.minimum(first[:, None] + np.arange(k), r.shape[1] - 1)
         w = np.take_along_axis(r, idx, 1) * (first[:, None] + np.arange(k) < r.shape[1])
         return first, w.astype(np.float32)
-
-    @staticmethod
-    def _densify(first: np.ndarray, w: np.ndarray, n_in: int) -> np.ndarray:
-        """The taps as an n_out x n_in float32 matrix (columns past 256: the padding)."""
-        d = np.zeros((len(first), n_in), np.float32)
-        for k in range(w.shape[1]):
-            d[np.arange(len(first)), first + k] += w[:, k]
-        return d
 
     def _apply(self, low: np.ndarray, ys: slice, xs: slice, a0: int, b0: int) -> np.ndarray:
         """Output rows ys x columns xs of the logits from low (cells offset by (a0, b0))."""

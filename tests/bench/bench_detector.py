@@ -284,10 +284,10 @@ def bench_timing(models_dir: Path, scenes: int = 6, repeats: int = 7) -> dict:
     backbone included."""
     import onnx
     import onnxruntime as ort
-    from threadpoolctl import threadpool_limits
 
     from minehead.encoders.onnx_backend import onnx_providers, ort_session_options
     from miner_svc.detectors import create_detector
+    from miner_svc.detectors.minisam_auto import one_blas_thread
     from miner_svc.detectors.sam_decoder import MULTIMASK, SamDecoder, expose_all_masks
 
     guided = create_detector("minisam-guided", models_dir)
@@ -322,12 +322,15 @@ def bench_timing(models_dir: Path, scenes: int = 6, repeats: int = 7) -> dict:
 
     run_full(), run_low()
     ta, tb = [], []
-    with threadpool_limits(limits=1, user_api="blas"):  # as in the detectors' loops (minisam_auto.one_blas_thread)
+    @one_blas_thread  # as in the detectors' loops
+    def alternate():
         for _ in range(repeats):
             for fn, out in ((run_full, ta), (run_low, tb)):
                 t0 = time.perf_counter()
                 fn()
                 out.append((time.perf_counter() - t0) / len(pts) * 1000)
+
+    alternate()
     ratio = np.array(tb) / np.array(ta)
     det = scenes_head(guided, 8)
     rng = np.random.default_rng(100)
