@@ -87,7 +87,7 @@ def _window_sums(sat: np.ndarray, k: tuple[int, int]) -> np.ndarray:
     return sat[y2][:, x2] - sat[y1][:, x2] - sat[y2][:, x1] + sat[y1][:, x1]
 
 
-def thing_map(pixels: np.ndarray, size: tuple[float, float], exclude: np.ndarray = np.zeros((0, 4)),
+def thing_map(pixels: np.ndarray, size: tuple[float, float], exclude: np.ndarray | None = None,
               step: int = 4) -> np.ndarray:
     """How much a window of `size` = (width, height) pixels centred on each step x step cell
     differs in colour from the ring around it (twice its size): L1 over RGB of the two means,
@@ -98,7 +98,7 @@ def thing_map(pixels: np.ndarray, size: tuple[float, float], exclude: np.ndarray
     f = _cells(pixels, step)
     h, w = f.shape[:2]
     keep = np.ones((h, w, 1), np.float64)
-    for x1, y1, x2, y2 in np.asarray(exclude, float).reshape(-1, 4) / step:
+    for x1, y1, x2, y2 in np.asarray(exclude if exclude is not None else [], float).reshape(-1, 4) / step:
         keep[max(int(y1), 0):max(int(np.ceil(y2)), 0), max(int(x1), 0):max(int(np.ceil(x2)), 0)] = 0
     sat = np.zeros((h + 1, w + 1, 4), np.float64)
     sat[1:, 1:] = np.concatenate([f * keep, keep], 2).cumsum(0).cumsum(1)
@@ -128,10 +128,9 @@ def sample_thing_boxes(pixels: np.ndarray, objects: np.ndarray, n: int, rng: np.
     padded = crop_regions(objects, CropPolicy(padding_ratio=padding_ratio, square=False))
     med = np.median(sides, 0)
     step = int(np.clip(round(float(med.min()) / 10), 2, 32))  # cells of a tenth of an object: cheap, fine enough
-    # Two window sizes: a thing smaller than the objects (a blob beside the cars) is diluted
-    # in an object-sized window.
-    # Each map relative to its own median, so a background's slow shading (strong at the larger
-    # size) does not outrank a small blob's sharp contrast.
+    # Two window sizes, as a thing smaller than the objects (a blob beside the cars) is diluted
+    # in an object-sized window; each map relative to its own median, so a background's slow
+    # shading (strong at the larger size) does not outrank a small blob's sharp contrast.
     maps = [thing_map(pixels, med * f, padded, step) for f in (1.0, 0.5)]
     c = np.maximum(*[m / max(float(np.median(m[m > 0])) if (m > 0).any() else 1.0, 1e-6) for m in maps])
     p = c.ravel().astype(np.float64) ** 2
