@@ -161,7 +161,9 @@ class DraftingRPCs:
                     "passes": {k: after[k] - before[k] for k in after}, "boxes_embedded": drafter.scorer.boxes_embedded,
                     "boxes_pooled": drafter.scorer.boxes_pooled,
                     "skipped": [{"image": s.image, "reason": s.reason} for s in result.skipped],
-                    "merged_lines": dict(result.merged_lines), "warnings": drafter.warnings, "complete": final}
+                    # Sorted: on Ray (or any parallel drafting) images finish in any order, and
+                    # the same job must write the same summary.
+                    "merged_lines": dict(result.merged_lines), "warnings": sorted(drafter.warnings), "complete": final}
 
         n_done = 0
         if self.ray is not None:  # each image drafted on a Ray worker; the folder is written here
