@@ -20,7 +20,7 @@ from minehead.core.images import decode_image
 from minehead.core.jobs import JobContext
 
 from minehead.crops import CropPolicy
-from minehead import sampling
+from minehead import geometry, sampling
 from minehead.heads.bundle import BG_PREFIX, META_SCHEMA_VERSION, HeadBundle, content_id, meta_json
 from minehead.datasets import Dataset
 from minehead.crop_embeddings import CropEmbeddingCache
@@ -92,6 +92,7 @@ class Prepared:
     notes: list[str]
     seed: int
     holdout_fraction: float
+    object_sides: list[float]  # the labelled objects' [min, median, max] relative sides (geometry.side_summary)
 
     @property
     def background_indices(self) -> list[int]:
@@ -118,7 +119,7 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
     ctx.phase("embedding")
     m = embeds.model_info(model)
     ctx.log(f"embedder model {m.id} (dim {m.dim}, weights {m.weights_sha256[:12] or 'unknown'})")
-    X_parts, y_parts, g_parts, bg_parts, bg_groups = [], [], [], [], []
+    X_parts, y_parts, g_parts, bg_parts, bg_groups, sides = [], [], [], [], [], []
     hits_before, calls_before = embeds.hits, embeds.calls
     fp = hashlib.sha256()
     n_pos = ds.label_count
@@ -130,6 +131,7 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
         fp.update(rec.boxes.round(2).tobytes() + rec.class_ids.tobytes())
         sel = np.array([c in keep_ids for c in rec.class_ids], bool)
         pos = rec.boxes[sel]
+        sides.append(geometry.relative_sides(pos, rec.width, rec.height))
         bg = sampling.sample_background_boxes(rec.width, rec.height, rec.boxes, per_image_bg, rng,
                                               padding_ratio=policy.padding_ratio) if per_image_bg else np.zeros((0, 4))
         if per_image_bg and not len(bg) and len(rec.boxes):
@@ -214,7 +216,8 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
         ctx.warn(n)
     ctx.log(f"split by image: {int((~hold_img).sum())} training images ({int((~hold).sum())} crops), "
             f"{int(hold_img.sum())} held-out images ({int(hold.sum())} crops)")
-    return Prepared(X, y, group, classes, ~hold, hold, m, policy, ds, fp.hexdigest(), notes, seed, holdout_fraction)
+    return Prepared(X, y, group, classes, ~hold, hold, m, policy, ds, fp.hexdigest(), notes, seed, holdout_fraction,
+                    geometry.side_summary(np.concatenate(sides)))
 
 
 def fit_variant(p: Prepared, v: Variant, ctx: JobContext) -> tuple[object, dict]:
@@ -294,7 +297,9 @@ def build_bundle(p: Prepared, v: Variant, head, report: dict, display_name: str,
                                            "confusion_matrix") if k in report},
         "dataset": {"source": dataset_label, "fingerprint": p.fingerprint, "images": len(p.dataset.images),
                     "labels": p.dataset.label_count, "dropped_lines": len(p.dataset.dropped),
-                    "held_out_images": int(len(np.unique(p.group[p.hold]))), "held_out_crops": int(p.hold.sum())},
+                    "held_out_images": int(len(np.unique(p.group[p.hold]))), "held_out_crops": int(p.hold.sum()),
+                    # what the head-guided detector's anchors are sized by (minisam_guided.anchors)
+                    **({"object_sides": p.object_sides} if p.object_sides else {})},
         "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "parity_max_abs_err": err,
         "created_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),

@@ -65,3 +65,18 @@ def match(boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou: float = 0.
         elif (ious[i] >= iou).any():
             dup[i] = True
     return det_to_gt, dup
+
+
+def relative_sides(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Boxes N x 4 XYXY pixels in a width x height image -> N longest sides as a share of the
+    image's longest side (how big an object is, whatever the image's resolution)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / max(width, height)
+
+
+def side_summary(sides: np.ndarray) -> list[float]:
+    """Relative sides (relative_sides) -> [min, median, max], rounded; [] when there are none."""
+    sides = np.asarray(sides, np.float64)
+    if not len(sides):
+        return []
+    return [round(float(x), 5) for x in (sides.min(), np.median(sides), sides.max())]

@@ -208,6 +208,33 @@ def test_a_head_of_another_embedder_is_refused(guided, coins_head):
         guided.with_head(other)
 
 
+def test_anchor_sizes_start_near_the_heads_smallest_object(guided, coins_head):
+    """Anchors smaller than any object the head was trained on are left out (it scores them at
+    random); a head that does not say (trained before sizes were recorded) gets every size."""
+    head, _ = coins_head
+    px, _, _ = load_photo("coins")
+    state = guided.set_image(decoded(px))
+    long_side = max(state.image.width, state.image.height)
+    policy = CropPolicy()
+
+    def smallest(sides):
+        boxes, _ = guided.anchors(state, policy, sides)
+        w = boxes[:, 2] - boxes[:, 0]
+        return w[(boxes[:, 0] > 0) & (boxes[:, 2] < state.image.width)].min()  # unclipped anchors
+
+    every = smallest(None)
+    assert every == pytest.approx(32 / (1024 / long_side), rel=0.01)  # MIN_SIDE: 32 px of the encoder's frame
+    for share in (0.02, 0.05, 0.1, 0.2):
+        side = smallest([share, 2 * share, 3 * share])
+        # the size nearest the object's in log scale: within a quarter octave of it, or MIN_SIDE
+        assert side >= every - 1e-6
+        assert side >= share * long_side * 2 ** -0.25 - 1e-6 or side == pytest.approx(every)
+        assert side <= max(every, share * long_side * 2 ** 0.25) + 1e-6
+    # The coins head records its coins' sizes (bench_detector.train_head), so it skips the smallest anchors.
+    assert head.object_sides is not None
+    assert len(guided.anchors(state, policy, head.object_sides)[0]) < len(guided.anchors(state, policy)[0])
+
+
 def test_guided_recall_on_crowded_synthetic_scenes(guided):
     """Touching objects, thin diamonds, 10-16 objects an image: a head trained on other scenes
     of the kind guides the proposals."""

