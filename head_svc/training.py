@@ -299,7 +299,7 @@ def build_bundle(p: Prepared, v: Variant, head, report: dict, display_name: str,
                     "labels": p.dataset.label_count, "dropped_lines": len(p.dataset.dropped),
                     "held_out_images": int(len(np.unique(p.group[p.hold]))), "held_out_crops": int(p.hold.sum()),
                     # what the head-guided detector's anchors are sized by (minisam_guided.anchors)
-                    **({"object_sides": p.object_sides} if p.object_sides else {})},
+                    "object_sides": p.object_sides},  # every class has a box: prepare() checked
         "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "parity_max_abs_err": err,
         "created_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),

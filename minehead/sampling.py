@@ -87,14 +87,15 @@ def _window_sums(sat: np.ndarray, k: tuple[int, int]) -> np.ndarray:
     return sat[y2][:, x2] - sat[y1][:, x2] - sat[y2][:, x1] + sat[y1][:, x1]
 
 
-def thing_map(pixels: np.ndarray, size: tuple[float, float], exclude: np.ndarray | None = None,
-              step: int = 4) -> np.ndarray:
-    """How much a window of `size` = (width, height) pixels centred on each step x step cell
-    differs in colour from the ring around it (twice its size): L1 over RGB of the two means,
-    leaving out the cells of the `exclude` boxes (Nx4 XYXY pixels: the labelled objects, which
-    would otherwise make their own surroundings look like things). ceil(H/step) x ceil(W/step)
-    float, 0 where a window holds no cell to compare. High where a thing of about that size
-    sits on a background; low on flat ground, noise (means cancel it) and thin strokes."""
+def thing_maps(pixels: np.ndarray, sizes, exclude: np.ndarray | None = None, step: int = 4) -> list[np.ndarray]:
+    """Per window size (width, height) pixels in `sizes`: how much a window of that size centred
+    on each step x step cell differs in colour from the ring around it (twice its size): L1
+    over RGB of the two means, leaving out the cells of the `exclude` boxes (Nx4 XYXY pixels:
+    the labelled objects, which would otherwise make their own surroundings look like things).
+    Each map is ceil(H/step) x ceil(W/step) float, 0 where a window holds no cell to compare.
+    High where a thing of about that size sits on a background; low on flat ground, noise
+    (means cancel it) and thin strokes. The cells and their summed-area table are built once
+    for all sizes."""
     f = _cells(pixels, step)
     h, w = f.shape[:2]
     keep = np.ones((h, w, 1), np.float64)
@@ -102,18 +103,21 @@ def thing_map(pixels: np.ndarray, size: tuple[float, float], exclude: np.ndarray
         keep[max(int(y1), 0):max(int(np.ceil(y2)), 0), max(int(x1), 0):max(int(np.ceil(x2)), 0)] = 0
     sat = np.zeros((h + 1, w + 1, 4), np.float64)
     sat[1:, 1:] = np.concatenate([f * keep, keep], 2).cumsum(0).cumsum(1)
-    k = np.maximum(1, np.round(np.asarray(size, float) / step).astype(int))
-    inner = _window_sums(sat, tuple(k))
-    ring = _window_sums(sat, tuple(2 * k)) - inner
-    ok = (inner[..., 3] > 0) & (ring[..., 3] > 0)
-    diff = np.abs(inner[..., :3] / np.maximum(inner[..., 3:], 1e-9) - ring[..., :3] / np.maximum(ring[..., 3:], 1e-9)).sum(2)
-    return np.where(ok & (keep[..., 0] > 0), diff, 0.0)
+    maps = []
+    for size in sizes:
+        k = np.maximum(1, np.round(np.asarray(size, float) / step).astype(int))
+        inner = _window_sums(sat, tuple(k))
+        ring = _window_sums(sat, tuple(2 * k)) - inner
+        ok = (inner[..., 3] > 0) & (ring[..., 3] > 0) & (keep[..., 0] > 0)
+        diff = np.abs(inner[..., :3] / np.maximum(inner[..., 3:], 1e-9) - ring[..., :3] / np.maximum(ring[..., 3:], 1e-9)).sum(2)
+        maps.append(np.where(ok, diff, 0.0))
+    return maps
 
 
 def sample_thing_boxes(pixels: np.ndarray, objects: np.ndarray, n: int, rng: np.random.Generator, *,
                        padding_ratio: float = 0.08, tries_per_box: int = 30) -> np.ndarray:
     """Up to n boxes at the labelled objects' own sizes, centred on unlabelled things (colour
-    contrast with their surroundings, `thing_map`), overlapping no padded object (intersection
+    contrast with their surroundings, `thing_maps`), overlapping no padded object (intersection
     over the candidate, as above).
 
     Why: random boxes of 8-40 % of the side teach a head what empty background looks like, but
@@ -131,7 +135,7 @@ def sample_thing_boxes(pixels: np.ndarray, objects: np.ndarray, n: int, rng: np.
     # Two window sizes, as a thing smaller than the objects (a blob beside the cars) is diluted
     # in an object-sized window; each map relative to its own median, so a background's slow
     # shading (strong at the larger size) does not outrank a small blob's sharp contrast.
-    maps = [thing_map(pixels, med * f, padded, step) for f in (1.0, 0.5)]
+    maps = thing_maps(pixels, [med, med * 0.5], padded, step)
     c = np.maximum(*[m / max(float(np.median(m[m > 0])) if (m > 0).any() else 1.0, 1e-6) for m in maps])
     p = c.ravel().astype(np.float64) ** 2
     if not np.isfinite(p).all() or p.sum() <= 0:

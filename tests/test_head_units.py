@@ -113,14 +113,14 @@ def test_thing_boxes_land_on_unlabelled_things_and_never_on_labelled_objects():
     assert len(sampling.sample_thing_boxes(pixels, np.zeros((0, 4)), 3, np.random.default_rng(0))) == 0
 
 
-def test_thing_map_peaks_on_things_not_beside_labelled_objects():
+def test_thing_maps_peak_on_things_not_beside_labelled_objects():
     pixels, objects, things = _field_with_things()
-    m = sampling.thing_map(pixels, (20, 20), objects, step=4)
+    m = sampling.thing_maps(pixels, [(20, 20)], objects, step=4)[0]
     y, x = np.unravel_index(np.argmax(m), m.shape)
     cx, cy = (x + 0.5) * 4, (y + 0.5) * 4
     assert any(t[0] - 8 <= cx <= t[2] + 8 and t[1] - 8 <= cy <= t[3] + 8 for t in things), (cx, cy)
     # With the objects not excluded, their surroundings light up instead (why they are excluded).
-    m0 = sampling.thing_map(pixels, (20, 20), step=4)
+    m0 = sampling.thing_maps(pixels, [(20, 20)], step=4)[0]
     y, x = np.unravel_index(np.argmax(m0), m0.shape)
     cx, cy = (x + 0.5) * 4, (y + 0.5) * 4
     assert any(o[0] - 24 <= cx <= o[2] + 24 and o[1] - 24 <= cy <= o[3] + 24 for o in objects), (cx, cy)
