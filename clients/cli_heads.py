@@ -38,6 +38,8 @@ def cmd_train(a) -> int:
         holdout_fraction=a.holdout)
     if a.bg_classes is not None:
         spec.background_classes = a.bg_classes
+    if a.locator is not None:
+        spec.locator = a.locator
     def start(ref):
         spec.dataset.CopyFrom(ref)
         return c.start_training(spec)
@@ -241,6 +243,9 @@ def add_commands(sub, add) -> None:
     tr.add_argument("--holdout", type=float, default=0.25, help="share of images held out (default 0.25)")
     tr.add_argument("--negatives", action="append", metavar="DIR",
                     help="hard negatives (from `minehead negatives export`) used as background; repeatable")
+    tr.add_argument("--locator", dest="locator", action="store_true", default=None,
+                    help="train the locator with the head (default: when the embedder model has a feature map)")
+    tr.add_argument("--no-locator", dest="locator", action="store_false", help="train the head alone")
     adv = tr.add_argument_group("advanced (soft targets, MLP)")
     adv.add_argument("--label-smoothing", type=float, default=0.0, help="epsilon, 0 = off (0.05-0.15 typical)")
     adv.add_argument("--teacher-temperature", type=float, default=0.0, help="> 0: soft targets from a logreg teacher")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minehead.core.errors import InvalidArgument, NotFound
+from minehead.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from minehead.core.images import DecodedImage
 from minehead.core.singleflight import SingleFlight
 
@@ -32,6 +32,7 @@ from embedder_svc.cache import LRUCache
 from minehead.crops import CropPolicy
 from minehead.encoders import registry
 from minehead.encoders.base import Encoder, ModelInfo
+from minehead.locator.frame import FeatureFrame
 
 log = logging.getLogger("minehead.embedder")
 
@@ -55,7 +56,9 @@ class LoadedModel:
         self.vectors = MicroBatcher(encoder.encode, mb, max_wait_s, name=f"enc-{encoder.info.id}")
         self.fmaps = None
         self.fmap_cache = None
-        if encoder.info.crop_mode == "roi":
+        # Region encoders pool every crop from the map; any encoder with one serves it whole
+        # (GetFeatureMap, for the locator).
+        if encoder.info.crop_mode == "roi" or encoder.has_feature_map:
             self.fmaps = MicroBatcher(encoder.feature_maps, mb, max_wait_s, name=f"fmap-{encoder.info.id}")
             self.fmap_cache = LRUCache(fmap_cache_bytes)
         pre = encoder.info.preprocessing
@@ -227,6 +230,20 @@ class Embedder:
         if len(texts) > MAX_TEXTS:
             raise InvalidArgument(f"{len(texts)} texts in one request; the limit is {MAX_TEXTS}")
         return l2_normalise(lm.encoder.encode_text(list(texts))), lm.info
+
+    def dense_features(self, image: DecodedImage, model: str | None = None) -> tuple[np.ndarray, FeatureFrame, bool, ModelInfo]:
+        """An image's feature map: (C x rows x cols float32, the FeatureFrame that places its
+        cells on the image, whether it came from the cache, model info). The same single-flight
+        cache as the crops pooled from it: a map computed for EmbedCrops is served again here."""
+        lm = self.model(model)
+        if lm.fmaps is None:
+            raise FailedPrecondition(f"model {lm.info.id!r} has no feature map (an ONNX encoder needs pooling "
+                                     "'mean_spatial'; CLIP and DINOv3 serve their patch tokens)")
+        hit = lm.fmap_cache.get((lm.info.id, image.sha256)) is not None
+        fmap, _ = self.feature_map(lm, image)
+        pre = lm.info.preprocessing
+        frame = FeatureFrame.for_image(image.width, image.height, pre.input_size, pre.resize, fmap.shape[1], fmap.shape[2])
+        return fmap, frame, hit, lm.info
 
     # -- internals --------------------------------------------------------------------------
     def feature_map(self, lm: LoadedModel, image: DecodedImage) -> tuple[np.ndarray, float]:

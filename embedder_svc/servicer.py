@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from minehead.common.v1 import common_pb2
 from minehead.core import embeddings as emb_codec
 from minehead.core.errors import InvalidArgument
@@ -51,6 +53,18 @@ def model_proto(spec, info: ModelInfo | None, default_id: str | None) -> embedde
     return m
 
 
+def feature_map_proto(fmap: np.ndarray, frame, hit: bool, info: ModelInfo) -> embedder_pb2.FeatureMap:
+    """C x rows x cols float32 + its FeatureFrame -> the wire message (rows x cols x C, HWC)."""
+    c, r, w = fmap.shape
+    valid = frame.valid
+    return embedder_pb2.FeatureMap(
+        model=model_ref(info), rows=r, cols=w, channels=c,
+        data=np.ascontiguousarray(fmap.transpose(1, 2, 0), dtype="<f4").tobytes(),
+        input_size=frame.input_size, resize=info.preprocessing.resize, scale_x=frame.scale_x, scale_y=frame.scale_y,
+        stride_x=frame.stride_x, stride_y=frame.stride_y, image_width=frame.image_width, image_height=frame.image_height,
+        valid_rows=int(valid.any(1).sum()), valid_cols=int(valid.any(0).sum()), cache_hit=hit)
+
+
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
     def __init__(self, embedder: Embedder, allowed_roots: list[Path]) -> None:
         self.embedder = embedder
@@ -92,6 +106,13 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         vecs, hits, info, policy = self.embedder.embed_crops(image, boxes_from_proto(request.boxes), policy, request.model or None)
         return embedder_pb2.EmbedCropsResponse(embeddings=emb_codec.to_proto(vecs), model=model_ref(info), cache_hits=hits,
                                                crop_policy=policy.to_proto())
+
+    def GetFeatureMap(self, request, context):
+        if not request.HasField("image"):
+            raise InvalidArgument("no image given")
+        image = read_image(request.image, self.allowed_roots)
+        fmap, frame, hit, info = self.embedder.dense_features(image, request.model or None)
+        return feature_map_proto(fmap, frame, hit, info)
 
     def EmbedText(self, request, context):
         vecs, info = self.embedder.embed_text(list(request.texts), request.model or None)

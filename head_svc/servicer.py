@@ -9,19 +9,20 @@ import numpy as np
 from google.protobuf import timestamp_pb2
 
 from minehead.core import embeddings as codec
-from minehead.core.errors import InvalidArgument, NotFound
+from minehead.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from minehead.core.floats import user_float
 from minehead.core.jobs import JobContext, JobRunner, struct_from_dict
 from minehead.core.paths import image_ref_bytes, resolve_allowed
 from minehead.head.v1 import head_pb2, head_pb2_grpc
 
 from minehead.crops import CropPolicy, boxes_from_proto
-from head_svc import training
+from head_svc import locator_training, training
 from minehead.heads.bundle import HeadBundle
 from minehead import dataset_store
 from minehead.datasets import load_dataset
-from minehead.crop_embeddings import CropEmbeddingCache
+from minehead.crop_embeddings import CropEmbeddingCache, FeatureMapCache
 from head_svc.registry import HeadRegistry
+from minehead.locator.train import LocatorParams
 from head_svc.score_wire import score_response
 from head_svc.scoring import DEFAULT_AMBIGUITY_MARGIN, effective_thresholds, score_embeddings
 
@@ -57,7 +58,7 @@ def head_proto(b: HeadBundle, full: bool = False) -> head_pb2.Head:
         default_thresholds=head_pb2.Thresholds(min_prob=t["min_prob"], margin=t["margin"],
                                                background_guard=bool(t.get("background_guard", True)),
                                                background_margin=t["background_margin"]),
-        create_time=ct, size_bytes=sum(len(v) for v in b.files().values()))
+        create_time=ct, size_bytes=sum(len(v) for v in b.files().values()), has_locator=b.locator is not None)
     if full:
         h.meta.update(b.meta)
     return h
@@ -67,6 +68,7 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
     def __init__(self, service_dir: Path, embedder_address: str, allowed_roots: list[Path], runner: JobRunner) -> None:
         self.registry = HeadRegistry(service_dir / "heads")
         self.embeds = CropEmbeddingCache(embedder_address, service_dir / "embeddings")
+        self.fmaps = FeatureMapCache(self.embeds, service_dir / "feature_maps")
         self.datasets_dir = service_dir / "datasets"
         self.datasets_dir.mkdir(parents=True, exist_ok=True)
         self.allowed_roots = allowed_roots
@@ -135,6 +137,9 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
         negatives = [load_dataset(self._dataset_path(ref)[0]) for ref in spec.negatives]
         if negatives and bg == 0:
             raise InvalidArgument("negatives feed the __bg_* classes: they need background_classes > 0")
+        if spec.locator_hidden < 0 or spec.locator_hidden > 512 or spec.locator_max_epochs < 0 or spec.locator_max_epochs > 5000:
+            raise InvalidArgument("locator_hidden must be 0..512 and locator_max_epochs 0..5000")
+        loc_params = LocatorParams(hidden=spec.locator_hidden or 32, max_epochs=spec.locator_max_epochs or 400, seed=spec.seed)
 
         def job(ctx: JobContext):
             ctx.phase("reading")
@@ -144,14 +149,29 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
                                  negatives=negatives)
             ctx.phase("training")
             head, report = training.fit_variant(p, variant, ctx)
+            loc = self._locator(p, spec, ctx, loc_params)
             ctx.phase("exporting")
-            bundle = training.build_bundle(p, variant, head, report, spec.display_name, label)
+            bundle = training.build_bundle(p, variant, head, report, spec.display_name, label, locator=loc)
             stored = self.registry.put(bundle)
             ctx.log(f"head {stored.head_id} saved: held-out accuracy {report.get('accuracy', 0):.3f}, "
                     f"macro F1 {report.get('macro_f1', 0):.3f}, parity {stored.meta['parity_max_abs_err']:.2g}")
             return head_pb2.TrainingResult(head=head_proto(stored), report=struct_from_dict(stored.report or {}))
 
         return self.runner.start("training", request, job)
+
+    def _locator(self, p: training.Prepared, spec: head_pb2.TrainingSpec, ctx: JobContext, params: LocatorParams):
+        """The locator for this head, or None: off when asked, or (unless asked for) when the
+        embedder model has no feature map."""
+        if spec.HasField("locator") and not spec.locator:
+            ctx.log("locator: off (locator = false)")
+            return None
+        try:
+            return locator_training.train_locator(p, ctx, self.fmaps, params)
+        except FailedPrecondition as e:
+            if spec.HasField("locator"):
+                raise
+            ctx.warn(f"locator: not trained ({e}); drafting with this head uses the detector's own proposals")
+            return None
 
     def CompareHeads(self, request, context):
         path, label = self._dataset_path(request.dataset)

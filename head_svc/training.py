@@ -93,6 +93,9 @@ class Prepared:
     seed: int
     holdout_fraction: float
     object_sides: list[float]  # the labelled objects' [min, median, max] relative sides (geometry.side_summary)
+    object_px: list[float] = dataclasses.field(default_factory=list)  # ... and longest sides in pixels
+    hold_images: np.ndarray | None = None  # per dataset image: held out (the split above, by image)
+    class_map: dict[int, int] = dataclasses.field(default_factory=dict)  # dataset class id -> index in classes
 
     @property
     def background_indices(self) -> list[int]:
@@ -119,7 +122,7 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
     ctx.phase("embedding")
     m = embeds.model_info(model)
     ctx.log(f"embedder model {m.id} (dim {m.dim}, weights {m.weights_sha256[:12] or 'unknown'})")
-    X_parts, y_parts, g_parts, bg_parts, bg_groups, sides = [], [], [], [], [], []
+    X_parts, y_parts, g_parts, bg_parts, bg_groups, sides, sides_px = [], [], [], [], [], [], []
     hits_before, calls_before = embeds.hits, embeds.calls
     fp = hashlib.sha256()
     n_pos = ds.label_count
@@ -132,6 +135,7 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
         sel = np.array([c in keep_ids for c in rec.class_ids], bool)
         pos = rec.boxes[sel]
         sides.append(geometry.relative_sides(pos, rec.width, rec.height))
+        sides_px.append(geometry.relative_sides(pos, 1, 1))
         bg = sampling.sample_background_boxes(rec.width, rec.height, rec.boxes, per_image_bg, rng,
                                               padding_ratio=policy.padding_ratio) if per_image_bg else np.zeros((0, 4))
         if per_image_bg and not len(bg) and len(rec.boxes):
@@ -216,8 +220,11 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
         ctx.warn(n)
     ctx.log(f"split by image: {int((~hold_img).sum())} training images ({int((~hold).sum())} crops), "
             f"{int(hold_img.sum())} held-out images ({int(hold.sum())} crops)")
+    px = np.concatenate(sides_px)
     return Prepared(X, y, group, classes, ~hold, hold, m, policy, ds, fp.hexdigest(), notes, seed, holdout_fraction,
-                    geometry.side_summary(np.concatenate(sides)))
+                    geometry.side_summary(np.concatenate(sides)),
+                    [round(float(v), 1) for v in np.quantile(px, [0, 0.5, 1])] if len(px) else [],
+                    hold_img, keep_ids)
 
 
 def fit_variant(p: Prepared, v: Variant, ctx: JobContext) -> tuple[object, dict]:
@@ -270,7 +277,9 @@ def fit_variant(p: Prepared, v: Variant, ctx: JobContext) -> tuple[object, dict]
     return head, report
 
 
-def build_bundle(p: Prepared, v: Variant, head, report: dict, display_name: str, dataset_label: str) -> HeadBundle:
+def build_bundle(p: Prepared, v: Variant, head, report: dict, display_name: str, dataset_label: str,
+                 locator=None) -> HeadBundle:
+    """locator: a head_svc.locator_training.TrainedLocator to ship beside the head, or None."""
     onnx_bytes = export_head(head)
     check = p.X[p.hold] if p.hold.any() else p.X[:256]
     err = parity(head, onnx_bytes, check)
@@ -299,18 +308,27 @@ def build_bundle(p: Prepared, v: Variant, head, report: dict, display_name: str,
                     "labels": p.dataset.label_count, "dropped_lines": len(p.dataset.dropped),
                     "held_out_images": int(len(np.unique(p.group[p.hold]))), "held_out_crops": int(p.hold.sum()),
                     # what the head-guided detector's anchors are sized by (minisam_guided.anchors)
-                    "object_sides": p.object_sides},  # every class has a box: prepare() checked
+                    "object_sides": p.object_sides,  # every class has a box: prepare() checked
+                    # what large images are tiled by when drafting (miner tiling)
+                    **({"object_px": p.object_px} if p.object_px else {})},
         "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "parity_max_abs_err": err,
         "created_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
     }
+    if locator is not None:
+        meta["locator"] = locator.meta
     if display_name:
         meta["display_name"] = display_name
-    meta["head_id"] = content_id(onnx_bytes, meta)
+    meta["head_id"] = content_id(onnx_bytes, meta, locator.onnx_bytes if locator is not None else b"")
     full_report = {"held_out": report, "dropped_lines": p.dataset.dropped, "notes": p.notes,
                    "class_counts": {c: int((p.y == i).sum()) for i, c in enumerate(p.classes)},
                    # epoch, train loss, early-stopping loss, held-out loss (null when there is none)
                    "history": [[x if not isinstance(x, float) or np.isfinite(x) else None for x in h]
                                for h in getattr(head, "history_", [])]}
-    return HeadBundle.from_files({"head.onnx": onnx_bytes, "meta.json": meta_json(meta),
-                                  "report.json": json.dumps(full_report, sort_keys=True).encode()})
+    files = {"head.onnx": onnx_bytes, "meta.json": meta_json(meta),
+             "report.json": json.dumps(full_report, sort_keys=True).encode()}
+    if locator is not None:
+        full_report["locator"] = locator.report
+        files["report.json"] = json.dumps(full_report, sort_keys=True).encode()
+        files["locator.onnx"] = locator.onnx_bytes
+    return HeadBundle.from_files(files)

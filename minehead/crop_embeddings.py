@@ -93,3 +93,49 @@ class CropEmbeddingCache:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+class FeatureMapCache:
+    """Images' dense feature maps (GetFeatureMap) for locator training, cached on disk per image
+    sha256 + model id + weights sha256 (float32 .npz, no pickles), so training again on the same
+    images calls the embedder for none."""
+
+    def __init__(self, embeds: CropEmbeddingCache, cache_dir: Path) -> None:
+        self.embeds = embeds
+        self.cache_dir = Path(cache_dir)
+        self.hits = 0
+        self.calls = 0
+
+    def get(self, data: bytes, model: embedder_pb2.Model):
+        """-> (C x rows x cols float32, minehead.locator.frame.FeatureFrame)."""
+        from minehead.locator.frame import FeatureFrame
+
+        key = hashlib.sha256(f"{model.id}|{model.weights_sha256}|{hashlib.sha256(data).hexdigest()}".encode()).hexdigest()
+        path = self.cache_dir / key[:2] / f"{key}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                fmap, g = z["fmap"], z["frame"]
+            self.hits += 1
+            return fmap, FeatureFrame.for_image(int(g[0]), int(g[1]), int(g[2]), str(z_resize(g)), fmap.shape[1], fmap.shape[2])
+        self.calls += 1
+        import grpc
+
+        from minehead.core.errors import FailedPrecondition
+
+        try:
+            fmap, frame = self.embeds.client.feature_map(data, model.id)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                raise FailedPrecondition(e.details()) from None
+            raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+        with os.fdopen(fd, "wb") as f:
+            resize = 1 if frame.scale_x == frame.scale_y and model.preprocessing.resize == "longest_side_pad" else 0
+            np.savez(f, fmap=fmap, frame=np.array([frame.image_width, frame.image_height, frame.input_size, resize]))
+        os.replace(tmp, path)
+        return fmap, frame
+
+
+def z_resize(g) -> str:
+    return "longest_side_pad" if int(g[3]) == 1 else "squash"

@@ -32,7 +32,7 @@ SCHEMA_VERSION = 2
 APPLY_NAMES = {recipes_pb2.BACKGROUND_APPLY_UNSPECIFIED: "final", recipes_pb2.SEED: "seed", recipes_pb2.FINAL: "final",
           recipes_pb2.BOTH: "both"}
 APPLY_PROTO = {"seed": recipes_pb2.SEED, "final": recipes_pb2.FINAL, "both": recipes_pb2.BOTH}
-BUNDLE_MEMBERS = {"recipe.json", "manifest.json", "head/head.onnx", "head/meta.json", "head/report.json"}
+BUNDLE_MEMBERS = {"recipe.json", "manifest.json", "head/head.onnx", "head/meta.json", "head/report.json", "head/locator.onnx"}
 
 
 def steps_of(r: recipes_pb2.Recipe) -> list[Step]:

@@ -13,6 +13,7 @@ from minehead.core.images import encode_png
 from minehead.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
 from minehead.client.channel import ServiceClient
+from minehead.locator.frame import FeatureFrame
 
 ImageLike = str | Path | bytes | np.ndarray
 
@@ -67,3 +68,16 @@ class EmbedderClient(ServiceClient):
     def embed_text(self, texts: Sequence[str], model: str = "") -> np.ndarray:
         r = self.stub.EmbedText(embedder_pb2.EmbedTextRequest(model=model, texts=list(texts)), timeout=self.timeout)
         return emb_codec.from_proto(r.embeddings)
+
+    def feature_map(self, image: ImageLike, model: str = "") -> tuple[np.ndarray, FeatureFrame]:
+        """An image's dense feature map: (C x rows x cols float32, the FeatureFrame placing its
+        cells on the image). The wire carries rows x cols x C (embedder.proto FeatureMap)."""
+        r = self.stub.GetFeatureMap(embedder_pb2.GetFeatureMapRequest(model=model, image=image_ref(image)),
+                                    timeout=self.timeout)
+        return feature_map_from_proto(r)
+
+
+def feature_map_from_proto(r: embedder_pb2.FeatureMap) -> tuple[np.ndarray, FeatureFrame]:
+    fmap = np.frombuffer(r.data, "<f4").reshape(r.rows, r.cols, r.channels).transpose(2, 0, 1).astype(np.float32)
+    frame = FeatureFrame.for_image(r.image_width, r.image_height, r.input_size, r.resize, r.rows, r.cols)
+    return fmap, frame

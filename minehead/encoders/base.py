@@ -62,8 +62,15 @@ class Encoder:
         raise NotImplementedError(f"model {self.info.id!r} has no text tower")
 
     def feature_maps(self, batch: np.ndarray) -> np.ndarray:
-        """Region encoders: NxSxSx3 uint8 -> NxCxhxw float32 (stride S/h)."""
+        """NxSxSx3 uint8 -> NxCxhxw float32, cell (r, c) covering input pixels [c*S/w, (c+1)*S/w) x
+        [r*S/h, (r+1)*S/h): a region encoder's map, or a ViT's patch tokens. Only where
+        `has_feature_map`."""
         raise NotImplementedError
+
+    @property
+    def has_feature_map(self) -> bool:
+        """Whether `feature_maps` is implemented for this model (dense features for the locator)."""
+        return False
 
     def close(self) -> None:
         pass

@@ -130,6 +130,10 @@ class HfClipEncoder(TorchEncoder):
     def _forward_image(self, x):
         return self._features(self.module.get_image_features(pixel_values=x))
 
+    def _patch_tokens(self, x):
+        # The vision tower's last hidden state: CLS first, then the patches row by row.
+        return self.module.vision_model(pixel_values=x).last_hidden_state[:, 1:]
+
     def encode_text(self, texts: list[str]) -> np.ndarray:
         ids = self.tokenizer(texts).to(self.device)
         with self.torch.inference_mode(), self._autocast():
@@ -153,3 +157,8 @@ class HfDinov3Encoder(TorchEncoder):
 
     def _forward_image(self, x):
         return self.module(pixel_values=x).pooler_output
+
+    def _patch_tokens(self, x):
+        # DINOv3's sequence is CLS, then its register tokens, then the patches row by row.
+        skip = 1 + int(getattr(self.module.config, "num_register_tokens", 0) or 0)
+        return self.module(pixel_values=x).last_hidden_state[:, skip:]

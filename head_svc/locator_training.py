@@ -1,0 +1,115 @@
+"""Training the locator beside the head (part of StartTraining): the embedder's feature maps of
+the labelled images -> CenterNet targets from their boxes -> the small conv net
+(minehead.locator.train) -> ONNX, parity-checked, described for meta.json.
+
+Which images teach what: early stopping watches the head's held-out images, and the held-out
+figures are measured there (so they also chose the epoch count; reported as such). Then the
+final locator is fitted on every labelled image for that many epochs: a user who labels two
+images needs both in the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from minehead.core.errors import FailedPrecondition
+from minehead.core.jobs import JobContext
+
+from minehead.crop_embeddings import FeatureMapCache
+from minehead.locator import export, targets as loc_targets, train as loc_train
+from minehead.locator.decode import decode
+from minehead.locator.evaluate import best_f1
+from minehead.locator.model import OUTPUT_DOCS, PARITY_LIMIT
+from head_svc.training import Prepared
+
+MIN_EPOCHS = 20  # the final fit's floor when early stopping stopped very early
+
+
+@dataclasses.dataclass
+class TrainedLocator:
+    onnx_bytes: bytes
+    meta: dict  # meta.json "locator"
+    report: dict  # report.json "locator": history and per-class held-out figures
+
+
+def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: loc_train.LocatorParams) -> TrainedLocator:
+    real = [c for c in p.classes if not c.startswith("__bg_")]
+    ctx.phase("locator")
+    t0 = time.perf_counter()
+    maps, frames, tgts, gts = [], [], [], []
+    hits0, calls0 = fmaps.hits, fmaps.calls
+    for i, rec in enumerate(p.dataset.images):
+        ctx.check_cancelled()
+        fmap, frame = fmaps.get(rec.path.read_bytes(), p.model)
+        sel = np.array([c in p.class_map for c in rec.class_ids], bool)
+        ids = np.array([p.class_map[c] for c in rec.class_ids[sel]], np.int64)
+        maps.append(fmap)
+        frames.append(frame)
+        tgts.append(loc_targets.build(rec.boxes[sel], ids, frame, len(real)))
+        gts.append((rec.boxes[sel], ids))
+        ctx.progress(i + 1, len(p.dataset.images), "feature maps")
+    shapes = {m.shape for m in maps}
+    if len(shapes) != 1:
+        raise FailedPrecondition(f"the embedder's feature maps differ in shape across images ({sorted(shapes)})")
+    ctx.log(f"locator: {len(maps)} feature maps {maps[0].shape[1]}x{maps[0].shape[2]}x{maps[0].shape[0]} "
+            f"({fmaps.hits - hits0} from the cache, {fmaps.calls - calls0} GetFeatureMap calls)")
+    hold = np.asarray(p.hold_images if p.hold_images is not None else np.zeros(len(maps), bool))
+    tr, ho = np.flatnonzero(~hold), np.flatnonzero(hold)
+
+    def on_epoch(epoch, train_loss, val_loss):
+        ctx.check_cancelled()
+        if epoch % 10 == 0:
+            m = {"variant": "locator", "epoch": epoch, "train_loss": round(train_loss, 5)}
+            if np.isfinite(val_loss):
+                m["held_out_loss"] = round(val_loss, 5)
+            ctx.metrics(m)
+
+    held, history, epochs = {}, [], params.max_epochs
+    if len(ho) and len(tr):
+        net, history, best = loc_train.fit([maps[i] for i in tr], [tgts[i] for i in tr], len(real), params,
+                                           val_maps=[maps[i] for i in ho], val_targets=[tgts[i] for i in ho],
+                                           on_epoch=on_epoch)
+        held = held_out_figures(net, [maps[i] for i in ho], [frames[i] for i in ho], [gts[i] for i in ho], real)
+        epochs = max(best, MIN_EPOCHS)
+        ctx.log(f"locator: early stopping at epoch {best} on {len(ho)} held-out images; held-out F1 "
+                + ", ".join(f"{c} {held[c]['f1']:.2f} (P {held[c]['precision']:.2f} R {held[c]['recall']:.2f})" for c in real))
+    ctx.check_cancelled()
+    final, final_hist, _ = loc_train.fit(maps, tgts, len(real), params, epochs=epochs, on_epoch=on_epoch)
+    onnx_bytes = export.to_onnx(final)
+    err = export.parity(final, onnx_bytes, maps[:4])
+    if err > PARITY_LIMIT:
+        raise FailedPrecondition(f"exported locator differs from the trained one by {err:.3g} (> {PARITY_LIMIT}); not saved")
+    secs = time.perf_counter() - t0
+    ctx.log(f"locator: final fit on all {len(maps)} images, {epochs} epochs, {secs:.1f} s; parity {err:.2g}")
+    import hashlib
+
+    frame = frames[0]
+    meta = {"onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(), "classes": real, "in_channels": int(maps[0].shape[0]),
+            "embedder_model": p.model.id, "resize": p.model.preprocessing.resize,
+            "input_size": int(p.model.preprocessing.input_size), "map_size": [int(frame.rows), int(frame.cols)],
+            "stride": float(frame.stride_x), "outputs": dict(OUTPUT_DOCS), "input": "fmap: N x C x R x Cols float32",
+            "hyperparameters": params.to_dict(), "epochs": int(epochs), "training_images": len(maps),
+            "held_out": {c: {k: held[c][k] for k in ("f1", "precision", "recall", "threshold", "ap50", "gt")} for c in held}
+            if held else {},
+            "held_out_note": ("held-out images (the head's split) chose the epoch count; the shipped locator is then "
+                              "fitted on every image") if held else "no held-out images: fixed epochs, no held-out figures",
+            "parity_max_abs_err": float(err), "train_seconds": round(secs, 2)}
+    return TrainedLocator(onnx_bytes, meta, {"history": history, "final_history": final_hist[-5:], "held_out": held})
+
+
+def held_out_figures(net, maps, frames, gts, classes: list[str], floor: float = 0.05) -> dict:
+    """Per class: best-F1 figures of the net's decoded peaks against the boxes (IoU 0.5)."""
+    heat, size, offset = loc_train.predict(net, maps)
+    out = {}
+    for k, c in enumerate(classes):
+        rows = []
+        for i, frame in enumerate(frames):
+            d = decode(heat[i], size[i], offset[i], frame, floor)
+            mine = d.class_ids == k
+            boxes, ids = gts[i]
+            rows.append((d.boxes[mine], d.scores[mine], boxes[ids == k]))
+        out[c] = best_f1(rows)
+    return out

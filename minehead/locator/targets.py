@@ -1,0 +1,54 @@
+"""Training targets for the locator from boxes (CenterNet, "Objects as Points").
+
+Per class a heatmap with a Gaussian at each object's centre cell (sigma from the object's size in
+cells, so big objects get wide bumps and touching small ones stay apart), and at each centre
+cell the object's size (log of width and height in cells) and the centre's sub-cell offset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from minehead.locator.frame import FeatureFrame
+
+SIGMA_PER_SIDE = 1 / 6  # a Gaussian's sigma, as a share of the object's side (cells)
+MIN_SIGMA = 0.5  # cells
+
+
+@dataclasses.dataclass
+class Targets:
+    heat: np.ndarray  # K x R x C float32 in [0, 1]; exactly 1 at object centres
+    size: np.ndarray  # 2 x R x C float32: log(width), log(height) in cells, at centres
+    offset: np.ndarray  # 2 x R x C float32: centre - cell index - 0 (x, y) in [0, 1), at centres
+    centres: np.ndarray  # R x C bool: cells that carry a size and offset target
+    valid: np.ndarray  # R x C bool: cells on the image (padding excluded from every loss)
+
+
+def build(boxes: np.ndarray, class_ids: np.ndarray, frame: FeatureFrame, n_classes: int) -> Targets:
+    """boxes: N x 4 XYXY image pixels; class_ids: N ints in [0, n_classes)."""
+    R, C = frame.rows, frame.cols
+    heat = np.zeros((n_classes, R, C), np.float32)
+    size = np.zeros((2, R, C), np.float32)
+    offset = np.zeros((2, R, C), np.float32)
+    centres = np.zeros((R, C), bool)
+    cells = frame.to_cells(boxes)
+    ys, xs = np.mgrid[0:R, 0:C].astype(np.float32) + 0.5
+    # Larger objects first, so where two share a centre cell the smaller one's size wins: it is
+    # the one a wrong size would lose.
+    order = np.argsort(-(cells[:, 2] - cells[:, 0]) * (cells[:, 3] - cells[:, 1]), kind="stable")
+    for i in order:
+        x0, y0, x1, y1 = cells[i]
+        w, h = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        c, r = min(int(cx), C - 1), min(int(cy), R - 1)
+        sx, sy = max(MIN_SIGMA, SIGMA_PER_SIDE * w), max(MIN_SIGMA, SIGMA_PER_SIDE * h)
+        g = np.exp(-((xs - (c + 0.5)) ** 2) / (2 * sx * sx) - ((ys - (r + 0.5)) ** 2) / (2 * sy * sy))
+        k = int(class_ids[i])
+        np.maximum(heat[k], g, out=heat[k])
+        heat[k, r, c] = 1.0
+        size[:, r, c] = np.log([w, h])
+        offset[:, r, c] = [cx - c, cy - r]
+        centres[r, c] = True
+    return Targets(heat, size, np.clip(offset, 0, 1), centres, frame.valid)

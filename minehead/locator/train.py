@@ -1,0 +1,192 @@
+"""The locator network and its fit (torch, CPU is enough: a few thousand parameters on a
+frozen map).
+
+    input  fmap [N, C, R, Cols] float32, the encoder's feature map (cells)
+    -> (x - mean) / std per channel (from the training maps, part of the graph)
+    -> 1x1 conv (C -> H) -> ReLU -> 3x3 conv -> ReLU -> 3x3 conv, dilation 2 -> ReLU
+    -> heat   [N, K, R, Cols]  sigmoid: P(an object of class k is centred in this cell)
+       size   [N, 2, R, Cols]  log(width), log(height) in cells
+       offset [N, 2, R, Cols]  sigmoid: the centre's position inside its cell (x, y)
+
+Loss (CenterNet): focal loss on the heatmap (alpha 2, beta 4: negatives near a centre weigh
+little), L1 on size and offset at the centre cells; padding cells count nowhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from minehead.locator.targets import Targets
+
+PRIOR = 0.01  # the heatmap's starting probability (CenterNet's bias init)
+
+
+@dataclasses.dataclass
+class LocatorParams:
+    hidden: int = 32  # channels after the 1x1 conv
+    max_epochs: int = 400
+    patience: int = 40  # epochs without a better early-stopping loss
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    size_weight: float = 1.0
+    offset_weight: float = 1.0
+    seed: int = 0
+    flip: bool = False  # augment: random horizontal / vertical flips of map and targets per batch
+    neg_weight: float = 1.0  # weight of the heatmap's negative cells (partial labels: < 1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def make_net(in_channels: int, n_classes: int, hidden: int, mean: np.ndarray, std: np.ndarray):
+    torch = _torch()
+    nn = torch.nn
+
+    class LocatorNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mean", torch.tensor(np.asarray(mean, np.float32)).view(1, -1, 1, 1))
+            self.register_buffer("inv_std", torch.tensor(1.0 / np.asarray(std, np.float32)).view(1, -1, 1, 1))
+            self.stem = nn.Conv2d(in_channels, hidden, 1)
+            self.conv1 = nn.Conv2d(hidden, hidden, 3, padding=1)
+            self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2)
+            self.heat = nn.Conv2d(hidden, n_classes, 1)
+            self.size = nn.Conv2d(hidden, 2, 1)
+            self.offset = nn.Conv2d(hidden, 2, 1)
+            nn.init.constant_(self.heat.bias, float(np.log(PRIOR / (1 - PRIOR))))
+
+        def features(self, x):
+            x = (x - self.mean) * self.inv_std
+            x = torch.relu(self.stem(x))
+            x = torch.relu(self.conv1(x))
+            return torch.relu(self.conv2(x))
+
+        def forward(self, x):
+            """-> (heat logits, size, offset logits)."""
+            f = self.features(x)
+            return self.heat(f), self.size(f), self.offset(f)
+
+    return LocatorNet()
+
+
+def loss_terms(net, x, heat, size, offset, centres, valid, params: LocatorParams):
+    """(total, focal, size L1, offset L1) for a batch; tensors N x . x R x C."""
+    torch = _torch()
+    F = torch.nn.functional
+    z, s, o = net(x)
+    logp, log1mp = F.logsigmoid(z), F.logsigmoid(-z)
+    p = torch.sigmoid(z)
+    v = valid[:, None].float()
+    pos = (heat >= 1.0).float() * v
+    neg = (1 - pos) * v
+    n_pos = pos.sum().clamp(min=1.0)
+    focal = -((1 - p) ** 2 * logp * pos + params.neg_weight * (1 - heat) ** 4 * p ** 2 * log1mp * neg).sum() / n_pos
+    c = centres[:, None].float()
+    n_c = c.sum().clamp(min=1.0)
+    l_size = ((s - size).abs() * c).sum() / n_c
+    l_off = ((torch.sigmoid(o) - offset).abs() * c).sum() / n_c
+    total = focal + params.size_weight * l_size + params.offset_weight * l_off
+    return total, focal, l_size, l_off
+
+
+def _tensors(maps: list[np.ndarray], targets: list[Targets]):
+    torch = _torch()
+    return (torch.tensor(np.stack(maps), dtype=torch.float32),
+            torch.tensor(np.stack([t.heat for t in targets])),
+            torch.tensor(np.stack([t.size for t in targets])),
+            torch.tensor(np.stack([t.offset for t in targets])),
+            torch.tensor(np.stack([t.centres for t in targets])),
+            torch.tensor(np.stack([t.valid for t in targets])))
+
+
+def flip_batch(batch, rng):
+    """(x, heat, size, offset, centres, valid) flipped left-right and/or up-down (each with
+    probability 1/2, the whole batch alike); a flipped centre's offset is 1 - offset."""
+    x, heat, size, offset, centres, valid = batch
+    for axis, o in ((-1, 0), (-2, 1)):
+        if rng.random() < 0.5:
+            x, heat, size, offset = (t.flip(axis) for t in (x, heat, size, offset))
+            centres, valid = centres.flip(axis), valid.flip(axis)
+            offset = offset.clone()
+            offset[:, o] = 1 - offset[:, o]
+    return x, heat, size, offset, centres, valid
+
+
+def channel_stats(maps: list[np.ndarray], targets: list[Targets]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std over the valid cells of the training maps."""
+    cells = np.concatenate([m[:, t.valid] for m, t in zip(maps, targets)], axis=1)
+    return cells.mean(1), np.maximum(cells.std(1), 1e-4)
+
+
+def fit(maps: list[np.ndarray], targets: list[Targets], n_classes: int, params: LocatorParams, *,
+        val_maps: list[np.ndarray] = (), val_targets: list[Targets] = (), epochs: int | None = None,
+        on_epoch: Callable[[int, float, float], None] | None = None):
+    """Fit on maps (each C x R x Cols) with their targets.
+
+    With validation maps: early stopping on their loss (patience), the best epoch's weights
+    kept. With `epochs`: exactly that many epochs (the final fit on every image, once early
+    stopping has said how long). Returns (net in eval mode, history [(epoch, train, val)], best
+    epoch (1-based))."""
+    torch = _torch()
+    torch.manual_seed(params.seed)
+    rng = np.random.default_rng(params.seed)
+    mean, std = channel_stats(maps, targets)
+    net = make_net(maps[0].shape[0], n_classes, params.hidden, mean, std)
+    opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    train = _tensors(maps, targets)
+    val = _tensors(list(val_maps), list(val_targets)) if len(val_maps) else None
+    n = len(maps)
+    max_epochs = epochs or params.max_epochs
+    best, best_epoch, best_state, history = np.inf, 0, None, []
+    for epoch in range(1, max_epochs + 1):
+        net.train()
+        order = rng.permutation(n)
+        total = 0.0
+        for i in range(0, n, params.batch_size):
+            idx = torch.tensor(order[i:i + params.batch_size])
+            batch = tuple(t[idx] for t in train)
+            if params.flip:
+                batch = flip_batch(batch, rng)
+            loss = loss_terms(net, *batch, params)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        train_loss = total / n
+        val_loss = float("nan")
+        if val is not None:
+            net.eval()
+            with torch.no_grad():
+                val_loss = float(loss_terms(net, *val, params)[0])
+            if val_loss < best - 1e-4:
+                best, best_epoch = val_loss, epoch
+                best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        history.append((epoch, round(train_loss, 5), round(val_loss, 5) if np.isfinite(val_loss) else None))
+        if on_epoch:
+            on_epoch(epoch, train_loss, val_loss)
+        if val is not None and epoch - best_epoch >= params.patience:
+            break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    else:
+        best_epoch = len(history)
+    net.eval()
+    return net, history, best_epoch
+
+
+def predict(net, maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The trained net's outputs as the ONNX graph gives them: (heat probabilities, size, offset)."""
+    torch = _torch()
+    with torch.no_grad():
+        z, s, o = net(torch.tensor(np.stack(maps), dtype=torch.float32))
+        return torch.sigmoid(z).numpy(), s.numpy(), torch.sigmoid(o).numpy()

