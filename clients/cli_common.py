@@ -99,8 +99,10 @@ def follow(client, job: common_pb2.Job, quiet: bool) -> common_pb2.Job:
             print(f"  {tag}{ev.log.message}", file=sys.stderr)
         elif kind == "metrics" and "epoch" in ev.metrics:
             m = ev.metrics
+            what = f"{m['variant']} " if "variant" in m else ""
+            val = f"  val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
             held = f"  held-out loss {m['held_out_loss']:.4f}" if "held_out_loss" in m else ""
-            print(f"\r  epoch {int(m['epoch']):3d}  train loss {m['train_loss']:.4f}  val loss {m['val_loss']:.4f}{held}",
+            print(f"\r  {what}epoch {int(m['epoch']):3d}  train loss {m['train_loss'] if 'train_loss' in m else float('nan'):.4f}{val}{held}",
                   end="", file=sys.stderr, flush=True)
         elif kind == "state" and ev.state in FINAL:
             print(f"\n{common_pb2.Job.State.Name(ev.state).lower()}", file=sys.stderr)

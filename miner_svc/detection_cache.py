@@ -23,10 +23,13 @@ from miner_svc.detectors.base import Detections, Detector, ImageState
 def pack(d: Detections, h: int, w: int) -> tuple:
     """A floor run as the cache keeps it: (boxes N x 4 float32, scores N float32, masks
     bit-packed N x ceil(h*w/8) uint8, (N, h, w)). Plain numpy: it also travels through Ray's
-    object store (masks packed: 8x fewer bytes)."""
-    m = d.masks if d.masks is not None else np.zeros((len(d), h, w), bool)
+    object store (masks packed: 8x fewer bytes). A detector without masks (the locator's
+    peaks) stores N x 0 masks: nothing at the image size is allocated for it (a tiled
+    orthomosaic has thousands of peaks)."""
+    if d.masks is None:
+        return d.boxes.astype(np.float32), d.scores.astype(np.float32), np.zeros((len(d), 0), np.uint8), (len(d), h, w)
     return (d.boxes.astype(np.float32), d.scores.astype(np.float32),
-            np.packbits(m.reshape(len(d), h * w), axis=1), (len(d), h, w))
+            np.packbits(d.masks.reshape(len(d), h * w), axis=1), (len(d), h, w))
 
 
 class CachedDetector:
@@ -68,7 +71,7 @@ class CachedDetector:
         self._remember(path, state.image.sha256, rec)
         boxes, scores, packed, (n, h, w) = rec
         mk = None
-        if masks:
+        if masks and not (n and packed.shape[1] == 0):  # N x 0: the detector made no masks
             mk = np.unpackbits(packed, axis=1, count=h * w).reshape(n, h, w).astype(bool) if n else np.zeros((0, h, w), bool)
         return Detections(boxes, scores, mk)
 

@@ -24,15 +24,23 @@ class Targets:
     offset: np.ndarray  # 2 x R x C float32: centre - cell index - 0 (x, y) in [0, 1), at centres
     centres: np.ndarray  # R x C bool: cells that carry a size and offset target
     valid: np.ndarray  # R x C bool: cells on the image (padding excluded from every loss)
+    # R x C bool: cells that carry a size target (the centres, and with size_radius > 0 their
+    # neighbours too, so a peak one cell off the centre still reads a trained size); None = centres
+    size_mask: np.ndarray | None = None
 
 
-def build(boxes: np.ndarray, class_ids: np.ndarray, frame: FeatureFrame, n_classes: int) -> Targets:
-    """boxes: N x 4 XYXY image pixels; class_ids: N ints in [0, n_classes)."""
+def build(boxes: np.ndarray, class_ids: np.ndarray, frame: FeatureFrame, n_classes: int,
+          size_radius: int = 0) -> Targets:
+    """boxes: N x 4 XYXY image pixels; class_ids: N ints in [0, n_classes). size_radius: the
+    object's size is also the target at cells within this many cells (Chebyshev) of its centre
+    cell and inside the box (a smaller object's size wins where two meet)."""
     R, C = frame.rows, frame.cols
     heat = np.zeros((n_classes, R, C), np.float32)
     size = np.zeros((2, R, C), np.float32)
     offset = np.zeros((2, R, C), np.float32)
     centres = np.zeros((R, C), bool)
+    size_mask = np.zeros((R, C), bool)
+    centre_sizes = []
     cells = frame.to_cells(boxes)
     ys, xs = np.mgrid[0:R, 0:C].astype(np.float32) + 0.5
     # Larger objects first, so where two share a centre cell the smaller one's size wins: it is
@@ -48,7 +56,16 @@ def build(boxes: np.ndarray, class_ids: np.ndarray, frame: FeatureFrame, n_class
         k = int(class_ids[i])
         np.maximum(heat[k], g, out=heat[k])
         heat[k, r, c] = 1.0
+        if size_radius > 0:
+            ra, rb = max(0, r - size_radius, int(y0)), min(R, r + size_radius + 1, int(np.ceil(y1)))
+            ca, cb = max(0, c - size_radius, int(x0)), min(C, c + size_radius + 1, int(np.ceil(x1)))
+            size[:, ra:rb, ca:cb] = np.log([w, h])[:, None, None]
+            size_mask[ra:rb, ca:cb] = True
         size[:, r, c] = np.log([w, h])
+        size_mask[r, c] = True
+        centre_sizes.append((r, c, np.log([w, h])))
         offset[:, r, c] = [cx - c, cy - r]
         centres[r, c] = True
-    return Targets(heat, size, np.clip(offset, 0, 1), centres, frame.valid)
+    for r, c, wh in centre_sizes:  # a centre keeps its own object's size, not a neighbour's
+        size[:, r, c] = wh
+    return Targets(heat, size, np.clip(offset, 0, 1), centres, frame.valid, size_mask)

