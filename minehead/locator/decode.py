@@ -31,24 +31,22 @@ class LocatorDetections:
         return LocatorDetections(self.boxes[idx], self.scores[idx], self.class_ids[idx], self.cells[idx])
 
 
-def local_maxima(heat: np.ndarray, pool: int = 3) -> np.ndarray:
-    """K x R x C -> bool, True where a cell equals the max of its pool x pool neighbourhood."""
+def local_maxima(heat: np.ndarray) -> np.ndarray:
+    """K x R x C -> bool, True where a cell equals the max of its 3 x 3 neighbourhood."""
     K, R, C = heat.shape
-    h = pool // 2
-    p = np.full((K, R + 2 * h, C + 2 * h), -np.inf, heat.dtype)
-    p[:, h:h + R, h:h + C] = heat
+    p = np.full((K, R + 2, C + 2), -np.inf, heat.dtype)
+    p[:, 1:-1, 1:-1] = heat
     m = heat.copy()
-    for dy in range(pool):
-        for dx in range(pool):
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
             np.maximum(m, p[:, dy:dy + R, dx:dx + C], out=m)
     return heat >= m
 
 
 def decode(heat: np.ndarray, size: np.ndarray, offset: np.ndarray, frame: FeatureFrame, floor: float,
-           max_per_class: int = MAX_PEAKS_PER_CLASS, pool: int = 3) -> LocatorDetections:
-    """heat K x R x C, size 2 x R x C, offset 2 x R x C (one image's locator outputs); pool: the
-    local-maximum window (odd, cells)."""
-    keep = local_maxima(heat, pool) & (heat >= floor) & frame.valid[None]
+           max_per_class: int = MAX_PEAKS_PER_CLASS) -> LocatorDetections:
+    """heat K x R x C, size 2 x R x C, offset 2 x R x C (one image's locator outputs)."""
+    keep = local_maxima(heat) & (heat >= floor) & frame.valid[None]
     ks, rs, cs = np.nonzero(keep)
     scores = heat[ks, rs, cs]
     if max_per_class and len(scores):

@@ -35,8 +35,6 @@ class LocatorParams:
     size_weight: float = 1.0
     offset_weight: float = 1.0
     seed: int = 0
-    flip: bool = False  # augment: random horizontal / vertical flips of map and targets per batch
-    neg_weight: float = 1.0  # weight of the heatmap's negative cells (partial labels: < 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,7 +89,7 @@ def loss_terms(net, x, heat, size, offset, centres, valid, params: LocatorParams
     pos = (heat >= 1.0).float() * v
     neg = (1 - pos) * v
     n_pos = pos.sum().clamp(min=1.0)
-    focal = -((1 - p) ** 2 * logp * pos + params.neg_weight * (1 - heat) ** 4 * p ** 2 * log1mp * neg).sum() / n_pos
+    focal = -((1 - p) ** 2 * logp * pos + (1 - heat) ** 4 * p ** 2 * log1mp * neg).sum() / n_pos
     c = centres[:, None].float()
     n_c = c.sum().clamp(min=1.0)
     sm = c if size_mask is None else size_mask[:, None].float()
@@ -110,19 +108,6 @@ def _tensors(maps: list[np.ndarray], targets: list[Targets]):
             torch.tensor(np.stack([t.centres for t in targets])),
             torch.tensor(np.stack([t.valid for t in targets])),
             torch.tensor(np.stack([t.centres if t.size_mask is None else t.size_mask for t in targets])))
-
-
-def flip_batch(batch, rng):
-    """(x, heat, size, offset, centres, valid, size_mask) flipped left-right and/or up-down
-    (each with probability 1/2, the whole batch alike); a flipped centre's offset is 1 - offset."""
-    x, heat, size, offset, centres, valid, size_mask = batch
-    for axis, o in ((-1, 0), (-2, 1)):
-        if rng.random() < 0.5:
-            x, heat, size, offset = (t.flip(axis) for t in (x, heat, size, offset))
-            centres, valid, size_mask = centres.flip(axis), valid.flip(axis), size_mask.flip(axis)
-            offset = offset.clone()
-            offset[:, o] = 1 - offset[:, o]
-    return x, heat, size, offset, centres, valid, size_mask
 
 
 def channel_stats(maps: list[np.ndarray], targets: list[Targets]) -> tuple[np.ndarray, np.ndarray]:
@@ -170,8 +155,6 @@ def _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs,
         for i in range(0, n, params.batch_size):
             idx = torch.tensor(order[i:i + params.batch_size])
             batch = tuple(t[idx] for t in train)
-            if params.flip:
-                batch = flip_batch(batch, rng)
             loss = loss_terms(net, *batch[:6], params, size_mask=batch[6])[0]
             opt.zero_grad()
             loss.backward()
