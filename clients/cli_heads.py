@@ -242,6 +242,9 @@ def add_commands(sub, add) -> None:
     sy.add_argument("--images", type=int, default=60)
     sy.add_argument("--seed", type=int, default=1)
     sy.add_argument("--splits", action="store_true", help="write train/ and val/ splits")
+    from clients.cli_import import add_import_command
+
+    add_import_command(ds, add)
 
     heads = sub.add_parser("heads", help="classifier heads").add_subparsers(dest="heads_cmd", required=True)
     tr = add(heads, "train", cmd_train, "train a head on a YOLO dataset (a job)")
