@@ -14,7 +14,7 @@ import numpy as np
 from minehead.heads.keep_rule import split_scores
 from minehead.geometry import match
 
-MIN_PROB_GRID = np.round(np.arange(0.05, 0.96, 0.05), 2)
+MIN_PROB_GRID = np.round(np.arange(0.0, 0.96, 0.05), 2)  # 0: the head adds nothing by probability
 MARGIN_GRID = np.array([0.0, 0.05, 0.1, 0.2, 0.3])
 BG_MARGIN_GRID = np.array([0.0, 0.05, 0.1, 0.2, 0.3])
 
