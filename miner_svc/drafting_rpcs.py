@@ -17,10 +17,10 @@ from google.protobuf import json_format
 
 from minehead.common.v1 import common_pb2
 from minehead.core.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from minehead.core.jobs import JobContext, job_id_from_name, struct_from_dict
+from minehead.core.jobs import JobContext, job_id_from_name
 from minehead.core.paths import image_ref_bytes, resolve_allowed
 from minehead.core.safezip import make_zip
-from minehead.drafts.folder import DraftFolder, check_formats, describe, list_images
+from minehead.drafts.folder import DraftFolder, check_formats, describe, draft_result, list_images
 from minehead.miner.v1 import drafting_pb2, miner_pb2
 
 from miner_svc.drafting import Drafter, draft_floor, make_drafter
@@ -196,20 +196,8 @@ class DraftingRPCs:
     def _finish(self, ctx, folder: DraftFolder, result, summary: dict) -> None:
         """Assemble the whole-folder files from every finished image (this run's and earlier ones)."""
         ctx.phase("writing")
-        summary = folder.finish(summary)
-        stems = [s for s in result.skipped if "same stem" in s.reason]
-        del result.skipped[:]
-        result.skipped.extend(stems)
-        for s in summary["unreadable"]:
-            result.skipped.add(image=s["image"], reason=s["reason"])
-        del result.files[:]
-        result.files.extend(summary["files"])
-        result.images_drafted = summary["images_drafted"]
-        result.boxes = summary["boxes"]
-        result.class_counts.clear()
-        result.class_counts.update(summary["class_counts"])
-        result.summary.CopyFrom(struct_from_dict(summary))
-        ctx.log(describe(summary, str(folder.root)))
+        result.CopyFrom(draft_result(folder.finish(summary), folder.root))
+        ctx.log(describe(result))
 
     def ExportDraft(self, request, context):
         job = self.runner.store.get(job_id_from_name(request.job))

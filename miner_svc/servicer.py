@@ -18,7 +18,7 @@ from minehead.core.images import decode_image
 from minehead.core.jobs import JobContext, JobRunner, job_id_from_name, struct_from_dict
 from minehead.core.paths import image_ref_bytes
 from minehead.core.safezip import make_zip
-from minehead.miner.v1 import miner_pb2, miner_pb2_grpc
+from minehead.miner.v1 import drafting_pb2, miner_pb2, miner_pb2_grpc
 
 from minehead.heads.bundle import HeadBundle
 from minehead.datasets import load_dataset
@@ -337,7 +337,7 @@ class MinerServicer(DraftingRPCs, miner_pb2_grpc.MinerServiceServicer):
                     d.rle = mask_codec.rle(r.masks[j])
             out.warnings.extend(r.warnings)
         after = det.counters.snapshot()
-        out.stats.update({k: after[k] - before[k] for k in after})
+        out.passes.CopyFrom(drafting_pb2.PassCounts(**{k: after[k] - before[k] for k in after}))
         return out
 
     # -- negatives, detectors ---------------------------------------------------------------

@@ -460,6 +460,16 @@ def test_background_guard_lowers_false_positives_on_clutter(env, auto_mined):
     assert tps["on"] >= 0.8 * tps["off"], tps  # the objects themselves survive the guard
 
 
+def test_apply_recipe_reports_the_detectors_passes(env, auto_mined):
+    """ApplyRecipe's pass counters are typed: one backbone pass per new image at most."""
+    r = auto_mined[0].recipes[0]
+    images = [common_pb2.ImageRef(data=rec.path.read_bytes()) for rec in env["ds"].images[:2]]
+    out = env["stub"].ApplyRecipe(miner_pb2.ApplyRecipeRequest(recipe=r.recipe_id, images=images,
+                                                               mask_format=miner_pb2.ApplyRecipeRequest.NONE))
+    assert len(out.images) == 2 and 0 <= out.passes.backbone_passes <= 2
+    assert isinstance(out.passes.decoder_passes, int)
+
+
 def test_apply_refuses_a_recipe_mined_with_another_detector(env, auto_mined):
     r = auto_mined[0].recipes[0]
     with pytest.raises(grpc.RpcError) as e:
