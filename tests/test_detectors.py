@@ -17,7 +17,8 @@ from minehead import roi
 from minehead.core.errors import FailedPrecondition
 from minehead.crops import CropPolicy
 from miner_svc.detectors import create_detector, default_detector, default_for_head
-from miner_svc.detectors.minisam_guided import class_index, log_margins
+from miner_svc.detectors.anchors import log_margins
+from miner_svc.detectors.minisam_guided import class_index
 from tests.bench.bench_detector import (SHAPES, big_enough, crowded_scene, decoded, load_photo, photo_head, recall_hits,
                                         scenes_head)
 
@@ -128,8 +129,8 @@ def test_proposal_loops_keep_numpy_blas_on_one_thread(guided, coins_head):
 
     det = guided.with_head(coins_head[0])
     seen = []
-    pick = det._pick
-    det._pick = lambda *a: (seen.append(blas_threads()), pick(*a))[1]
+    probe = det._probe  # the loop of decoder passes
+    det._probe = lambda *a: (seen.append(blas_threads()), probe(*a))[1]
     before = blas_threads()
     px, _, _ = load_photo("coins")
     det.predict_text(det.set_image(decoded(px)), "", 0.0)
@@ -337,3 +338,4 @@ def test_decoder_returns_every_mask_and_its_choice_is_the_exports_own(models_dir
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(ia, ib)
     assert sorted(image._feeds) == [2, 3]
+

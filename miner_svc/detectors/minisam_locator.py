@@ -23,6 +23,7 @@ detector is the grid detector, so it stays usable anywhere. `Detections.sources`
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from minehead.locator.decode import LocatorDetections
 from minehead.locator.frame import FeatureFrame
 from miner_svc.detectors import tiling
 from miner_svc.detectors.base import Detections, DetectorInfo, ImageState, PassCounters
-from miner_svc.detectors.minisam_auto import PROPOSALS_VERSION, MinisamAutoDetector, one_blas_thread
+from miner_svc.detectors.minisam_auto import PROPOSALS_VERSION, MinisamAutoDetector, MinisamFeatures, one_blas_thread
 from miner_svc.detectors.minisam_guided import EMBEDDER, class_index
 
 MODEL_ID = "minisam-locator"
@@ -45,8 +46,19 @@ REFINE_MIN_IOU = 0.5  # SAM's mask box replaces the locator's box only when they
 LOCATOR_VERSION = 1
 
 
+@dataclasses.dataclass
+class LocatorFeatures(MinisamFeatures):
+    """MinisamFeatures plus the locator's work for the image: `locator`, every class's peaks (XYXY
+    image px), and `tiling`, how the image was cut ({"tiles", "tile_px", "overlap_px"}). A tiled
+    image never gets the whole image's `fmap`."""
+
+    locator: LocatorDetections | None = None
+    tiling: dict | None = None
+
+
 class MinisamLocatorDetector(MinisamAutoDetector):
     uses_head = True
+    features_type = LocatorFeatures
 
     def __init__(self, model_id: str, models_dir: Path, offline: bool = True) -> None:
         super().__init__("minisam-auto", models_dir, offline)  # the encoder, decoder and 12 x 12 grid
@@ -83,18 +95,18 @@ class MinisamLocatorDetector(MinisamAutoDetector):
     def tiling_of(self, state: ImageState) -> dict:
         """How the image was cut: {"tiles": n, "tile_px": side, "overlap_px": o} (1 tile = whole)."""
         self.locator_proposals(state)
-        return dict(state.features["locator_tiling"])
+        return dict(state.features.tiling)
 
     @one_blas_thread
     def locator_proposals(self, state: ImageState) -> LocatorDetections:
         """Every class's peaks in the image (XYXY image px), computed once per image."""
-        f = self._features_lazy(state)
-        if "locator" in f:
-            return f["locator"]
+        f = self._state_features(state)  # tiled images never need the whole image's map
+        if f.locator is not None:
+            return f.locator
         H, W = state.image.height, state.image.width
         plan = tiling.plan(W, H, self.head.object_px, self.head.object_sides)
         if len(plan.tiles) == 1:
-            fmap = self._features(state)["fmap"]
+            fmap = self._features(state).fmap
             d = self._detect(fmap, W, H)
         else:
             parts = []
@@ -106,25 +118,8 @@ class MinisamLocatorDetector(MinisamAutoDetector):
                 d = self._detect(fmap, x1 - x0, y1 - y0)
                 parts.append((d, (x0, y0, x1, y1)))
             d = tiling.merge(parts, W, H)
-        f["locator"] = d
-        f["locator_tiling"] = plan.describe()
+        f.locator, f.tiling = d, plan.describe()
         return d
-
-    def _features_lazy(self, state: ImageState) -> dict:
-        # Tiled images never need the whole image's map: don't pay that backbone pass.
-        with state.lock:
-            if state.features is None:
-                state.features = {}
-            return state.features
-
-    def _features(self, state: ImageState):
-        with state.lock:
-            if state.features is None:
-                state.features = {}
-            if "fmap" not in state.features:
-                fmap, scale = self._flights.do(state.image.sha256, lambda: self._encode(state))
-                state.features.update(fmap=fmap, scale=scale)
-            return state.features
 
     def _detect(self, fmap: np.ndarray, w: int, h: int) -> LocatorDetections:
         loc = self.head.locator
@@ -155,11 +150,11 @@ class MinisamLocatorDetector(MinisamAutoDetector):
         out_b = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
         masks = np.zeros((len(out_b), H, W), bool)
         for i, b in enumerate(out_b):
-            low, iou = self._decode(f, np.array([b[:2], b[2:]]) * f["scale"], np.array([2.0, 3.0]))
+            low, iou = self._decode(f, np.array([b[:2], b[2:]]) * f.scale, np.array([2.0, 3.0]))
             cands = self.masks_of(low[:1], np.minimum(iou[:1], 1.0), (H, W))
-            if cands and iou_matrix(cands[0]["box"][None], b[None])[0, 0] >= REFINE_MIN_IOU:
-                out_b[i] = cands[0]["box"]
-                masks[i] = cands[0]["mask"]
+            if cands and iou_matrix(cands[0].box[None], b[None])[0, 0] >= REFINE_MIN_IOU:
+                out_b[i] = cands[0].box
+                masks[i] = cands[0].mask
             else:
                 x0, y0, x1, y1 = np.round(b).astype(int)
                 masks[i, max(y0, 0):y1, max(x0, 0):x1] = True
