@@ -69,7 +69,7 @@ def denv(embedder_server, models_dir, tmp_path_factory):
     mres = miner_pb2.MiningResult()
     mdone.result.Unpack(mres)
     # The mining run's report split, as a folder of "new" images.
-    from miner_svc.mining import split_images
+    from miner_svc.mining.job import split_images
 
     _, report = split_images(ds, CLASSES, 0.3, 1)
     new = tmp / "new" / "images"
@@ -124,7 +124,7 @@ def test_mining_makes_a_recipe_set(denv):
 
 def test_drafted_yolo_scores_equal_the_mining_report(denv, drafted):
     """Read the YOLO folder back with the project's own reader; per class P/R equal mining's."""
-    from miner_svc import selection
+    from miner_svc.mining import selection
 
     out, res, _ = drafted
     assert res.images == len(denv["report"]) == res.images_drafted
@@ -221,9 +221,9 @@ def test_label_studio_review_queue_and_provenance(denv, drafted):
 def test_cross_class_overlaps_keep_the_more_probable_class(denv):
     """Two recipes that both keep one box: the higher head probability wins, the other is its
     runner-up (unit level, on the real head)."""
-    from miner_svc.drafting import Drafter
+    from miner_svc.recipes.drafter import Drafter
 
-    svc = denv["servicer"]
+    svc = denv["servicer"].res
     s = svc.sets.get(denv["mining"].recipe_set)
     d, _ = svc.drafter(drafting_pb2.DraftOptions(recipe_set=s.name))
     by = {r.class_name: r for r in d.recipes}
@@ -241,7 +241,7 @@ def test_miner_pools_crop_embeddings_from_the_detectors_own_feature_map(denv):
     from minehead.client.embedder import EmbedderClient
     from minehead.core.images import decode_image
 
-    svc = denv["servicer"]
+    svc = denv["servicer"].res
     head = svc.sets.head(denv["mining"].recipe_set)
     assert head.embedder_model == "minisam-tinyvit"
     det = svc.detector("minisam-auto")
@@ -355,7 +355,7 @@ def test_recipe_set_bundle_round_trip_and_refusals(denv):
         mc.import_recipe_set(make_zip(members))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # A set from recipes of two different detectors is refused up front, naming them.
-    svc = denv["servicer"]
+    svc = denv["servicer"].res
     r0 = svc.store.get(s.recipes[0].recipe_id)
     other = recipes_pb2.Recipe()
     other.CopyFrom(svc.store.get(s.recipes[1].recipe_id))
@@ -524,10 +524,10 @@ def _free_port() -> int:
 
 def test_kill_minus_nine_then_resume_drafts_every_image_exactly_once(denv, tmp_path):
     """A real miner process with the real offline detector: killed mid-job, restarted, resumed."""
-    from miner_svc.recipe_sets import bundle_zip, make_set
-    from miner_svc.recipes import assign_id
+    from miner_svc.recipes.sets import bundle_zip, make_set
+    from miner_svc.recipes.store import assign_id
 
-    svc = denv["servicer"]
+    svc = denv["servicer"].res
     head = svc.sets.head(denv["mining"].recipe_set)
     # A hand-written recipe for minisam-auto proposals (recipes are parameters: no mining needed).
     r = recipes_pb2.Recipe(class_name="blue_circle", steps=[recipes_pb2.Step(prompt="", seed_threshold=0.5, enabled=True)],

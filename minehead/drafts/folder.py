@@ -74,6 +74,18 @@ def describe(result: drafting_pb2.DraftingResult) -> str:
     return text + ". Files: " + ", ".join(result.files) + ". Review the most uncertain boxes first: review.jsonl."
 
 
+def export_files(root: Path) -> dict[str, bytes]:
+    """The files of a draft folder a user downloads (relative path -> bytes): everything but the
+    bookkeeping (.minehead-draft/), the image links (images/) and temporary files."""
+    files = {}
+    for p in sorted(Path(root).rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_symlink() or not p.is_file() or rel.parts[0] in (META, "images") or p.name.startswith(".tmp-"):
+            continue
+        files[str(rel)] = p.read_bytes()
+    return files
+
+
 def check_formats(formats_: list[str]) -> list[str]:
     fs = [f.strip().lower() for f in formats_ if f.strip()] or list(FORMATS)
     bad = [f for f in fs if f not in FORMATS]

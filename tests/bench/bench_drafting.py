@@ -96,8 +96,8 @@ def main(argv=None) -> int:
     from minehead.miner.v1 import drafting_pb2
     from minehead.recipes.v2 import recipes_pb2
     from minehead.synth import make_synthetic_dataset
-    from miner_svc.recipe_sets import bundle_zip, make_set
-    from miner_svc.recipes import assign_id
+    from miner_svc.recipes.sets import bundle_zip, make_set
+    from miner_svc.recipes.store import assign_id
 
     models = Path(os.environ.get("MINEHEAD_MODELS_DIR", REPO / "var" / "models"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-drafting-"))
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
         # ListRecipes with 1,000 recipes stored (the store answers from its index).
         import statistics
 
-        store = trio.miner_servicer.store
+        store = trio.miner_servicer.res.store
         base = mc.get_recipe_set(sets[1]).recipes[0]
         for k in range(1000):
             r = recipes_pb2.Recipe()

@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     from minehead.recipes.v2 import recipes_pb2
     from minehead.synth import make_synthetic_dataset
     from miner_svc.detectors import default_detector, default_for_head
-    from miner_svc.recipe_sets import bundle_zip, make_set
-    from miner_svc.recipes import assign_id
+    from miner_svc.recipes.sets import bundle_zip, make_set
+    from miner_svc.recipes.store import assign_id
 
     models = Path(os.environ.get("MINEHEAD_MODELS_DIR", REPO / "var" / "models"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
