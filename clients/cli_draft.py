@@ -20,7 +20,7 @@ import grpc
 
 from minehead.client.miner import MinerClient
 from minehead.common.v1 import common_pb2
-from minehead.drafts.folder import DraftFolder, check_formats, describe, list_images
+from minehead.drafts.folder import DraftFolder, check_formats, describe, draft_result, list_images
 from minehead.miner.v1 import drafting_pb2
 
 from clients.cli_common import ProgressBar, follow, print_json, print_table, to_jsonable
@@ -62,8 +62,7 @@ def _job(a, c: MinerClient, job: common_pb2.Job) -> int:
     if a.json:
         print_json(to_jsonable(done))
     elif result.output_dir:
-        summary = dict(result.summary)
-        print(describe({**summary, "images": result.images}, result.output_dir))
+        print(describe(result))
     if done.state != common_pb2.Job.SUCCEEDED:
         print(f"error: job {done.name} {common_pb2.Job.State.Name(done.state)}: {done.error or 'stopped'}", file=sys.stderr)
         return 1
@@ -100,7 +99,7 @@ def _stream(a, c: MinerClient, options: drafting_pb2.DraftOptions) -> int:
                              "drafted_this_run": n, "already_done": len(done), "seconds": round(secs, 3),
                              "images_per_s": round(n / secs, 4) if secs > 0 else 0.0, "merged_lines": merged,
                              "mode": "stream", "complete": True})
-    print_json(summary) if a.json else print(describe(summary, str(out)))
+    print_json(summary) if a.json else print(describe(draft_result(summary, out)))
     return 0
 
 

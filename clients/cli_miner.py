@@ -5,13 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from google.protobuf import json_format
-
 from minehead.common.v1 import common_pb2
 from minehead.miner.v1 import miner_pb2
 from minehead.recipes.v2 import recipes_pb2
 
-from minehead.client.miner import MinerClient
+from minehead.client.miner import MinerClient, from_struct
 from clients.cli_common import dataset_arg, follow, print_json, print_table, run_job, start_with_dataset, to_jsonable
 
 # Background suppression presets -> (guard, margin). "Balanced" is the one to start with.
@@ -48,7 +46,7 @@ def _summary_rows(recipes):
 def _print_recipes(recipes, summary=None):
     print_table(["class", "recipe", "steps", "prompts", "precision", "recall", "bg veto seed/final"], _summary_rows(recipes))
     if summary:
-        s = json_format.MessageToDict(summary)
+        s = from_struct(summary)
         print(f"\ndetector {s.get('detector')}  passes {s.get('passes')}  cache {s.get('detection_cache')}")
         for w in s.get("warnings", []):
             print(f"warning: {w}", file=sys.stderr)
@@ -79,7 +77,7 @@ def cmd_mine_start(a) -> int:
         return out
     r, done = out
     if a.json:
-        print_json({"job": done.name, "recipes": [to_jsonable(x) for x in r.recipes], "summary": to_jsonable(r.summary)})
+        print_json({"job": done.name, "recipes": [to_jsonable(x) for x in r.recipes], "summary": from_struct(r.summary)})
     else:
         _print_recipes(r.recipes, r.summary)
     return 0
@@ -104,13 +102,13 @@ def cmd_mine_ab(a) -> int:
         out = run_job(a, c, c.start_benchmark(_spec(a), a.margin), miner_pb2.BenchmarkResult)
     if isinstance(out, int):
         return out
-    rep = json_format.MessageToDict(out[0].report)
+    rep = from_struct(out[0].report)
     if a.json:
         print_json(rep)
         return 0
     print_table(["arm", "precision", "coverage", "TP", "FP", "GT", "bg veto seed", "bg veto final", "seconds"],
-                [(r["arm"], r["precision"], r["coverage"], int(r["true_positives"]), int(r["false_positives"]),
-                  int(r["ground_truth"]), r["bg_veto_rate_seed"], r["bg_veto_rate_final"], r["seconds"]) for r in rep["arms"]])
+                [(r["arm"], r["precision"], r["coverage"], r["true_positives"], r["false_positives"],
+                  r["ground_truth"], r["bg_veto_rate_seed"], r["bg_veto_rate_final"], r["seconds"]) for r in rep["arms"]])
     if rep.get("meaningless"):
         print(f"warning: detector {rep['detector']} has random weights: these numbers are meaningless", file=sys.stderr)
     return 0

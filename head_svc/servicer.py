@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 
 from minehead.core import embeddings as codec
 from minehead.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from minehead.core.file_chunks import file_chunks, gather_chunks
 from minehead.core.floats import user_float
 from minehead.core.jobs import JobContext, JobRunner, struct_from_dict
 from minehead.core.paths import image_ref_bytes, resolve_allowed
@@ -26,7 +27,6 @@ from minehead.locator.train import LocatorParams
 from head_svc.score_wire import score_response
 from head_svc.scoring import DEFAULT_AMBIGUITY_MARGIN, effective_thresholds, score_embeddings
 
-CHUNK = 1 << 20
 MAX_DATASET_ZIP = dataset_store.MAX_DATASET_ZIP
 _HEAD_TYPES = {head_pb2.HEAD_TYPE_UNSPECIFIED: "logreg", head_pb2.LOGREG: "logreg", head_pb2.MLP: "mlp"}
 
@@ -91,17 +91,11 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
         return p, f"datasets/{did}"
 
     def UploadDataset(self, request_iterator, context):
-        display, data = "", bytearray()
-        for part in request_iterator:
-            if part.WhichOneof("part") == "display_name":
-                display = part.display_name
-            else:
-                data += part.chunk.data
-                if len(data) > MAX_DATASET_ZIP:
-                    raise InvalidArgument(f"dataset zip is over {MAX_DATASET_ZIP} bytes")
-        did = hashlib.sha256(bytes(data)).hexdigest()[:16]
+        data, fields = gather_chunks(request_iterator, MAX_DATASET_ZIP, f"dataset zip is over {MAX_DATASET_ZIP} bytes")
+        display = fields.get("display_name", "")
+        did = hashlib.sha256(data).hexdigest()[:16]
         # the same checks and unpacking as every other service that stores a dataset
-        target = dataset_store.unpack(bytes(data), self.datasets_dir, did)
+        target = dataset_store.unpack(data, self.datasets_dir, did)
         ds = load_dataset(target)
         return head_pb2.Dataset(name=f"datasets/{did}", display_name=display, classes=ds.classes,
                                 image_count=len(ds.images), label_count=ds.label_count, dropped=ds.dropped)
@@ -113,12 +107,8 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
                                 dropped=ds.dropped)
 
     def ExportDataset(self, request, context):
-        from minehead.common.v1 import common_pb2
-
         path, _ = self._stored_dataset(request.name)
-        data = dataset_store.folder_zip(path)
-        for i in range(0, len(data), CHUNK):
-            yield common_pb2.FileChunk(data=data[i:i + CHUNK])
+        yield from file_chunks(dataset_store.folder_zip(path))
 
     # -- jobs -------------------------------------------------------------------------------
     def StartTraining(self, request, context):
@@ -207,26 +197,15 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
         return head_proto(self.registry.get(request.name), full=True)
 
     def DownloadHead(self, request, context):
-        from minehead.common.v1 import common_pb2
-
-        data = self.registry.get(request.name).to_zip()
-        for i in range(0, len(data), CHUNK):
-            yield common_pb2.FileChunk(data=data[i:i + CHUNK])
+        yield from file_chunks(self.registry.get(request.name).to_zip())
 
     def UploadHead(self, request_iterator, context):
-        display, data = None, bytearray()
         from minehead.heads.bundle import MAX_ZIP_BYTES
 
-        for part in request_iterator:
-            if part.WhichOneof("part") == "display_name":
-                display = part.display_name or None
-            else:
-                data += part.chunk.data
-                if len(data) > MAX_ZIP_BYTES:
-                    raise InvalidArgument(f"head bundle is over {MAX_ZIP_BYTES} bytes")
+        data, fields = gather_chunks(request_iterator, MAX_ZIP_BYTES, f"head bundle is over {MAX_ZIP_BYTES} bytes")
         if not data:
             raise InvalidArgument("no bundle bytes received")
-        return head_proto(self.registry.put(HeadBundle.from_zip(bytes(data)), display), full=True)
+        return head_proto(self.registry.put(HeadBundle.from_zip(data), fields.get("display_name") or None), full=True)
 
     def DeleteHead(self, request, context):
         self.registry.delete(request.name)

@@ -9,9 +9,24 @@ from minehead.core.logs import setup_logging
 from minehead.core.server import ServiceBinding, serve_forever, start_server
 from minehead.miner.v1 import miner_pb2_grpc
 
+from miner_svc.api.servicer import MinerServicer
 from miner_svc.detectors import default_detector
 from miner_svc.detectors.minisam_auto import use_one_blas_thread
-from miner_svc.servicer import MinerServicer
+from miner_svc.resources import MinerResources
+from miner_svc.scale.pool import ImagePool, LocalPool
+
+
+def image_pool(config) -> ImagePool:
+    """Where mining's detection and drafting's per-image work run, chosen once: Ray workers when
+    the miner is given a Ray address, else this process. Ray is imported only then (on the first
+    job): without it the miner starts as fast as ever."""
+    x = config.extra
+    if not x.get("ray_address"):
+        return LocalPool()
+    from miner_svc.scale.ray_pool import RayPool
+
+    return RayPool(x["ray_address"], int(x.get("ray_workers") or 0) or None, config.models_dir,
+                   chunk=int(x.get("ray_chunk") or 0), worker_cpus=int(x.get("ray_worker_cpus") or 0) or None)
 
 
 def build(config):
@@ -20,15 +35,10 @@ def build(config):
     use_one_blas_thread()  # before any request thread
     runner, jobs = job_runtime(config)
     x = config.extra
-    pool = None
-    if x.get("ray_address"):  # only then is Ray imported, on the first job: without it the miner starts as fast as ever
-        from miner_svc.ray_pool import RayPool
-
-        pool = RayPool(x["ray_address"], int(x.get("ray_workers") or 0) or None, config.models_dir,
-                       chunk=int(x.get("ray_chunk") or 0), worker_cpus=int(x.get("ray_worker_cpus") or 0) or None)
-    servicer = MinerServicer(config.service_dir, config.models_dir, x.get("head_addr") or default_address("head"),
-                             x.get("embedder_addr") or default_address("embedder"), config.allowed_roots, runner,
-                             default_detector=x.get("default_detector") or default_detector(config.models_dir), ray=pool)
+    res = MinerResources(config.service_dir, config.models_dir, x.get("head_addr") or default_address("head"),
+                         x.get("embedder_addr") or default_address("embedder"), config.allowed_roots, runner,
+                         image_pool(config), default_detector=x.get("default_detector") or default_detector(config.models_dir))
+    servicer = MinerServicer(res)
     runner.servicer = servicer
     binding = ServiceBinding(miner_pb2_grpc.add_MinerServiceServicer_to_server, servicer, "minehead.miner.v1.MinerService")
     return runner, [binding, jobs]

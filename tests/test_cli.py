@@ -140,3 +140,18 @@ def test_train_uploads_a_folder_the_server_may_not_read(trio, tmp_path):
     r = run_cli("heads", "train", "--dataset", str(ds), "--bg-classes", "0", "--wait", "--json", env=env)
     assert r.returncode == 0, r.stderr
     assert "uploading it instead" in r.stderr and json.loads(r.stdout)["head"]["head_id"]
+
+
+def test_struct_results_read_as_plain_values_with_counts_as_ints():
+    """MiningResult.summary and BenchmarkResult.report stay Structs; the client edge reads them
+    once, nested lists and structs included, whole numbers as int."""
+    from minehead.client.miner import from_struct
+    from minehead.core.jobs import struct_from_dict
+
+    s = struct_from_dict({"images": 12, "rate": 0.25, "warnings": ["a", "b"], "classes": {"red": {"tp": 3, "steps": [{"n": 1}]}},
+                          "ok": True, "none": None})
+    got = from_struct(s)
+    assert got == {"images": 12, "rate": 0.25, "warnings": ["a", "b"], "classes": {"red": {"tp": 3, "steps": [{"n": 1}]}},
+                   "ok": True, "none": None}
+    assert type(got["images"]) is int and type(got["classes"]["red"]["tp"]) is int
+    assert got["warnings"] + ["c"] == ["a", "b", "c"]  # plain lists: what broke `minehead draft` in job mode

@@ -66,7 +66,7 @@ def test_an_uploaded_dataset_mines_like_its_folder(env, outside, uploaded):  # n
     assert a.provenance.dataset == uploaded.name and a.provenance.sample_sha256 == b.provenance.sample_sha256
     # fetched from the head service once, kept by id
     did = dataset_store.dataset_id(uploaded.name)
-    assert (env["servicer"].dir / "datasets" / did / "labels").is_dir()
+    assert (env["servicer"].res.dir / "datasets" / did / "labels").is_dir()
     out = env["stub"].ApplyRecipe(miner_pb2.ApplyRecipeRequest(recipe=a.recipe_id, dataset=uploaded.name,
                                                                mask_format=miner_pb2.ApplyRecipeRequest.NONE))
     assert len(out.images) == uploaded.image_count

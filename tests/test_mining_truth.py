@@ -16,10 +16,10 @@ import pytest
 from minehead.common.v1 import common_pb2
 from minehead.miner.v1 import miner_pb2
 from minehead.recipes.v2 import recipes_pb2
-from miner_svc import selection
+from miner_svc.mining import selection
 from miner_svc.detectors import register_detector
 from miner_svc.detectors.base import Detections, DetectorInfo
-from miner_svc.mining import split_images
+from miner_svc.mining.job import split_images
 from tests.test_miner import ScriptedDetector, env, mine  # noqa: F401  (env is the shared fixture)
 
 
@@ -86,7 +86,7 @@ def test_background_rejections_per_stage_and_alone(final_guard):
         # Clutter fails min_prob too, so the background check rejects more than it alone does.
         hidden += s.final_vetoed_background - s.final_vetoed_background_only
         bg = dict(dict(classes[r.class_name])["background"])
-        assert bg["final_rejected_background"] == s.final_vetoed_background
+        assert bg["final_vetoed_background"] == s.final_vetoed_background
         assert bg["final_vetoed_background_only"] == s.final_vetoed_background_only
     assert hidden > 0, [r.summary for r in res.recipes]
 
@@ -291,7 +291,8 @@ def test_user_float_reads_float32_fields_as_entered():
 def test_background_rejected_versus_alone_in_one_step():
     """Three seeds, guard at both stages: one fails background only, one fails background and
     min_prob, one passes. Both background failures count as rejected, one as alone."""
-    from miner_svc.executor import Gate, Step, run_step
+    from miner_svc.recipes.background import BackgroundPolicy
+    from miner_svc.recipes.executor import Gate, Step, run_step
 
     class Det:
         def text(self, state, prompt, threshold, masks=False):
@@ -313,9 +314,9 @@ def test_background_rejected_versus_alone_in_one_step():
             v = self.embed(image_bytes, boxes)
             return v, self.probs(v)
 
-    st = run_step(Det(), None, b"", Step("thing", 0.5), Gate(min_prob=0.3, background_guard=True, apply="both",
-                                                               prompt_filter=False), 0, Head(), [])[2]
+    st = run_step(Det(), None, b"", Step("thing", 0.5), Gate(min_prob=0.3, background=BackgroundPolicy(
+                                                                   veto=True, stage="both", filter_prompts=False)), 0, Head(), [])[2]
     assert (st.seeds_checked, st.seeds_vetoed, st.seeds_vetoed_background_only) == (3, 2, 1)
-    st = run_step(Det(), None, b"", Step("thing", 0.5), Gate(min_prob=0.3, background_guard=True, apply="final"),
+    st = run_step(Det(), None, b"", Step("thing", 0.5), Gate(min_prob=0.3, background=BackgroundPolicy(veto=True, stage="final")),
                   0, Head(), [])[2]
     assert (st.final_checked, st.final_vetoed, st.final_vetoed_background_only) == (3, 2, 1)

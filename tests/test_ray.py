@@ -87,7 +87,7 @@ def test_local_ray_starts_from_a_job_thread_and_leaves_nothing_behind(models_dir
         "import json, os, sys, threading\n"
         + inspect.getsource(_descendants) +
         "from pathlib import Path\n"
-        "from miner_svc.ray_pool import RayPool\n"
+        "from miner_svc.scale.ray_pool import RayPool\n"
         "pool = RayPool('local', 1, Path(sys.argv[1]))\n"
         "t = threading.Thread(target=pool._connect)\n"
         "t.start(); t.join()\n"
@@ -131,7 +131,7 @@ def renv(embedder_server, models_dir, tmp_path_factory):
     there = _miner(tmp / "there", models_dir, embedder_server.address, head_addr, roots=[tmp], ray_address="local",
                    ray_workers=2, ray_chunk=2)
     yield {"tmp": tmp, "ds": ds_path, "new": new, "head": tr.head.head_id, "here": here[2], "there": there[2],
-           "pool": there[0].servicer.ray, "here_svc": here[0].servicer, "ray": ray}
+           "pool": there[0].servicer.res.pool, "here_svc": here[0].servicer.res, "ray": ray}
     for runner, server, mc in (here, there):
         mc.close()
         server.stop(0.5)
@@ -257,8 +257,8 @@ def test_drafting_on_ray_writes_the_same_files(renv, mined):
 def guided(renv):
     """A hand-written recipe set for minisam-guided:8 (the head-bound detector, built on the
     workers from the head's zip), and its in-process drafts of the 8 new images."""
-    from miner_svc.recipe_sets import bundle_zip, make_set
-    from miner_svc.recipes import assign_id
+    from miner_svc.recipes.sets import bundle_zip, make_set
+    from miner_svc.recipes.store import assign_id
 
     svc = renv["here_svc"]
     head = svc.fetch_head(renv["head"])

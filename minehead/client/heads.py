@@ -9,21 +9,19 @@ import numpy as np
 
 from minehead.common.v1 import common_pb2
 from minehead.core import embeddings as codec
+from minehead.core.file_chunks import file_chunks
 from minehead.head.v1 import head_pb2, head_pb2_grpc
 
 from minehead.client.channel import ServiceClient
 from minehead.client.embedder import boxes_proto, image_ref
 from minehead.client.jobs import JobsClient
 
-CHUNK = 1 << 20
-
-
 def chunked(first, data: bytes, wrap):
     """Client-stream messages: `first` (if any), then `data` in 1 MiB FileChunks via `wrap`."""
     if first is not None:
         yield first
-    for i in range(0, len(data), CHUNK):
-        yield wrap(common_pb2.FileChunk(data=data[i:i + CHUNK]))
+    for chunk in file_chunks(data):
+        yield wrap(chunk)
 
 
 class HeadClient(ServiceClient):

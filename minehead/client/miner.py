@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
-from minehead.common.v1 import common_pb2
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
+from google.protobuf import struct_pb2
+
+from minehead.common.v1 import common_pb2
 from minehead.miner.v1 import drafting_pb2, miner_pb2, miner_pb2_grpc
 
 from minehead.client.channel import ServiceClient
 from minehead.client.embedder import image_ref
 from minehead.client.heads import chunked
 from minehead.client.jobs import JobsClient
+
+
+def from_struct(value: struct_pb2.Struct | struct_pb2.ListValue | struct_pb2.Value) -> Any:
+    """A Struct the miner answers with (MiningResult.summary, BenchmarkResult.report) as plain
+    Python: dicts, lists, str, bool, None and numbers. A Struct holds every number as a double;
+    whole numbers come back as int (counts stay counts: 3, not 3.0)."""
+    if isinstance(value, struct_pb2.Struct):
+        return {k: from_struct(v) for k, v in value.fields.items()}
+    if isinstance(value, struct_pb2.ListValue):
+        return [from_struct(v) for v in value.values]
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return from_struct(value.struct_value)
+    if kind == "list_value":
+        return from_struct(value.list_value)
+    if kind == "number_value":
+        n = value.number_value
+        return int(n) if n.is_integer() else n
+    return None if kind in (None, "null_value") else getattr(value, kind)
 
 
 class MinerClient(ServiceClient):

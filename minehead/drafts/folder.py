@@ -25,6 +25,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from google.protobuf import json_format
+
 from minehead.core.errors import FailedPrecondition, InvalidArgument
 from minehead.drafts import formats
 from minehead.miner.v1 import drafting_pb2
@@ -41,22 +43,47 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def describe(summary: dict, where: str) -> str:
+def draft_result(summary: dict, output_dir: str | Path) -> drafting_pb2.DraftingResult:
+    """The typed result of a draft from the summary `DraftFolder.finish` returned (the dict
+    summary.json holds): the folder's totals as the result's fields, the run's account as its
+    `summary`. The one conversion, for the miner's job and the CLI's stream mode alike."""
+    skipped = list(summary.get("skipped", [])) + list(summary.get("unreadable", []))
+    return drafting_pb2.DraftingResult(
+        output_dir=str(output_dir), images=summary["images"], images_drafted=summary["images_drafted"],
+        boxes=summary["boxes"], class_counts=summary["class_counts"],
+        skipped=[drafting_pb2.SkippedImage(image=s["image"], reason=s["reason"]) for s in skipped],
+        merged_lines=summary.get("merged_lines", {}), files=summary.get("files", []),
+        # The keys beside the totals are DraftingSummary's fields (summary.json keeps a few more).
+        summary=json_format.ParseDict(summary, drafting_pb2.DraftingSummary(), ignore_unknown_fields=True))
+
+
+def describe(result: drafting_pb2.DraftingResult) -> str:
     """The one-paragraph account of a draft, for the job log and the CLI."""
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.get("class_counts", {}).items())) or "no boxes"
-    skipped = summary.get("skipped", []) + summary.get("unreadable", [])
-    rate = summary.get("images_per_s", 0.0)
-    text = (f"Drafted {summary['images_drafted']} of {summary['images']} images into {where}: {summary['boxes']} boxes "
-            f"({counts}); {summary['ambiguous']} flagged ambiguous, {summary['with_runner_up']} with a runner-up of "
-            f"another class; {len(skipped)} skipped")
+    s = result.summary
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(result.class_counts.items())) or "no boxes"
+    skipped = list(result.skipped)
+    text = (f"Drafted {result.images_drafted} of {result.images} images into {result.output_dir}: {result.boxes} boxes "
+            f"({counts}); {s.ambiguous} flagged ambiguous, {s.with_runner_up} with a runner-up of another class; "
+            f"{len(skipped)} skipped")
     if skipped:
-        text += " (" + "; ".join(f"{s['image']}: {s['reason']}" for s in skipped[:3]) + (", …" if len(skipped) > 3 else "") + ")"
-    if "drafted_this_run" in summary:
-        text += f". This run: {summary['drafted_this_run']} images" + (f" at {rate:.2f} images/s" if rate else "")
-    if summary.get("merged_lines"):
-        text += f"; appended {sum(summary['merged_lines'].values())} lines to {len(summary['merged_lines'])} existing label files"
-    text += (". Files: " + ", ".join(summary.get("files", [])) + ". Review the most uncertain boxes first: review.jsonl.")
-    return text
+        text += " (" + "; ".join(f"{k.image}: {k.reason}" for k in skipped[:3]) + (", …" if len(skipped) > 3 else "") + ")"
+    text += f". This run: {s.drafted_this_run} images" + (f" at {s.images_per_s:.2f} images/s" if s.images_per_s else "")
+    if result.merged_lines:
+        text += (f"; appended {sum(result.merged_lines.values())} lines to {len(result.merged_lines)} existing label "
+                 "files")
+    return text + ". Files: " + ", ".join(result.files) + ". Review the most uncertain boxes first: review.jsonl."
+
+
+def export_files(root: Path) -> dict[str, bytes]:
+    """The files of a draft folder a user downloads (relative path -> bytes): everything but the
+    bookkeeping (.minehead-draft/), the image links (images/) and temporary files."""
+    files = {}
+    for p in sorted(Path(root).rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_symlink() or not p.is_file() or rel.parts[0] in (META, "images") or p.name.startswith(".tmp-"):
+            continue
+        files[str(rel)] = p.read_bytes()
+    return files
 
 
 def check_formats(formats_: list[str]) -> list[str]:

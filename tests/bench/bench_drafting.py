@@ -47,8 +47,8 @@ def _images(folder: Path, n: int, seed: int) -> Path:
     return Path(root)
 
 
-def _peak_rss(models: Path, tmp: Path, ea: str, ha: str, bundle: bytes, n: int, seed: int) -> tuple[float, dict]:
-    """Draft n new images in a fresh miner process; its peak RSS in MiB and the job summary."""
+def _peak_rss(models: Path, tmp: Path, ea: str, ha: str, bundle: bytes, n: int, seed: int):
+    """Draft n new images in a fresh miner process: (its peak RSS in MiB, the job's DraftingSummary)."""
     from minehead.client.health import check_health
     from minehead.client.miner import MinerClient
     from minehead.miner.v1 import drafting_pb2
@@ -75,7 +75,7 @@ def _peak_rss(models: Path, tmp: Path, ea: str, ha: str, bundle: bytes, n: int, 
             mc.jobs.get(job.name).result.Unpack(res)
         status = Path(f"/proc/{proc.pid}/status").read_text()
         hwm = next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:"))
-        return hwm / 1024, dict(res.summary)
+        return hwm / 1024, res.summary
     finally:
         proc.kill()
         proc.wait(30)
@@ -96,8 +96,8 @@ def main(argv=None) -> int:
     from minehead.miner.v1 import drafting_pb2
     from minehead.recipes.v2 import recipes_pb2
     from minehead.synth import make_synthetic_dataset
-    from miner_svc.recipe_sets import bundle_zip, make_set
-    from miner_svc.recipes import assign_id
+    from miner_svc.recipes.sets import bundle_zip, make_set
+    from miner_svc.recipes.store import assign_id
 
     models = Path(os.environ.get("MINEHEAD_MODELS_DIR", REPO / "var" / "models"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-drafting-"))
@@ -154,11 +154,12 @@ def main(argv=None) -> int:
         list(mc.jobs.watch(job.name))
         res = drafting_pb2.DraftingResult()
         mc.jobs.get(job.name).result.Unpack(res)
-        passes = dict(res.summary)["passes"]
-        print(f"\ndrafting job, {a.images} new images, {k5}-class set: backbone passes {int(passes['backbone_passes'])} "
-              f"(target = {a.images}), decoder passes {int(passes['decoder_passes'])}, "
-              f"{dict(res.summary)['images_per_s']:.2f} images/s, {res.boxes} boxes")
-        out["passes"] = {"images": a.images, **{k: int(v) for k, v in passes.items()}}
+        passes = res.summary.passes
+        print(f"\ndrafting job, {a.images} new images, {k5}-class set: backbone passes {passes.backbone_passes} "
+              f"(target = {a.images}), decoder passes {passes.decoder_passes}, "
+              f"{res.summary.images_per_s:.2f} images/s, {res.boxes} boxes")
+        out["passes"] = {"images": a.images, "backbone_passes": passes.backbone_passes, "text_passes": passes.text_passes,
+                         "decoder_passes": passes.decoder_passes}
 
         # Drafting one new image end to end vs the detector alone on one new image.
         from minehead.core.images import decode_image
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
         # ListRecipes with 1,000 recipes stored (the store answers from its index).
         import statistics
 
-        store = trio.miner_servicer.store
+        store = trio.miner_servicer.res.store
         base = mc.get_recipe_set(sets[1]).recipes[0]
         for k in range(1000):
             r = recipes_pb2.Recipe()

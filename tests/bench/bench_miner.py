@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from minehead.synth import CLASSES, make_synthetic_dataset
     from minehead.head.v1 import head_pb2
     from minehead.miner.v1 import miner_pb2
-    from miner_svc import selection
+    from miner_svc.mining import selection
 
     tmp = Path(tempfile.mkdtemp())
     models = tmp / "models"

@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     from minehead.recipes.v2 import recipes_pb2
     from minehead.synth import make_synthetic_dataset
     from miner_svc.detectors import default_detector, default_for_head
-    from miner_svc.recipe_sets import bundle_zip, make_set
-    from miner_svc.recipes import assign_id
+    from miner_svc.recipes.sets import bundle_zip, make_set
+    from miner_svc.recipes.store import assign_id
 
     models = Path(os.environ.get("MINEHEAD_MODELS_DIR", REPO / "var" / "models"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         clients = {k: MinerClient(v) for k, v in arms.items()}
         sets = {k: mc.import_recipe_set(bundle).name for k, mc in clients.items()}
 
-        def draft(k: str, src: Path, out: Path) -> tuple[float, dict]:
+        def draft(k: str, src: Path, out: Path) -> tuple[float, drafting_pb2.DraftingSummary]:
             mc = clients[k]
             t0 = time.perf_counter()
             job = mc.start_drafting(drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=sets[k]),
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             res = mc.jobs.result(job.name, drafting_pb2.DraftingResult)
             dt = time.perf_counter() - t0
             assert res.images_drafted == a.images, (k, res.images_drafted)
-            return dt, dict(res.summary)
+            return dt, res.summary
 
         names = list(arms)
         rates: dict[str, list[float]] = {k: [] for k in names}
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
                 labels[k].append("".join(f.read_text() for f in sorted((out / "labels").glob("*.txt"))))
                 if r:
                     rates[k].append(a.images / dt)
-                    passes[k].append(int(summary["passes"]["backbone_passes"]))
+                    passes[k].append(summary.passes.backbone_passes)
             print(f"round {r}{' (warm-up)' if r == 0 else ''} done at {time.perf_counter() - t_start:.0f} s", flush=True)
         same = all(labels[k] == labels[names[0]] for k in names)
         arm = {k: Arm(k, rates[k], 1) for k in names}

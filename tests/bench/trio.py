@@ -1,7 +1,7 @@
 """The three services in-process on free loopback ports, for the benchmarks that need them all.
 
     with Trio(tmp, models_dir) as t:        # t.embedder, t.head, t.miner: "127.0.0.1:PORT"
-        ...                                 # t.miner_servicer: the MinerServicer (its stores)
+        ...                                 # t.miner_servicer: the MinerServicer (its stores: .res)
 """
 
 from __future__ import annotations

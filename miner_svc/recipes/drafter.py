@@ -29,10 +29,11 @@ from minehead.heads.bundle import HeadBundle
 from minehead.heads.keep_rule import split_scores
 from minehead.miner.v1 import drafting_pb2
 
-from miner_svc import masks as mask_codec
-from miner_svc.detection_cache import CachedDetector
-from miner_svc.executor import Gate, HeadScorer, Step, feature_pool, run_recipe
-from miner_svc.recipes import gate_of, steps_of
+from miner_svc.recipes import masks as mask_codec
+from miner_svc.recipes.codec import gate_of, steps_of
+from miner_svc.recipes.detection_cache import DEFAULT_FLOOR, CachedDetector
+from miner_svc.recipes.executor import Gate, Step, run_recipe
+from miner_svc.recipes.scorer import HeadScorer, feature_pool
 
 DEFAULT_OVERLAP_IOU = 0.7
 DEFAULT_AMBIGUITY_MARGIN = 0.1
@@ -40,13 +41,13 @@ DEFAULT_AMBIGUITY_MARGIN = 0.1
 
 def draft_floor(recipe_set: drafting_pb2.RecipeSet) -> float:
     """The detection cache floor for a set: low enough for every threshold its steps use."""
-    return min([0.05] + [t for r in recipe_set.recipes for s in r.steps for t in (s.seed_threshold, s.expand_threshold) if t > 0])
+    return min([DEFAULT_FLOOR] + [t for r in recipe_set.recipes for s in r.steps for t in (s.seed_threshold, s.expand_threshold) if t > 0])
 
 
 def make_drafter(detector, head: HeadBundle, recipe_set: drafting_pb2.RecipeSet, options: drafting_pb2.DraftOptions,
                  embeds, model, cache_dir: Path) -> "Drafter":
     """A Drafter on a loaded detector (bound to `head` when it proposes with the head), built the
-    same way in the miner (`DraftingRPCs.drafter`) and on a Ray worker (`miner_svc.ray_pool`).
+    same way in the miner (`MinerResources.drafter`) and on a Ray worker (`miner_svc.scale`).
 
     The detection cache is per drafter: new images are seen once, so nothing is written to disk
     and each image's rows are dropped when it is done (memory stays flat); the disk under
@@ -70,6 +71,7 @@ class Drafter:
     def __init__(self, det: CachedDetector, head: HeadBundle, scorer: HeadScorer, recipe_set: drafting_pb2.RecipeSet,
                  options: drafting_pb2.DraftOptions) -> None:
         self.det, self.head, self.scorer = det, head, scorer
+        self.recipe_set, self.options = recipe_set, options  # what a Ray worker rebuilds it from
         self.recipes = [_ClassRecipe(r.recipe_id, r.class_name, head.classes.index(r.class_name), steps_of(r), gate_of(r))
                         for r in recipe_set.recipes]
         self.polygons = options.polygons
@@ -135,10 +137,9 @@ class Drafter:
         if g.margin > 0:
             slack["margin"] = margin - g.margin
             why.append(f"margin {margin:.2f} >= {g.margin:.2f}")
-        guard = g.background_guard and g.apply in ("final", "both") and bool(self.head.background_indices)
-        if guard:
-            slack["background margin"] = tp - best_bg - g.background_margin
-            why.append(f"background margin {tp - best_bg:.2f} >= {g.background_margin:.2f}")
+        if g.background.at_final and self.head.background_indices:
+            slack["background margin"] = tp - best_bg - g.background.margin
+            why.append(f"background margin {tp - best_bg:.2f} >= {g.background.margin:.2f}")
         why.append(f"step {step} {st.prompt!r}: detector score {score:.2f} >= {det_thr:.2f}")
         tightest = min(slack, key=slack.get)
         b = drafting_pb2.DraftBox(

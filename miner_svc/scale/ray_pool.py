@@ -1,17 +1,18 @@
-"""Scale-out on Ray (issue 14): mining's detection phase and drafting's per-image work run on
-Ray actors instead of in the miner's process. Without `--ray-address` nothing here is imported.
+"""The ImagePool on Ray (`pool.py`): mining's detection phase and drafting's per-image work run
+on Ray actors instead of in the miner's process. Without `--ray-address` nothing here is imported.
 
     pool = RayPool("auto", workers=None, models_dir=..., offline=True)   # connects on first use
-    for k, data, state in pool.detect(ctx, det, head, scorer, paths, prompts): ...   # mining
-    for i, path, drafted in pool.draft(ctx, drafter, rset, options, todo, ...): ...   # drafting
+    for position, data, state in pool.detect(ctx, det, head, model, images, prompts): ...   # mining
+    for index, path, drafted in pool.draft(ctx, drafter, images): ...                       # drafting
 
-What runs where. A `Worker` actor (`miner_svc.ray_worker`; one per GPU with num_gpus=1, else N
-on CPU) loads each detector once and keeps it for every later job; per job it builds what the
-job needs once (the head bound to the detector, or a whole `Drafter`) from a spec put in the
-object store once. Images travel to it in chunks (bytes: workers need not share a filesystem); results come back
-through the object store: for mining the floor runs per (image, prompt) exactly as the miner's
-detection cache keeps them (`detection_cache.pack`) plus the crop embeddings of their boxes
-pooled from the worker's feature map; for drafting the serialized `DraftedImage`s. Everything
+What runs where. A `Worker` actor (`ray_worker.py`; one per GPU with num_gpus=1, else N on CPU)
+loads each detector once and keeps it for every later job; per job it builds what the job needs
+once (the head bound to the detector, or a whole `Drafter`) from a setup put in the object store
+once (`specs.DetectSpec`, `specs.DraftSpec`). Images travel to it in chunks (bytes: workers need
+not share a filesystem); results come back through the object store: for mining the floor runs
+per (image, prompt) exactly as the miner's detection cache keeps them (`FloorRun`) plus the crop
+embeddings of their boxes pooled from the worker's feature map; for drafting the serialized
+`DraftedImage`s (`specs.DetectedChunk`, `specs.DraftedChunk`). Everything
 after that (selection, gate sweep, the draft folder and its exactly-once ledger, job events)
 stays in the miner, unchanged, so results equal the in-process ones.
 
@@ -33,13 +34,21 @@ import threading
 import uuid
 from collections import deque
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from minehead.core.errors import FailedPrecondition
 from minehead.core.images import decode_image
+from minehead.core.jobs import JobContext
+from minehead.heads.bundle import HeadBundle
+from minehead.miner.v1 import drafting_pb2
 
-from miner_svc.ray_worker import Worker
+from miner_svc.recipes.drafter import Drafter
+from miner_svc.recipes.detection_cache import CachedDetector
+from miner_svc.scale.pool import DetectedImage, DraftedFile, ImageToDetect, ImageToDraft, unreadable
+from miner_svc.scale.ray_worker import Worker
+from miner_svc.scale.specs import DetectSpec, DraftSpec, WorkerSetup
 
 log = logging.getLogger(__name__)
 
@@ -202,19 +211,18 @@ class RayPool:
         return max(1, min(self.chunk, -(-total // max(1, len(self._actors)))))
 
     # -- dispatch -----------------------------------------------------------------------------
-    def _run(self, ctx, method: str, spec: dict, chunks):
+    def _run(self, ctx, method: str, spec: WorkerSetup, chunks):
         """Yields (chunk, result) as chunks finish, in any order; see the module docstring."""
         ray = self._connect()
-        retry = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError)
         spec_ref = ray.put(spec)
         token = uuid.uuid4().hex
-        pending: deque[_Chunk] = deque()
+        pending: deque[_Chunk] = deque()  # chunks whose actor died: they go first
         inflight: dict = {}  # ObjectRef -> (slot, actor handle, chunk)
         free = list(range(len(self._actors)))
         source = iter(chunks)
         try:
             while True:
-                while free:
+                while free:  # one chunk in flight per actor
                     c = pending.popleft() if pending else next(source, None)
                     if c is None:
                         break
@@ -227,26 +235,12 @@ class RayPool:
                 ctx.check_cancelled()
                 for ref in ready:
                     slot, handle, c = inflight.pop(ref)
-                    try:
-                        res = ray.get(ref)
-                    except retry as e:
-                        c.attempts += 1
-                        name = self._names[slot]
-                        if c.attempts >= MAX_ATTEMPTS:
-                            raise FailedPrecondition(f"{c.attempts} Ray workers died on images {', '.join(map(str, c.meta))}: "
-                                                     f"{type(e).__name__}") from None
-                        ctx.warn(f"Ray worker {name} died ({type(e).__name__}); its {len(c.items)} image(s) run again "
-                                 "on another worker")
-                        self._replace(slot, handle)
-                        pending.appendleft(c)
-                        free.append(slot)
-                        continue
-                    except ray.exceptions.RayTaskError as e:
-                        # The worker's own exception (a bug, a model that failed to load): as in-process.
-                        cause = getattr(e, "cause", None)
-                        raise (cause if isinstance(cause, Exception) else e) from None
+                    res = self._take(ctx, ray, ref, slot, handle, c)
                     free.append(slot)
-                    yield c, res
+                    if res is None:
+                        pending.appendleft(c)
+                    else:
+                        yield c, res
         finally:
             for ref, (slot, handle, _) in inflight.items():
                 try:
@@ -255,104 +249,113 @@ class RayPool:
                 except Exception:  # the actor is gone: nothing to stop
                     pass
 
-    def detect(self, ctx, det, head, scorer, images: list[tuple[int, str, Path]], prompts: list[str]):
-        """Mining's detection phase: every (image, prompt) floor run the miner's detection cache
-        lacks is made on the workers and stored in `det` as if made here; the crop embeddings of
-        those boxes, pooled by the workers, serve `scorer` (no second encoder pass, no embedder
-        call). images: [(position, name, path)]. Yields (position, bytes, ImageState) as each image
-        is ready, in any order."""
+    def _take(self, ctx, ray, ref, slot: int, handle, c: _Chunk):
+        """A finished chunk's result; None when its actor died (the actor is replaced and the
+        chunk runs again). A chunk that took down MAX_ATTEMPTS actors fails the job; the
+        worker's own exception (a bug, a model that failed to load) is raised as in-process."""
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError) as e:
+            c.attempts += 1
+            if c.attempts >= MAX_ATTEMPTS:
+                raise FailedPrecondition(f"{c.attempts} Ray workers died on images {', '.join(map(str, c.meta))}: "
+                                         f"{type(e).__name__}") from None
+            ctx.warn(f"Ray worker {self._names[slot]} died ({type(e).__name__}); its {len(c.items)} image(s) run again "
+                     "on another worker")
+            self._replace(slot, handle)
+            return None
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, Exception) else e) from None
+
+    def detect(self, ctx: JobContext, det: CachedDetector, head: HeadBundle, model,
+               images: list[ImageToDetect], prompts: list[str]) -> Iterator[DetectedImage]:
+        """Mining's detection phase (ImagePool.detect): every (image, prompt) floor run the
+        miner's detection cache lacks is made on the workers and stored in `det` as if made here;
+        the crop embeddings the workers pooled for those boxes go with the image
+        (`ImageState.pooled`), so the head's scorer needs no second encoder pass or embedder
+        call. Images the cache already answers never wait on Ray."""
         prompts = list(dict.fromkeys(prompts + ([""] if det.info.class_agnostic else [])))
-        shipped: dict[str, dict[bytes, np.ndarray]] = {}
-        base_pool = scorer.pool
-        if base_pool is not None:
-            def pool(state, boxes, policy):
-                rows = shipped.get(state.image.sha256)
-                if rows is not None:
-                    got = [rows.get(b.tobytes()) for b in np.asarray(boxes, np.float32)]
-                    if all(g is not None for g in got):
-                        return np.stack(got) if got else None
-                return base_pool(state, boxes, policy)
-
-            scorer.pool = pool
-        local: deque = deque()  # images the cache already answers: no Ray round trip
+        spec = DetectSpec(key=f"detect|{det.detector.cache_key}|{det.floor:g}|{head.head_id}|{model.weights_sha256}",
+                          model_id=det.info.model_id, head_zip=head.to_zip(), model=model.SerializeToString(),
+                          floor=det.floor, prompts=tuple(prompts))
+        local: deque[DetectedImage] = deque()  # images the cache already answers: no Ray round trip
         states: dict[int, tuple[bytes, object]] = {}
-
-        def chunks():
-            batch: list = []
-            size = self._chunk_size(len(images))
-            for k, name, path in images:
-                ctx.check_cancelled()  # as in-process, before each image (cache hits never wait on Ray)
-                data = path.read_bytes()
-                state = det.set_image(decode_image(data, name))
-                if all(det.has_text(state.image.sha256, p) for p in prompts):
-                    for p in prompts:
-                        det.text(state, p)
-                    local.append((k, data, state))
-                    continue
-                states[k] = (data, state)
-                batch.append((k, name, data))
-                if len(batch) == size:
-                    yield _Chunk(batch, [n for _, n, _ in batch])
-                    batch = []
-            if batch:
-                yield _Chunk(batch, [n for _, n, _ in batch])
-
-        spec = {"kind": "detect", "key": f"detect|{det.detector.cache_key}|{det.floor:g}|{head.head_id}|{scorer.model.weights_sha256}",
-                "model_id": det.info.model_id, "head_zip": head.to_zip(), "model": scorer.model.SerializeToString(),
-                "floor": det.floor, "prompts": prompts}
-        for _, res in self._run(ctx, "detect", spec, chunks()):
+        for _, res in self._run(ctx, "detect", spec, self._detect_chunks(ctx, det, images, prompts, local, states)):
             while local:
                 yield local.popleft()
-            det.counters.add(**{k.replace("_passes", ""): v for k, v in res["passes"].items()})
-            for k, recs, boxes, vectors in res["images"]:
-                data, state = states.pop(k)
+            det.counters.add_passes(res.passes)
+            for rows in res.images:
+                data, state = states.pop(rows.key)
                 for p in prompts:
-                    det.put_text(state, p, recs[p])
-                if vectors is not None:
-                    shipped[state.image.sha256] = {b.tobytes(): v for b, v in zip(boxes, np.asarray(vectors, np.float32))}
-                yield k, data, state
+                    det.put_text(state, p, rows.runs[p])
+                if rows.vectors is not None:
+                    state.pooled = {b.tobytes(): v for b, v in zip(rows.boxes, np.asarray(rows.vectors, np.float32))}
+                yield DetectedImage(rows.key, data, state)
         while local:
             yield local.popleft()
 
-    def draft(self, ctx, drafter, rset, options, todo: list[tuple[int, Path]], embedder: str, cache_dir: Path):
-        """Drafting's per-image work on the workers. Yields (index, path, DraftedImage) as each
-        image is done, in any order; the workers' pass counters, embedded / pooled box counts and
-        warnings are added to `drafter`'s, so the job's summary reads as in-process."""
-        from minehead.miner.v1 import drafting_pb2
-
-        local: deque = deque()  # unreadable files: answered here, as in-process
-        paths: dict[int, Path] = {}
-
-        def chunks():
-            batch: list = []
-            size = self._chunk_size(len(todo))
-            for i, p in todo:
-                try:
-                    data = p.read_bytes()
-                except OSError as e:
-                    local.append((i, p, drafting_pb2.DraftedImage(image=p.name, index=i, error=f"unreadable: {e.strerror}")))
-                    continue
-                paths[i] = p
-                batch.append((i, p.name, data))
-                if len(batch) == size:
-                    yield _Chunk(batch, [n for _, n, _ in batch])
-                    batch = []
-            if batch:
+    def _detect_chunks(self, ctx, det: CachedDetector, images: list[ImageToDetect], prompts: list[str], local: deque,
+                       states: dict):
+        """Chunks of the images the detection cache lacks; the others go to `local` ready."""
+        batch: list = []
+        size = self._chunk_size(len(images))
+        for k, name, path in images:
+            ctx.check_cancelled()  # as in-process, before each image (cache hits never wait on Ray)
+            data = path.read_bytes()
+            state = det.set_image(decode_image(data, name))
+            if all(det.has_text(state.image.sha256, p) for p in prompts):
+                for p in prompts:
+                    det.text(state, p)
+                local.append(DetectedImage(k, data, state))
+                continue
+            states[k] = (data, state)
+            batch.append((k, name, data))
+            if len(batch) == size:
                 yield _Chunk(batch, [n for _, n, _ in batch])
+                batch = []
+        if batch:
+            yield _Chunk(batch, [n for _, n, _ in batch])
 
-        rs, opts = rset.SerializeToString(deterministic=True), options.SerializeToString(deterministic=True)
-        spec = {"kind": "draft", "key": "draft|" + hashlib.sha256(rs + b"|" + opts + drafter.head.head_id.encode()).hexdigest(),
-                "model_id": rset.detector, "head_zip": drafter.head.to_zip(), "model": drafter.scorer.model.SerializeToString(),
-                "recipe_set": rs, "options": opts, "embedder": embedder, "cache_dir": str(cache_dir)}
-        for _, res in self._run(ctx, "draft", spec, chunks()):
+    def draft(self, ctx: JobContext, drafter: Drafter, images: list[ImageToDraft]) -> Iterator[DraftedFile]:
+        """Drafting's per-image work on the workers (ImagePool.draft): each worker rebuilds the
+        drafter from its recipe set and options; the workers' pass counters, embedded / pooled
+        box counts and warnings are added to `drafter`'s, so the job's summary reads as
+        in-process. Unreadable files are answered here."""
+        rs = drafter.recipe_set.SerializeToString(deterministic=True)
+        opts = drafter.options.SerializeToString(deterministic=True)
+        spec = DraftSpec(key="draft|" + hashlib.sha256(rs + b"|" + opts + drafter.head.head_id.encode()).hexdigest(),
+                         model_id=drafter.recipe_set.detector, head_zip=drafter.head.to_zip(),
+                         model=drafter.scorer.model.SerializeToString(), recipe_set=rs, options=opts,
+                         embedder=drafter.scorer.embeds.address, cache_dir=str(drafter.det.cache_dir))
+        local: deque[DraftedFile] = deque()
+        paths: dict[int, Path] = {}
+        for _, res in self._run(ctx, "draft", spec, self._draft_chunks(images, local, paths)):
             while local:
                 yield local.popleft()
-            drafter.det.counters.add(**{k.replace("_passes", ""): v for k, v in res["passes"].items()})
-            drafter.scorer.boxes_embedded += res["boxes_embedded"]
-            drafter.scorer.boxes_pooled += res["boxes_pooled"]
-            drafter.warnings.extend(w for w in res["warnings"] if w not in drafter.warnings)
-            for raw in res["drafted"]:
+            drafter.det.counters.add_passes(res.passes)
+            drafter.scorer.boxes_embedded += res.boxes_embedded
+            drafter.scorer.boxes_pooled += res.boxes_pooled
+            drafter.warnings.extend(w for w in res.warnings if w not in drafter.warnings)
+            for raw in res.drafted:
                 d = drafting_pb2.DraftedImage.FromString(raw)
-                yield d.index, paths.pop(d.index), d
+                yield DraftedFile(d.index, paths.pop(d.index), d)
         while local:
             yield local.popleft()
+
+    def _draft_chunks(self, images: list[ImageToDraft], local: deque, paths: dict):
+        batch: list = []
+        size = self._chunk_size(len(images))
+        for i, p in images:
+            try:
+                data = p.read_bytes()
+            except OSError as e:
+                local.append(DraftedFile(i, p, unreadable(i, p, e)))
+                continue
+            paths[i] = p
+            batch.append((i, p.name, data))
+            if len(batch) == size:
+                yield _Chunk(batch, [n for _, n, _ in batch])
+                batch = []
+        if batch:
+            yield _Chunk(batch, [n for _, n, _ in batch])

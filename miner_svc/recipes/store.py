@@ -1,9 +1,8 @@
-"""Recipes (schema v2): conversion to executor parameters, the store, and recipe bundles.
+"""Recipes (schema v2) as data: canonical JSON, content ids, the store, and recipe bundles.
 
 The protobuf message `minehead.recipes.v2.Recipe` is the schema; `recipe.json` is its canonical
 protobuf JSON, so export -> import round-trips exactly. The recipe id is a content hash of that
-JSON (without name/id). Missing background fields (older recipes) are proto3 defaults, which
-mean "off": guard false, margin 0, apply FINAL, penalty 0.
+JSON (without name/id). What a recipe means to the executor is `codec`'s business.
 
 Bundle (zip): recipe.json, head/head.onnx, head/meta.json, head/report.json, manifest.json
 ({"files": {name: sha256}}). Import checks everything before anything becomes visible.
@@ -26,32 +25,9 @@ from minehead.core.safezip import make_zip, safe_members
 from minehead.recipes.v2 import recipes_pb2
 
 from minehead.heads.bundle import MAX_ONNX_BYTES, HeadBundle
-from miner_svc.executor import Gate, Step
 
 SCHEMA_VERSION = 2
-APPLY_NAMES = {recipes_pb2.BACKGROUND_APPLY_UNSPECIFIED: "final", recipes_pb2.SEED: "seed", recipes_pb2.FINAL: "final",
-          recipes_pb2.BOTH: "both"}
-APPLY_PROTO = {"seed": recipes_pb2.SEED, "final": recipes_pb2.FINAL, "both": recipes_pb2.BOTH}
 BUNDLE_MEMBERS = {"recipe.json", "manifest.json", "head/head.onnx", "head/meta.json", "head/report.json", "head/locator.onnx"}
-
-
-def steps_of(r: recipes_pb2.Recipe) -> list[Step]:
-    return [Step(prompt=s.prompt, seed_threshold=s.seed_threshold, expand_threshold=s.expand_threshold,
-                 max_visual_seeds=s.max_visual_seeds, seed_dedupe_iou=s.seed_dedupe_iou or 0.5,
-                 dedupe_iou=s.dedupe_iou or 0.5, max_results=s.max_results, enabled=s.enabled) for s in r.steps]
-
-
-def gate_of(r: recipes_pb2.Recipe, prompt_filter: bool = True) -> Gate:
-    g = r.gate
-    bgm = g.background_margin if g.HasField("background_margin") else g.clip_head_background_margin
-    return Gate(min_prob=g.min_prob, margin=g.margin, background_guard=g.clip_head_background_guard,
-                background_margin=bgm, apply=APPLY_NAMES[g.clip_head_background_apply], prompt_filter=prompt_filter)
-
-
-def step_proto(s: Step) -> recipes_pb2.Step:
-    return recipes_pb2.Step(prompt=s.prompt, seed_threshold=s.seed_threshold, expand_threshold=s.expand_threshold,
-                            max_visual_seeds=s.max_visual_seeds, seed_dedupe_iou=s.seed_dedupe_iou,
-                            dedupe_iou=s.dedupe_iou, max_results=s.max_results, enabled=s.enabled)
 
 
 def to_json(msg) -> str:
@@ -177,23 +153,14 @@ class RecipeStore:
         target = self.root / recipe.recipe_id
         if (target / "recipe.json").is_file():
             return self.get(recipe.recipe_id)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
-        try:
-            (tmp / "recipe.json").write_text(to_json(recipe))
-            (tmp / "head.zip").write_bytes(head.to_zip())
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_folder(target, {"recipe.json": to_json(recipe).encode(), "head.zip": head.to_zip()})
         with self._lock:
             self._write_ids(self._read_ids() + [recipe.recipe_id])
         return recipe
 
     def delete(self, name: str) -> None:
         f = self._folder(name)
-        trash = self.root / f".deleted-{f.name}"
-        shutil.rmtree(trash, ignore_errors=True)
-        f.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_folder(f)
         with self._lock:
             self._write_ids([i for i in self._read_ids() if i != f.name])
 
@@ -203,6 +170,25 @@ class RecipeStore:
     def import_zip(self, data: bytes) -> recipes_pb2.Recipe:
         recipe, head = read_bundle(data)
         return self.put(recipe, head)
+
+
+def write_folder(target: Path, files: dict[str, bytes]) -> None:
+    """A stored item's folder, atomically: written in a temp folder beside it, then renamed."""
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_folder(folder: Path) -> None:
+    """A stored item's folder, gone at once (renamed aside, then removed)."""
+    trash = folder.parent / f".deleted-{folder.name}"
+    shutil.rmtree(trash, ignore_errors=True)
+    folder.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def manifest_zip(files: dict[str, bytes], head: HeadBundle) -> bytes:

@@ -7,6 +7,7 @@ rather than extrapolated. Masks are stored bit-packed in a numeric .npz (never p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -19,33 +20,59 @@ from minehead.core.images import DecodedImage
 
 from miner_svc.detectors.base import Detections, Detector, ImageState
 
+# The floor: the lowest detector score kept from the one run per (image, prompt), unless a
+# mining job names another (MiningSpec.floor_threshold). Thresholds below it are refused.
+DEFAULT_FLOOR = 0.05
 
-def pack(d: Detections, h: int, w: int) -> tuple:
-    """A floor run as the cache keeps it: (boxes N x 4 float32, scores N float32, masks
-    bit-packed N x ceil(h*w/8) uint8, (N, h, w)). Plain numpy: it also travels through Ray's
-    object store (masks packed: 8x fewer bytes). A detector without masks (the locator's
-    peaks) stores N x 0 masks: nothing at the image size is allocated for it (a tiled
-    orthomosaic has thousands of peaks)."""
-    if d.masks is None:
-        return d.boxes.astype(np.float32), d.scores.astype(np.float32), np.zeros((len(d), 0), np.uint8), (len(d), h, w)
-    return (d.boxes.astype(np.float32), d.scores.astype(np.float32),
-            np.packbits(d.masks.reshape(len(d), h * w), axis=1), (len(d), h, w))
+
+@dataclasses.dataclass(frozen=True)
+class FloorRun:
+    """One detector run at the floor, as the cache keeps it (memory, disk, Ray's object store).
+
+    boxes: N x 4 float32 XYXY image pixels. scores: N float32. masks: N x ceil(h*w/8) uint8, the
+    H x W bool masks bit-packed row-major (8x fewer bytes). shape: (N, h, w)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    masks: np.ndarray
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def pack(cls, d: Detections, h: int, w: int) -> "FloorRun":
+        """A detector without masks (the locator's peaks) keeps N x 0 masks: nothing at the image
+        size is allocated for it (a tiled orthomosaic has thousands of peaks; N x H x W zeros
+        were 26 GiB for one)."""
+        if d.masks is None:
+            return cls(d.boxes.astype(np.float32), d.scores.astype(np.float32), np.zeros((len(d), 0), np.uint8),
+                       (len(d), h, w))
+        return cls(d.boxes.astype(np.float32), d.scores.astype(np.float32),
+                   np.packbits(d.masks.reshape(len(d), h * w), axis=1), (len(d), h, w))
+
+    def detections(self, masks: bool) -> Detections:
+        """Boxes and scores; the masks unpacked only when asked for."""
+        n, h, w = self.shape
+        mk = None
+        if masks and not (n and self.masks.shape[1] == 0):  # N x 0: the detector made no masks
+            mk = np.unpackbits(self.masks, axis=1, count=h * w).reshape(n, h, w).astype(bool) if n else np.zeros((0, h, w), bool)
+        return Detections(self.boxes, self.scores, mk)
 
 
 class CachedDetector:
-    def __init__(self, detector: Detector, cache_dir: Path, floor: float = 0.05, persist: bool = True) -> None:
-        """persist=False keeps new runs in memory only (drafting: new images are seen once, so
+    def __init__(self, detector: Detector, cache_dir: Path, floor: float = DEFAULT_FLOOR, persist: bool = True) -> None:
+        """cache_dir: the miner's detection cache (one folder per detector under it).
+        persist=False keeps new runs in memory only (drafting: new images are seen once, so
         writing their raw output to disk buys nothing); the disk is still read."""
         self.detector = detector
         self.info = detector.info
         self.counters = detector.counters
         self.floor = floor
-        self.dir = Path(cache_dir) / hashlib.sha256(detector.cache_key.encode()).hexdigest()[:16]
+        self.cache_dir = Path(cache_dir)
+        self.dir = self.cache_dir / hashlib.sha256(detector.cache_key.encode()).hexdigest()[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0
         self.persist = persist
-        self._mem: dict[Path, tuple] = {}
+        self._mem: dict[Path, FloorRun] = {}
         self._by_image: dict[str, list[Path]] = {}
 
     def set_image(self, image: DecodedImage) -> ImageState:
@@ -61,26 +88,22 @@ class CachedDetector:
         rec = self._mem.get(path)
         if rec is None and path.is_file():
             with np.load(path, allow_pickle=False) as z:
-                rec = (z["boxes"], z["scores"], z["masks"], tuple(int(v) for v in z["shape"]))
+                rec = FloorRun(z["boxes"], z["scores"], z["masks"], tuple(int(v) for v in z["shape"]))
         if rec is None:
             self.misses += 1
-            rec = pack(run(), state.image.height, state.image.width)
+            rec = FloorRun.pack(run(), state.image.height, state.image.width)
             self._write(path, rec)
         else:
             self.hits += 1
         self._remember(path, state.image.sha256, rec)
-        boxes, scores, packed, (n, h, w) = rec
-        mk = None
-        if masks and not (n and packed.shape[1] == 0):  # N x 0: the detector made no masks
-            mk = np.unpackbits(packed, axis=1, count=h * w).reshape(n, h, w).astype(bool) if n else np.zeros((0, h, w), bool)
-        return Detections(boxes, scores, mk)
+        return rec.detections(masks)
 
-    def _write(self, path: Path, rec: tuple) -> None:
+    def _write(self, path: Path, rec: FloorRun) -> None:
         if self.persist:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
             with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, boxes=rec[0], scores=rec[1], masks=rec[2], shape=np.array(rec[3]))
+                np.savez_compressed(f, boxes=rec.boxes, scores=rec.scores, masks=rec.masks, shape=np.array(rec.shape))
             os.replace(tmp, path)
 
     def has_text(self, image_sha256: str, prompt: str) -> bool:
@@ -88,16 +111,16 @@ class CachedDetector:
         path = self._path(image_sha256, f"text:{prompt}")
         return path in self._mem or path.is_file()
 
-    def put_text(self, state: ImageState, prompt: str, rec: tuple) -> None:
-        """Store a floor run made elsewhere (a Ray worker, `miner_svc.ray_pool`) as if this
-        detector had made it: `rec` is `pack(detections, h, w)` of the same detector at this
-        floor. Counted as a miss, as the run it stands for would have been."""
+    def put_text(self, state: ImageState, prompt: str, rec: FloorRun) -> None:
+        """Store a floor run made elsewhere (a Ray worker, `miner_svc.scale`) as if this
+        detector had made it: `rec` is the same detector's run at this floor. Counted as a
+        miss, as the run it stands for would have been."""
         path = self._path(state.image.sha256, f"text:{prompt}")
         self.misses += 1
         self._write(path, rec)
         self._remember(path, state.image.sha256, rec)
 
-    def _remember(self, path: Path, image_sha256: str, rec: tuple) -> None:
+    def _remember(self, path: Path, image_sha256: str, rec: FloorRun) -> None:
         if len(self._mem) > 20_000:  # a bound, not an LRU: a long job refills it from disk
             self._mem.clear()
             self._by_image.clear()

@@ -1,4 +1,4 @@
-"""The Ray actor of the scale-out (`miner_svc.ray_pool` starts and feeds it): one process on a
+"""The Ray actor of the scale-out (`ray_pool.RayPool` starts and feeds it): one process on a
 Ray node holding a loaded detector, doing the per-image work of mining's detection phase
 (`detect`) and of drafting (`draft`) for chunks of images sent as bytes.
 
@@ -6,12 +6,11 @@ It is a plain class (RayPool wraps it with `ray.remote`), so importing it needs 
 is pickled by reference: every Ray node needs the minehead package installed (one image).
 
     w = Worker(models_dir, offline=True, threads=1)        # in the actor process
-    w.detect(spec, token, [(key, name, jpeg_bytes), ...])   # floor runs + pooled crop vectors
-    w.draft(spec, token, [(index, name, jpeg_bytes), ...])  # serialized DraftedImages
+    w.detect(spec, token, [(key, name, jpeg_bytes), ...])   # -> DetectedChunk: floor runs + pooled crop vectors
+    w.draft(spec, token, [(index, name, jpeg_bytes), ...])  # -> DraftedChunk: serialized DraftedImages
 
-`spec` is one job's description, put in Ray's object store once by the pool: the detector's
-model id, the head's bundle zip, the head embedder's identity, and for drafting the recipe set
-and options. The worker builds what a job needs once, keyed by `spec["key"]`, and keeps the
+`spec` is one job's setup (`specs.DetectSpec` or `specs.DraftSpec`), put in Ray's object store
+once by the pool. The worker builds what a job needs once, keyed by `spec.key`, and keeps the
 last few (a job's chunks come one after another). Work runs one chunk at a time (a lock); the
 actor runs with two threads so `stop` and `info` answer while a chunk runs.
 """
@@ -27,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from minehead.core.images import decode_image
+
+from miner_svc.recipes.detection_cache import FloorRun
+from miner_svc.scale.specs import DetectedChunk, DetectedRows, DetectSpec, DraftedChunk, DraftSpec, WorkerSetup
 
 SETUPS_KEPT = 4  # per-job setups (bound heads, drafters) an actor keeps
 
@@ -54,34 +56,34 @@ class Worker:
         self._stopped.append(token)
 
     # -- setup, once per job ------------------------------------------------------------------
-    def _setup(self, spec: dict):
-        got = self._setups.get(spec["key"])
+    def _setup(self, spec: WorkerSetup):
+        """(bound detector, head, crop-vector pool) for a DetectSpec; a Drafter for a DraftSpec."""
+        got = self._setups.get(spec.key)
         if got is not None:
-            self._setups.move_to_end(spec["key"])
+            self._setups.move_to_end(spec.key)
             return got
         from minehead.crop_embeddings import CropEmbeddingCache
         from minehead.embedder.v1 import embedder_pb2
         from minehead.heads.bundle import HeadBundle
         from minehead.miner.v1 import drafting_pb2
         from miner_svc.detectors import create_detector
-        from miner_svc.drafting import make_drafter
-        from miner_svc.executor import feature_pool
+        from miner_svc.recipes.drafter import make_drafter
+        from miner_svc.recipes.scorer import feature_pool
 
-        head = HeadBundle.from_zip(spec["head_zip"])
-        model = embedder_pb2.Model.FromString(spec["model"])
-        mid = spec["model_id"]
-        if mid not in self._models:
-            self._models[mid] = create_detector(mid, self.models_dir, self.offline)
-        base = self._models[mid]
+        head = HeadBundle.from_zip(spec.head_zip)
+        model = embedder_pb2.Model.FromString(spec.model)
+        if spec.model_id not in self._models:
+            self._models[spec.model_id] = create_detector(spec.model_id, self.models_dir, self.offline)
+        base = self._models[spec.model_id]
         det = base.with_head(head) if base.uses_head else base
-        if spec["kind"] == "draft":
-            embeds = CropEmbeddingCache(spec["embedder"], self.scratch / "embeddings")
-            got = make_drafter(det, head, drafting_pb2.RecipeSet.FromString(spec["recipe_set"]),
-                               drafting_pb2.DraftOptions.FromString(spec["options"]), embeds, model,
-                               self._cache_dir(spec["cache_dir"]))
+        if isinstance(spec, DraftSpec):
+            embeds = CropEmbeddingCache(spec.embedder, self.scratch / "embeddings")
+            got = make_drafter(det, head, drafting_pb2.RecipeSet.FromString(spec.recipe_set),
+                               drafting_pb2.DraftOptions.FromString(spec.options), embeds, model,
+                               self._cache_dir(spec.cache_dir))
         else:
             got = (det, head, feature_pool(det, head, model))
-        self._setups[spec["key"]] = got
+        self._setups[spec.key] = got
         while len(self._setups) > SETUPS_KEPT:
             old = self._setups.popitem(last=False)[1]
             if hasattr(old, "scorer"):
@@ -98,11 +100,10 @@ class Worker:
             return self.scratch / "detections"
 
     # -- work ---------------------------------------------------------------------------------
-    def detect(self, spec: dict, token: str, chunk: list) -> dict:
-        """chunk: [(key, name, bytes)] -> {"images": [(key, {prompt: packed floor run}, boxes,
-        vectors or None)], "passes": counter deltas}."""
-        from miner_svc.detection_cache import pack
-
+    def detect(self, spec: DetectSpec, token: str, chunk: list) -> DetectedChunk:
+        """chunk: [(key, name, bytes)] -> each image's floor runs, their distinct boxes and the
+        boxes' crop vectors pooled from the feature map (when the head's embedder is the
+        detector's encoder)."""
         with self._work:
             self.busy = True
             try:
@@ -112,26 +113,27 @@ class Worker:
                 for key, name, data in chunk:
                     if token in self._stopped:
                         break
-                    state = det.set_image(decode_image(data, name))
-                    h, w = state.image.height, state.image.width
-                    if det.info.class_agnostic:  # the prompt cannot steer it: one run serves all
-                        rec = pack(det.predict_text(state, "", spec["floor"]), h, w)
-                        recs = {p: rec for p in spec["prompts"]}
-                    else:
-                        recs = {p: pack(det.predict_text(state, p, spec["floor"]), h, w) for p in spec["prompts"]}
-                    boxes = np.unique(np.concatenate([r[0] for r in recs.values()] + [np.zeros((0, 4), np.float32)]), axis=0)
-                    vectors = None
-                    if pool is not None and len(boxes):
-                        vectors = pool(state, boxes, head.crop_policy)
-                    out.append((key, recs, boxes, vectors))
+                    out.append(self._detect_one(det, head, pool, spec, key, decode_image(data, name)))
                     self.images_done += 1
-                after = det.counters.snapshot()
-                return {"images": out, "passes": {k: after[k] - before[k] for k in after}}
+                return DetectedChunk(out, det.counters.since(before))
             finally:
                 self.busy = False
 
-    def draft(self, spec: dict, token: str, chunk: list) -> dict:
-        """chunk: [(index, name, bytes)] -> {"drafted": [DraftedImage bytes], counters, warnings}."""
+    @staticmethod
+    def _detect_one(det, head, pool, spec: DetectSpec, key: int, image) -> DetectedRows:
+        state = det.set_image(image)
+        h, w = state.image.height, state.image.width
+        if det.info.class_agnostic:  # the prompt cannot steer it: one run serves all
+            run = FloorRun.pack(det.predict_text(state, "", spec.floor), h, w)
+            runs = {p: run for p in spec.prompts}
+        else:
+            runs = {p: FloorRun.pack(det.predict_text(state, p, spec.floor), h, w) for p in spec.prompts}
+        boxes = np.unique(np.concatenate([r.boxes for r in runs.values()] + [np.zeros((0, 4), np.float32)]), axis=0)
+        vectors = pool(state, boxes, head.crop_policy) if pool is not None and len(boxes) else None
+        return DetectedRows(key, runs, boxes, vectors)
+
+    def draft(self, spec: DraftSpec, token: str, chunk: list) -> DraftedChunk:
+        """chunk: [(index, name, bytes)] -> the serialized DraftedImages, the counters, warnings."""
         with self._work:
             self.busy = True
             try:
@@ -144,9 +146,7 @@ class Worker:
                         break
                     out.append(drafter.draft(data, name, i).SerializeToString())
                     self.images_done += 1
-                after = drafter.det.counters.snapshot()
-                return {"drafted": out, "passes": {k: after[k] - before[k] for k in after},
-                        "boxes_embedded": drafter.scorer.boxes_embedded - e0,
-                        "boxes_pooled": drafter.scorer.boxes_pooled - p0, "warnings": list(drafter.warnings)}
+                return DraftedChunk(out, drafter.det.counters.since(before), drafter.scorer.boxes_embedded - e0,
+                                    drafter.scorer.boxes_pooled - p0, list(drafter.warnings))
             finally:
                 self.busy = False

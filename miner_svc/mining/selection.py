@@ -135,6 +135,15 @@ def image_level(per_image: list[tuple[np.ndarray, np.ndarray]], iou: float = 0.5
     return {**il, "il_mcc": mcc, "positive_micro_f1": pmf1, "cg_f1": pmf1 * mcc}
 
 
+@dataclasses.dataclass(frozen=True)
+class GateParams:
+    """A head gate found by the sweep: min_prob, margin, background margin."""
+
+    min_prob: float
+    margin: float
+    background_margin: float
+
+
 @dataclasses.dataclass
 class GateRows:
     """Candidate detections (before the head gate) pooled over images: the sweep's input."""
@@ -154,15 +163,16 @@ class GateRows:
         return cls(tp, bo, bb, np.asarray(is_tp, bool), top1_bg, gt)
 
 
-def sweep_gate(rows: GateRows, target_precision: float, guard: bool, penalty: float = 0.0,
-               margins=MARGIN_GRID, bg_margins=BG_MARGIN_GRID, min_probs=MIN_PROB_GRID) -> tuple[dict, Counts]:
-    """Best (min_prob, margin, background_margin) by the objective, over the grids, vectorised:
+def sweep_gate(rows: GateRows, target_precision: float, veto: bool, penalty: float = 0.0,
+               margins=MARGIN_GRID, bg_margins=BG_MARGIN_GRID, min_probs=MIN_PROB_GRID) -> tuple[GateParams | None, Counts]:
+    """Best (min_prob, margin, background_margin) by the objective, over the grids (background
+    margins only when the background veto is on), vectorised:
     for each (margin, background margin) pair the rows passing both are sorted by target
     probability once, and cumulative sums give TP / FP for every min_prob at once.
 
     Match status is taken from the ungated candidates (a gated-away true positive does not
     promote a lower duplicate): an approximation the final executor evaluation corrects."""
-    bgm = bg_margins if guard else np.array([0.0])
+    bgm = bg_margins if veto else np.array([0.0])
     order = np.argsort(-rows.target_prob, kind="stable")
     tp_sorted = rows.target_prob[order]
     best = (-np.inf, None, None)
@@ -171,7 +181,7 @@ def sweep_gate(rows: GateRows, target_precision: float, guard: bool, penalty: fl
         ok = np.ones(len(order), bool)
         if m > 0:
             ok &= (rows.target_prob - rows.best_other)[order] >= m
-        if guard:
+        if veto:
             ok &= (rows.target_prob - rows.best_bg)[order] >= b
         ctp = np.concatenate([[0], np.cumsum(ok & rows.is_tp[order])])
         cfp = np.concatenate([[0], np.cumsum(ok & ~rows.is_tp[order])])
@@ -183,21 +193,21 @@ def sweep_gate(rows: GateRows, target_precision: float, guard: bool, penalty: fl
             looseness = 1.0 - (p + m + b) / 3.0
             s = objective(c, target_precision, penalty, looseness)
             if s > best[0]:
-                best = (s, {"min_prob": float(p), "margin": float(m), "background_margin": float(b)}, c)
+                best = (s, GateParams(float(p), float(m), float(b)), c)
     return best[1], best[2]
 
 
-def sweep_gate_loop(rows: GateRows, target_precision: float, guard: bool, penalty: float = 0.0,
-                    margins=MARGIN_GRID, bg_margins=BG_MARGIN_GRID, min_probs=MIN_PROB_GRID) -> tuple[dict, Counts]:
+def sweep_gate_loop(rows: GateRows, target_precision: float, veto: bool, penalty: float = 0.0,
+                    margins=MARGIN_GRID, bg_margins=BG_MARGIN_GRID, min_probs=MIN_PROB_GRID) -> tuple[GateParams | None, Counts]:
     """The same search as a plain loop over rows (kept for the benchmark and as a check)."""
-    bgm = bg_margins if guard else [0.0]
+    bgm = bg_margins if veto else [0.0]
     best = (-np.inf, None, None)
     for m, b in itertools.product(margins, bgm):
         for p in min_probs:
             c = Counts(gt=rows.gt)
             for i in range(len(rows.target_prob)):
                 t = rows.target_prob[i]
-                if t < p or (m > 0 and t - rows.best_other[i] < m) or (guard and t - rows.best_bg[i] < b):
+                if t < p or (m > 0 and t - rows.best_other[i] < m) or (veto and t - rows.best_bg[i] < b):
                     continue
                 c.tp += int(rows.is_tp[i])
                 c.fp += int(not rows.is_tp[i])
@@ -205,7 +215,7 @@ def sweep_gate_loop(rows: GateRows, target_precision: float, guard: bool, penalt
             c.checked = c.tp + c.fp
             s = objective(c, target_precision, penalty, 1.0 - (p + m + b) / 3.0)
             if s > best[0]:
-                best = (s, {"min_prob": float(p), "margin": float(m), "background_margin": float(b)}, c)
+                best = (s, GateParams(float(p), float(m), float(b)), c)
     return best[1], best[2]
 
 

@@ -14,8 +14,6 @@ against the embedded head.
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,7 +23,8 @@ from minehead.heads.bundle import MAX_ONNX_BYTES, HeadBundle
 from minehead.miner.v1 import drafting_pb2
 from minehead.recipes.v2 import recipes_pb2
 
-from miner_svc.recipes import assign_id, check_against_head, manifest_zip, parse_strict, read_manifest_zip, to_json
+from miner_svc.recipes.store import (assign_id, check_against_head, manifest_zip, parse_strict, read_manifest_zip,
+                                     remove_folder, to_json, write_folder)
 
 MAX_RECIPES = 1000
 
@@ -116,21 +115,11 @@ class RecipeSetStore:
         with self._lock:
             if (target / "recipe_set.json").is_file():
                 return self.get(s.recipe_set_id)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
-            try:
-                (tmp / "recipe_set.json").write_text(to_json(s))
-                (tmp / "head.zip").write_bytes(head.to_zip())
-                tmp.rename(target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            write_folder(target, {"recipe_set.json": to_json(s).encode(), "head.zip": head.to_zip()})
         return s
 
     def delete(self, name: str) -> None:
-        f = self._folder(self.get(name).recipe_set_id)
-        trash = self.root / f".deleted-{f.name}"
-        shutil.rmtree(trash, ignore_errors=True)
-        f.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_folder(self._folder(self.get(name).recipe_set_id))
 
     def export_zip(self, name: str) -> bytes:
         s = self.get(name)
