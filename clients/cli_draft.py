@@ -29,8 +29,12 @@ from clients.cli_common import ProgressBar, follow, print_json, print_table, to_
 def _options(a) -> drafting_pb2.DraftOptions:
     formats = [f for f in (a.format or "").split(",") if f.strip()]
     check_formats(formats)
-    return drafting_pb2.DraftOptions(recipe_set=a.recipes or "", formats=formats, polygons=a.polygons,
-                                     overlap_iou=a.overlap_iou or 0.0, ambiguity_margin=a.ambiguity_margin or 0.0)
+    opts = drafting_pb2.DraftOptions(recipe_set=a.recipes or "", formats=formats, polygons=a.polygons,
+                                     overlap_iou=a.overlap_iou or 0.0, ambiguity_margin=a.ambiguity_margin or 0.0,
+                                     lookalikes=a.lookalikes or "")
+    if a.refine is not None:
+        opts.refine_boxes = a.refine
+    return opts
 
 
 def cmd_draft(a) -> int:
@@ -79,7 +83,7 @@ def _stream(a, c: MinerClient, options: drafting_pb2.DraftOptions) -> int:
     todo = [(i, p) for i, p in enumerate(images) if p.name not in done]
     if done:
         print(f"resuming {out}: {len(done)} of {len(images)} images already drafted", file=sys.stderr)
-    bar, t0, merged = ProgressBar(), time.perf_counter(), {}
+    bar, t0, merged, tiled = ProgressBar(), time.perf_counter(), {}, {}
     bar.update(len(done), len(images), "images")
     n = 0
     responses = c.draft_images(options, (p for _, p in todo)) if todo else []
@@ -92,13 +96,16 @@ def _stream(a, c: MinerClient, options: drafting_pb2.DraftOptions) -> int:
             merged[f"labels/{p.stem}.txt"] = added
         if drafted.error:
             print(f"\nwarning: skipped {p.name}: {drafted.error}", file=sys.stderr)
+        if drafted.tiling.tiles > 1:
+            tiled[p.name] = {"tiles": drafted.tiling.tiles, "tile_px": drafted.tiling.tile_px,
+                             "overlap_px": drafted.tiling.overlap_px}
         n += 1
         bar.update(len(done) + n, len(images), "images")
     secs = time.perf_counter() - t0
     summary = folder.finish({"recipe_set": rset.name, "head": rset.head_id, "detector": rset.detector, "images": len(images),
                              "drafted_this_run": n, "already_done": len(done), "seconds": round(secs, 3),
                              "images_per_s": round(n / secs, 4) if secs > 0 else 0.0, "merged_lines": merged,
-                             "mode": "stream", "complete": True})
+                             "mode": "stream", "complete": True, "tiled_images": dict(sorted(tiled.items()))})
     print_json(summary) if a.json else print(describe(draft_result(summary, out)))
     return 0
 
@@ -172,6 +179,12 @@ def add_commands(sub, add, recipes_sub) -> None:
     d.add_argument("--resume", default="", metavar="JOB", help="continue an interrupted or cancelled drafting job")
     d.add_argument("--overlap-iou", type=float, default=None, help="cross-class overlap that picks one box (default 0.7)")
     d.add_argument("--ambiguity-margin", type=float, default=None, help="flag boxes whose head margin is below (default 0.1)")
+    d.add_argument("--lookalikes", choices=["relabel", "flag", "drop"], default=None,
+                   help="a box the head calls another class: relabel it when that class's recipe accepts it "
+                        "(default), flag it, or drop it")
+    d.add_argument("--refine", dest="refine", action="store_true", default=None,
+                   help="refine kept boxes with SAM (default: on for minisam-locator)")
+    d.add_argument("--no-refine", dest="refine", action="store_false", help="keep the detector's boxes as they are")
 
     sets = recipes_sub.add_parser("sets", help="recipe sets (one recipe per class, for drafting)").add_subparsers(
         dest="sets_cmd", required=True)

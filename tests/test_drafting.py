@@ -221,7 +221,7 @@ def test_label_studio_review_queue_and_provenance(denv, drafted):
 def test_cross_class_overlaps_keep_the_more_probable_class(denv):
     """Two recipes that both keep one box: the higher head probability wins, the other is its
     runner-up (unit level, on the real head)."""
-    from miner_svc.recipes.drafter import Drafter
+    from miner_svc.recipes.drafter import Drafter, _Row
 
     svc = denv["servicer"].res
     s = svc.sets.get(denv["mining"].recipe_set)
@@ -229,10 +229,41 @@ def test_cross_class_overlaps_keep_the_more_probable_class(denv):
     by = {r.class_name: r for r in d.recipes}
     p = np.array([0.1, 0.6, 0.2, 0.05, 0.05], np.float32)[:len(d.head.classes)]
     box = np.array([10, 10, 50, 50], np.float32)
-    rows = [(0.6, by["red_square"], box, 0.9, p, 0, None), (0.3, by["blue_circle"], box + 1, 0.8, p, 0, None),
-            (0.5, by["blue_circle"], np.array([100, 100, 140, 140], np.float32), 0.8, p, 0, None)]
+    rows = [_Row(0.6, by["red_square"], box, 0.9, p, 0, None), _Row(0.3, by["blue_circle"], box + 1, 0.8, p, 0, None),
+            _Row(0.5, by["blue_circle"], np.array([100, 100, 140, 140], np.float32), 0.8, p, 0, None)]
     kept = Drafter._resolve(d, rows)
-    assert [(r[1].class_name, ru) for r, ru in kept] == [("red_square", ("blue_circle", 0.3)), ("blue_circle", None)]
+    assert [(r.cr.class_name, ru) for r, ru in kept] == [("red_square", ("blue_circle", 0.3)), ("blue_circle", None)]
+
+
+def test_lookalikes_relabelled_when_the_other_recipe_accepts_them_else_flagged_or_dropped(denv):
+    """A box found by one recipe that the head calls another class: relabelled when that class's
+    gate accepts it, else kept and flagged; "flag" keeps it, "drop" drops it (unit level, real head)."""
+    from miner_svc.recipes.drafter import _Row
+
+    svc = denv["servicer"].res
+    s = svc.sets.get(denv["mining"].recipe_set)
+    a, b = [r.class_name for r in s.recipes][:2]  # found as a; the head calls it b
+    rows_for = {}
+    for mode in ("relabel", "flag", "drop"):
+        d, _ = svc.drafter(drafting_pb2.DraftOptions(recipe_set=s.name, lookalikes=mode))
+        by = {r.class_name: r for r in d.recipes}
+        C = len(d.head.classes)
+        ib, ia = d.head.classes.index(b), d.head.classes.index(a)
+        sure = np.zeros(C, np.float32)
+        sure[ib] = 1.0  # the head is sure it is b: b's gate accepts it
+        unsure = np.zeros(C, np.float32)
+        unsure[ib], unsure[ia] = 0.02, 0.01  # b by a hair, with p far under any gate
+        unsure[d.head.background_indices[0] if d.head.background_indices else ia] += 0.97
+        box = np.array([10, 10, 50, 50], np.float32)
+        rows = [_Row(0.0, by[a], box, 0.9, sure, 0, None), _Row(0.0, by[a], box + 200, 0.9, unsure, 0, None)]
+        rows_for[mode] = d._lookalikes(rows)
+    relabel = rows_for["relabel"]
+    assert relabel[0].cr.class_name == b and relabel[0].found_as.class_name == a
+    assert relabel[0].head_prob == 1.0
+    if d.by_target[ib].gate.min_prob > 0.02 or d.head.background_indices:
+        assert relabel[1].cr.class_name == a and relabel[1].lookalike
+    assert all(r.cr.class_name == a and r.lookalike for r in rows_for["flag"])
+    assert rows_for["drop"] == []
 
 
 def test_miner_pools_crop_embeddings_from_the_detectors_own_feature_map(denv):

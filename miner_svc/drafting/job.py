@@ -94,6 +94,7 @@ class _Tally:
     counts: Counter = dataclasses.field(default_factory=Counter)
     t0: float = dataclasses.field(default_factory=time.perf_counter)
     last_metrics: float = 0.0
+    tiled: dict = dataclasses.field(default_factory=dict)  # image name -> Tiling as a dict
 
     def __post_init__(self) -> None:
         self.passes_before = self.drafter.det.counters.snapshot()
@@ -107,6 +108,9 @@ class _Tally:
         if added:
             result.merged_lines[f"labels/{path.stem}.txt"] = added
         self.counts.update(b.class_name for b in image.boxes)
+        if image.tiling.tiles > 1:
+            self.tiled[path.name] = {"tiles": image.tiling.tiles, "tile_px": image.tiling.tile_px,
+                                     "overlap_px": image.tiling.overlap_px}
         self.drafted += 1
         now = time.perf_counter()
         ctx.progress(self.already_done + self.drafted, self.images, "images")
@@ -128,7 +132,9 @@ class _Tally:
                 "skipped": [{"image": s.image, "reason": s.reason} for s in result.skipped],
                 # Sorted: on Ray (or any parallel drafting) images finish in any order, and
                 # the same job must write the same summary.
-                "merged_lines": dict(result.merged_lines), "warnings": sorted(d.warnings), "complete": complete}
+                "merged_lines": dict(result.merged_lines), "warnings": sorted(d.warnings), "complete": complete,
+                "tiled_images": dict(sorted(self.tiled.items())), "relabelled": d.relabelled,
+                "lookalikes_dropped": d.dropped}
 
 
 def _finish(ctx: JobContext, folder: DraftFolder, result, summary: dict) -> None:

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from minehead.core.errors import MineheadError
+from minehead.core.errors import InvalidArgument, MineheadError
 from minehead.core.images import decode_image
-from minehead.geometry import iou_matrix
+from minehead.geometry import iou_matrix, nms
 from minehead.heads.bundle import HeadBundle
-from minehead.heads.keep_rule import split_scores
+from minehead.heads.keep_rule import apply_keep_rule, split_scores
 from minehead.miner.v1 import drafting_pb2
 
 from miner_svc.recipes import masks as mask_codec
@@ -37,6 +37,24 @@ from miner_svc.recipes.scorer import HeadScorer, feature_pool
 
 DEFAULT_OVERLAP_IOU = 0.7
 DEFAULT_AMBIGUITY_MARGIN = 0.1
+LOOKALIKE_MODES = ("relabel", "flag", "drop")
+REFINED_NMS_IOU = 0.3  # refined boxes of one object converge on it; touching objects barely overlap
+
+
+@dataclasses.dataclass
+class _Row:
+    """One kept box while an image is drafted. box: XYXY image px; probs: the head's, all classes;
+    mask: H x W bool or None; note: how it came to be written as `cr`'s class, if not found so."""
+
+    head_prob: float
+    cr: "_ClassRecipe"
+    box: np.ndarray
+    score: float
+    probs: np.ndarray
+    step: int
+    mask: np.ndarray | None
+    found_as: "_ClassRecipe | None" = None  # the recipe that found it, when relabelled
+    lookalike: bool = False  # the head calls it another class that could not take it
 
 
 def draft_floor(recipe_set: drafting_pb2.RecipeSet) -> float:
@@ -78,6 +96,17 @@ class Drafter:
         self.overlap_iou = options.overlap_iou or DEFAULT_OVERLAP_IOU
         self.ambiguity_margin = options.ambiguity_margin or DEFAULT_AMBIGUITY_MARGIN
         self.real = [i for i in range(len(head.classes)) if i not in set(head.background_indices)]
+        self.lookalikes = options.lookalikes or "relabel"
+        if self.lookalikes not in LOOKALIKE_MODES:
+            raise InvalidArgument(f"lookalikes must be one of {', '.join(LOOKALIKE_MODES)}, got {options.lookalikes!r}")
+        refine = getattr(det.detector, "refine", None)
+        self.refine = refine if (options.refine_boxes if options.HasField("refine_boxes") else refine is not None) else None
+        if options.HasField("refine_boxes") and options.refine_boxes and refine is None:
+            raise InvalidArgument(f"refine_boxes: detector {det.info.model_id!r} cannot refine boxes (its boxes come "
+                                  "from masks already)")
+        self.by_target = {cr.target: cr for cr in self.recipes}
+        self.relabelled = 0
+        self.dropped = 0
         self.warnings: list[str] = []
 
     def draft(self, data: bytes, name: str, index: int) -> drafting_pb2.DraftedImage:
@@ -90,47 +119,91 @@ class Drafter:
             return out
         out.width, out.height = image.width, image.height
         state = self.det.set_image(image)
-        rows = []  # (head_prob, class recipe, box, score, probs, step, mask)
+        rows: list[_Row] = []
         for cr in self.recipes:
             r = run_recipe(self.det, state, data, cr.steps, cr.gate, cr.target, self.scorer, masks=self.polygons)
             for w in r.warnings:
                 if w not in self.warnings:
                     self.warnings.append(w)
             for j in range(len(r.boxes)):
-                rows.append((float(r.probs[j, cr.target]), cr, r.boxes[j], float(r.scores[j]), r.probs[j],
-                             int(r.step_index[j]), r.masks[j] if r.masks is not None else None))
+                rows.append(_Row(float(r.probs[j, cr.target]), cr, r.boxes[j], float(r.scores[j]), r.probs[j],
+                                 int(r.step_index[j]), r.masks[j] if r.masks is not None else None))
         self.det.forget(image.sha256)
-        for row, runner_up in self._resolve(rows):
+        kept = self._refine(state, self._resolve(self._lookalikes(rows)))
+        for row, runner_up in kept:
             out.boxes.append(self._box(row, runner_up))
+        tiling_of = getattr(self.det.detector, "tiling_of", None)
+        if tiling_of is not None and getattr(self.det.detector, "head", None) is not None:
+            out.tiling.CopyFrom(drafting_pb2.Tiling(**tiling_of(state)))
         return out
 
-    def _resolve(self, rows):
-        """Cross-class overlaps: the higher head probability wins; the loser is the runner-up."""
-        rows.sort(key=lambda r: -r[0])
+    def _lookalikes(self, rows: list[_Row]) -> list[_Row]:
+        """A box whose head top-1 (among real classes) is another class than its recipe's: written
+        as that class when that class's recipe gate accepts it ("relabel"), else kept and flagged;
+        or always flagged ("flag"), or dropped ("drop")."""
+        out = []
+        for r in rows:
+            top = self.real[int(np.argmax(r.probs[self.real]))]
+            if top == r.cr.target:
+                out.append(r)
+                continue
+            other = self.by_target.get(top)
+            if self.lookalikes == "drop":
+                self.dropped += 1
+                continue
+            if self.lookalikes == "relabel" and other is not None and apply_keep_rule(
+                    r.probs[None], np.array([top]), other.gate.final_thresholds(), self.head.background_indices).keep[0]:
+                self.relabelled += 1
+                out.append(dataclasses.replace(r, head_prob=float(r.probs[top]), cr=other, found_as=r.cr))
+            else:
+                out.append(dataclasses.replace(r, lookalike=True))
+        return out
+
+    def _resolve(self, rows: list[_Row]) -> list[tuple[_Row, tuple[str, float] | None]]:
+        """Cross-class overlaps: the higher head probability wins; the loser is the runner-up.
+        The same object found by two recipes and relabelled to one class stays once."""
+        rows.sort(key=lambda r: -r.head_prob)
         if not rows:
             return []
-        boxes = np.stack([r[2] for r in rows]).astype(np.float64)
+        boxes = np.stack([r.box for r in rows]).astype(np.float64)
         iou = iou_matrix(boxes, boxes)
         kept: list[int] = []
         runner: dict[int, tuple[str, float]] = {}
         for i, r in enumerate(rows):
-            clash = [k for k in kept if rows[k][1].class_name != r[1].class_name and iou[i, k] >= self.overlap_iou]
+            if any(rows[k].cr is r.cr and iou[i, k] >= self.overlap_iou for k in kept) and r.found_as is not None:
+                continue
+            clash = [k for k in kept if rows[k].cr.class_name != r.cr.class_name and iou[i, k] >= self.overlap_iou]
             if clash:
                 k = max(clash, key=lambda k: iou[i, k])
-                runner.setdefault(k, (r[1].class_name, r[0]))
+                runner.setdefault(k, (r.cr.class_name, r.head_prob))
                 continue
             kept.append(i)
         return [(rows[k], runner.get(k)) for k in kept]
 
-    def _box(self, row, runner_up) -> drafting_pb2.DraftBox:
-        p, cr, box, score, probs, step, mask = row
+    def _refine(self, state, kept: list[tuple[_Row, tuple | None]]) -> list[tuple[_Row, tuple | None]]:
+        """SAM's decoder on the kept boxes only (a box prompt each), then per-class NMS: refined
+        boxes of one object converge on it. Without refinement, the rows as they are."""
+        if self.refine is None or not kept:
+            return kept
+        boxes, masks = self.refine(state, np.stack([r.box for r, _ in kept]))
+        kept = [(dataclasses.replace(r, box=b, mask=m), ru) for (r, ru), b, m in zip(kept, boxes, masks)]
+        out = []
+        for name in dict.fromkeys(r.cr.class_name for r, _ in kept):
+            mine = [k for k in kept if k[0].cr.class_name == name]
+            keep = nms(np.stack([r.box for r, _ in mine]), np.array([r.score for r, _ in mine]), REFINED_NMS_IOU)
+            out += [mine[i] for i in keep]
+        return out
+
+    def _box(self, row: _Row, runner_up) -> drafting_pb2.DraftBox:
+        cr, box, score, probs, step, mask = row.cr, row.box, row.score, row.probs, row.step, row.mask
+        found = row.found_as or cr
         g = cr.gate
         tp, best_other, best_bg = (float(v[0]) for v in split_scores(probs[None], np.array([cr.target]),
                                                                         self.head.background_indices))
         others = [c for c in self.real if c != cr.target]
         second = self.head.classes[max(others, key=lambda c: probs[c])] if others else ""
         margin = tp - best_other
-        st = cr.steps[step]
+        st = found.steps[step]
         det_thr = st.seed_threshold if score >= st.seed_threshold else st.expand_threshold
         slack = {"head margin": margin, "min_prob": tp - g.min_prob, "detector threshold": score - det_thr}
         why = [f"head p={tp:.2f} >= min_prob {g.min_prob:.2f}"]
@@ -141,11 +214,16 @@ class Drafter:
             slack["background margin"] = tp - best_bg - g.background.margin
             why.append(f"background margin {tp - best_bg:.2f} >= {g.background.margin:.2f}")
         why.append(f"step {step} {st.prompt!r}: detector score {score:.2f} >= {det_thr:.2f}")
+        if row.found_as is not None:
+            why.append(f"found by the {row.found_as.class_name} recipe; the head calls it {cr.class_name} and its "
+                       "recipe's gate accepts it (look-alike relabelled)")
+        if row.lookalike:
+            why.append(f"the head calls it {second}, whose recipe does not accept it (look-alike)")
         tightest = min(slack, key=slack.get)
         b = drafting_pb2.DraftBox(
             class_name=cr.class_name, score=score, head_prob=tp, head_probabilities=[float(v) for v in probs],
-            recipe_id=cr.recipe_id, step_index=step, prompt=st.prompt, margin=margin, second_class=second,
-            ambiguous=bool(second) and margin < self.ambiguity_margin, uncertainty=float(slack[tightest]),
+            recipe_id=found.recipe_id, step_index=step, prompt=st.prompt, margin=margin, second_class=second,
+            ambiguous=bool(second) and (margin < self.ambiguity_margin or row.lookalike), uncertainty=float(slack[tightest]),
             reason="; ".join(why) + f" (tightest: {tightest})")
         b.box.x1, b.box.y1, b.box.x2, b.box.y2 = (float(v) for v in box)
         if runner_up:
