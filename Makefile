@@ -55,6 +55,7 @@ bench: setup
 	$(PY) -m tests.bench.bench_miner
 	$(PY) -m tests.bench.bench_detector
 	$(PY) -m tests.bench.bench_drafting
+	$(PY) -m tests.bench.bench_locator --only trees,whole,coins,brick,scenes,speed
 	$(PY) -m tests.bench.bench_ray
 	$(PY) -m tests.bench.bench_load
 

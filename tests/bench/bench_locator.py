@@ -96,7 +96,9 @@ def run(trio: Trio, label: str, train: Path, test: Path, out: Path) -> dict:
     with HeadClient(trio.head) as hc, MinerClient(trio.miner) as mc:
         tr = hc.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(train)), seed=1))
         t_train = time.perf_counter() - t0
-        job = mc.start_mining(miner_pb2.MiningSpec(dataset=str(train), head=tr.head.head_id, seed=1))
+        # As `minehead mine start` asks by default: the head gate tuned on the tune images.
+        job = mc.start_mining(miner_pb2.MiningSpec(dataset=str(train), head=tr.head.head_id, seed=1,
+                                                   clip_head_auto_tune=True))
         res = mc.jobs.result(job.name, miner_pb2.MiningResult)
         t_mine = time.perf_counter() - t0 - t_train
         drafts = out / label.replace(" ", "_").replace(">", "")
@@ -171,7 +173,8 @@ def speed(trio: Trio, tmp: Path, models: Path, repeats: int = 5) -> dict:
         from minehead.heads.bundle import HeadBundle
 
         meta = HeadBundle.from_zip(hc.download(again.head.head_id)).meta["locator"]
-        job = mc.start_mining(miner_pb2.MiningSpec(dataset=str(ds), head=first.head.head_id, seed=1))
+        job = mc.start_mining(miner_pb2.MiningSpec(dataset=str(ds), head=first.head.head_id, seed=1,
+                                                   clip_head_auto_tune=True))
         res = mc.jobs.result(job.name, miner_pb2.MiningResult)
         fresh = make_synthetic_dataset(tmp / "speed-new", images=2 * (repeats + 1), seed=9, width=640, height=480)
         paths = sorted((fresh / "images").iterdir())
