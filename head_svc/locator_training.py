@@ -51,7 +51,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
         frames.append(frame)
         tgts.append(loc_targets.build(rec.boxes[sel], ids, frame, len(real)))
         gts.append((rec.boxes[sel], ids))
-        ctx.progress(i + 1, len(p.dataset.images), "feature maps")
+        ctx.progress(i + 1, len(p.dataset.images), "images")  # the locator phase: one feature map an image
     shapes = {m.shape for m in maps}
     if len(shapes) != 1:
         raise FailedPrecondition(f"the embedder's feature maps differ in shape across images ({sorted(shapes)})")
