@@ -76,6 +76,14 @@ def ort_session_options(threads: int | None = None, *, spin: bool | None = None)
     return so
 
 
+def small_graph_session(onnx_bytes: bytes):
+    """A CPU session for a tiny graph (a head, a locator): one thread avoids thread-pool
+    wake-ups that cost more than the maths."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(onnx_bytes, ort_session_options(threads=1), providers=["CPUExecutionProvider"])
+
+
 def onnx_providers() -> list[str]:
     """CUDA first when a GPU is present; asking for it without one only produces noisy errors."""
     import onnxruntime as ort

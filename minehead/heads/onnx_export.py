@@ -66,12 +66,9 @@ def export_head(head) -> bytes:
 
 
 def onnx_session(onnx_bytes: bytes):
-    import onnxruntime as ort
+    from minehead.encoders.onnx_backend import small_graph_session
 
-    from minehead.encoders.onnx_backend import ort_session_options
-
-    # Heads are tiny: one thread avoids thread-pool wake-ups that cost more than the maths.
-    return ort.InferenceSession(onnx_bytes, ort_session_options(threads=1), providers=["CPUExecutionProvider"])
+    return small_graph_session(onnx_bytes)
 
 
 def parity(head, onnx_bytes: bytes, X: np.ndarray) -> float:

@@ -58,7 +58,7 @@ def to_onnx(net) -> bytes:
 
 def parity(net, onnx_bytes: bytes, maps: list[np.ndarray]) -> float:
     """max |onnx - torch| over the three outputs on `maps`."""
-    from minehead.heads.onnx_export import onnx_session
+    from minehead.encoders.onnx_backend import small_graph_session as onnx_session
     from minehead.locator.train import predict
 
     sess = onnx_session(onnx_bytes)

@@ -80,7 +80,7 @@ class Locator:
     def session(self):
         with self._lock:
             if self._session is None:
-                from minehead.heads.onnx_export import onnx_session
+                from minehead.encoders.onnx_backend import small_graph_session as onnx_session
 
                 self._session = onnx_session(self.onnx_bytes)
             return self._session
