@@ -20,7 +20,7 @@ import grpc
 
 from minehead.client.miner import MinerClient
 from minehead.common.v1 import common_pb2
-from minehead.drafts.folder import DraftFolder, check_formats, describe, draft_result, list_images
+from minehead.drafts.folder import DraftFolder, check_formats, describe, draft_result, list_images, tiled_entry
 from minehead.miner.v1 import drafting_pb2
 
 from clients.cli_common import ProgressBar, follow, print_json, print_table, to_jsonable
@@ -96,9 +96,8 @@ def _stream(a, c: MinerClient, options: drafting_pb2.DraftOptions) -> int:
             merged[f"labels/{p.stem}.txt"] = added
         if drafted.error:
             print(f"\nwarning: skipped {p.name}: {drafted.error}", file=sys.stderr)
-        if drafted.tiling.tiles > 1:
-            tiled[p.name] = {"tiles": drafted.tiling.tiles, "tile_px": drafted.tiling.tile_px,
-                             "overlap_px": drafted.tiling.overlap_px}
+        if (t := tiled_entry(drafted)) is not None:
+            tiled[p.name] = t
         n += 1
         bar.update(len(done) + n, len(images), "images")
     secs = time.perf_counter() - t0

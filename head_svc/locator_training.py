@@ -11,6 +11,7 @@ images needs both in the model.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 
 import numpy as np
@@ -78,7 +79,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
         epochs, how = max(best, MIN_EPOCHS), "held-out blocks of each image"
         ctx.log(f"locator: {len(maps)} image(s), none held out: early stopping at epoch {best} on a chequerboard of "
                 f"{BLOCK}x{BLOCK}-cell blocks held out of every image")
-    elif len(ho) and len(tr):
+    else:
         net, history, best = loc_train.fit([maps[i] for i in tr], [tgts[i] for i in tr], len(real), params,
                                            val_maps=[maps[i] for i in ho], val_targets=[tgts[i] for i in ho],
                                            on_epoch=on_epoch)
@@ -94,8 +95,6 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
         raise FailedPrecondition(f"exported locator differs from the trained one by {err:.3g} (> {PARITY_LIMIT}); not saved")
     secs = time.perf_counter() - t0
     ctx.log(f"locator: final fit on all {len(maps)} images, {epochs} epochs, {secs:.1f} s; parity {err:.2g}")
-    import hashlib
-
     frame = frames[0]
     meta = {"onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(), "classes": real, "in_channels": int(maps[0].shape[0]),
             "embedder_model": p.model.id, "resize": p.model.preprocessing.resize,

@@ -116,7 +116,8 @@ class FeatureMapCache:
             with np.load(path, allow_pickle=False) as z:
                 fmap, g = z["fmap"], z["frame"]
             self.hits += 1
-            return fmap, FeatureFrame.for_image(int(g[0]), int(g[1]), int(g[2]), str(z_resize(g)), fmap.shape[1], fmap.shape[2])
+            return fmap, FeatureFrame.for_image(int(g[0]), int(g[1]), int(g[2]), model.preprocessing.resize,
+                                                fmap.shape[1], fmap.shape[2])
         self.calls += 1
         import grpc
 
@@ -131,11 +132,6 @@ class FeatureMapCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
         with os.fdopen(fd, "wb") as f:
-            resize = 1 if frame.scale_x == frame.scale_y and model.preprocessing.resize == "longest_side_pad" else 0
-            np.savez(f, fmap=fmap, frame=np.array([frame.image_width, frame.image_height, frame.input_size, resize]))
+            np.savez(f, fmap=fmap, frame=np.array([frame.image_width, frame.image_height, frame.input_size]))
         os.replace(tmp, path)
         return fmap, frame
-
-
-def z_resize(g) -> str:
-    return "longest_side_pad" if int(g[3]) == 1 else "squash"

@@ -57,6 +57,12 @@ def draft_result(summary: dict, output_dir: str | Path) -> drafting_pb2.Drafting
         summary=json_format.ParseDict(summary, drafting_pb2.DraftingSummary(), ignore_unknown_fields=True))
 
 
+def tiled_entry(image: drafting_pb2.DraftedImage) -> dict | None:
+    """summary.json's `tiled_images` entry for a drafted image, or None when it was drafted whole."""
+    t = image.tiling
+    return {"tiles": t.tiles, "tile_px": t.tile_px, "overlap_px": t.overlap_px} if t.tiles > 1 else None
+
+
 def describe(result: drafting_pb2.DraftingResult) -> str:
     """The one-paragraph account of a draft, for the job log and the CLI."""
     s = result.summary

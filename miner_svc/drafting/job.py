@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from minehead.common.v1 import common_pb2
 from minehead.core.errors import Cancelled, FailedPrecondition, InvalidArgument
 from minehead.core.jobs import JobContext, JobStore, job_id_from_name
-from minehead.drafts.folder import DraftFolder, describe, draft_result
+from minehead.drafts.folder import DraftFolder, describe, draft_result, tiled_entry
 from minehead.miner.v1 import drafting_pb2
 
 from miner_svc.recipes.drafter import Drafter
@@ -108,9 +108,8 @@ class _Tally:
         if added:
             result.merged_lines[f"labels/{path.stem}.txt"] = added
         self.counts.update(b.class_name for b in image.boxes)
-        if image.tiling.tiles > 1:
-            self.tiled[path.name] = {"tiles": image.tiling.tiles, "tile_px": image.tiling.tile_px,
-                                     "overlap_px": image.tiling.overlap_px}
+        if (t := tiled_entry(image)) is not None:
+            self.tiled[path.name] = t
         self.drafted += 1
         now = time.perf_counter()
         ctx.progress(self.already_done + self.drafted, self.images, "images")
