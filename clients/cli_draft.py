@@ -179,8 +179,8 @@ def add_commands(sub, add, recipes_sub) -> None:
     d.add_argument("--overlap-iou", type=float, default=None, help="cross-class overlap that picks one box (default 0.7)")
     d.add_argument("--ambiguity-margin", type=float, default=None, help="flag boxes whose head margin is below (default 0.1)")
     d.add_argument("--lookalikes", choices=["relabel", "flag", "drop"], default=None,
-                   help="a box the head calls another class: relabel it when that class's recipe accepts it "
-                        "(default), flag it, or drop it")
+                   help="a box the head calls another class: flag it for review (default), relabel it when "
+                        "that class's recipe accepts it, or drop it")
     d.add_argument("--refine", dest="refine", action="store_true", default=None,
                    help="refine kept boxes with SAM (default: on for minisam-locator)")
     d.add_argument("--no-refine", dest="refine", action="store_false", help="keep the detector's boxes as they are")

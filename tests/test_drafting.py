@@ -264,6 +264,25 @@ def test_lookalikes_relabelled_when_the_other_recipe_accepts_them_else_flagged_o
         assert relabel[1].cr.class_name == a and relabel[1].lookalike
     assert all(r.cr.class_name == a and r.lookalike for r in rows_for["flag"])
     assert rows_for["drop"] == []
+    default, _ = svc.drafter(drafting_pb2.DraftOptions(recipe_set=s.name))
+    assert default.lookalikes == "flag"
+
+
+def test_cross_class_overlap_won_by_detector_score_times_head_probability(denv):
+    """One object found by two recipes: a's detector is sure (0.9) and the head leans to b
+    (0.6 vs 0.4): a wins (0.36 > 0.12), b is its runner-up; the head alone would have picked b."""
+    from miner_svc.recipes.drafter import _Row
+
+    svc = denv["servicer"].res
+    s = svc.sets.get(denv["mining"].recipe_set)
+    d, _ = svc.drafter(drafting_pb2.DraftOptions(recipe_set=s.name))
+    by = {r.class_name: r for r in d.recipes}
+    a, b = [r.class_name for r in s.recipes][:2]
+    probs = np.zeros(len(d.head.classes), np.float32)
+    box = np.array([10, 10, 50, 50], np.float32)
+    rows = [_Row(0.4, by[a], box, 0.9, probs, 0, None), _Row(0.6, by[b], box + 1, 0.2, probs, 0, None)]
+    kept = d._resolve(rows)
+    assert len(kept) == 1 and kept[0][0].cr.class_name == a and kept[0][1] == (b, 0.6)
 
 
 def test_miner_pools_crop_embeddings_from_the_detectors_own_feature_map(denv):

@@ -145,7 +145,8 @@ def mine(env, **spec_kw):
 
 @pytest.fixture(scope="module")
 def mined(env):
-    return mine(env, classes=["red_square", "blue_circle"], clip_head_background_guard=True,
+    # refit off: the shipped recipe is the one the report figures describe (the parity below)
+    return mine(env, classes=["red_square", "blue_circle"], clip_head_background_guard=True, refit_all_images=False,
                 clip_head_background_apply=recipes_pb2.BOTH, clip_head_auto_tune=True)
 
 
@@ -225,6 +226,23 @@ def test_apply_recipe_matches_mining_metrics(env, mined):
             for d in im.detections:
                 assert d.class_name == r.class_name and d.rle and len(d.head_probabilities) > 0
         assert (total.tp, total.fp, total.gt) == (r.summary.true_positives, r.summary.false_positives, r.summary.ground_truth)
+
+
+def test_refit_on_all_images_keeps_the_held_out_figures(env, mined):
+    """Refit on (the default): the report figures are the tune-only choice's (the same as a run
+    without refit), and the shipped steps and gate were chosen on every image."""
+    off, _, _ = mined
+    on, events, _ = mine(env, classes=["red_square", "blue_circle"], clip_head_background_guard=True,
+                         clip_head_background_apply=recipes_pb2.BOTH, clip_head_auto_tune=True)
+    for a, b in zip(off.recipes, on.recipes):
+        sa, sb = a.summary, b.summary
+        assert (sa.true_positives, sa.false_positives, sa.ground_truth) == (sb.true_positives, sb.false_positives,
+                                                                            sb.ground_truth)
+        assert sa.fit_images > 0 and sb.fit_images == sa.fit_images + sa.report_images
+        assert json.loads(a.provenance.mining_settings_json)["refit_all_images"] is False
+        assert json.loads(b.provenance.mining_settings_json)["refit_all_images"] is True
+    logs = [e.log.message for e in events if e.WhichOneof("payload") == "log"]
+    assert sum("refit on all" in m for m in logs) == 2, logs
 
 
 def test_export_import_round_trip_and_hostile_imports(env, mined):

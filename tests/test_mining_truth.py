@@ -61,7 +61,8 @@ class ShiftedDetector(ScriptedDetector):
 @pytest.fixture(scope="module")
 def final_guard(env):  # noqa: F811
     """Guard at the final stage only, margin 0.1: candidates reach the final gate unvetoed."""
-    return mine(env, classes=["red_square", "blue_circle"], clip_head_background_guard=True,
+    # refit off: the shipped recipe is the one the report figures describe (the parity below)
+    return mine(env, classes=["red_square", "blue_circle"], clip_head_background_guard=True, refit_all_images=False,
                 clip_head_background_apply=recipes_pb2.FINAL, clip_head_background_margin=0.1, clip_head_auto_tune=True)
 
 
@@ -275,6 +276,30 @@ def test_objective_falls_back_to_f1_below_target():
     assert selection.objective(many, strict) > selection.objective(few, strict)
     assert selection.selection_rule(many, strict) == selection.RULE_FALLBACK
     assert selection.selection_rule(high_p_low_r, 0.75) == selection.RULE_TARGET
+
+
+def test_threshold_and_gate_chosen_together():
+    """40 objects and 60 look-alikes the head cannot tell apart (its probabilities are the same
+    for both) but the detector scores apart (objects 0.6-0.9, look-alikes 0.1-0.5): the joint
+    sweep keeps every object by the detector's threshold and opens the head gate; with the
+    threshold held at the floor, no gate reaches the target and half the objects or more are
+    lost (the gate alone could only keep everything or guess)."""
+    rng = np.random.default_rng(0)
+    n_obj, n_look = 40, 60
+    scores = np.concatenate([rng.uniform(0.6, 0.9, n_obj), rng.uniform(0.1, 0.5, n_look)])
+    p = rng.uniform(0.3, 0.7, n_obj + n_look)  # the head: the same spread for both
+    probs = np.stack([p, 1 - p], 1)
+    is_tp = np.arange(n_obj + n_look) < n_obj
+    grid = selection.threshold_grid(scores, 0.05, n=16)
+    t, gate, counts = selection.sweep_threshold_and_gate(scores, probs, is_tp, 0, [], n_obj, grid, 0.75, False)
+    assert 0.5 <= t <= 0.6 and gate.min_prob <= 0.3
+    assert (counts.tp, counts.fp) == (n_obj, 0)
+    t0, _, at_floor = selection.sweep_threshold_and_gate(scores, probs, is_tp, 0, [], n_obj, [0.05], 0.75, False)
+    assert t0 == 0.05 and (at_floor.precision < 0.75 or at_floor.recall < 0.5)
+    # nothing above the only threshold: nothing is kept
+    _, _, none = selection.sweep_threshold_and_gate(scores, probs, is_tp, 0, [], n_obj, [0.95], 0.75, False)
+    assert none.tp + none.fp == 0
+    assert selection.sweep_threshold_and_gate(scores, probs, is_tp, 0, [], n_obj, [], 0.75, False) is None
 
 
 def test_user_float_reads_float32_fields_as_entered():

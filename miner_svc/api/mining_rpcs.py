@@ -36,6 +36,7 @@ def settings_of(spec: miner_pb2.MiningSpec, classes: list[str]) -> MiningSetting
         max_steps=spec.max_steps or 3, report_fraction=uf(spec.report_fraction) or 0.3, seed=spec.seed,
         background=background, auto_tune=spec.clip_head_auto_tune, max_images=spec.max_images,
         hard_negative_min_bg_prob=uf(spec.hard_negative_min_bg_prob) if spec.HasField("hard_negative_min_bg_prob") else 0.5,
+        refit_all_images=spec.refit_all_images if spec.HasField("refit_all_images") else True,
     ).check()
 
 

@@ -90,21 +90,36 @@ class Miner:
     # -- per class --------------------------------------------------------------------------
     def mine_class(self, name: str, tune: list[ImageItem], report: list[ImageItem]) -> recipes_pb2.Recipe:
         c = MinedClass(name, self.ds.classes.index(name), self.head.classes.index(name))
-        gate = self.base_gate()
-        t0 = time.perf_counter()
-        live = self.filter_prompts(c, self.prompts_for(name), tune, gate)
-        cover = self.cover(c, live, tune, gate)
-        self.timings[f"select:{name}"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        gate = self.tune_gate(c, cover.steps, tune, gate)
-        self.timings[f"gate:{name}"] = time.perf_counter() - t0
-        steps = self.expand(c, cover.steps, tune, gate)
+        steps, gate, cover = self.select(c, tune, timed=True)
         ev = self.evaluate(c, steps, tune, report, gate)
         warnings, met = class_warnings(c, steps, ev.tune, cover.best_precision, self.s.target_precision, self.warnings)
         if not met:
             self.ctx.warn(warnings[-1])
+        fit = tune
+        if self.s.refit_all_images and report and steps:
+            # The held-out figures are taken: with 2-4 labelled images every one of them counts,
+            # so the shipped steps and gate are chosen again on all of them.
+            fit = tune + report
+            steps, gate, _ = self.select(c, fit)
+            self.ctx.log(f"[{c.name}] refit on all {len(fit)} images: "
+                         + ", ".join(f"{st.prompt!r} >= {st.seed_threshold:.3f}" for st in steps)
+                         + f"; min_prob {gate.min_prob:.2f}")
         return build_recipe(self.s, self.det.info, self.head, c, steps, gate, ev, warnings, met,
-                            [it.gt_boxes[it.gt_classes == c.class_id] for it in report])
+                            [it.gt_boxes[it.gt_classes == c.class_id] for it in report], fit_images=len(fit))
+
+    def select(self, c: MinedClass, items: list[ImageItem], timed: bool = False) -> tuple[list[Step], Gate, Cover]:
+        """Steps and gate chosen on `items`: prompt filter, set cover, gate (and threshold) sweep,
+        expansion."""
+        gate = self.base_gate()
+        t0 = time.perf_counter()
+        live = self.filter_prompts(c, self.prompts_for(c.name), items, gate)
+        cover = self.cover(c, live, items, gate)
+        t1 = time.perf_counter()
+        steps, gate = self.tune_gate(c, cover.steps, items, gate)
+        if timed:
+            self.timings[f"select:{c.name}"] = t1 - t0
+            self.timings[f"gate:{c.name}"] = time.perf_counter() - t1
+        return self.expand(c, steps, items, gate), gate, cover
 
     def base_gate(self) -> Gate:
         """The gate the search starts from: the head's default min_prob, no margin, the asked
@@ -163,32 +178,47 @@ class Miner:
                          f"tune precision {best_counts.precision:.2f}, recall {best_counts.recall:.2f}")
         return Cover(chosen, best_precision)
 
-    def tune_gate(self, c: MinedClass, steps: list[Step], tune: list[ImageItem], gate: Gate) -> Gate:
+    def tune_gate(self, c: MinedClass, steps: list[Step], tune: list[ImageItem], gate: Gate) -> tuple[list[Step], Gate]:
         """The head gate swept on cached per-box rows: the candidates with the seed-stage veto as
         configured and no final gate, so every candidate is a row. The background margin is
-        tuned only while the veto is on."""
+        tuned only while the veto is on.
+
+        A one-step recipe has its seed threshold swept jointly with the gate: the cover chose
+        the threshold under the head's default gate, so a detector that already tells the
+        classes apart (a locator's per-class peaks) was held to the head's opinion, and a head
+        that could not tell look-alikes apart cost half a class's recall at any threshold."""
         s, bg = self.s, gate.background
         if not (s.auto_tune and steps):
-            return gate
+            return steps, gate
         open_gate = dataclasses.replace(gate, min_prob=-1.0, margin=0.0,
                                         background=dataclasses.replace(bg, stage="seed", veto=bg.at_seed))
-        rows_p, rows_tp, gt_n = [], [], 0
-        for it, r in zip(tune, self.run(tune, steps, open_gate, c.target)):
+        joint = len(steps) == 1
+        probe = [dataclasses.replace(steps[0], seed_threshold=s.floor)] if joint else steps
+        rows_p, rows_tp, rows_s, gt_n = [], [], [], 0
+        for it, r in zip(tune, self.run(tune, probe, open_gate, c.target)):
             gt = it.gt_boxes[it.gt_classes == c.class_id]
             _, d2g = selection.count(r.boxes, r.scores, gt)
             rows_p.append(r.probs)
             rows_tp.append(d2g >= 0)
+            rows_s.append(r.scores)
             gt_n += len(gt)
-        rows = selection.GateRows.from_probs(np.concatenate(rows_p), c.target, self.head.background_indices,
-                                             np.concatenate(rows_tp), gt_n)
-        params, _ = selection.sweep_gate(rows, s.target_precision, bg.veto, bg.penalty)
-        if not params:
-            return gate
+        probs, is_tp, scores = np.concatenate(rows_p), np.concatenate(rows_tp), np.concatenate(rows_s)
+        # several steps: their own thresholds stand (every row is kept: scores are >= 0)
+        thresholds = sorted({steps[0].seed_threshold, *selection.threshold_grid(scores, s.floor, n=16)}) if joint \
+            else [-1.0]
+        best = selection.sweep_threshold_and_gate(scores, probs, is_tp, c.target, self.head.background_indices, gt_n,
+                                                  thresholds, s.target_precision, bg.veto, bg.penalty)
+        if best is None:
+            return steps, gate
+        t, params, _ = best
+        if joint and t != steps[0].seed_threshold:
+            self.ctx.log(f"[{c.name}] seed threshold {steps[0].seed_threshold:.3f} -> {t:.3f} (tuned with the gate)")
+            steps = [dataclasses.replace(steps[0], seed_threshold=float(t))]
         tuned = dataclasses.replace(gate, min_prob=params.min_prob, margin=params.margin,
                                     background=dataclasses.replace(bg, margin=params.background_margin if bg.veto else bg.margin))
         self.ctx.log(f"[{c.name}] gate: min_prob {tuned.min_prob:.2f}, margin {tuned.margin:.2f}"
                      + (f", background margin {tuned.background.margin:.2f}" if bg.veto else ""))
-        return tuned
+        return steps, tuned
 
     def expand(self, c: MinedClass, steps: list[Step], tune: list[ImageItem], gate: Gate) -> list[Step]:
         """The steps with box-exemplar expansion where it scores better on the tune images."""

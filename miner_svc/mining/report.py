@@ -77,9 +77,11 @@ def class_warnings(c: MinedClass, steps: list[Step], tune: selection.Counts, bes
 
 
 def build_recipe(s: MiningSettings, det: DetectorInfo, head: HeadBundle, c: MinedClass, steps: list[Step], gate: Gate,
-                 ev: Evaluation, warnings: list[str], met: bool, report_gt: list[np.ndarray]) -> recipes_pb2.Recipe:
+                 ev: Evaluation, warnings: list[str], met: bool, report_gt: list[np.ndarray],
+                 fit_images: int = 0) -> recipes_pb2.Recipe:
     """The mined recipe: its steps, its gate as the recipe stores it, and the summary of its run
-    on the report images (report_gt: each report image's boxes of the class, G x 4 XYXY)."""
+    on the report images (report_gt: each report image's boxes of the class, G x 4 XYXY).
+    fit_images: how many images the shipped steps and gate were chosen on."""
     total = StepStats()
     for st in ev.step_stats:
         total.add(st)
@@ -104,7 +106,7 @@ def build_recipe(s: MiningSettings, det: DetectorInfo, head: HeadBundle, c: Mine
             seeds_checked=total.seeds_checked, seeds_vetoed_background=total.seeds_vetoed,
             seeds_vetoed_background_only=total.seeds_vetoed_background_only, final_checked=total.final_checked,
             final_vetoed_background=total.final_vetoed, final_vetoed_background_only=total.final_vetoed_background_only,
-            image_level=recipes_pb2.ImageLevelMetrics(**il)))
+            image_level=recipes_pb2.ImageLevelMetrics(**il), fit_images=fit_images))
 
 
 def class_report(r: recipes_pb2.Recipe) -> dict:
@@ -115,7 +117,7 @@ def class_report(r: recipes_pb2.Recipe) -> dict:
     return {"precision": round(s.precision, 4), "recall": round(s.recall, 4), "true_positives": s.true_positives,
             "false_positives": s.false_positives, "ground_truth": s.ground_truth,
             "tune_precision": round(s.tune_precision, 4), "target_precision": round(float(r.target_precision), 4),
-            "target_met": s.target_met, "selection_rule": s.selection_rule,
+            "target_met": s.target_met, "selection_rule": s.selection_rule, "fit_images": s.fit_images,
             "background": {"seeds_checked": s.seeds_checked, "seeds_vetoed_background": s.seeds_vetoed_background,
                            "seeds_vetoed_background_only": s.seeds_vetoed_background_only,
                            "final_checked": s.final_checked, "final_vetoed_background": s.final_vetoed_background,

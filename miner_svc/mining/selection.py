@@ -197,6 +197,29 @@ def sweep_gate(rows: GateRows, target_precision: float, veto: bool, penalty: flo
     return best[1], best[2]
 
 
+def sweep_threshold_and_gate(scores: np.ndarray, probs: np.ndarray, is_tp: np.ndarray, target: int, background_indices,
+                             gt: int, thresholds, target_precision: float, veto: bool, penalty: float = 0.0
+                             ) -> tuple[float, GateParams, Counts] | None:
+    """The detector threshold and the head gate chosen together: for each threshold in
+    `thresholds`, the gate sweep over the rows scoring at least it; the best by the objective
+    (looseness counts the threshold too). Rows (N): detector scores, head probabilities N x C,
+    matched or not at the lowest threshold. Greedy matching goes by score, so dropping the rows
+    under a threshold leaves the others' matches as they were: one detector run at the floor
+    serves every threshold. None when `thresholds` is empty."""
+    best = None
+    for t in thresholds:
+        sel = scores >= t
+        rows = GateRows.from_probs(probs[sel], target, background_indices, is_tp[sel], gt)
+        params, counts = sweep_gate(rows, target_precision, veto, penalty)
+        if not params:
+            continue
+        looseness = 1.0 - (t + params.min_prob + params.margin + params.background_margin) / 4.0
+        score = objective(counts, target_precision, penalty, looseness)
+        if best is None or score > best[0]:
+            best = (score, float(t), params, counts)
+    return best[1:] if best else None
+
+
 def sweep_gate_loop(rows: GateRows, target_precision: float, veto: bool, penalty: float = 0.0,
                     margins=MARGIN_GRID, bg_margins=BG_MARGIN_GRID, min_probs=MIN_PROB_GRID) -> tuple[GateParams | None, Counts]:
     """The same search as a plain loop over rows (kept for the benchmark and as a check)."""

@@ -38,6 +38,10 @@ from miner_svc.recipes.scorer import HeadScorer, feature_pool
 DEFAULT_OVERLAP_IOU = 0.7
 DEFAULT_AMBIGUITY_MARGIN = 0.1
 LOOKALIKE_MODES = ("relabel", "flag", "drop")
+# Measured on held-out crowded scenes (red vs crimson squares; bench_locator): F1 flag 0.90,
+# drop 0.82, relabel 0.75. A crop head that trusts its top-1 over the detector that found the
+# box relabels right objects wrong more often than it corrects look-alikes.
+DEFAULT_LOOKALIKES = "flag"
 REFINED_NMS_IOU = 0.3  # refined boxes of one object converge on it; touching objects barely overlap
 
 
@@ -96,7 +100,7 @@ class Drafter:
         self.overlap_iou = options.overlap_iou or DEFAULT_OVERLAP_IOU
         self.ambiguity_margin = options.ambiguity_margin or DEFAULT_AMBIGUITY_MARGIN
         self.real = [i for i in range(len(head.classes)) if i not in set(head.background_indices)]
-        self.lookalikes = options.lookalikes or "relabel"
+        self.lookalikes = options.lookalikes or DEFAULT_LOOKALIKES
         if self.lookalikes not in LOOKALIKE_MODES:
             raise InvalidArgument(f"lookalikes must be one of {', '.join(LOOKALIKE_MODES)}, got {options.lookalikes!r}")
         refine = getattr(det.detector, "refine", None)
@@ -138,9 +142,9 @@ class Drafter:
         return out
 
     def _lookalikes(self, rows: list[_Row]) -> list[_Row]:
-        """A box whose head top-1 (among real classes) is another class than its recipe's: written
-        as that class when that class's recipe gate accepts it ("relabel"), else kept and flagged;
-        or always flagged ("flag"), or dropped ("drop")."""
+        """A box whose head top-1 (among real classes) is another class than its recipe's: kept
+        and flagged ("flag", the default), written as that class when that class's recipe gate
+        accepts it, else flagged ("relabel"), or dropped ("drop")."""
         out = []
         for r in rows:
             top = self.real[int(np.argmax(r.probs[self.real]))]
@@ -160,9 +164,12 @@ class Drafter:
         return out
 
     def _resolve(self, rows: list[_Row]) -> list[tuple[_Row, tuple[str, float] | None]]:
-        """Cross-class overlaps: the higher head probability wins; the loser is the runner-up.
-        The same object found by two recipes and relabelled to one class stays once."""
-        rows.sort(key=lambda r: -r.head_prob)
+        """Cross-class overlaps: the higher detector score x head probability wins (both have a
+        say: a locator's per-class peaks tell look-alikes apart better than a crop classifier
+        does; crowded scenes F1 0.899 -> 0.907, the look-alike pair 0.83/0.77 -> 0.85/0.81); the
+        loser is the runner-up. The same object found by two recipes and relabelled to one
+        class stays once."""
+        rows.sort(key=lambda r: -r.head_prob * r.score)
         if not rows:
             return []
         boxes = np.stack([r.box for r in rows]).astype(np.float64)
