@@ -4,9 +4,9 @@ recipe set, run as a job (minehead.core.jobs: phases, progress, log, cancel).
     export   the project's finished tasks (Label Studio's JSON export), or bytes given directly
     import   minehead.importers.import_labelstudio into ROUND/reviewed (the upload rules: no
              traversal, no foreign host, size caps; labels must be the set's classes)
-    dataset  ROUND/dataset = the base dataset (the first round: --base-dataset, later: the
-             previous round's dataset) plus the reviewed images; a reviewed image replaces a base
-             image of the same name, so a corrected image is never trained on twice
+    dataset  ROUND/dataset = the base dataset (--base-dataset: what the first head was trained
+             on) plus every reviewed image so far (the export is cumulative, so a round never
+             builds on the previous round's folder: no image is counted twice)
     train    a head like the previous one (its meta: embedder, head type, soft targets, seed,
              holdout, background classes; a locator when it had one), on ROUND/dataset
     mine     recipes for the set's classes with the set's detector and target precision
@@ -77,28 +77,24 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def merge_datasets(base: Path | None, reviewed: Path, out: Path, classes: list[str]) -> tuple[int, int]:
-    """out = base ∪ reviewed as one YOLO folder over `classes` (ids remapped by name; a base
-    class outside `classes` is refused). Returns (base images kept, reviewed images)."""
+    """out = base ∪ reviewed as one YOLO folder over `classes` (ids remapped by name; base labels
+    of other classes left out). Returns (base images kept, reviewed images)."""
     (out / "images").mkdir(parents=True)
     (out / "labels").mkdir()
     ids = {c: i for i, c in enumerate(classes)}
-    reviewed_stems = {p.stem.lower() for p in (reviewed / "images").iterdir()}
     kept = 0
     if base is not None:
-        names = read_class_names(base)
-        unknown = [n for n in names if n not in ids]
-        if unknown:
-            raise FailedPrecondition(f"base dataset {base}: classes {', '.join(unknown)} are not the set's "
-                                     f"({', '.join(classes)})")
+        names = read_class_names(base)  # classes the set does not draft are left out, as the first head's training did
         for split, images, labels in split_dirs(base):
             for img in sorted(images.iterdir()):
-                if not img.is_file() or img.stem.lower() in reviewed_stems:
+                if not img.is_file():
                     continue
                 stem = f"{split}_{img.stem}" if split else img.stem
                 lab = labels / f"{img.stem}.txt"
                 lines = lab.read_text(encoding="utf-8").splitlines() if lab.is_file() else []
                 out_lines = [f"{ids[names[int(ln.split()[0])]]} {' '.join(ln.split()[1:])}" for ln in lines
-                             if ln.split() and ln.split()[0].isdigit() and int(ln.split()[0]) < len(names)]
+                             if ln.split() and ln.split()[0].isdigit() and int(ln.split()[0]) < len(names)
+                             and names[int(ln.split()[0])] in ids]
                 _link(img, out / "images" / f"{stem}{img.suffix}")
                 (out / "labels" / f"{stem}.txt").write_text("".join(x + "\n" for x in out_lines), encoding="utf-8")
                 kept += 1
@@ -111,13 +107,13 @@ def merge_datasets(base: Path | None, reviewed: Path, out: Path, classes: list[s
     return kept, n
 
 
-def training_spec(prev: head_pb2.Head, dataset: head_pb2.DatasetRef, display_name: str) -> head_pb2.TrainingSpec:
-    """A head like `prev` (from its meta.json) on a new dataset."""
+def training_spec(prev: head_pb2.Head, dataset: head_pb2.DatasetRef, classes: list[str],
+                  display_name: str) -> head_pb2.TrainingSpec:
+    """A head like `prev` (from its meta.json) for the set's classes on a new dataset."""
     meta = json_format.MessageToDict(prev.meta) if prev.meta.fields else {}
     hp, soft = meta.get("hyperparameters", {}), meta.get("soft_targets", {})
     spec = head_pb2.TrainingSpec(
-        dataset=dataset, model=prev.embedder.model_id, head_type=prev.head_type, classes=[
-            c for i, c in enumerate(prev.classes) if i not in set(prev.background_indices)],
+        dataset=dataset, model=prev.embedder.model_id, head_type=prev.head_type, classes=classes,
         soft_targets=head_pb2.SoftTargets(**{k: float(soft[k]) for k in ("label_smoothing", "teacher_temperature",
                                                                            "margin_loss") if k in soft}),
         seed=int(hp.get("seed", 0)), holdout_fraction=float(hp.get("holdout_fraction", 0.0)), display_name=display_name)
@@ -145,7 +141,7 @@ def run_round(ctx: JobContext, spec: RoundSpec, export, head, miner) -> dict:
     ctx.log(f"round dataset: {kept} base images + {n} reviewed images ({work / 'dataset'})")
     prev = head.get(rset.head_id)
     ctx.phase("train")
-    tspec = training_spec(prev, head_pb2.DatasetRef(path=str(work / "dataset")), spec.head_name)
+    tspec = training_spec(prev, head_pb2.DatasetRef(path=str(work / "dataset")), classes, spec.head_name)
     try:
         job = head.start_training(tspec)
         ds_ref = str(work / "dataset")
