@@ -110,7 +110,10 @@ def live(tmp_path_factory, models_dir):
     env = dict(os.environ, LABEL_STUDIO_USERNAME="reviewer@example.com", LABEL_STUDIO_PASSWORD="minehead-test-pw",
                LABEL_STUDIO_USER_TOKEN=token, LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",
                LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true", LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(docroot),
-               LABEL_STUDIO_BASE_DATA_DIR=str(tmp / "ls-data"), ML_BLOCK_LOCAL_IP="false", DJANGO_DB="sqlite")
+               LABEL_STUDIO_BASE_DATA_DIR=str(tmp / "ls-data"), ML_BLOCK_LOCAL_IP="false", DJANGO_DB="sqlite",
+               # the backend is on loopback: Label Studio refuses reserved addresses for ML backends and
+               # their webhooks unless told otherwise (docs/labelstudio.md)
+               USE_DEFAULT_BANNED_SUBNETS="false")
     env.pop("DJANGO_SETTINGS_MODULE", None)
     # Label Studio starts (~30 s and more) while the trio trains the first head and mines its recipes.
     ls = subprocess.Popen([str(LS_VENV / "bin" / "label-studio"), "start", "--no-browser", "--internal-host", "127.0.0.1",
