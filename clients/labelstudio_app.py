@@ -106,11 +106,11 @@ def create_app(backend: Backend) -> Flask:
         jobs, _ = backend.store.list(kind=ROUND_KIND, page_size=100)
         return jsonify({"rounds": [_job(j) for j in jobs]})
 
-    @app.get("/rounds/<jid>")
+    @app.get("/rounds/<path:jid>")
     def round_get(jid: str):
         return jsonify(_job(backend.store.get(job_id_from_name(jid))))
 
-    @app.post("/rounds/<jid>/cancel")
+    @app.post("/rounds/<path:jid>/cancel")
     def round_cancel(jid: str):
         return jsonify(_job(backend.store.request_cancel(job_id_from_name(jid))))
 

@@ -232,8 +232,11 @@ def test_every_n_annotations_pulls_the_export_and_trains_a_round(env):
     assert b.model_version != version and b.model_version.startswith("recipeSets/")
     summary = b.state["rounds"][-1]
     assert summary["reviewed_images"] == 4 and summary["base_images"] == 12
-    with urllib.request.urlopen(url + "/rounds/" + body["round"]) as r:
-        assert json.loads(r.read())["state"] == "SUCCEEDED"
+    for ref in (body["round"], body["round"][5:]):  # jobs/ID or ID
+        with urllib.request.urlopen(url + "/rounds/" + ref) as r:
+            assert json.loads(r.read())["state"] == "SUCCEEDED"
+    status, err = _post(url + "/rounds/" + body["round"] + "/cancel", {})
+    assert status == 400 and "already ended" in err["message"]
     restarted = Backend(env["miner"], env["head"], recipes=version, data_dir=b.data_dir)
     try:
         assert restarted.model_version == b.model_version
