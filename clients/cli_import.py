@@ -11,9 +11,7 @@ with MINEHEAD_LABELSTUDIO_TOKEN; no other host is ever contacted.
 
 from __future__ import annotations
 
-import html
 import os
-import re
 from pathlib import Path
 
 from clients.cli_common import print_json
@@ -21,11 +19,12 @@ from clients.cli_common import print_json
 
 def _read_labelmap(path: str) -> list[str]:
     """labelmap.txt (one name a line), or a Label Studio labelling config (its <Label value=…>
-    in order, e.g. the labelstudio_config.xml drafting writes). A regex, not an XML parser:
-    the file is untrusted and only the values are needed."""
+    in order, e.g. the labelstudio_config.xml drafting writes)."""
+    from minehead.labelstudio.config import labels_of
+
     text = Path(path).read_text(encoding="utf-8")
     if text.lstrip().startswith("<"):
-        return [html.unescape(v) for v in re.findall(r'<Label\s[^>]*?\bvalue="([^"]*)"', text)]
+        return labels_of(text)
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 

@@ -95,7 +95,7 @@ def read_class_names(root: Path) -> list[str]:
     raise InvalidArgument(f"dataset {root} has no class names: add labelmap.txt (one name a line) or data.yaml (names:)")
 
 
-def _split_dirs(root: Path) -> list[tuple[str, Path, Path]]:
+def split_dirs(root: Path) -> list[tuple[str, Path, Path]]:
     """(split, images dir, labels dir) for each split present."""
     if (root / "train" / "images").is_dir():
         return [(s, root / s / "images", root / s / "labels") for s in ("train", "val", "valid", "test")
@@ -158,7 +158,7 @@ def load_dataset(root: Path | str) -> Dataset:
     bad = [c for c in classes if c.startswith("__bg_")]
     if bad:
         raise InvalidArgument(f"dataset {root}: class names starting with __bg_ are reserved for background ({bad[0]})")
-    splits = _split_dirs(root)
+    splits = split_dirs(root)
     images, dropped = [], []
     for split, img_dir, lbl_dir in splits:
         for p in sorted(img_dir.iterdir()):

@@ -202,6 +202,14 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def _auth(token: str | None) -> str | None:
+    """A bare token is a legacy Label Studio token; a full header value ("Bearer …", "Token …",
+    what minehead.labelstudio.client makes of a personal access token) is sent as it is."""
+    if not token:
+        return None
+    return token if token.startswith(("Token ", "Bearer ")) else f"Token {token}"
+
+
 def _materialise(source: tuple[str, str], dst: Path, token: str | None) -> None:
     kind, where = source
     if kind == "missing":
@@ -215,7 +223,8 @@ def _materialise(source: tuple[str, str], dst: Path, token: str | None) -> None:
             except OSError:
                 shutil.copyfile(where, dst)
             return
-        req = urllib.request.Request(where, headers={"Authorization": f"Token {token}"} if token else {})
+        auth = _auth(token)
+        req = urllib.request.Request(where, headers={"Authorization": auth} if auth else {})
         with urllib.request.build_opener(_NoRedirect).open(req, timeout=60) as r, open(dst, "wb") as f:
             while chunk := r.read(1 << 20):
                 if f.tell() + len(chunk) > MAX_IMAGE_BYTES:
@@ -225,6 +234,23 @@ def _materialise(source: tuple[str, str], dst: Path, token: str | None) -> None:
         raise _Skip(f"HTTP {e.code} from Label Studio" + (" (redirects are not followed)" if 300 <= e.code < 400 else "")) from None
     except OSError as e:  # URLError included
         raise _Skip(f"could not read the image ({getattr(e, 'reason', None) or e.strerror or e})") from None
+
+
+def resolve_image(ref, where: str, images_root: Path | str | None, labelstudio_url: str | None) -> tuple[str, str]:
+    """A task's image reference checked by the import rules (no traversal, no absolute path
+    outside images_root, no host but the Label Studio instance's): ("file", path), ("url", url)
+    or ("missing", reason). InvalidArgument for references an import must never follow."""
+    _, root, ls = _setup(None, images_root, labelstudio_url)
+    return _resolve(ref, where, root, ls)[0]
+
+
+def fetch_image(source: tuple[str, str], dst: Path, token: str | None) -> None:
+    """Write the image of a resolve_image() source to dst (size-capped, redirects not followed);
+    InvalidArgument saying why when it cannot be had."""
+    try:
+        _materialise(source, Path(dst), token)
+    except _Skip as e:
+        raise InvalidArgument(f"image {source[1]}: {e}") from None
 
 
 def _safe_stem(name: str, taken: set[str]) -> tuple[str, str]:
@@ -242,8 +268,8 @@ def _safe_stem(name: str, taken: set[str]) -> tuple[str, str]:
 # -- writing -----------------------------------------------------------------------------------
 def _setup(out_dir, images_root, labelstudio_url) -> tuple[Path, Path | None, object]:
     """Checks that need no parsing, done first: the output folder, the root, the instance URL."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FailedPrecondition(f"{out_dir} exists and is not empty; imports never overwrite: choose a new folder")
     ls = urlsplit(labelstudio_url) if labelstudio_url else None
     if ls is not None and (ls.scheme not in ("http", "https") or not ls.netloc):
@@ -252,7 +278,7 @@ def _setup(out_dir, images_root, labelstudio_url) -> tuple[Path, Path | None, ob
 
 
 def _write(items: list[_Item], classes: list[str], out_dir: Path, report: ImportReport, token: str | None) -> ImportReport:
-    token = token if token is not None else os.environ.get("MINEHEAD_LABELSTUDIO_TOKEN")
+    token = token if token is not None else os.environ.get("MINEHEAD_LABELSTUDIO_TOKEN")  # a bare token or a header value
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.import-", dir=out_dir.parent))  # same fs: rename is atomic
     try:

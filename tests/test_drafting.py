@@ -204,6 +204,14 @@ def test_label_studio_review_queue_and_provenance(denv, drafted):
     assert len(lines) == res.boxes
     u = [x["uncertainty"] for x in lines]
     assert u == sorted(u)  # most uncertain first
+    # Label Studio sorts tasks by the prediction score: it is the image's most uncertain box, so
+    # the task order is the review queue's order (an image without boxes scores 1.0, last)
+    first = {}
+    for x in lines:
+        first.setdefault(x["image"], x["uncertainty"])
+    for t in tasks:
+        name = t["data"]["image"].rsplit("/", 1)[-1]
+        assert t["predictions"][0]["score"] == pytest.approx(first.get(name, 1.0), abs=1e-5)
     recipe_ids = {r.recipe_id for r in denv["mining"].recipes}
     for x in lines:
         assert x["recipe_id"] in recipe_ids and x["reason"].startswith("head p=") and x["prompt"]

@@ -62,14 +62,23 @@ def coco_annotations(img: drafting_pb2.DraftedImage, image_id: int, first_ann_id
     return anns
 
 
-def labelstudio_task(img: drafting_pb2.DraftedImage, image_url: str, model_version: str, polygons: bool) -> dict:
-    """A Label Studio task with one prediction (pre-annotations to review). Results are
-    rectanglelabels (or polygonlabels) in percent of the original image size, each with its
-    score; the prediction's score is the mean head probability."""
+def review_score(img: drafting_pb2.DraftedImage) -> float:
+    """The prediction-level score of a drafted image: the smallest `uncertainty` of its boxes
+    (the review queue's sort key, lower = review first), 1.0 for an image without boxes.
+    Label Studio sorts tasks by this number (the data manager's prediction score column, and
+    "uncertainty sampling" serves the lowest first), so its order is review.jsonl's order."""
+    return round(float(min(b.uncertainty for b in img.boxes)), 5) if len(img.boxes) else 1.0
+
+
+def labelstudio_prediction(img: drafting_pb2.DraftedImage, model_version: str, polygons: bool,
+                           from_name: str = "label", to_name: str = "image") -> dict:
+    """One Label Studio prediction: rectanglelabels (or polygonlabels) in percent of the original
+    image size, each result scored with its head probability; the prediction scored with
+    review_score (see there: an ordering number, not a confidence)."""
     W, H = img.width, img.height
     results = []
     for k, b in enumerate(img.boxes):
-        base = {"id": f"r{img.index}_{k}", "from_name": "label", "to_name": "image", "original_width": W,
+        base = {"id": f"r{img.index}_{k}", "from_name": from_name, "to_name": to_name, "original_width": W,
                 "original_height": H, "image_rotation": 0, "score": round(float(b.head_prob), 5)}
         if polygons and len(b.polygon) >= 6:
             pts = [[round(100 * b.polygon[i] / W, 4), round(100 * b.polygon[i + 1] / H, 4)] for i in range(0, len(b.polygon) - 1, 2)]
@@ -79,9 +88,12 @@ def labelstudio_task(img: drafting_pb2.DraftedImage, image_url: str, model_versi
                 "x": round(100 * b.box.x1 / W, 4), "y": round(100 * b.box.y1 / H, 4),
                 "width": round(100 * (b.box.x2 - b.box.x1) / W, 4), "height": round(100 * (b.box.y2 - b.box.y1) / H, 4),
                 "rotation": 0, "rectanglelabels": [b.class_name]}})
-    score = float(np.mean([b.head_prob for b in img.boxes])) if len(img.boxes) else 0.0
-    return {"data": {"image": image_url}, "predictions": [{"model_version": model_version, "score": round(score, 5),
-                                                         "result": results}]}
+    return {"model_version": model_version, "score": review_score(img), "result": results}
+
+
+def labelstudio_task(img: drafting_pb2.DraftedImage, image_url: str, model_version: str, polygons: bool) -> dict:
+    """A Label Studio task with one prediction (pre-annotations to review)."""
+    return {"data": {"image": image_url}, "predictions": [labelstudio_prediction(img, model_version, polygons)]}
 
 
 def labelstudio_config(classes: list[str], polygons: bool) -> str:

@@ -1,0 +1,10 @@
+"""Label Studio as minehead's review tool: an ML backend's library half.
+
+    config.py    the labelling config a project uses (labels, tag, names) and its check against a set
+    client.py    Label Studio's REST API, the little the backend needs (export, auth, image bytes)
+    predict.py   tasks -> drafts through the miner -> Label Studio predictions, within a time budget
+    rounds.py    a training round: export -> import -> train -> mine -> recipe set, as a job
+    backend.py   the backend's state (current recipe set, rounds, annotation counter)
+
+The HTTP edge (Flask) is clients/labelstudio_app.py; it only turns requests into calls here.
+"""
