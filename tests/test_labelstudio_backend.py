@@ -250,3 +250,23 @@ def test_a_wrong_token_is_a_clear_error(env):
         bad.export_tasks(1)
     with pytest.raises(InvalidArgument):
         LabelStudioAPI("ftp://x", "t")
+
+
+def test_a_round_mines_with_the_previous_sets_settings():
+    """The round's mining asks what the previous set was mined with (its provenance), not the
+    MiningSpec defaults (no gate tuning, no background policy)."""
+    import json
+
+    from minehead.labelstudio.rounds import mining_spec
+    from minehead.recipes.v2 import recipes_pb2
+
+    prev = recipes_pb2.Recipe(target_precision=0.8)
+    prev.provenance.mining_settings_json = json.dumps({"auto_tune": True, "guard": True, "apply": "both",
+                                                       "background_margin": 0.1, "floor": 0.05, "max_steps": 2})
+    s = mining_spec(prev, "datasets/x", "h1", ["a", "b"], "minisam-locator", 3)
+    assert (s.dataset, s.head, list(s.classes), s.detector, s.seed) == ("datasets/x", "h1", ["a", "b"], "minisam-locator", 3)
+    assert s.clip_head_auto_tune and s.clip_head_background_guard
+    assert s.clip_head_background_apply == recipes_pb2.BOTH and abs(s.clip_head_background_margin - 0.1) < 1e-6
+    assert abs(s.target_precision - 0.8) < 1e-6 and s.max_steps == 2 and abs(s.floor_threshold - 0.05) < 1e-6
+    legacy = mining_spec(recipes_pb2.Recipe(), "d", "h", ["a"], "", 0)  # no provenance: tuned gate, defaults
+    assert legacy.clip_head_auto_tune and not legacy.clip_head_background_guard

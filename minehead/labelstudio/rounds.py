@@ -20,6 +20,7 @@ Flask edge only forwards.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -35,6 +36,7 @@ from minehead.datasets import split_dirs, read_class_names
 from minehead.head.v1 import head_pb2
 from minehead.importers import import_labelstudio
 from minehead.miner.v1 import miner_pb2
+from minehead.recipes.v2 import recipes_pb2
 
 
 @dataclasses.dataclass
@@ -123,6 +125,25 @@ def training_spec(prev: head_pb2.Head, dataset: head_pb2.DatasetRef, classes: li
     return spec
 
 
+def mining_spec(prev: "recipes_pb2.Recipe", dataset: str, head_id: str, classes: list[str], detector: str,
+                seed: int) -> miner_pb2.MiningSpec:
+    """Mining settings as the previous set was mined with (its provenance): the same target,
+    gate tuning, background policy and search limits, on the round's dataset and head."""
+    try:
+        st = json.loads(prev.provenance.mining_settings_json or "{}")
+    except ValueError:
+        st = {}
+    spec = miner_pb2.MiningSpec(dataset=dataset, head=head_id, classes=classes, detector=detector,
+                                target_precision=prev.target_precision or 0.0, seed=seed,
+                                clip_head_auto_tune=bool(st.get("auto_tune", True)),
+                                clip_head_background_guard=bool(st.get("guard", False)),
+                                clip_head_background_margin=float(st.get("background_margin", 0.0)),
+                                max_steps=int(st.get("max_steps", 0)), floor_threshold=float(st.get("floor", 0.0)))
+    if st.get("apply") in ("seed", "final", "both"):
+        spec.clip_head_background_apply = recipes_pb2.BackgroundApply.Value(st["apply"].upper())
+    return spec
+
+
 def run_round(ctx: JobContext, spec: RoundSpec, export, head, miner) -> dict:
     """export: () -> bytes of a Label Studio JSON export; head/miner: HeadClient, MinerClient.
     Returns the round's summary (also the job's result)."""
@@ -157,9 +178,7 @@ def run_round(ctx: JobContext, spec: RoundSpec, export, head, miner) -> dict:
     done.result.Unpack(tres)
     ctx.log(f"trained head {tres.head.head_id}" + (" with its locator" if tres.head.has_locator else ""))
     ctx.phase("mine")
-    r0 = rset.recipes[0]
-    mspec = miner_pb2.MiningSpec(dataset=ds_ref, head=tres.head.head_id, classes=classes, detector=rset.detector,
-                                 target_precision=r0.target_precision or 0.0, seed=int(tspec.seed))
+    mspec = mining_spec(rset.recipes[0], ds_ref, tres.head.head_id, classes, rset.detector, int(tspec.seed))
     done = _follow(ctx, miner.jobs, miner.start_mining(mspec), "mining")
     mres = miner_pb2.MiningResult()
     done.result.Unpack(mres)
