@@ -8,6 +8,8 @@ graph runs in onnxruntime, servers listen on loopback.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import zipfile
@@ -140,6 +142,24 @@ def _bundle_files(onnx_loc: bytes, in_channels: int = 6) -> dict[str, bytes]:
                        "in_channels": in_channels, "embedder_model": "toy-model", "resize": "longest_side_pad",
                        "input_size": 256, "map_size": [16, 16], "stride": 16.0, "parity_max_abs_err": 0.0}
     return {"head.onnx": b.onnx_bytes, "meta.json": meta_json(meta), "locator.onnx": onnx_loc}
+
+
+def test_an_ensemble_is_one_graph_that_averages_its_members(toy_locator):
+    """A few-image locator ships as several nets fitted with different seeds: one ONNX graph
+    whose outputs are the members' mean, equal to train.predict on the list, and valid as an
+    upload (the same checks as a single net)."""
+    net, _, best, params, data, tg = toy_locator
+    other, _, _ = train.fit([m for m, *_ in data[:15]], tg[:15], 1, dataclasses.replace(params, seed=params.seed + 1),
+                            epochs=best)
+    maps = [m for m, *_ in data[:4]]
+    onnx_bytes = export.to_onnx([net, other])
+    assert export.parity([net, other], onnx_bytes, maps) <= 1e-4
+    a, b, both = train.predict(net, maps), train.predict(other, maps), train.predict([net, other], maps)
+    for j in range(3):
+        assert np.allclose(both[j], (a[j] + b[j]) / 2, atol=1e-6)
+    assert not np.allclose(a[0], b[0])  # the seeds did give two different nets
+    meta = {"in_channels": 6, "classes": ["a"], "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest()}
+    Locator(onnx_bytes, meta).check_graph()
 
 
 def test_bundle_carries_the_locator_and_counts_it_in_the_id(toy_locator):

@@ -4,6 +4,9 @@ heads are: no tracing, nothing but the trained function).
     fmap [N, C, R, Cols] -> heat [N, K, R, Cols] (probabilities), size [N, 2, R, Cols]
     (log width, log height in cells), offset [N, 2, R, Cols] (sub-cell centre, 0..1)
 
+An ensemble (a few nets fitted with different seeds, for datasets of a few images) is one graph
+too: each member's nodes under its own prefix, the three outputs averaged with Mean.
+
 R and Cols are free: the same graph runs on any map size of its channel count.
 """
 
@@ -18,30 +21,49 @@ INPUT = "fmap"
 OUTPUTS = ("heat", "size", "offset")
 
 
-def to_onnx(net) -> bytes:
-    sd = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in net.state_dict().items()}
-    c_in = sd["stem.weight"].shape[1]
-    k = sd["heat.weight"].shape[0]
-    inits = [numpy_helper.from_array(sd["mean"], "mean"), numpy_helper.from_array(sd["inv_std"], "inv_std")]
+def _member(sd: dict, p: str) -> tuple[list, list]:
+    """One net's initializers and nodes, every name prefixed with p; its outputs are
+    {p}heat, {p}size, {p}offset."""
+    inits = [numpy_helper.from_array(sd["mean"], f"{p}mean"), numpy_helper.from_array(sd["inv_std"], f"{p}inv_std")]
     for name in ("stem", "conv1", "conv2", "heat", "size", "offset"):
-        inits += [numpy_helper.from_array(sd[f"{name}.weight"], f"{name}.w"),
-                  numpy_helper.from_array(sd[f"{name}.bias"], f"{name}.b")]
-    conv = helper.make_node
+        inits += [numpy_helper.from_array(sd[f"{name}.weight"], f"{p}{name}.w"),
+                  numpy_helper.from_array(sd[f"{name}.bias"], f"{p}{name}.b")]
+    node = helper.make_node
     nodes = [
-        conv("Sub", [INPUT, "mean"], ["centred"]),
-        conv("Mul", ["centred", "inv_std"], ["x0"]),
-        conv("Conv", ["x0", "stem.w", "stem.b"], ["s0"]),
-        conv("Relu", ["s0"], ["x1"]),
-        conv("Conv", ["x1", "conv1.w", "conv1.b"], ["s1"], pads=[1, 1, 1, 1]),
-        conv("Relu", ["s1"], ["x2"]),
-        conv("Conv", ["x2", "conv2.w", "conv2.b"], ["s2"], pads=[2, 2, 2, 2], dilations=[2, 2]),
-        conv("Relu", ["s2"], ["f"]),
-        conv("Conv", ["f", "heat.w", "heat.b"], ["heat_logits"]),
-        conv("Sigmoid", ["heat_logits"], ["heat"]),
-        conv("Conv", ["f", "size.w", "size.b"], ["size"]),
-        conv("Conv", ["f", "offset.w", "offset.b"], ["offset_logits"]),
-        conv("Sigmoid", ["offset_logits"], ["offset"]),
+        node("Sub", [INPUT, f"{p}mean"], [f"{p}centred"]),
+        node("Mul", [f"{p}centred", f"{p}inv_std"], [f"{p}x0"]),
+        node("Conv", [f"{p}x0", f"{p}stem.w", f"{p}stem.b"], [f"{p}s0"]),
+        node("Relu", [f"{p}s0"], [f"{p}x1"]),
+        node("Conv", [f"{p}x1", f"{p}conv1.w", f"{p}conv1.b"], [f"{p}s1"], pads=[1, 1, 1, 1]),
+        node("Relu", [f"{p}s1"], [f"{p}x2"]),
+        node("Conv", [f"{p}x2", f"{p}conv2.w", f"{p}conv2.b"], [f"{p}s2"], pads=[2, 2, 2, 2], dilations=[2, 2]),
+        node("Relu", [f"{p}s2"], [f"{p}f"]),
+        node("Conv", [f"{p}f", f"{p}heat.w", f"{p}heat.b"], [f"{p}heat_logits"]),
+        node("Sigmoid", [f"{p}heat_logits"], [f"{p}heat"]),
+        node("Conv", [f"{p}f", f"{p}size.w", f"{p}size.b"], [f"{p}size"]),
+        node("Conv", [f"{p}f", f"{p}offset.w", f"{p}offset.b"], [f"{p}offset_logits"]),
+        node("Sigmoid", [f"{p}offset_logits"], [f"{p}offset"]),
     ]
+    return inits, nodes
+
+
+def to_onnx(net) -> bytes:
+    """One net, or a list of nets (an ensemble: the graph averages their heat probabilities,
+    sizes and offsets with ONNX Mean, as train.predict does)."""
+    nets = list(net) if isinstance(net, (list, tuple)) else [net]
+    sds = [{k: v.detach().cpu().numpy().astype(np.float32) for k, v in n.state_dict().items()} for n in nets]
+    c_in = sds[0]["stem.weight"].shape[1]
+    k = sds[0]["heat.weight"].shape[0]
+    inits, nodes = [], []
+    if len(sds) == 1:
+        inits, nodes = _member(sds[0], "")
+    else:
+        for i, sd in enumerate(sds):
+            a, b = _member(sd, f"m{i}.")
+            inits += a
+            nodes += b
+        for out in OUTPUTS:
+            nodes.append(helper.make_node("Mean", [f"m{i}.{out}" for i in range(len(sds))], [out]))
     graph = helper.make_graph(
         nodes, "minehead_locator",
         [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", c_in, "R", "C"])],

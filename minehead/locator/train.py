@@ -183,8 +183,16 @@ def _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs,
 
 
 def predict(net, maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The trained net's outputs as the ONNX graph gives them: (heat probabilities, size, offset)."""
+    """The trained net's outputs as the ONNX graph gives them: (heat probabilities, size, offset).
+    `net` may be a list of nets (an ensemble): their outputs averaged, as export.to_onnx does."""
     torch = _torch()
+    nets = net if isinstance(net, (list, tuple)) else [net]
+    outs = []
     with torch.no_grad():
-        z, s, o = net(torch.tensor(np.stack(maps), dtype=torch.float32))
-        return torch.sigmoid(z).numpy(), s.numpy(), torch.sigmoid(o).numpy()
+        x = torch.tensor(np.stack(maps), dtype=torch.float32)
+        for n in nets:
+            z, s, o = n(x)
+            outs.append((torch.sigmoid(z).numpy(), s.numpy(), torch.sigmoid(o).numpy()))
+    if len(outs) == 1:
+        return outs[0]
+    return tuple(np.mean([o[j] for o in outs], axis=0).astype(np.float32) for j in range(3))
