@@ -3,10 +3,9 @@ the labelled images -> CenterNet targets from their boxes -> the small conv net
 (minehead.locator.train) -> ONNX, parity-checked, described for meta.json.
 
 Which images teach what: early stopping watches the head's held-out images, and the held-out
-figures are measured there (so they also chose the epoch count; reported as such). Then every
-labelled image goes into the shipped locator (a user who labels two images needs both in the
-model): the early-stopped net trains on, on all images, for a quarter of its epochs; with a
-few images, an ensemble of nets is fitted on all of them from scratch for that many epochs.
+figures are measured there (so they also chose the epoch count; reported as such). Then the
+final locator is fitted on every labelled image for that many epochs: a user who labels two
+images needs both in the model.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ MIN_EPOCHS = 20  # the final fit's floor when early stopping stopped very early
 # net (the variance shrinks with data, and training time grows with it: 50 images <= 60 s).
 ENSEMBLE = 3
 FEW_IMAGES = 8
-FINETUNE_SHARE = 0.25  # a single net's final fit: this share of the early-stopped epochs, from it
 BLOCK = 8  # cells a side of the blocks held out of each image when no whole image can be
 
 
@@ -100,13 +98,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     ctx.check_cancelled()
     members = ENSEMBLE if len(maps) < FEW_IMAGES else 1
     final, final_hist = [], []
-    if members == 1:
-        # The early-stopped net goes on learning on every image for a share of its epochs
-        # rather than a second fit from scratch: the same figures, a third less time.
-        epochs = max(MIN_EPOCHS, int(np.ceil(FINETUNE_SHARE * epochs)))
-        net_f, final_hist, _ = loc_train.fit(maps, tgts, len(real), params, epochs=epochs, on_epoch=on_epoch, init=net)
-        final.append(net_f)
-    for j in range(members if members > 1 else 0):
+    for j in range(members):
         net_j, final_hist, _ = loc_train.fit(maps, tgts, len(real), dataclasses.replace(params, seed=params.seed + j),
                                              epochs=epochs, on_epoch=on_epoch)
         final.append(net_j)
@@ -129,9 +121,8 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
             if held else {},
             "held_out_note": (f"{how} chose the epoch count" + ("; figures on the held-out images" if held else
                                                                      "; no held-out figures") +
-                              + (f"; the shipped locator: {members} nets (different seeds, averaged: few images) fitted on "
-                                 f"every image for {epochs} epochs" if members > 1 else
-                                 f"; the shipped locator: that net trained on, on every image, for {epochs} more epochs")),
+                              "; the shipped locator is then fitted on every image"
+                              + (f" ({members} nets, different seeds, averaged: few images)" if members > 1 else "")),
             "parity_max_abs_err": float(err), "train_seconds": round(secs, 2)}
     return TrainedLocator(onnx_bytes, meta, {"history": history, "final_history": final_hist[-5:], "held_out": held})
 

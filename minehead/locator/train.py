@@ -118,14 +118,13 @@ def channel_stats(maps: list[np.ndarray], targets: list[Targets]) -> tuple[np.nd
 
 def fit(maps: list[np.ndarray], targets: list[Targets], n_classes: int, params: LocatorParams, *,
         val_maps: list[np.ndarray] = (), val_targets: list[Targets] = (), epochs: int | None = None,
-        on_epoch: Callable[[int, float, float], None] | None = None, init=None):
+        on_epoch: Callable[[int, float, float], None] | None = None):
     """Fit on maps (each C x R x Cols) with their targets.
 
     With validation maps: early stopping on their loss (patience), the best epoch's weights
     kept. With `epochs`: exactly that many epochs (the final fit on every image, once early
     stopping has said how long). Returns (net in eval mode, history [(epoch, train, val)], best
-    epoch (1-based)). init: a fitted net to start from (its weights and normalisation) instead of
-    a fresh one seeded with params.seed."""
+    epoch (1-based))."""
     torch = _torch()
     threads = torch.get_num_threads()
     # One thread: these convolutions are small, and torch's OpenMP pool spin-waits between
@@ -133,18 +132,16 @@ def fit(maps: list[np.ndarray], targets: list[Targets], n_classes: int, params: 
     # thread does in 1.8 s (100 epochs on one 64 x 64 map, measured).
     torch.set_num_threads(1)
     try:
-        return _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs, on_epoch, init)
+        return _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs, on_epoch)
     finally:
         torch.set_num_threads(threads)
 
 
-def _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs, on_epoch, init=None):
+def _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs, on_epoch):
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     mean, std = channel_stats(maps, targets)
     net = make_net(maps[0].shape[0], n_classes, params.hidden, mean, std)
-    if init is not None:
-        net.load_state_dict(init.state_dict())
     opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     train = _tensors(maps, targets)
     val = _tensors(list(val_maps), list(val_targets)) if len(val_maps) else None

