@@ -28,6 +28,8 @@ def _spec(a) -> miner_pb2.MiningSpec:
         clip_head_auto_tune=not a.no_auto_tune, max_steps=a.max_steps)
     if a.no_prompt_filter:
         spec.prompt_filter = False
+    if a.no_refit:
+        spec.refit_all_images = False
     for p in a.prompt or []:
         if "=" not in p:
             raise SystemExit(f"--prompt {p!r}: expected CLASS=P1,P2")
@@ -205,6 +207,9 @@ def add_commands(sub, add):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--no-auto-tune", action="store_true", help="keep the gate fixed instead of sweeping it")
         p.add_argument("--no-prompt-filter", action="store_true")
+        p.add_argument("--no-refit", action="store_true",
+                       help="ship the thresholds chosen on the tune split alone (default: chosen again on every "
+                            "image once the held-out figures are taken)")
 
     st = add(mine, "start", cmd_mine_start, "mine one recipe per class (a job)")
     mining_args(st)

@@ -345,3 +345,15 @@ def test_background_rejected_versus_alone_in_one_step():
     st = run_step(Det(), None, b"", Step("thing", 0.5), Gate(min_prob=0.3, background=BackgroundPolicy(veto=True, stage="final")),
                   0, Head(), [])[2]
     assert (st.final_checked, st.final_vetoed, st.final_vetoed_background_only) == (3, 2, 1)
+
+
+def test_cli_no_refit_asks_for_the_tune_only_choice():
+    """`mine start` leaves refit_all_images unset (the server's default: on); --no-refit sets it false."""
+    from clients.cli import build_parser
+    from clients.cli_miner import _spec
+
+    base = ["mine", "start", "--dataset", "/data/x", "--head", "h1"]
+    on = _spec(build_parser().parse_args(base))
+    off = _spec(build_parser().parse_args(base + ["--no-refit"]))
+    assert not on.HasField("refit_all_images")
+    assert off.HasField("refit_all_images") and off.refit_all_images is False
