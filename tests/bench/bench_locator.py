@@ -1,7 +1,7 @@
 """`make bench` (drafting quality): train -> mine -> draft on images the head never saw, per data
 set, through the real trio and its public clients, scored one-to-one at IoU 0.5.
 
-    python -m tests.bench.bench_locator [--only trees,coins,brick,scenes,whole,speed]
+    python -m tests.bench.bench_locator [--only trees,coins,brick,scenes,few,whole,speed]
 
 Data sets (built here, held-out images only in every figure):
 - trees: real NEON aerial tiles with tree boxes from the deepforest 2.1.0 wheel
@@ -13,6 +13,8 @@ Data sets (built here, held-out images only in every figure):
   five shapes): train on 24, draft 10 others.
 - whole: the 2299 x 2472 YELL image drafted whole (tiled by the miner) against its 36 tiles
   drafted one by one, both scored on the same trees.
+- few: 3 crowded scenes -> the 10 scenes' drafts; 2 tree tiles -> the 22 held-out tiles (a user
+  who labels a couple of images and drafts the rest).
 - speed: a 640 x 480 image drafted by a 4-class set against one backbone pass, alternating
   (min / median / max), decoder passes per image; locator training time on 50 images with
   their feature maps cached.
@@ -72,15 +74,29 @@ def photo_halves(name: str, tmp: Path) -> list[tuple[str, Path, Path]]:
     return out
 
 
-def scenes(tmp: Path, train: int = 24, test: int = 10) -> tuple[Path, Path]:
+def scenes(tmp: Path, train: int = 24, test: int = 10, name: str = "scenes") -> tuple[Path, Path]:
     from tests.bench.bench_detector import SHAPES, crowded_scene
 
     for split, n, seed in (("train", train, 1), ("test", test, 2)):
         rng = np.random.default_rng(seed)
         for i in range(n):
             px, b, names = crowded_scene(rng)
-            write_yolo(tmp / "scenes" / split, f"scene_{i:03d}", px, b, names, SHAPES)
-    return tmp / "scenes" / "train", tmp / "scenes" / "test"
+            write_yolo(tmp / name / split, f"scene_{i:03d}", px, b, names, SHAPES)
+    return tmp / name / "train", tmp / name / "test"
+
+
+def few_trees(trees: Path, tmp: Path, n: int = 2) -> Path:
+    """The first n training tiles that hold trees: a user who labelled two tiles."""
+    out = tmp / f"trees-{n}"
+    for sub in ("images", "labels"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy(trees / "train" / "labelmap.txt", out / "labelmap.txt")
+    picked = [p for p in sorted((trees / "train" / "labels").glob("*.txt")) if p.read_text().strip()][:n]
+    for lab in picked:
+        shutil.copy(lab, out / "labels" / lab.name)
+        img = next((trees / "train" / "images").glob(lab.stem + ".*"))
+        shutil.copy(img, out / "images" / img.name)
+    return out
 
 
 def run(trio: Trio, label: str, train: Path, test: Path, out: Path) -> dict:
@@ -214,7 +230,7 @@ def print_row(r: dict, target: float | None) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="trees,coins,brick,scenes,whole")
+    ap.add_argument("--only", default="trees,coins,brick,scenes,few,whole")
     ap.add_argument("--json", default=str(REPO / "var" / "bench" / "locator.json"))
     a = ap.parse_args(argv)
     os.environ.setdefault("MINEHEAD_OFFLINE", "1")
@@ -246,6 +262,22 @@ def main(argv=None) -> int:
             results["speed"] = speed(trio, tmp, models)
         if "whole" in only:
             results["whole"] = whole_vs_tiles(trio, tmp)
+        if "few" in only:
+            # A user who labels 2-3 images and drafts the rest (issue 24's "few labelled images").
+            tr, te = scenes(tmp, train=3, name="scenes-3")
+            r = run(trio, "few: 3 crowded scenes", tr, te, tmp / "drafts")
+            results["rows"].append(r)
+            print_row(r, None)
+            from tests.bench.data_trees import build
+
+            trees = REPO / "var" / "data" / "trees"
+            build(trees, REPO / "var" / "cache")
+            local = tmp / "trees"  # under the services' allowed roots
+            if not local.exists():
+                shutil.copytree(trees, local)
+            r = run(trio, "few: 2 tree tiles", few_trees(local, tmp), local / "heldout", tmp / "drafts")
+            results["rows"].append(r)
+            print_row(r, None)
         if "scenes" in only:
             tr, te = scenes(tmp)
             r = run(trio, "crowded scenes", tr, te, tmp / "drafts")
