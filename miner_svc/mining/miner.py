@@ -96,7 +96,7 @@ class Miner:
         if not met:
             self.ctx.warn(warnings[-1])
         fit = tune
-        if self.s.refit_all_images and report and steps:
+        if self.s.refit_all_images and report:  # also when the tune split alone gave no step
             # The held-out figures are taken: with 2-4 labelled images every one of them counts,
             # so the shipped steps and gate are chosen again on all of them.
             fit = tune + report
@@ -115,7 +115,15 @@ class Miner:
         live = self.filter_prompts(c, self.prompts_for(c.name), items, gate)
         cover = self.cover(c, live, items, gate)
         t1 = time.perf_counter()
-        steps, gate = self.tune_gate(c, cover.steps, items, gate)
+        steps = cover.steps
+        if not steps and live and self.s.auto_tune:
+            # Nothing covered under the head's default gate (a head trained on a few images is
+            # rarely sure of anything): the joint threshold and gate sweep gets the first prompt
+            # from the floor, and keeps it only if it then finds something.
+            steps = [Step(live[0], self.s.floor)]
+        steps, gate = self.tune_gate(c, steps, items, gate)
+        if steps and not cover.steps and self.score(items, steps, gate, c.target, c.class_id)[1].tp == 0:
+            steps, gate = [], self.base_gate()
         if timed:
             self.timings[f"select:{c.name}"] = t1 - t0
             self.timings[f"gate:{c.name}"] = time.perf_counter() - t1
