@@ -211,14 +211,15 @@ class Miner:
             rows_s.append(r.scores)
             gt_n += len(gt)
         probs, is_tp, scores = np.concatenate(rows_p), np.concatenate(rows_tp), np.concatenate(rows_s)
-        # several steps: their own thresholds stand (every row is kept: scores are >= 0)
-        thresholds = sorted({steps[0].seed_threshold, *selection.threshold_grid(scores, s.floor, n=16)}) if joint \
-            else [-1.0]
-        best = selection.sweep_threshold_and_gate(scores, probs, is_tp, c.target, self.head.background_indices, gt_n,
-                                                  thresholds, s.target_precision, bg.veto, bg.penalty)
-        if best is None:
+        if joint:
+            thresholds = sorted({steps[0].seed_threshold, *selection.threshold_grid(scores, s.floor, n=16)})
+            t, params, _ = selection.sweep_threshold_and_gate(scores, probs, is_tp, c.target, self.head.background_indices,
+                                                              gt_n, thresholds, s.target_precision, bg.veto, bg.penalty)
+        else:  # several steps: their own thresholds stand
+            rows = selection.GateRows.from_probs(probs, c.target, self.head.background_indices, is_tp, gt_n)
+            params, _ = selection.sweep_gate(rows, s.target_precision, bg.veto, bg.penalty)
+        if not params:
             return steps, gate
-        t, params, _ = best
         if joint and t != steps[0].seed_threshold:
             self.ctx.log(f"[{c.name}] seed threshold {steps[0].seed_threshold:.3f} -> {t:.3f} (tuned with the gate)")
             steps = [dataclasses.replace(steps[0], seed_threshold=float(t))]
