@@ -56,6 +56,20 @@ def models_dir(tmp_path_factory) -> Path:
 TINY_IDS = ["open_clip:tiny-clip/random", "hf-clip:tiny/clip", "dinov3:tiny/dinov3"]
 
 
+def stop_processes(procs, timeout: float = 30) -> None:
+    """Child processes a test or bench started (services, Label Studio): asked to stop, killed
+    when they do not within `timeout` seconds each."""
+    import subprocess
+
+    for p in procs:
+        p.terminate()
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout)
+
+
 def make_config(service: str, tmp: Path, models_dir: Path | None = None, **kw) -> ServiceConfig:
     cfg = ServiceConfig(service=service, host="127.0.0.1", port=0, data_dir=tmp, models_dir=models_dir or tmp / "models",
                         allowed_roots=[tmp], workers=16)

@@ -32,7 +32,7 @@ from minehead.head.v1 import head_pb2
 from minehead.miner.v1 import miner_pb2
 from minehead.synth import make_synthetic_dataset
 from tests.bench.trio import Trio
-from tests.conftest import REPO
+from tests.conftest import REPO, stop_processes
 
 pytestmark = pytest.mark.labelstudio
 LS_VENV = Path(os.environ.get("MINEHEAD_LS_VENV", REPO / "var" / "ls-venv"))
@@ -135,12 +135,7 @@ def live(tmp_path_factory, models_dir):
                "token": token, "sdk": sdk, "tmp": tmp, "procs": procs}
         sdk.close()
     finally:
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs, 20)
         trio.close()
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tests.bench.timing import Arm, Comparison
 from tests.bench.trio import Trio
+from tests.conftest import stop_processes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -168,13 +169,7 @@ def main(argv=None) -> int:
         for mc in clients.values():
             mc.close()
     finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(30)
+        stop_processes(procs, 30)
         trio.close()
         ray.shutdown()
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
