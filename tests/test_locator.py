@@ -113,6 +113,41 @@ def test_training_is_deterministic_with_a_seed(toy_locator):
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
+def test_a_fit_beside_early_stopping_ends_with_the_weights_of_the_settled_epoch(toy_locator):
+    """The final fit runs in a thread while early stopping decides how long it should run
+    (EpochCount): it must end with exactly the weights of a fit told that count in advance, and
+    an early-stopping fit that fails must not leave it training or waiting."""
+    import concurrent.futures
+
+    _, _, _, params, data, tg = toy_locator
+    maps = [m for m, *_ in data]
+    count = train.EpochCount(floor=5)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        beside = pool.submit(train.fit, maps, tg, 1, dataclasses.replace(params, seed=7), follow=count)
+        _, _, best = train.fit([m for m, *_ in data[:15]], tg[:15], 1, params, val_maps=[m for m, *_ in data[15:]],
+                               val_targets=tg[15:], lead=count)
+        followed, hist, epochs = beside.result()
+    assert epochs == count.final == max(best, 5)
+    told, told_hist, _ = train.fit(maps, tg, 1, dataclasses.replace(params, seed=7), epochs=epochs)
+    assert hist == told_hist and len(hist) == epochs
+    a, b = train.predict(followed, maps[:3]), train.predict(told, maps[:3])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    failing = train.EpochCount(floor=5)
+
+    def boom(epoch, *_):
+        if epoch == 3:
+            raise RuntimeError("cancelled")
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        beside = pool.submit(train.fit, maps, tg, 1, params, follow=failing)
+        with pytest.raises(RuntimeError, match="cancelled"):
+            train.fit(maps[:15], tg[:15], 1, params, val_maps=maps[15:], val_targets=tg[15:], lead=failing,
+                      on_epoch=boom)
+        with pytest.raises(RuntimeError, match="did not finish"):
+            beside.result(timeout=60)
+
+
 def test_onnx_export_matches_torch(toy_locator):
     net, *_ , data, _ = toy_locator
     onnx_bytes = export.to_onnx(net)

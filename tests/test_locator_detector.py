@@ -5,6 +5,8 @@ images and on a mosaic large enough to be tiled.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -73,7 +75,7 @@ def locator_head(embedder_server, tmp_path_factory):
         r = c.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1, locator_max_epochs=150))
         bundle = HeadBundle.from_zip(c.download(r.head.head_id))
         plain = c.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1, locator=False))
-    yield {"head": bundle, "result": r, "plain": plain, "tmp": tmp}
+    yield {"head": bundle, "result": r, "plain": plain, "tmp": tmp, "dataset": ds, "address": f"127.0.0.1:{server.port}"}
     server.stop(0.5)
     runner.shutdown()
 
@@ -92,6 +94,33 @@ def test_training_ships_a_locator_described_in_meta(locator_head):
     assert set(loc["held_out"]) == set(b.real_classes) and "chose the epoch count" in loc["held_out_note"]
     assert b.object_px and b.object_px[0] <= b.object_px[1] <= b.object_px[2]
     assert not locator_head["plain"].head.has_locator
+
+
+def test_cancel_while_the_locator_trains_stops_both_of_its_fits(locator_head):
+    """The early-stopping fit and the final fit run side by side: a cancel stops both, and the
+    job ends CANCELLED (not FAILED, not hanging on the final fit)."""
+    from minehead.client.heads import HeadClient
+    from minehead.common.v1 import common_pb2
+    from minehead.head.v1 import head_pb2
+
+    with HeadClient(locator_head["address"]) as c:
+        job = c.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(locator_head["dataset"])),
+                                                     seed=2, locator_max_epochs=400))
+        seen = set()
+        for ev in c.jobs.watch(job.name):
+            if ev.WhichOneof("payload") == "metrics" and "epoch" in ev.metrics:
+                seen.add(ev.metrics["variant"])
+            if len(seen) == 2:  # both fits are past epoch 10
+                c.jobs.cancel(job.name)
+                break
+        assert seen == {"locator", "locator (final fit)"}
+        t0 = time.time()
+        ended = (common_pb2.Job.CANCELLED, common_pb2.Job.FAILED, common_pb2.Job.SUCCEEDED)
+        while c.jobs.get(job.name).state not in ended:
+            assert time.time() - t0 < 30, "the locator's fits did not stop"
+            time.sleep(0.1)
+        done = c.jobs.get(job.name)
+        assert done.state == common_pb2.Job.CANCELLED, (done.state, done.error)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ little), L1 on size and offset at the centre cells; padding cells count nowhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from typing import Callable
 
 import numpy as np
@@ -116,28 +118,94 @@ def channel_stats(maps: list[np.ndarray], targets: list[Targets]) -> tuple[np.nd
     return cells.mean(1), np.maximum(cells.std(1), 1e-4)
 
 
+class EpochCount:
+    """The epoch count an early-stopping fit settles on, told as it goes to fits that run beside
+    it. The final fit on every image then runs while early stopping is still deciding how long it
+    should run (on two cores the two fits take the time of one), keeps its weights from each
+    epoch that could still be the answer, and ends with those of the settled epoch: the same
+    weights as a fit told that count in advance (the same seed, the same steps in the same
+    order; nothing in the optimiser depends on the total)."""
+
+    def __init__(self, floor: int = 1):
+        self._cond = threading.Condition()
+        self.floor = floor
+        self.least = floor  # no epoch before this can be the answer any more
+        self.final: int | None = None
+        self.failed = False
+
+    def improved(self, epoch: int) -> None:
+        with self._cond:
+            self.least = max(self.least, epoch)
+
+    def settle(self, best_epoch: int) -> None:
+        with self._cond:
+            self.final = max(best_epoch, self.floor)
+            self._cond.notify_all()
+
+    def abandon(self) -> None:
+        with self._cond:
+            self.failed = True
+            self._cond.notify_all()
+
+    def wait(self) -> int:
+        with self._cond:
+            self._cond.wait_for(lambda: self.final is not None or self.failed)
+            if self.final is None:
+                raise RuntimeError("the early-stopping fit this fit followed did not finish")
+            return self.final
+
+
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 0
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one intra-op thread while any fit runs (fits may run side by side in threads,
+    each on its own core; the count is per process, so the last one out restores it)."""
+    global _threads_users, _threads_saved
+    torch = _torch()
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            # One thread: these convolutions are small, and torch's OpenMP pool spin-waits
+            # between them; beside the services' other threads on 2 cores, 2 threads took 70 s
+            # for what one thread does in 1.8 s (100 epochs on one 64 x 64 map, measured).
+            torch.set_num_threads(1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)
+
+
 def fit(maps: list[np.ndarray], targets: list[Targets], n_classes: int, params: LocatorParams, *,
         val_maps: list[np.ndarray] = (), val_targets: list[Targets] = (), epochs: int | None = None,
-        on_epoch: Callable[[int, float, float], None] | None = None):
+        on_epoch: Callable[[int, float, float], None] | None = None, lead: EpochCount | None = None,
+        follow: EpochCount | None = None):
     """Fit on maps (each C x R x Cols) with their targets.
 
     With validation maps: early stopping on their loss (patience), the best epoch's weights
-    kept. With `epochs`: exactly that many epochs (the final fit on every image, once early
-    stopping has said how long). Returns (net in eval mode, history [(epoch, train, val)], best
-    epoch (1-based))."""
-    torch = _torch()
-    threads = torch.get_num_threads()
-    # One thread: these convolutions are small, and torch's OpenMP pool spin-waits between
-    # them; beside the services' other threads on 2 cores, 2 threads took 70 s for what one
-    # thread does in 1.8 s (100 epochs on one 64 x 64 map, measured).
-    torch.set_num_threads(1)
-    try:
-        return _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs, on_epoch)
-    finally:
-        torch.set_num_threads(threads)
+    kept; `lead` is told each better epoch and, at the end, the best one. With `epochs`: exactly
+    that many epochs (the final fit on every image, once early stopping has said how long). With
+    `follow`: the epoch count another fit's early stopping settles on, while it runs (see
+    EpochCount). Returns (net in eval mode, history [(epoch, train, val)], best epoch
+    (1-based))."""
+    with one_torch_thread():
+        try:
+            return _fit(_torch(), maps, targets, n_classes, params, val_maps, val_targets, epochs, on_epoch, lead,
+                        follow)
+        except BaseException:
+            if lead is not None:
+                lead.abandon()
+            raise
 
 
-def _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs, on_epoch):
+def _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs, on_epoch, lead, follow):
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     mean, std = channel_stats(maps, targets)
@@ -148,6 +216,7 @@ def _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs,
     n = len(maps)
     max_epochs = epochs or params.max_epochs
     best, best_epoch, best_state, history = np.inf, 0, None, []
+    kept: dict[int, dict] = {}  # follow: the weights after each epoch that may be the answer
     for epoch in range(1, max_epochs + 1):
         net.train()
         order = rng.permutation(n)
@@ -169,12 +238,29 @@ def _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs,
             if val_loss < best - 1e-4:
                 best, best_epoch = val_loss, epoch
                 best_state = {k: v.clone() for k, v in net.state_dict().items()}
+                if lead is not None:
+                    lead.improved(epoch)
         history.append((epoch, round(train_loss, 5), round(val_loss, 5) if np.isfinite(val_loss) else None))
         if on_epoch:
             on_epoch(epoch, train_loss, val_loss)
+        if follow is not None:
+            if follow.failed and follow.final is None:
+                raise RuntimeError("the early-stopping fit this fit followed did not finish")
+            if epoch >= follow.least:
+                kept[epoch] = {k: v.clone() for k, v in net.state_dict().items()}
+            for e in [e for e in kept if e < follow.least]:
+                del kept[e]
+            if follow.final is not None and epoch >= follow.final:
+                break
         if val is not None and epoch - best_epoch >= params.patience:
             break
-    if best_state is not None:
+    if lead is not None:
+        lead.settle(best_epoch if best_state is not None else len(history))
+    if follow is not None:
+        best_epoch = follow.wait()
+        net.load_state_dict(kept[best_epoch])
+        history = history[:best_epoch]
+    elif best_state is not None:
         net.load_state_dict(best_state)
     else:
         best_epoch = len(history)
