@@ -22,6 +22,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
+from minehead.seeding import seeded_torch
+
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
@@ -149,7 +151,6 @@ class MLPHead(_Standardised):
         `on_epoch(epoch, train_loss, val_loss, monitor_loss)` may raise to stop (cancellation)."""
         import torch
 
-        torch.manual_seed(self.seed)
         g = torch.Generator().manual_seed(self.seed)
         Z = torch.tensor(self._fit_transform(X), dtype=torch.float32)
         y = np.asarray(y, np.int64)
@@ -158,9 +159,10 @@ class MLPHead(_Standardised):
         cw = torch.tensor(balanced_weights(y, n_classes) if self.class_balance else np.ones(n_classes), dtype=torch.float32)
         dims = [Z.shape[1], *self.hidden_sizes]
         mods = []
-        for a, b in zip(dims[:-1], dims[1:]):
-            mods += [torch.nn.Linear(a, b), torch.nn.ReLU(), torch.nn.Dropout(self.dropout)]
-        mods.append(torch.nn.Linear(dims[-1], n_classes))
+        with seeded_torch(self.seed):  # jobs run in threads: the initial weights must be this seed's
+            for a, b in zip(dims[:-1], dims[1:]):
+                mods += [torch.nn.Linear(a, b), torch.nn.ReLU(), torch.nn.Dropout(self.dropout)]
+            mods.append(torch.nn.Linear(dims[-1], n_classes))
         net = torch.nn.Sequential(*mods)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         Zv = torch.tensor(self._transform(X_val), dtype=torch.float32) if X_val is not None and len(X_val) else None

@@ -115,23 +115,29 @@ def test_training_is_deterministic_with_a_seed(toy_locator):
 
 def test_a_fit_beside_early_stopping_ends_with_the_weights_of_the_settled_epoch(toy_locator):
     """The final fit runs in a thread while early stopping decides how long it should run
-    (EpochCount): it must end with exactly the weights of a fit told that count in advance, and
+    (EpochCount): it must end with the weights of a fit told that count in advance, and
     an early-stopping fit that fails must not leave it training or waiting."""
     import concurrent.futures
 
     _, _, _, params, data, tg = toy_locator
     maps = [m for m, *_ in data]
     count = train.EpochCount(floor=5)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        beside = pool.submit(train.fit, maps, tg, 1, dataclasses.replace(params, seed=7), follow=count)
-        _, _, best = train.fit([m for m, *_ in data[:15]], tg[:15], 1, params, val_maps=[m for m, *_ in data[15:]],
-                               val_targets=tg[15:], lead=count)
-        followed, hist, epochs = beside.result()
-    assert epochs == count.final == max(best, 5)
-    told, told_hist, _ = train.fit(maps, tg, 1, dataclasses.replace(params, seed=7), epochs=epochs)
-    assert hist == told_hist and len(hist) == epochs
-    a, b = train.predict(followed, maps[:3]), train.predict(told, maps[:3])
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    seeds = (7, 8, 9)  # three followers, as a few-image ensemble has: their initialisations overlap
+    with concurrent.futures.ThreadPoolExecutor(len(seeds)) as pool:
+        beside = [pool.submit(train.fit, maps, tg, 1, dataclasses.replace(params, seed=s), follow=count) for s in seeds]
+        lead_net, _, best = train.fit([m for m, *_ in data[:15]], tg[:15], 1, params,
+                                      val_maps=[m for m, *_ in data[15:]], val_targets=tg[15:], lead=count)
+        followed = [f.result() for f in beside]
+    assert count.final == max(best, 5)
+    # Equal up to float rounding: side by side, BLAS sees other buffer addresses and may sum in
+    # another order (~1e-6 on these maps); the seeds' draws themselves must not mix (seeding).
+    same = lambda p, q: all(np.allclose(x, y, atol=1e-5) for x, y in zip(p, q))  # noqa: E731
+    assert same(train.predict(lead_net, maps[:3]), train.predict(toy_locator[0], maps[:3]))  # as when run alone
+    for s, (net_s, hist, epochs) in zip(seeds, followed):
+        told, told_hist, _ = train.fit(maps, tg, 1, dataclasses.replace(params, seed=s), epochs=count.final)
+        assert epochs == count.final and len(hist) == len(told_hist) == epochs
+        assert np.allclose([h[1] for h in hist], [h[1] for h in told_hist], rtol=1e-4)
+        assert same(train.predict(net_s, maps[:3]), train.predict(told, maps[:3])), f"seed {s}"
 
     failing = train.EpochCount(floor=5)
 

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from minehead.locator.targets import Targets
+from minehead.seeding import seeded_torch
 
 PRIOR = 0.01  # the heatmap's starting probability (CenterNet's bias init)
 
@@ -122,9 +123,10 @@ class EpochCount:
     """The epoch count an early-stopping fit settles on, told as it goes to fits that run beside
     it. The final fit on every image then runs while early stopping is still deciding how long it
     should run (on two cores the two fits take the time of one), keeps its weights from each
-    epoch that could still be the answer, and ends with those of the settled epoch: the same
-    weights as a fit told that count in advance (the same seed, the same steps in the same
-    order; nothing in the optimiser depends on the total)."""
+    epoch that could still be the answer, and ends with those of the settled epoch: the weights
+    of a fit told that count in advance (the same seed, the same steps in the same order; nothing
+    in the optimiser depends on the total), up to float rounding (~1e-6: BLAS may sum in another
+    order beside another thread)."""
 
     def __init__(self, floor: int = 1):
         self._cond = threading.Condition()
@@ -206,10 +208,10 @@ def fit(maps: list[np.ndarray], targets: list[Targets], n_classes: int, params: 
 
 
 def _fit(torch, maps, targets, n_classes, params, val_maps, val_targets, epochs, on_epoch, lead, follow):
-    torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     mean, std = channel_stats(maps, targets)
-    net = make_net(maps[0].shape[0], n_classes, params.hidden, mean, std)
+    with seeded_torch(params.seed):  # fits run side by side: the draws must be this seed's
+        net = make_net(maps[0].shape[0], n_classes, params.hidden, mean, std)
     opt = torch.optim.AdamW(net.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     train = _tensors(maps, targets)
     val = _tensors(list(val_maps), list(val_targets)) if len(val_maps) else None
