@@ -43,6 +43,7 @@ def cmd_train(a) -> int:
         spec.background_classes = a.bg_classes
     if a.locator is not None:
         spec.locator = a.locator
+    spec.locator_augment = a.locator_augment
     def start(ref):
         spec.dataset.CopyFrom(ref)
         return c.start_training(spec)
@@ -261,6 +262,9 @@ def add_commands(sub, add) -> None:
     tr.add_argument("--locator", dest="locator", action="store_true", default=None,
                     help="train the locator with the head (default: when the embedder model has a feature map)")
     tr.add_argument("--no-locator", dest="locator", action="store_false", help="train the head alone")
+    tr.add_argument("--locator-augment", choices=["auto", "none", "flip", "dihedral"], default="auto",
+                    help="flipped / turned copies of the labelled images for the locator (default auto: enough "
+                         "copies for about 32 maps, none from 32 images on; flip: the horizontal flip only)")
     adv = tr.add_argument_group("advanced (soft targets, MLP)")
     adv.add_argument("--label-smoothing", type=float, default=0.0, help="epsilon, 0 = off (0.05-0.15 typical)")
     adv.add_argument("--teacher-temperature", type=float, default=0.0, help="> 0: soft targets from a logreg teacher")

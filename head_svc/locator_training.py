@@ -13,15 +13,18 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import time
 
 import numpy as np
+from PIL import Image
 
 from minehead.core.errors import FailedPrecondition
 from minehead.core.jobs import JobContext
 
 from minehead.crop_embeddings import FeatureMapCache
-from minehead.locator import export, targets as loc_targets, train as loc_train
+from minehead.core.images import decode_image
+from minehead.locator import augment as loc_augment, export, targets as loc_targets, train as loc_train
 from minehead.locator.decode import decode
 from minehead.locator.evaluate import best_f1
 from minehead.locator.model import OUTPUT_DOCS, PARITY_LIMIT
@@ -73,7 +76,13 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     ctx.log(f"locator: {len(maps)} feature maps {maps[0].shape[1]}x{maps[0].shape[2]}x{maps[0].shape[0]} "
             f"({fmaps.hits - hits0} from the cache, {fmaps.calls - calls0} GetFeatureMap calls)")
     hold = np.asarray(p.hold_images if p.hold_images is not None else np.zeros(len(maps), bool))
-    tr, ho = np.flatnonzero(~hold), np.flatnonzero(hold)
+    # Flipped / turned copies of the images, encoded again (minehead.locator.augment): each
+    # belongs where its source does (a held-out image's copies only reach the final fit).
+    names, copies = augmented(p, ctx, fmaps, gts, len(real), params.augment)
+    src = np.array(list(range(len(maps))) + [i for i, _, _ in copies], np.int64)
+    maps, tgts = maps + [m for _, m, _ in copies], tgts + [t for _, _, t in copies]
+    tr, ho = np.flatnonzero(~hold[src]), np.flatnonzero(hold[src])
+    ho = ho[ho < len(frames)]  # held-out figures and early stopping: the original images only
 
     def on_epoch(epoch, train_loss, val_loss):
         ctx.check_cancelled()
@@ -111,7 +120,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     # The shipped locator is fitted on every image for as many epochs as early stopping
     # chooses, beside the early-stopping fit rather than after it (loc_train.EpochCount: the
     # same weights, about half the wall time on two cores).
-    members = ENSEMBLE if len(maps) < FEW_IMAGES else 1
+    members = ENSEMBLE if len(frames) < FEW_IMAGES else 1
     count = loc_train.EpochCount(floor=MIN_EPOCHS)
     with concurrent.futures.ThreadPoolExecutor(members, thread_name_prefix="locator-final") as pool:
         finals = [pool.submit(loc_train.fit, maps, tgts, len(real), dataclasses.replace(params, seed=params.seed + j),
@@ -128,7 +137,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
                     + ", ".join(f"{c} {held[c]['f1']:.2f} (P {held[c]['precision']:.2f} R {held[c]['recall']:.2f})"
                                 for c in real))
         else:
-            ctx.log(f"locator: {len(maps)} image(s), none held out: early stopping at epoch {best} on a chequerboard "
+            ctx.log(f"locator: {len(frames)} image(s), none held out: early stopping at epoch {best} on a chequerboard "
                     f"of {BLOCK}x{BLOCK}-cell blocks held out of every image")
         fitted = [f.result() for f in finals]
     ctx.check_cancelled()
@@ -139,7 +148,8 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     if err > PARITY_LIMIT:
         raise FailedPrecondition(f"exported locator differs from the trained one by {err:.3g} (> {PARITY_LIMIT}); not saved")
     secs = time.perf_counter() - t0
-    ctx.log(f"locator: final fit on all {len(maps)} images, {epochs} epochs"
+    ctx.log(f"locator: final fit on all {len(frames)} images"
+            + (f" and {len(copies)} copies ({', '.join(names[1:])})" if copies else "") + f", {epochs} epochs"
             + (f", {members} nets with seeds {params.seed}..{params.seed + members - 1} averaged" if members > 1 else "")
             + f", {secs:.1f} s; parity {err:.2g}")
     frame = frames[0]
@@ -147,7 +157,8 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
             "embedder_model": p.model.id, "resize": p.model.preprocessing.resize,
             "input_size": int(p.model.preprocessing.input_size), "map_size": [int(frame.rows), int(frame.cols)],
             "stride": float(frame.stride_x), "outputs": dict(OUTPUT_DOCS), "input": "fmap: N x C x R x Cols float32",
-            "hyperparameters": params.to_dict(), "epochs": int(epochs), "training_images": len(maps),
+            "hyperparameters": params.to_dict(), "epochs": int(epochs), "training_images": len(frames),
+            "augment": {"transforms": names, "copies": len(copies)},
             "members": members,
             "held_out": {c: {k: held[c][k] for k in ("f1", "precision", "recall", "threshold", "ap50", "gt")} for c in held}
             if held else {},
@@ -157,6 +168,29 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
                               + (f" ({members} nets, different seeds, averaged: few images)" if members > 1 else "")),
             "parity_max_abs_err": float(err), "train_seconds": round(secs, 2)}
     return TrainedLocator(onnx_bytes, meta, {"history": history, "final_history": final_hist[-5:], "held_out": held})
+
+
+def augmented(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, gts: list, n_classes: int, mode: str):
+    """-> (transform names, [(source image index, feature map, targets)]) for the copies that
+    minehead.locator.augment chooses for these images and boxes; cached like any feature map."""
+    names = loc_augment.choose(len(gts), mode)
+    copies = []
+    if len(names) == 1:
+        return names, copies
+    hits0, calls0 = fmaps.hits, fmaps.calls
+    for i, rec in enumerate(p.dataset.images):
+        ctx.check_cancelled()
+        pixels = decode_image(rec.path.read_bytes(), rec.path.name).pixels
+        for name in names[1:]:
+            px, b = loc_augment.apply(name, pixels, gts[i][0])
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(px)).save(buf, "PNG", compress_level=1)
+            fmap, frame = fmaps.get(buf.getvalue(), p.model)
+            copies.append((i, fmap, loc_targets.build(b, gts[i][1], frame, n_classes)))
+        ctx.progress(i + 1, len(p.dataset.images), "images (copies)")
+    ctx.log(f"locator: {len(copies)} flipped/turned copies of {len(gts)} images ({', '.join(names[1:])}; "
+            f"{fmaps.hits - hits0} from the cache, {fmaps.calls - calls0} GetFeatureMap calls)")
+    return names, copies
 
 
 def spatial_split(t: loc_targets.Targets) -> tuple[loc_targets.Targets, loc_targets.Targets]:

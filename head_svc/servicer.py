@@ -129,7 +129,10 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
             raise InvalidArgument("negatives feed the __bg_* classes: they need background_classes > 0")
         if spec.locator_hidden < 0 or spec.locator_hidden > 512 or spec.locator_max_epochs < 0 or spec.locator_max_epochs > 5000:
             raise InvalidArgument("locator_hidden must be 0..512 and locator_max_epochs 0..5000")
-        loc_params = LocatorParams(hidden=spec.locator_hidden or 32, max_epochs=spec.locator_max_epochs or 400, seed=spec.seed)
+        if spec.locator_augment not in ("", "auto", "none", "flip", "dihedral"):
+            raise InvalidArgument(f"locator_augment must be auto, none, flip or dihedral, got {spec.locator_augment!r}")
+        loc_params = LocatorParams(hidden=spec.locator_hidden or 32, max_epochs=spec.locator_max_epochs or 400, seed=spec.seed,
+                                   augment=spec.locator_augment or "auto")
 
         def job(ctx: JobContext):
             ctx.phase("reading")

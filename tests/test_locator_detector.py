@@ -94,6 +94,20 @@ def test_training_ships_a_locator_described_in_meta(locator_head):
     assert set(loc["held_out"]) == set(b.real_classes) and "chose the epoch count" in loc["held_out_note"]
     assert b.object_px and b.object_px[0] <= b.object_px[1] <= b.object_px[2]
     assert not locator_head["plain"].head.has_locator
+    # 16 images: one horizontally flipped copy of each, encoded again (minehead.locator.augment)
+    assert loc["augment"] == {"transforms": ["identity", "hflip"], "copies": 16}
+
+
+def test_a_bad_augmentation_mode_is_refused_by_name(locator_head):
+    import grpc
+
+    from minehead.client.heads import HeadClient
+    from minehead.head.v1 import head_pb2
+
+    with HeadClient(locator_head["address"]) as c, pytest.raises(grpc.RpcError) as e:
+        c.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(locator_head["dataset"])),
+                                               locator_augment="rotate"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "locator_augment" in e.value.details()
 
 
 def test_cancel_while_the_locator_trains_stops_both_of_its_fits(locator_head):

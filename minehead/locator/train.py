@@ -38,6 +38,7 @@ class LocatorParams:
     size_weight: float = 1.0
     offset_weight: float = 1.0
     seed: int = 0
+    augment: str = "auto"  # flipped / turned copies of few images (minehead.locator.augment.choose)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

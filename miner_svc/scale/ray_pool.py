@@ -320,7 +320,7 @@ class RayPool:
     def draft(self, ctx: JobContext, drafter: Drafter, images: list[ImageToDraft]) -> Iterator[DraftedFile]:
         """Drafting's per-image work on the workers (ImagePool.draft): each worker rebuilds the
         drafter from its recipe set and options; the workers' pass counters, embedded / pooled
-        box counts and warnings are added to `drafter`'s, so the job's summary reads as
+        box counts, look-alike counts and warnings are added to `drafter`'s, so the job's summary reads as
         in-process. Unreadable files are answered here."""
         rs = drafter.recipe_set.SerializeToString(deterministic=True)
         opts = drafter.options.SerializeToString(deterministic=True)
@@ -336,6 +336,8 @@ class RayPool:
             drafter.det.counters.add_passes(res.passes)
             drafter.scorer.boxes_embedded += res.boxes_embedded
             drafter.scorer.boxes_pooled += res.boxes_pooled
+            drafter.relabelled += res.relabelled
+            drafter.dropped += res.lookalikes_dropped
             drafter.warnings.extend(w for w in res.warnings if w not in drafter.warnings)
             for raw in res.drafted:
                 d = drafting_pb2.DraftedImage.FromString(raw)

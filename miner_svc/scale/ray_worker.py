@@ -140,6 +140,7 @@ class Worker:
                 drafter = self._setup(spec)
                 before = drafter.det.counters.snapshot()
                 e0, p0 = drafter.scorer.boxes_embedded, drafter.scorer.boxes_pooled
+                r0, d0 = drafter.relabelled, drafter.dropped
                 out = []
                 for i, name, data in chunk:
                     if token in self._stopped:
@@ -147,6 +148,7 @@ class Worker:
                     out.append(drafter.draft(data, name, i).SerializeToString())
                     self.images_done += 1
                 return DraftedChunk(out, drafter.det.counters.since(before), drafter.scorer.boxes_embedded - e0,
-                                    drafter.scorer.boxes_pooled - p0, list(drafter.warnings))
+                                    drafter.scorer.boxes_pooled - p0, list(drafter.warnings),
+                                    drafter.relabelled - r0, drafter.dropped - d0)
             finally:
                 self.busy = False

@@ -80,3 +80,5 @@ class DraftedChunk:
     boxes_embedded: int
     boxes_pooled: int
     warnings: list[str]
+    relabelled: int = 0  # look-alikes written as the class the head named (--lookalikes relabel)
+    lookalikes_dropped: int = 0  # look-alikes left out (--lookalikes drop)

@@ -2,6 +2,7 @@
 set, through the real trio and its public clients, scored one-to-one at IoU 0.5.
 
     python -m tests.bench.bench_locator [--only trees,coins,brick,scenes,few,whole,speed] [--detector ID]
+                                      [--locator-augment MODE]
 
 Data sets (built here, held-out images only in every figure):
 - trees: real NEON aerial tiles with tree boxes from the deepforest 2.1.0 wheel
@@ -99,7 +100,7 @@ def few_trees(trees: Path, tmp: Path, n: int = 2) -> Path:
     return out
 
 
-def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: str = "") -> dict:
+def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: str = "", augment: str = "") -> dict:
     """Train a head (with its locator) and mine recipes on `train`, draft `test`, score it.
     detector: the miner's choice for the head when empty (minisam-locator), else that one."""
     from google.protobuf import json_format
@@ -111,7 +112,7 @@ def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: st
 
     t0 = time.perf_counter()
     with HeadClient(trio.head) as hc, MinerClient(trio.miner) as mc:
-        tr = hc.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(train)), seed=1))
+        tr = hc.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(train)), seed=1, locator_augment=augment))
         t_train = time.perf_counter() - t0
         # As `minehead mine start` asks by default: the head gate tuned on the tune images.
         job = mc.start_mining(miner_pb2.MiningSpec(dataset=str(train), head=tr.head.head_id, seed=1,
@@ -235,8 +236,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(REPO / "var" / "bench" / "locator.json"))
     ap.add_argument("--detector", default="", help="mine and draft with this detector instead of the miner's "
                     "choice for the head (minisam-locator): e.g. minisam-guided, to compare")
+    ap.add_argument("--locator-augment", default="", help="heads trained with this locator augmentation "
+                    "(auto, none, flip, dihedral) instead of the default, to compare")
     a = ap.parse_args(argv)
-    det = a.detector
+    det, aug = a.detector, a.locator_augment
     os.environ.setdefault("MINEHEAD_OFFLINE", "1")
     only = set(a.only.split(","))
     models = Path(os.environ.get("MINEHEAD_MODELS_DIR", REPO / "var" / "models"))
@@ -251,7 +254,7 @@ def main(argv=None) -> int:
             build(trees, REPO / "var" / "cache")
             local = tmp / "trees"
             shutil.copytree(trees, local)
-            r = run(trio, "trees", local / "train", local / "heldout", tmp / "drafts", det)
+            r = run(trio, "trees", local / "train", local / "heldout", tmp / "drafts", det, aug)
             results["rows"].append(r)
             print_row(r, TARGETS["trees"])
             (REPO / "var" / "bench").mkdir(parents=True, exist_ok=True)
@@ -259,7 +262,7 @@ def main(argv=None) -> int:
         for name in ("coins", "brick"):
             if name in only:
                 for label, tr, te in photo_halves(name, tmp):
-                    r = run(trio, label, tr, te, tmp / "drafts", det)
+                    r = run(trio, label, tr, te, tmp / "drafts", det, aug)
                     results["rows"].append(r)
                     print_row(r, TARGETS[name])
         if "speed" in only:
@@ -269,7 +272,7 @@ def main(argv=None) -> int:
         if "few" in only:
             # A user who labels 2-3 images and drafts the rest (issue 24's "few labelled images").
             tr, te = scenes(tmp, train=3, name="scenes-3")
-            r = run(trio, "few: 3 crowded scenes", tr, te, tmp / "drafts", det)
+            r = run(trio, "few: 3 crowded scenes", tr, te, tmp / "drafts", det, aug)
             results["rows"].append(r)
             print_row(r, None)
             from tests.bench.data_trees import build
@@ -279,12 +282,12 @@ def main(argv=None) -> int:
             local = tmp / "trees"  # under the services' allowed roots
             if not local.exists():
                 shutil.copytree(trees, local)
-            r = run(trio, "few: 2 tree tiles", few_trees(local, tmp), local / "heldout", tmp / "drafts", det)
+            r = run(trio, "few: 2 tree tiles", few_trees(local, tmp), local / "heldout", tmp / "drafts", det, aug)
             results["rows"].append(r)
             print_row(r, None)
         if "scenes" in only:
             tr, te = scenes(tmp)
-            r = run(trio, "crowded scenes", tr, te, tmp / "drafts", det)
+            r = run(trio, "crowded scenes", tr, te, tmp / "drafts", det, aug)
             results["rows"].append(r)
             print_row(r, TARGETS["scenes"])
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
