@@ -70,9 +70,6 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
         tgts.append(loc_targets.build(rec.boxes[sel], ids, frame, len(real)))
         gts.append((rec.boxes[sel], ids))
         ctx.progress(i + 1, len(p.dataset.images), "images")  # the locator phase: one feature map an image
-    shapes = {m.shape for m in maps}
-    if len(shapes) != 1:
-        raise FailedPrecondition(f"the embedder's feature maps differ in shape across images ({sorted(shapes)})")
     ctx.log(f"locator: {len(maps)} feature maps {maps[0].shape[1]}x{maps[0].shape[2]}x{maps[0].shape[0]} "
             f"({fmaps.hits - hits0} from the cache, {fmaps.calls - calls0} GetFeatureMap calls)")
     hold = np.asarray(p.hold_images if p.hold_images is not None else np.zeros(len(maps), bool))
@@ -81,6 +78,10 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     names, copies = augmented(p, ctx, fmaps, gts, len(real), params.augment)
     src = np.array(list(range(len(maps))) + [i for i, _, _ in copies], np.int64)
     maps, tgts = maps + [m for _, m, _ in copies], tgts + [t for _, _, t in copies]
+    shapes = {m.shape for m in maps}
+    if len(shapes) != 1:  # one batch shape: turned copies too (an encoder whose grid follows the image's shape)
+        raise FailedPrecondition(f"the embedder's feature maps differ in shape across images ({sorted(shapes)}); "
+                                 "train with locator_augment none or flip if only the turned copies differ")
     tr, ho = np.flatnonzero(~hold[src]), np.flatnonzero(hold[src])
     ho = ho[ho < len(frames)]  # held-out figures and early stopping: the original images only
 
