@@ -126,11 +126,9 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     with concurrent.futures.ThreadPoolExecutor(members, thread_name_prefix="locator-final") as pool:
         finals = [pool.submit(loc_train.fit, maps, tgts, len(real), dataclasses.replace(params, seed=params.seed + j),
                               on_epoch=on_final_epoch, follow=count) for j in range(members)]
-        try:
-            net, history, best = loc_train.fit(fit_maps, fit_t, len(real), params, val_maps=val_maps,
-                                               val_targets=val_t, on_epoch=on_epoch, lead=count)
-        finally:
-            count.abandon()  # wakes the final fits if early stopping did not settle (it raised)
+        # (if it raises, fit() abandons the count, which stops the final fits within an epoch)
+        net, history, best = loc_train.fit(fit_maps, fit_t, len(real), params, val_maps=val_maps, val_targets=val_t,
+                                           on_epoch=on_epoch, lead=count)
         epochs = count.final
         if len(ho) and len(tr):
             held = held_out_figures(net, [maps[i] for i in ho], [frames[i] for i in ho], [gts[i] for i in ho], real)
