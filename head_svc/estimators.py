@@ -123,6 +123,22 @@ class LogRegHead(_Standardised):
         return {"C": self.C, "class_balance": self.class_balance, "max_iter": self.max_iter}
 
 
+def _seeded_dropout(p: float, generator):
+    """Dropout whose masks come from the fit's own generator: torch.nn.Dropout draws from the
+    process-wide one, which trainings running side by side in threads share, so a seed would
+    not decide the weights."""
+    import torch
+
+    class SeededDropout(torch.nn.Module):
+        def forward(self, x):
+            if not self.training or p <= 0:
+                return x
+            keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
+            return x * keep / (1.0 - p)
+
+    return SeededDropout()
+
+
 class MLPHead(_Standardised):
     head_type = "mlp"
 
@@ -161,7 +177,7 @@ class MLPHead(_Standardised):
         mods = []
         with seeded_torch(self.seed):  # jobs run in threads: the initial weights must be this seed's
             for a, b in zip(dims[:-1], dims[1:]):
-                mods += [torch.nn.Linear(a, b), torch.nn.ReLU(), torch.nn.Dropout(self.dropout)]
+                mods += [torch.nn.Linear(a, b), torch.nn.ReLU(), _seeded_dropout(self.dropout, g)]
             mods.append(torch.nn.Linear(dims[-1], n_classes))
         net = torch.nn.Sequential(*mods)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -196,3 +196,28 @@ def test_bundle_roundtrip_and_content_id():
         with pytest.raises(InvalidArgument, match="object_sides"):
             bundle_from_head(LogRegHead().fit(X, y, 3), classes, "m", dataset={"object_sides": bad})
 
+
+
+def test_mlp_fits_side_by_side_are_their_seeds_own():
+    """Dropout masks come from the fit's generator, not torch's process-wide one: an MLP fitted
+    while another fit runs in a thread has the weights it has when fitted alone."""
+    import threading
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 16)).astype(np.float32)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).astype(int)
+
+    def fitted(seed):
+        return MLPHead(hidden_sizes=(32,), dropout=0.3, max_epochs=15, patience=100, seed=seed).fit(X, y, 2)
+
+    alone = fitted(1).layers()
+    out = {}
+    others = [threading.Thread(target=lambda k=k: out.__setitem__(k, fitted(k + 10))) for k in range(2)]
+    for t in others:
+        t.start()
+    beside = fitted(1).layers()
+    for t in others:
+        t.join()
+    for (wa, ba, _), (wb, bb, _) in zip(alone, beside):
+        np.testing.assert_array_equal(wa, wb)
+        np.testing.assert_array_equal(ba, bb)

@@ -268,7 +268,7 @@ def test_image_level_by_hand():
 
 
 def test_objective_falls_back_to_f1_below_target():
-    high_p_low_r = selection.Counts(tp=1, fp=0, gt=12)  # precision 1.0 is >= 0.75: meets
+    high_p_low_r = selection.Counts(tp=3, fp=0, gt=12)  # precision 1.0, (3+1)/(3+2) = 0.8: meets
     assert selection.meets_target(high_p_low_r, 0.75)
     strict = 1.01  # nothing meets it: the better F1 wins, not the better precision
     few = selection.Counts(tp=2, fp=1, gt=12)  # precision 0.67, F1 0.27
@@ -276,6 +276,21 @@ def test_objective_falls_back_to_f1_below_target():
     assert selection.objective(many, strict) > selection.objective(few, strict)
     assert selection.selection_rule(many, strict) == selection.RULE_FALLBACK
     assert selection.selection_rule(high_p_low_r, 0.75) == selection.RULE_TARGET
+
+
+def test_one_right_box_is_not_evidence_of_the_target():
+    """Two labelled tree tiles: a gate keeping a single right box (precision 1/1) outranked a
+    setting that found half the trees at precision 0.59, and the shipped recipe drafted F1 0.00
+    on new tiles. By the rule of succession 1/1 is 2/3 < 0.75, so the better F1 wins; tens of
+    boxes at the target still meet it."""
+    one = selection.Counts(tp=1, fp=0, gt=22)
+    half = selection.Counts(tp=10, fp=7, gt=22)
+    assert not selection.meets_target(one, 0.75)
+    assert selection.objective(half, 0.75) > selection.objective(one, 0.75)
+    assert selection.meets_target(selection.Counts(tp=2, fp=0, gt=22), 0.75)  # 3/4
+    assert selection.meets_target(selection.Counts(tp=40, fp=12, gt=60), 0.75)  # 0.77; 41/54 = 0.76
+    assert not selection.meets_target(selection.Counts(tp=30, fp=10, gt=60), 0.75)  # 0.75; 31/42 < 0.75
+    assert selection.meets_target(selection.Counts(tp=1, fp=1, gt=2), 0.3)  # below 0.5 succession only lifts
 
 
 def test_threshold_and_gate_chosen_together():
