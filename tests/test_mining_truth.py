@@ -292,6 +292,13 @@ def test_one_right_box_is_not_evidence_of_the_target():
     assert not selection.meets_target(selection.Counts(tp=30, fp=10, gt=60), 0.75)  # 0.75; 31/42 < 0.75
     assert selection.meets_target(selection.Counts(tp=1, fp=1, gt=2), 0.3)  # below 0.5 succession only lifts
 
+    from miner_svc.mining.report import MinedClass, class_warnings
+    from miner_svc.recipes.executor import Step
+
+    warnings, met = class_warnings(MinedClass("tree", 0, 0), [Step("tree", 0.2)], one, 1.0, 0.75, [])
+    assert not met and warnings == ["tree: tune precision 1.00 rests on 1 box(es): by the rule of succession "
+                                    "(1 + 1) / (1 + 2) = 0.67 < target 0.75"]
+
 
 def test_threshold_and_gate_chosen_together():
     """40 objects and 60 look-alikes the head cannot tell apart (its probabilities are the same

@@ -70,9 +70,16 @@ def class_warnings(c: MinedClass, steps: list[Step], tune: selection.Counts, bes
     met = bool(steps) and selection.meets_target(tune, target_precision)
     if not met:
         best = max(best_precision, tune.precision)
-        warnings.append(f"{c.name}: best tune precision {best:.2f} < target {target_precision:.2f}" if best < target_precision
-                        else f"{c.name}: tune precision {tune.precision:.2f} < target {target_precision:.2f} "
-                             "once the head gate and expansion were chosen")
+        n = tune.tp + tune.fp
+        if steps and n and tune.precision >= target_precision:  # the precision rests on too few boxes
+            warnings.append(f"{c.name}: tune precision {tune.precision:.2f} rests on {n} box(es): by the rule of "
+                            f"succession ({tune.tp} + 1) / ({n} + 2) = {(tune.tp + 1) / (n + 2):.2f} < target "
+                            f"{target_precision:.2f}")
+        elif best < target_precision:
+            warnings.append(f"{c.name}: best tune precision {best:.2f} < target {target_precision:.2f}")
+        else:
+            warnings.append(f"{c.name}: tune precision {tune.precision:.2f} < target {target_precision:.2f} "
+                            "once the head gate and expansion were chosen")
     return warnings, met
 
 
