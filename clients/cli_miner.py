@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -52,7 +53,18 @@ def _print_recipes(recipes, summary=None):
         print(f"\ndetector {s.get('detector')}  passes {s.get('passes')}  cache {s.get('detection_cache')}")
         for w in s.get("warnings", []):
             print(f"warning: {w}", file=sys.stderr)
-    print("(precision and recall are on the held-out report images, with the counts they rest on)")
+    refit = [r.summary.fit_images for r in recipes if r.summary.report_images and _refit(r)]
+    print("(precision and recall are on the held-out report images, with the counts they rest on"
+          + (f"; taken before the steps and gate shown were chosen again on all {max(refit)} labelled images)"
+             if refit else ")"))
+
+
+def _refit(recipe) -> bool:
+    """Whether mining chose the shipped steps again on every image after the held-out figures."""
+    try:
+        return bool(json.loads(recipe.provenance.mining_settings_json or "{}").get("refit_all_images"))
+    except ValueError:
+        return False
 
 
 def _upload_dataset(a):

@@ -412,6 +412,7 @@ def test_cli_as_written_in_the_issue(env, tmp_path):
     assert [a["arm"] for a in json.loads(r.stdout)["arms"]][0] == "no guard"
     r = run_cli("recipes", "list", env=e)
     assert r.returncode == 0 and "held-out report images" in r.stdout
+    assert "chosen again on all" in r.stdout, r.stdout  # mining refits on every image by default
 
 
 # The real offline detector on an 8 x 8 point grid (at most 64 decoder passes an image, ~half
