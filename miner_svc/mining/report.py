@@ -73,7 +73,7 @@ def class_warnings(c: MinedClass, steps: list[Step], tune: selection.Counts, bes
         n = tune.tp + tune.fp
         if steps and n and tune.precision >= target_precision:  # the precision rests on too few boxes
             warnings.append(f"{c.name}: tune precision {tune.precision:.2f} rests on {n} box(es): by the rule of "
-                            f"succession ({tune.tp} + 1) / ({n} + 2) = {(tune.tp + 1) / (n + 2):.2f} < target "
+                            f"succession ({tune.tp} + 1) / ({n} + 2) = {tune.succession:.2f} < target "
                             f"{target_precision:.2f}")
         elif best < target_precision:
             warnings.append(f"{c.name}: best tune precision {best:.2f} < target {target_precision:.2f}")

@@ -33,6 +33,12 @@ class Counts:
         return self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
 
     @property
+    def succession(self) -> float:
+        """The rule of succession's precision, (tp + 1) / (tp + fp + 2): how far a precision
+        measured on few boxes can be trusted (1 right of 1 reads 2/3)."""
+        return (self.tp + 1) / (self.tp + self.fp + 2)
+
+    @property
     def recall(self) -> float:
         return self.tp / self.gt if self.gt else 0.0
 
@@ -68,8 +74,7 @@ def meets_target(c: Counts, target_precision: float) -> bool:
     (tp + fp + 2): one right box out of one is not evidence of 0.75 precision. With two labelled
     tree tiles a gate that kept a single right box "met" 0.75 and beat every setting that found
     half the trees (drafts F1 0.00); on tens of boxes the two estimates differ by a hair."""
-    n = c.tp + c.fp
-    return n > 0 and c.precision >= target_precision and (c.tp + 1) / (n + 2) >= target_precision
+    return c.tp + c.fp > 0 and c.precision >= target_precision and c.succession >= target_precision
 
 
 def selection_rule(c: Counts, target_precision: float) -> str:
