@@ -24,7 +24,7 @@ from minehead.core.jobs import JobContext
 
 from minehead.crop_embeddings import FeatureMapCache
 from minehead.core.images import decode_image
-from minehead.locator import augment as loc_augment, export, targets as loc_targets, train as loc_train
+from minehead.locator import augment as loc_augment, export, refiner as loc_refiner, targets as loc_targets, train as loc_train
 from minehead.locator.decode import decode
 from minehead.locator.evaluate import best_f1
 from minehead.locator.model import OUTPUT_DOCS, PARITY_LIMIT
@@ -142,8 +142,13 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     ctx.check_cancelled()
     final = [net_j for net_j, _, _ in fitted]
     final_hist = fitted[-1][1]
-    onnx_bytes = export.to_onnx(final)
-    err = export.parity(final, onnx_bytes, maps[:4])
+    refiner, refiner_meta = fit_refiner(ctx, net, frames, maps, gts, real, ho, tr, held, params.seed)
+    if refiner is not None:
+        held = refiner_meta["held_out_refined"]  # the figures of what ships
+    onnx_bytes = export.to_onnx(final, refiner)
+    feats = (loc_refiner.box_features(loc_refiner.pooler(maps[0], frames[0]), frames[0], gts[0][0])
+             if refiner is not None else None)
+    err = export.parity(final, onnx_bytes, maps[:4], refiner, feats)
     if err > PARITY_LIMIT:
         raise FailedPrecondition(f"exported locator differs from the trained one by {err:.3g} (> {PARITY_LIMIT}); not saved")
     secs = time.perf_counter() - t0
@@ -166,7 +171,16 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
                               "; the shipped locator is then fitted on every image"
                               + (f" ({members} nets, different seeds, averaged: few images)" if members > 1 else "")),
             "parity_max_abs_err": float(err), "train_seconds": round(secs, 2)}
-    return TrainedLocator(onnx_bytes, meta, {"history": history, "final_history": final_hist[-5:], "held_out": held})
+    if refiner is not None:
+        meta["refiner"] = {"grid": loc_refiner.GRID, "context": loc_refiner.CONTEXT, "iterations": loc_refiner.ITERATIONS,
+                           "in_features": refiner.in_features,
+                           "input": "box_features: M x F float32 (minehead.locator.refiner)",
+                           "outputs": {"box_deltas": "M x 4 float32: dx, dy (share of the side), log dw, log dh",
+                                       "box_quality": "M float32: P(IoU >= 0.5 with an object's box)"},
+                           **{k: v for k, v in refiner_meta.items() if k != "held_out_refined"}}
+    report = {"history": history, "final_history": final_hist[-5:], "held_out": held,
+              "refiner": {k: v for k, v in refiner_meta.items() if k != "held_out_refined"}}
+    return TrainedLocator(onnx_bytes, meta, report)
 
 
 def augmented(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, gts: list, n_classes: int, mode: str):
@@ -203,15 +217,62 @@ def spatial_split(t: loc_targets.Targets) -> tuple[loc_targets.Targets, loc_targ
     return part(~held), part(held)
 
 
-def held_out_figures(net, maps, frames, gts, classes: list[str], floor: float = 0.05) -> dict:
-    """Per class: best-F1 figures of the net's decoded peaks against the boxes (IoU 0.5)."""
+def fit_refiner(ctx: JobContext, net, frames, maps, gts, real, ho, tr, held: dict, seed: int):
+    """The refiner (minehead.locator.refiner) fitted on every image, and what its meta.json
+    section says of it. It is first fitted without the held-out images and refines only the
+    classes whose held-out best F1 it raises (the user's boxes decide, not a constant). Without held-out images
+    there is nothing to decide on and no refiner: shipped unmeasured on one half of a brick
+    photo it drafted the other half F1 0.95 -> 0.84, three synthetic scenes 0.84 -> 0.71."""
+    t0 = time.perf_counter()
+    fit_idx = [i for i in tr if i < len(frames)]  # the original training images, not their copies
+    part = (loc_refiner.fit([maps[i] for i in fit_idx], [frames[i] for i in fit_idx], [gts[i][0] for i in fit_idx], seed)
+            if len(ho) and len(fit_idx) else None)
+    if part is None:
+        why = ("no held-out images to measure it on" if not (len(ho) and len(fit_idx))
+               else f"fewer than {loc_refiner.MIN_OBJECTS} objects outside the held-out images")
+        ctx.log(f"locator: no refiner ({why})")
+        return None, {"shipped": False, "reason": why}
+    after = held_out_figures(net, [maps[i] for i in ho], [frames[i] for i in ho], [gts[i] for i in ho], real,
+                             refiner=part)
+    # Per class, and only where it earns its place: on 24 crowded synthetic scenes it left every
+    # class's held-out F1 as it was, yet the look-alike red / crimson pair's drafts fell 0.94 ->
+    # 0.86 / 0.85 when it was shipped on a tie
+    classes = [c for c in real if after[c]["f1"] > held[c]["f1"]]
+    info = {"held_out_f1": {c: {"peaks": round(held[c]["f1"], 4), "refined": round(after[c]["f1"], 4)} for c in real},
+            "classes": classes, "shipped": bool(classes),
+            "held_out_refined": {c: after[c] if c in classes else held[c] for c in real}}
+    ctx.log("locator: refiner on the held-out images, best F1 "
+            + ", ".join(f"{c} {held[c]['f1']:.3f} -> {after[c]['f1']:.3f}" for c in real)
+            + (f"; refines {', '.join(classes)}" if classes else ": not shipped"))
+    if not classes:
+        return None, info
+    ctx.check_cancelled()
+    ref = loc_refiner.fit(maps[:len(frames)], frames, [g[0] for g in gts], seed)
+    info["fit_seconds"] = round(time.perf_counter() - t0, 2)
+    return ref, info
+
+
+def held_out_figures(net, maps, frames, gts, classes: list[str], floor: float = 0.05, refiner=None) -> dict:
+    """Per class: best-F1 figures of the net's decoded peaks against the boxes (IoU 0.5); with
+    a refiner, of the refined peaks (as minehead.locator.model.Locator.detect gives them)."""
+    from minehead.geometry import nms
+    from minehead.locator.model import REFINED_NMS_IOU
+
     heat, size, offset = loc_train.predict(net, maps)
+    dets = []
+    for i, frame in enumerate(frames):
+        d = decode(heat[i], size[i], offset[i], frame, floor)
+        if refiner is not None and len(d):
+            boxes, q = loc_refiner.refine(refiner, loc_refiner.pooler(maps[i], frame), frame, d.boxes)
+            d.boxes, d.scores = boxes, (d.scores * q).astype(np.float32)
+        dets.append(d)
     out = {}
     for k, c in enumerate(classes):
         rows = []
-        for i, frame in enumerate(frames):
-            d = decode(heat[i], size[i], offset[i], frame, floor)
-            mine = d.class_ids == k
+        for i, d in enumerate(dets):
+            mine = np.flatnonzero(d.class_ids == k)
+            if refiner is not None and len(mine):
+                mine = mine[nms(d.boxes[mine], d.scores[mine], REFINED_NMS_IOU)]
             boxes, ids = gts[i]
             rows.append((d.boxes[mine], d.scores[mine], boxes[ids == k]))
         out[c] = best_f1(rows)

@@ -96,6 +96,16 @@ def test_training_ships_a_locator_described_in_meta(locator_head):
     assert not locator_head["plain"].head.has_locator
     # 16 images: one horizontally flipped copy of each, encoded again (minehead.locator.augment)
     assert loc["augment"] == {"transforms": ["identity", "hflip"], "copies": 16}
+    # the refiner: fitted without the held-out images first, it refines the classes whose
+    # held-out F1 it raised, and ships only if there are any
+    rep = b.report["locator"]["refiner"]
+    assert set(rep["held_out_f1"]) == set(b.real_classes)
+    for c, f in rep["held_out_f1"].items():
+        assert (c in rep["classes"]) == (f["refined"] > f["peaks"]) or abs(f["refined"] - f["peaks"]) < 1e-4
+    assert rep["shipped"] == bool(rep["classes"]) == ("refiner" in loc) == b.locator.has_refiner
+    if rep["shipped"]:
+        assert loc["refiner"]["in_features"] == 9 * 259 + 2 and loc["refiner"]["classes"] == rep["classes"]
+        assert [b.real_classes[k] for k in b.locator.refined_classes] == rep["classes"]
 
 
 def test_a_bad_augmentation_mode_is_refused_by_name(locator_head):

@@ -26,8 +26,10 @@ import numpy as np
 
 from minehead.core.errors import InvalidArgument
 
+from minehead.geometry import nms
+from minehead.locator import refiner as loc_refiner
 from minehead.locator.decode import LocatorDetections, decode
-from minehead.locator.export import INPUT, OUTPUTS
+from minehead.locator.export import INPUT, OUTPUTS, REFINER_INPUT, REFINER_OUTPUTS, parts
 from minehead.locator.frame import FeatureFrame
 
 OUTPUT_DOCS = {
@@ -36,6 +38,9 @@ OUTPUT_DOCS = {
     "offset": "N x 2 x R x C float32: its centre inside the cell, (x, y) in [0, 1)",
 }
 PARITY_LIMIT = 1e-4
+# Two refined peaks of one class whose boxes now overlap this much found one object: the better
+# scored stays (refinement moves neighbouring peaks of one object onto it).
+REFINED_NMS_IOU = 0.5
 
 
 def validate_locator_meta(loc, head_classes: list[str]) -> None:
@@ -59,6 +64,17 @@ def validate_locator_meta(loc, head_classes: list[str]) -> None:
     ms = loc["map_size"]
     if len(ms) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 4096 for x in ms):
         raise InvalidArgument("meta.json locator.map_size must be [rows, cols], positive integers")
+    if "refiner" in loc:
+        r = loc["refiner"]
+        if not isinstance(r, dict):
+            raise InvalidArgument("meta.json locator.refiner must be an object")
+        want = {"grid": loc_refiner.GRID, "context": loc_refiner.CONTEXT, "iterations": loc_refiner.ITERATIONS,
+                "in_features": loc_refiner.GRID ** 2 * loc["in_channels"] + 2}
+        for k, v in want.items():
+            if r.get(k) != v:
+                raise InvalidArgument(f"meta.json locator.refiner.{k} is {r.get(k)!r}; this version refines with {k} {v}")
+        if not isinstance(r.get("classes"), list) or not r["classes"] or not set(r["classes"]) <= set(loc["classes"]):
+            raise InvalidArgument("meta.json locator.refiner.classes must list some of the locator's classes")
 
 
 class Locator:
@@ -77,13 +93,22 @@ class Locator:
         return int(self.meta["in_channels"])
 
     @property
-    def session(self):
+    def has_refiner(self) -> bool:
+        return "refiner" in self.meta
+
+    def _sessions(self):
+        """(locator part session, refiner part session or None), built on first use."""
         with self._lock:
             if self._session is None:
                 from minehead.encoders.onnx_backend import small_graph_session as onnx_session
 
-                self._session = onnx_session(self.onnx_bytes)
+                loc, ref = parts(self.onnx_bytes)
+                self._session = (onnx_session(loc), onnx_session(ref) if ref is not None else None)
             return self._session
+
+    @property
+    def session(self):
+        return self._sessions()[0]
 
     def check_graph(self) -> None:
         """The graph loads, takes N x in_channels x R x C and gives the three outputs in range:
@@ -93,14 +118,30 @@ class Locator:
         if hashlib.sha256(self.onnx_bytes).hexdigest() != self.meta["onnx_sha256"]:
             raise InvalidArgument("locator.onnx does not match meta.json locator.onnx_sha256 (altered or mismatched files)")
         try:
-            onnx.checker.check_model(onnx.load_from_string(self.onnx_bytes))
-            sess = self.session
+            model = onnx.load_from_string(self.onnx_bytes)
+            onnx.checker.check_model(model)
+            has_ref = REFINER_INPUT in {i.name for i in model.graph.input}
+            if has_ref != self.has_refiner:
+                raise InvalidArgument("locator.onnx has a box_features input exactly when meta.json locator has a "
+                                      "refiner section" + ("" if has_ref else "; the graph has none"))
+            sess, ref = self._sessions()
+        except InvalidArgument:
+            raise
         except Exception as e:  # noqa: BLE001 - any loader error is the uploader's problem
             raise InvalidArgument(f"locator.onnx does not load: {type(e).__name__}: {str(e)[:300]}") from None
         ins, outs = sess.get_inputs(), [o.name for o in sess.get_outputs()]
         if len(ins) != 1 or ins[0].name != INPUT or sorted(outs) != sorted(OUTPUTS):
             raise InvalidArgument(f"locator.onnx must take one input {INPUT!r} and give {list(OUTPUTS)}; "
                                   f"has {[i.name for i in ins]} -> {outs}")
+        if ref is not None:
+            f = int(self.meta["refiner"]["in_features"])
+            try:
+                d, q = self.refiner_outputs(np.full((3, f), 0.01, np.float32))
+            except Exception as e:  # noqa: BLE001
+                raise InvalidArgument(f"locator.onnx's refiner fails on 3 x {f} box features: {str(e)[:300]}") from None
+            if d.shape != (3, 4) or q.shape != (3,) or not (np.all(np.isfinite(d)) and np.all((q >= 0) & (q <= 1))):
+                raise InvalidArgument(f"locator.onnx's refiner gives {list(d.shape)}, {list(q.shape)}; expected "
+                                      "[M, 4] finite deltas and [M] probabilities")
         try:
             heat, size, offset = self.run(np.zeros((self.in_channels, 6, 6), np.float32) + 0.01)
         except Exception as e:  # noqa: BLE001
@@ -120,8 +161,36 @@ class Locator:
         out = self.session.run(list(OUTPUTS), {INPUT: fmap[None]})
         return tuple(o[0] for o in out)
 
+    def refiner_outputs(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """box features M x F -> (deltas M x 4, quality M): the graph's refiner part."""
+        d, q = self._sessions()[1].run(list(REFINER_OUTPUTS), {REFINER_INPUT: np.asarray(features, np.float32)})
+        return d, q
+
     def detect(self, fmap: np.ndarray, frame: FeatureFrame, floor: float) -> LocatorDetections:
-        return decode(*self.run(fmap), frame, floor)
+        """Peaks at or above `floor`; with a refiner their boxes moved and their scores peak x
+        quality (then class-wise NMS at REFINED_NMS_IOU), best first."""
+        d = decode(*self.run(fmap), frame, floor)
+        mine = np.isin(d.class_ids, self.refined_classes)
+        if not mine.any():
+            return d
+        boxes, scores = d.boxes.copy(), d.scores.copy()
+        boxes[mine], quality = loc_refiner.refine(None, loc_refiner.pooler(fmap, frame), frame, d.boxes[mine],
+                                                  run=self.refiner_outputs)
+        scores[mine] = scores[mine] * quality
+        d = LocatorDetections(boxes, scores.astype(np.float32), d.class_ids, d.cells)
+        keep = np.concatenate([np.flatnonzero(d.class_ids == k)[nms(boxes[d.class_ids == k], scores[d.class_ids == k],
+                                                                   REFINED_NMS_IOU if k in self.refined_classes else 1.0)]
+                               for k in np.unique(d.class_ids)])
+        return d.take(keep[np.argsort(-d.scores[keep], kind="stable")])
+
+    @property
+    def refined_classes(self) -> list[int]:
+        """Indices of the classes whose peaks the refiner moves and rescores (meta.json
+        locator.refiner.classes: those whose held-out F1 it raised)."""
+        if not self.has_refiner:
+            return []
+        names = self.meta["refiner"].get("classes", self.classes)
+        return [k for k, c in enumerate(self.classes) if c in names]
 
     def frame_for(self, width: int, height: int, rows: int, cols: int) -> FeatureFrame:
         return FeatureFrame.for_image(width, height, int(self.meta["input_size"]), self.meta["resize"], rows, cols)
