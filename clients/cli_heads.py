@@ -74,8 +74,10 @@ def cmd_train(a) -> int:
     else:
         print("no held-out images (too few labelled images to hold any out): no held-out figures")
     loc = report.get("locator", {}).get("held_out", {})
+    refined = set(report.get("locator", {}).get("refiner", {}).get("classes", []))
     if h.has_locator:
-        print("locator: " + (", ".join(f"{c} held-out F1 {v['f1']:.2f} (P {v['precision']:.2f} R {v['recall']:.2f})"
+        print("locator: " + (", ".join(f"{c} held-out F1 {v['f1']:.2f} (P {v['precision']:.2f} R {v['recall']:.2f}"
+                                       + (", refined" if c in refined else "") + ")"
                                        for c, v in loc.items()) or "trained on every image (none held out)"))
     return 0
 
