@@ -257,25 +257,21 @@ def fit_refiner(ctx: JobContext, net, frames, maps, gts, real, ho, tr, held: dic
 
 def held_out_figures(net, maps, frames, gts, classes: list[str], floor: float = 0.05, refiner=None) -> dict:
     """Per class: best-F1 figures of the net's decoded peaks against the boxes (IoU 0.5); with
-    a refiner, of the refined peaks (as minehead.locator.model.Locator.detect gives them)."""
-    from minehead.geometry import nms
-    from minehead.locator.model import REFINED_NMS_IOU
-
+    a refiner, of every class's refined peaks (minehead.locator.refiner.refine_detections, as
+    the shipped Locator.detect gives them)."""
     heat, size, offset = loc_train.predict(net, maps)
     dets = []
     for i, frame in enumerate(frames):
         d = decode(heat[i], size[i], offset[i], frame, floor)
         if refiner is not None and len(d):
-            boxes, q = loc_refiner.refine(refiner, loc_refiner.pooler(maps[i], frame), frame, d.boxes)
-            d.boxes, d.scores = boxes, (d.scores * q).astype(np.float32)
+            d = loc_refiner.refine_detections(d, loc_refiner.pooler(maps[i], frame), frame, range(len(classes)),
+                                              refiner.outputs)
         dets.append(d)
     out = {}
     for k, c in enumerate(classes):
         rows = []
         for i, d in enumerate(dets):
-            mine = np.flatnonzero(d.class_ids == k)
-            if refiner is not None and len(mine):
-                mine = mine[nms(d.boxes[mine], d.scores[mine], REFINED_NMS_IOU)]
+            mine = d.class_ids == k
             boxes, ids = gts[i]
             rows.append((d.boxes[mine], d.scores[mine], boxes[ids == k]))
         out[c] = best_f1(rows)

@@ -26,7 +26,6 @@ import numpy as np
 
 from minehead.core.errors import InvalidArgument
 
-from minehead.geometry import nms
 from minehead.locator import refiner as loc_refiner
 from minehead.locator.decode import LocatorDetections, decode
 from minehead.locator.export import INPUT, OUTPUTS, REFINER_INPUT, REFINER_OUTPUTS, parts
@@ -38,9 +37,7 @@ OUTPUT_DOCS = {
     "offset": "N x 2 x R x C float32: its centre inside the cell, (x, y) in [0, 1)",
 }
 PARITY_LIMIT = 1e-4
-# Two refined peaks of one class whose boxes now overlap this much found one object: the better
-# scored stays (refinement moves neighbouring peaks of one object onto it).
-REFINED_NMS_IOU = 0.5
+REFINED_NMS_IOU = loc_refiner.REFINED_NMS_IOU
 
 
 def validate_locator_meta(loc, head_classes: list[str]) -> None:
@@ -170,18 +167,10 @@ class Locator:
         """Peaks at or above `floor`; with a refiner their boxes moved and their scores peak x
         quality (then class-wise NMS at REFINED_NMS_IOU), best first."""
         d = decode(*self.run(fmap), frame, floor)
-        mine = np.isin(d.class_ids, self.refined_classes)
-        if not mine.any():
+        classes = self.refined_classes
+        if not classes or not len(d):
             return d
-        boxes, scores = d.boxes.copy(), d.scores.copy()
-        boxes[mine], quality = loc_refiner.refine(None, loc_refiner.pooler(fmap, frame), frame, d.boxes[mine],
-                                                  run=self.refiner_outputs)
-        scores[mine] = scores[mine] * quality
-        d = LocatorDetections(boxes, scores.astype(np.float32), d.class_ids, d.cells)
-        keep = np.concatenate([np.flatnonzero(d.class_ids == k)[nms(boxes[d.class_ids == k], scores[d.class_ids == k],
-                                                                   REFINED_NMS_IOU if k in self.refined_classes else 1.0)]
-                               for k in np.unique(d.class_ids)])
-        return d.take(keep[np.argsort(-d.scores[keep], kind="stable")])
+        return loc_refiner.refine_detections(d, loc_refiner.pooler(fmap, frame), frame, classes, self.refiner_outputs)
 
     @property
     def refined_classes(self) -> list[int]:

@@ -30,6 +30,8 @@ import dataclasses
 
 import numpy as np
 
+from minehead.geometry import nms
+from minehead.locator.decode import LocatorDetections
 from minehead.locator.frame import FeatureFrame
 
 GRID = 3  # cells a side of the pooling grid
@@ -46,6 +48,9 @@ RIDGE_ALPHA = 10.0
 LOGISTIC_C = 0.1
 MAX_DELTA = (0.5, 0.7)  # |shift| as a share of the side, |log size change|: one step's limit
 MIN_OBJECTS = 8  # fewer labelled objects than this fit no refiner
+# Two refined peaks of one class whose boxes now overlap this much found one object: the better
+# scored stays (refinement moves neighbouring peaks of one object onto it).
+REFINED_NMS_IOU = 0.5
 
 
 @dataclasses.dataclass
@@ -163,6 +168,23 @@ def refine(refiner: Refiner | None, pool: Pooler, frame: FeatureFrame, boxes: np
         b = np.where(ok[:, None], moved, b)
     _, quality = run(box_features(pool, frame, b))
     return b.astype(np.float32), np.asarray(quality, np.float32)
+
+
+def refine_detections(d: LocatorDetections, pool: Pooler, frame: FeatureFrame, classes, run) -> LocatorDetections:
+    """Decoded peaks -> the same peaks with the boxes of `classes` (class indices) moved and
+    scored peak x quality, then NMS per refined class at REFINED_NMS_IOU; best first. run:
+    features -> (deltas, quality) (the ONNX part's, or a Refiner's `outputs`)."""
+    mine = np.isin(d.class_ids, list(classes))
+    if not mine.any():
+        return d
+    boxes, scores = d.boxes.copy(), d.scores.copy()
+    boxes[mine], quality = refine(None, pool, frame, d.boxes[mine], run=run)
+    scores[mine] = scores[mine] * quality
+    keep = np.concatenate([np.flatnonzero(d.class_ids == k)[nms(boxes[d.class_ids == k], scores[d.class_ids == k],
+                                                               REFINED_NMS_IOU if k in classes else 1.0)]
+                           for k in np.unique(d.class_ids)])
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    return LocatorDetections(boxes[keep], scores[keep].astype(np.float32), d.class_ids[keep], d.cells[keep])
 
 
 def training_boxes(gt: np.ndarray, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
