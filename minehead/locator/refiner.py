@@ -152,11 +152,10 @@ def deltas_to(boxes: np.ndarray, targets: np.ndarray) -> np.ndarray:
                      np.log(tw / w), np.log(th / h)], 1)
 
 
-def refine(refiner: Refiner | None, pool: Pooler, frame: FeatureFrame, boxes: np.ndarray,
-           run=None) -> tuple[np.ndarray, np.ndarray]:
+def refine(model, pool: Pooler, frame: FeatureFrame, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """boxes N x 4 XYXY image pixels -> (moved boxes N x 4, clipped to the image; quality N).
-    run: features -> (deltas, quality), the ONNX graph's (default: the numpy map's)."""
-    run = run or refiner.outputs
+    model: a Refiner, or features -> (deltas, quality) (the ONNX part's)."""
+    run = model.outputs if isinstance(model, Refiner) else model
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     if not len(b):
         return b.astype(np.float32), np.zeros(0, np.float32)
@@ -178,7 +177,7 @@ def refine_detections(d: LocatorDetections, pool: Pooler, frame: FeatureFrame, c
     if not mine.any():
         return d
     boxes, scores = d.boxes.copy(), d.scores.copy()
-    boxes[mine], quality = refine(None, pool, frame, d.boxes[mine], run=run)
+    boxes[mine], quality = refine(run, pool, frame, d.boxes[mine])
     scores[mine] = scores[mine] * quality
     keep = np.concatenate([np.flatnonzero(d.class_ids == k)[nms(boxes[d.class_ids == k], scores[d.class_ids == k],
                                                                REFINED_NMS_IOU if k in classes else 1.0)]
