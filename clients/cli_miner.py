@@ -48,13 +48,16 @@ def _summary_rows(recipes):
 
 def _print_recipes(recipes, summary=None):
     print_table(["class", "recipe", "steps", "prompts", "precision", "recall", "bg veto seed/final"], _summary_rows(recipes))
+    seen = 0
     if summary:
         s = from_struct(summary)
         print(f"\ndetector {s.get('detector')}  passes {s.get('passes')}  cache {s.get('detection_cache')}")
         for w in s.get("warnings", []):
             print(f"warning: {w}", file=sys.stderr)
+        seen = int(s.get("report_images_seen_in_training") or 0)
     refit = [r.summary.fit_images for r in recipes if r.summary.report_images and _refit(r)]
     print("(precision and recall are on the held-out report images, with the counts they rest on"
+          + (f"; {seen} of those images trained the head, so new images get less" if seen else "")
           + (f"; taken before the steps and gate shown were chosen again on all {max(refit)} labelled images)"
              if refit else ")"))
 

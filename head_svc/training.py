@@ -21,7 +21,7 @@ from minehead.core.jobs import JobContext
 
 from minehead.crops import CropPolicy
 from minehead import geometry, sampling
-from minehead.heads.bundle import BG_PREFIX, META_SCHEMA_VERSION, HeadBundle, content_id, meta_json
+from minehead.heads.bundle import BG_PREFIX, IMAGE_ID_HEX, MAX_IMAGE_IDS, META_SCHEMA_VERSION, HeadBundle, content_id, meta_json
 from minehead.datasets import Dataset
 from minehead.crop_embeddings import CropEmbeddingCache
 from head_svc.estimators import LogRegHead, MLPHead, fit_temperature, smooth_targets, teacher_targets
@@ -96,6 +96,7 @@ class Prepared:
     object_px: list[float] = dataclasses.field(default_factory=list)  # ... and longest sides in pixels
     hold_images: np.ndarray | None = None  # per dataset image: held out (the split above, by image)
     class_map: dict[int, int] = dataclasses.field(default_factory=dict)  # dataset class id -> index in classes
+    image_ids: list[str] = dataclasses.field(default_factory=list)  # the images' sha256, IMAGE_ID_HEX digits, sorted
 
     @property
     def background_indices(self) -> list[int]:
@@ -125,12 +126,15 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
     X_parts, y_parts, g_parts, bg_parts, bg_groups, sides, sides_px = [], [], [], [], [], [], []
     hits_before, calls_before = embeds.hits, embeds.calls
     fp = hashlib.sha256()
+    image_ids = []
     n_pos = ds.label_count
     per_image_bg = BG_PER_IMAGE if background_classes > 0 else 0
     for gi, rec in enumerate(ds.images):
         ctx.check_cancelled()
         data = rec.path.read_bytes()
-        fp.update(hashlib.sha256(data).digest())
+        digest = hashlib.sha256(data)
+        fp.update(digest.digest())
+        image_ids.append(digest.hexdigest()[:IMAGE_ID_HEX])
         fp.update(rec.boxes.round(2).tobytes() + rec.class_ids.tobytes())
         sel = np.array([c in keep_ids for c in rec.class_ids], bool)
         pos = rec.boxes[sel]
@@ -224,7 +228,7 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
     return Prepared(X, y, group, classes, ~hold, hold, m, policy, ds, fp.hexdigest(), notes, seed, holdout_fraction,
                     geometry.side_summary(np.concatenate(sides)),
                     [round(float(v), 1) for v in np.quantile(px, [0, 0.5, 1])] if len(px) else [],
-                    hold_img, keep_ids)
+                    hold_img, keep_ids, sorted(set(image_ids)))
 
 
 def fit_variant(p: Prepared, v: Variant, ctx: JobContext) -> tuple[object, dict]:
@@ -310,7 +314,10 @@ def build_bundle(p: Prepared, v: Variant, head, report: dict, display_name: str,
                     # what the head-guided detector's anchors are sized by (minisam_guided.anchors)
                     "object_sides": p.object_sides,  # every class has a box: prepare() checked
                     # what large images are tiled by when drafting (miner tiling)
-                    **({"object_px": p.object_px} if p.object_px else {})},
+                    **({"object_px": p.object_px} if p.object_px else {}),
+                    # which images the head (and its locator) were fitted on: mining tells whether
+                    # its report images are new to them (miner_svc.mining.job)
+                    **({"image_sha256": p.image_ids} if 0 < len(p.image_ids) <= MAX_IMAGE_IDS else {})},
         "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "parity_max_abs_err": err,
         "created_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),

@@ -195,6 +195,14 @@ def test_bundle_roundtrip_and_content_id():
     for bad in ([0.1, 0.05, 0.4], [0.0, 0.1, 0.4], [0.1, 0.2, 1.5], [0.1, 0.2], ["a", "b", "c"], 0.1):
         with pytest.raises(InvalidArgument, match="object_sides"):
             bundle_from_head(LogRegHead().fit(X, y, 3), classes, "m", dataset={"object_sides": bad})
+    # the training images' sha256 prefixes (what mining checks its report images against)
+    assert b.training_images is None
+    ids = ["0123456789abcdef", "fedcba9876543210"]
+    known = bundle_from_head(LogRegHead().fit(X, y, 3), classes, "m", dataset={"image_sha256": ids})
+    assert HeadBundle.from_zip(known.to_zip()).training_images == frozenset(ids)
+    for bad in (["0123456789ABCDEF"], ["0123"], ["0123456789abcdeg"], [7], "0123456789abcdef"):
+        with pytest.raises(InvalidArgument, match="image_sha256"):
+            bundle_from_head(LogRegHead().fit(X, y, 3), classes, "m", dataset={"image_sha256": bad})
 
 
 

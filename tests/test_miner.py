@@ -172,6 +172,24 @@ def test_mining_finds_the_objects_and_reports_on_held_out_images(mined):
     assert {"phase", "progress", "log", "metrics"} <= kinds
     logs = [e.log.message for e in events if e.WhichOneof("payload") == "log"]
     assert any("bg veto:" in m and "seeds dropped" in m for m in logs)
+    # the head was trained on these very images: the report says its figures are optimistic
+    assert summary["report_images_seen_in_training"] == summary["report_images"] > 0
+    seen = [w for w in summary["warnings"] if "report images are among the images head" in w]
+    assert seen and seen[0].startswith(f"{int(summary['report_images'])} of {int(summary['report_images'])} ")
+    assert all(seen[0] in r.summary.warnings for r in res.recipes)
+
+
+def test_report_images_new_to_the_head_raise_no_warning(env):
+    """A head trained on other images: none of the report images is among them."""
+    other = make_synthetic_dataset(env["tmp"] / "other-shapes", images=12, seed=5)
+    r = env["head_client"].train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(other)), seed=1,
+                                                       locator=False))
+    spec = miner_pb2.MiningSpec(dataset=str(env["dataset"]), head=r.head.head_id, seed=1, classes=["blue_circle"])
+    job = env["stub"].StartMining(miner_pb2.StartMiningRequest(spec=spec))
+    res = env["jobs"].result(job.name, miner_pb2.MiningResult)
+    summary = dict(res.summary)
+    assert summary["report_images_seen_in_training"] == 0 and summary["report_images"] > 0
+    assert not any("report images are among" in w for w in summary["warnings"])
 
 
 def test_background_guard_vetoes_clutter(env, mined):

@@ -28,6 +28,10 @@ from minehead.heads.keep_rule import Thresholds
 
 META_SCHEMA_VERSION = 1
 BG_PREFIX = "__bg_"
+# meta.json dataset.image_sha256: the training images' sha256, this many hex digits each (64 bits:
+# no collision in any labelled set), sorted; recorded up to MAX_IMAGE_IDS images (about 1 MB).
+IMAGE_ID_HEX = 16
+MAX_IMAGE_IDS = 50_000
 MEMBERS = {"head.onnx", "meta.json", "report.json", "locator.onnx"}  # locator.onnx: optional
 MAX_ONNX_BYTES = 64 << 20
 MAX_JSON_BYTES = 4 << 20
@@ -119,6 +123,12 @@ def validate_meta(meta) -> None:
                                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1e5 for x in px)
                                and px[0] <= px[1] <= px[2]):
         raise InvalidArgument("meta.json dataset.object_px must be [min, median, max] longest sides in pixels")
+    ids = meta.get("dataset", {}).get("image_sha256")
+    if ids is not None and not (isinstance(ids, list) and len(ids) <= MAX_IMAGE_IDS
+                                and all(isinstance(x, str) and len(x) == IMAGE_ID_HEX
+                                        and all(ch in "0123456789abcdef" for ch in x) for x in ids)):
+        raise InvalidArgument(f"meta.json dataset.image_sha256 must list at most {MAX_IMAGE_IDS} training images' "
+                              f"sha256, {IMAGE_ID_HEX} lower-case hex digits each")
     if "locator" in meta:
         from minehead.locator.model import validate_locator_meta
 
@@ -268,6 +278,13 @@ class HeadBundle:
         """[min, median, max] of the labelled objects' longest sides in pixels (None when not
         recorded): what large images are tiled by (the objects' scale in the user's images)."""
         return self.meta.get("dataset", {}).get("object_px")
+
+    @property
+    def training_images(self) -> frozenset[str] | None:
+        """The sha256 (first IMAGE_ID_HEX hex digits) of the images the head and its locator
+        were fitted on; None when not recorded (older heads, uploads without it, huge sets)."""
+        ids = self.meta.get("dataset", {}).get("image_sha256")
+        return frozenset(ids) if ids is not None else None
 
     @property
     def locator(self):

@@ -27,7 +27,7 @@ import numpy as np
 from minehead import sampling
 from minehead.core.jobs import JobContext, job_id_from_name, struct_from_dict
 from minehead.datasets import Dataset
-from minehead.heads.bundle import HeadBundle
+from minehead.heads.bundle import IMAGE_ID_HEX, HeadBundle
 from minehead.miner.v1 import miner_pb2
 from minehead.recipes.v2 import recipes_pb2
 
@@ -111,6 +111,13 @@ def mine(ctx: JobContext, run: MiningRun, new_scorer: Callable[[], HeadScorer], 
     tune_i, report_i = _split(run, positions)
     tune, report = [items[i] for i in tune_i], [items[i] for i in report_i]
     ctx.log(f"split: {len(tune)} select/tune images, {len(report)} report images")
+    seen = seen_in_training(run.head, [it.state.image.sha256 for it in report])
+    if seen:
+        warnings.append(f"{seen} of {len(report)} report images are among the images head {run.head.head_id} was "
+                        f"trained on (its classifier{' and locator' if run.head.locator is not None else ''} were "
+                        "fitted on them): the held-out precision and recall overstate what new images get; mine on "
+                        "labelled images the head did not train on for figures that carry over")
+        ctx.warn(warnings[-1])
     miner = Miner(run.dataset, det, run.head, scorer, s, ctx)
     miner.warnings = warnings
     recipes = []
@@ -128,6 +135,7 @@ def mine(ctx: JobContext, run: MiningRun, new_scorer: Callable[[], HeadScorer], 
         "background": _background_summary(run), "passes": det.counters.since(before),
         "detection_cache": {"hits": det.hits - hits0, "misses": det.misses - misses0},
         "images": len(items), "tune_images": len(tune), "report_images": len(report),
+        **({"report_images_seen_in_training": seen} if seen is not None else {}),
         "seconds": {"detecting": round(t_detect, 3), **{k: round(v, 3) for k, v in miner.timings.items()},
                     "total": round(time.perf_counter() - t_start, 3)},
         # run-level warnings, then each class's own (an unreachable target, no step found)
@@ -135,6 +143,15 @@ def mine(ctx: JobContext, run: MiningRun, new_scorer: Callable[[], HeadScorer], 
         "classes": {r.class_name: class_report(r) for r in recipes},
     }
     return Mined(recipes, summary, miner.negatives)
+
+
+def seen_in_training(head: HeadBundle, image_sha256: list[str]) -> int | None:
+    """How many of these images (sha256 hex of their files) the head was trained on; None when
+    the head does not record its training images (older heads, uploads without them)."""
+    trained = head.training_images
+    if trained is None:
+        return None
+    return sum(h[:IMAGE_ID_HEX] in trained for h in image_sha256)
 
 
 def _run_warnings(ctx: JobContext, run: MiningRun) -> list[str]:
