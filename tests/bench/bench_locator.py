@@ -139,7 +139,8 @@ def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: st
             # what mining's report said (its report images trained the head: see docs/recipes.md)
             "mining_report": {r.class_name: {"precision": round(r.summary.precision, 3), "recall": round(r.summary.recall, 3),
                                              "target_met": r.summary.target_met} for r in res.recipes},
-            "report_images_seen_in_training": json_format.MessageToDict(res.summary).get("report_images_seen_in_training")}
+            "report_images": int(json_format.MessageToDict(res.summary).get("report_images", 0)),
+            "report_images_seen_in_training": int(json_format.MessageToDict(res.summary).get("report_images_seen_in_training", 0))}
 
 
 def whole_vs_tiles(trio: Trio, tmp: Path) -> dict:
@@ -233,10 +234,10 @@ def print_row(r: dict, target: float | None) -> None:
           f"(tp {a['tp']}, fp {a['fp']}, gt {a['gt']}; pycocotools AP50 {r['score']['coco_ap50']})  "
           f"detector {r['detector']}, passes {r['passes']}, train/mine/draft s {r['seconds']}{verdict}")
     rep = r.get("mining_report") or {}
-    if rep:
+    if rep and r.get("report_images"):
         print("      mining's report said: " + ", ".join(f"{c} P {v['precision']:.2f} R {v['recall']:.2f}"
                                                        for c, v in rep.items())
-              + f" ({r.get('report_images_seen_in_training')} of its report images trained the head)")
+              + f" ({r['report_images_seen_in_training']} of its {r['report_images']} report images trained the head)")
     for c, v in r["score"].items():
         if c not in ("all", "coco_ap50") and len(r["score"]) > 3:
             print(f"      {c:<16} P {v['precision']:.2f}  R {v['recall']:.2f}  F1 {v['f1']:.2f}  (gt {v['gt']})")
