@@ -96,7 +96,14 @@ class Prepared:
     object_px: list[float] = dataclasses.field(default_factory=list)  # ... and longest sides in pixels
     hold_images: np.ndarray | None = None  # per dataset image: held out (the split above, by image)
     class_map: dict[int, int] = dataclasses.field(default_factory=dict)  # dataset class id -> index in classes
-    image_ids: list[str] = dataclasses.field(default_factory=list)  # the images' sha256, IMAGE_ID_HEX digits, sorted
+    image_ids: list[str] = dataclasses.field(default_factory=list)  # per dataset image: its sha256, IMAGE_ID_HEX digits
+
+    def fitted_images(self, with_locator: bool) -> list[str]:
+        """The images (IMAGE_ID_HEX sha256 digits, sorted) some part of the head is fitted on: the
+        classifier on those not held out, a locator's final fit on every one."""
+        if with_locator or self.hold_images is None:
+            return sorted(set(self.image_ids))
+        return sorted({h for h, held in zip(self.image_ids, self.hold_images) if not held})
 
     @property
     def background_indices(self) -> list[int]:
@@ -228,7 +235,7 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
     return Prepared(X, y, group, classes, ~hold, hold, m, policy, ds, fp.hexdigest(), notes, seed, holdout_fraction,
                     geometry.side_summary(np.concatenate(sides)),
                     [round(float(v), 1) for v in np.quantile(px, [0, 0.5, 1])] if len(px) else [],
-                    hold_img, keep_ids, sorted(set(image_ids)))
+                    hold_img, keep_ids, image_ids)
 
 
 def fit_variant(p: Prepared, v: Variant, ctx: JobContext) -> tuple[object, dict]:
@@ -317,7 +324,8 @@ def build_bundle(p: Prepared, v: Variant, head, report: dict, display_name: str,
                     **({"object_px": p.object_px} if p.object_px else {}),
                     # which images the head (and its locator) were fitted on: mining tells whether
                     # its report images are new to them (miner_svc.mining.job)
-                    **({"image_sha256": p.image_ids} if 0 < len(p.image_ids) <= MAX_IMAGE_IDS else {})},
+                    **({"image_sha256": fitted} if 0 < len(fitted := p.fitted_images(locator is not None))
+                       <= MAX_IMAGE_IDS else {})},
         "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "parity_max_abs_err": err,
         "created_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),

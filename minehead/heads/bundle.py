@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -32,6 +33,7 @@ BG_PREFIX = "__bg_"
 # no collision in any labelled set), sorted; recorded up to MAX_IMAGE_IDS images (about 1 MB).
 IMAGE_ID_HEX = 16
 MAX_IMAGE_IDS = 50_000
+_IMAGE_ID = re.compile(f"[0-9a-f]{{{IMAGE_ID_HEX}}}")
 MEMBERS = {"head.onnx", "meta.json", "report.json", "locator.onnx"}  # locator.onnx: optional
 MAX_ONNX_BYTES = 64 << 20
 MAX_JSON_BYTES = 4 << 20
@@ -125,8 +127,7 @@ def validate_meta(meta) -> None:
         raise InvalidArgument("meta.json dataset.object_px must be [min, median, max] longest sides in pixels")
     ids = meta.get("dataset", {}).get("image_sha256")
     if ids is not None and not (isinstance(ids, list) and len(ids) <= MAX_IMAGE_IDS
-                                and all(isinstance(x, str) and len(x) == IMAGE_ID_HEX
-                                        and all(ch in "0123456789abcdef" for ch in x) for x in ids)):
+                                and all(isinstance(x, str) and _IMAGE_ID.fullmatch(x) for x in ids)):
         raise InvalidArgument(f"meta.json dataset.image_sha256 must list at most {MAX_IMAGE_IDS} training images' "
                               f"sha256, {IMAGE_ID_HEX} lower-case hex digits each")
     if "locator" in meta:

@@ -114,8 +114,8 @@ def mine(ctx: JobContext, run: MiningRun, new_scorer: Callable[[], HeadScorer], 
     seen = seen_in_training(run.head, [it.state.image.sha256 for it in report])
     if seen:
         warnings.append(f"{seen} of {len(report)} report images are among the images head {run.head.head_id} was "
-                        f"trained on (its classifier{' and locator' if run.head.locator is not None else ''} were "
-                        "fitted on them): the held-out precision and recall overstate what new images get; mine on "
+                        f"trained on ({'its locator' if run.head.locator is not None else 'its classifier'} was fitted "
+                        "on them): the held-out precision and recall overstate what new images get; mine on "
                         "labelled images the head did not train on for figures that carry over")
         ctx.warn(warnings[-1])
     miner = Miner(run.dataset, det, run.head, scorer, s, ctx)

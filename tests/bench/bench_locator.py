@@ -132,6 +132,7 @@ def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: st
     summary = json.loads((drafts / "summary.json").read_text())
     s = score(drafts, test)
     loc = json_format.MessageToDict(tr.report).get("locator", {}).get("held_out", {})
+    mined = json_format.MessageToDict(res.summary)
     return {"label": label, "score": s, "head": tr.head.head_id, "recipe_set": res.recipe_set,
             "detector": summary.get("detector"), "passes": summary.get("passes"), "images": dres.images,
             "seconds": {"train": round(t_train, 1), "mine": round(t_mine, 1), "draft": round(t_draft, 1)},
@@ -139,8 +140,8 @@ def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: st
             # what mining's report said (its report images trained the head: see docs/recipes.md)
             "mining_report": {r.class_name: {"precision": round(r.summary.precision, 3), "recall": round(r.summary.recall, 3),
                                              "target_met": r.summary.target_met} for r in res.recipes},
-            "report_images": int(json_format.MessageToDict(res.summary).get("report_images", 0)),
-            "report_images_seen_in_training": int(json_format.MessageToDict(res.summary).get("report_images_seen_in_training", 0))}
+            "report_images": int(mined.get("report_images", 0)),
+            "report_images_seen_in_training": int(mined.get("report_images_seen_in_training", 0))}
 
 
 def whole_vs_tiles(trio: Trio, tmp: Path) -> dict:
