@@ -20,7 +20,8 @@ from minehead.heads.bundle import HeadBundle, meta_json
 from minehead.locator import export, refiner
 from minehead.locator.decode import decode
 from minehead.locator.frame import FeatureFrame
-from minehead.locator.model import REFINED_NMS_IOU, Locator
+from minehead.locator.model import Locator
+from minehead.locator.refiner import REFINED_NMS_IOU
 from tests.test_locator import _bundle_files, _toy_maps, toy_locator  # noqa: F401 - the fixture
 
 

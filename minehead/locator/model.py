@@ -37,7 +37,6 @@ OUTPUT_DOCS = {
     "offset": "N x 2 x R x C float32: its centre inside the cell, (x, y) in [0, 1)",
 }
 PARITY_LIMIT = 1e-4
-REFINED_NMS_IOU = loc_refiner.REFINED_NMS_IOU
 
 
 def validate_locator_meta(loc, head_classes: list[str]) -> None:
@@ -165,7 +164,7 @@ class Locator:
 
     def detect(self, fmap: np.ndarray, frame: FeatureFrame, floor: float) -> LocatorDetections:
         """Peaks at or above `floor`; with a refiner their boxes moved and their scores peak x
-        quality (then class-wise NMS at REFINED_NMS_IOU), best first."""
+        quality (then class-wise NMS at refiner.REFINED_NMS_IOU), best first."""
         d = decode(*self.run(fmap), frame, floor)
         classes = self.refined_classes
         if not classes or not len(d):
