@@ -96,6 +96,8 @@ def _stream(a, c: MinerClient, options: drafting_pb2.DraftOptions) -> int:
             merged[f"labels/{p.stem}.txt"] = added
         if drafted.error:
             print(f"\nwarning: skipped {p.name}: {drafted.error}", file=sys.stderr)
+        if drafted.failure:
+            print(f"\nwarning: {p.name} failed: {drafted.failure} (running this command again retries it)", file=sys.stderr)
         if (t := tiled_entry(drafted)) is not None:
             tiled[p.name] = t
         n += 1

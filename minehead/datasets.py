@@ -30,6 +30,9 @@ from minehead.core.errors import InvalidArgument
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Normalised coordinates may overshoot [0, 1] by rounding in exporters; more is an error.
 _TOL = 0.02
+# One pixel, less what 6-decimal normalised labels lose to rounding (a 1 px box of a 3 px image
+# reads back 0.999999 px high): the drafts' own YOLO lines must read back.
+MIN_SIDE_PX = 0.99
 
 
 @dataclasses.dataclass
@@ -142,7 +145,7 @@ def parse_label_line(line: str, width: int, height: int, n_classes: int) -> tupl
     x1, y1 = pts.min(0)
     x2, y2 = pts.max(0)
     box = np.array([x1 * width, y1 * height, x2 * width, y2 * height])
-    if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+    if box[2] - box[0] < MIN_SIDE_PX or box[3] - box[1] < MIN_SIDE_PX:
         return "box is under one pixel wide or high"
     return cls, box
 

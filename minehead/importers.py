@@ -105,9 +105,14 @@ def _load_json(data: bytes, what: str, max_bytes: int):
 
 
 def _num(v, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise InvalidArgument(f"{where}: coordinate {v!r} is not a finite number")
-    return float(v)
+    try:  # an integer literal of 400 digits is valid JSON and overflows a float
+        x = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+    except OverflowError:
+        x = math.inf
+    if not math.isfinite(x):
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        raise InvalidArgument(f"{where}: coordinate {shown} is not a finite number")
+    return x
 
 
 def _coord(v, where: str, size: float) -> float:

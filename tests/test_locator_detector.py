@@ -5,11 +5,16 @@ images and on a mosaic large enough to be tiled.
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 
 import numpy as np
 import pytest
+from google.protobuf import json_format
 from PIL import Image
+
+from minehead.common.v1 import common_pb2
 
 from minehead.core.images import decode_image
 from minehead.locator.decode import LocatorDetections
@@ -216,3 +221,94 @@ def test_a_large_mosaic_is_tiled_and_finds_what_its_parts_do(detector, locator_h
     # near a tile's edge peak lower; the YELL orthomosaic (bench_locator --only whole) drafts
     # whole within 0.02 F1 of its tiles. A known gap, held here at three quarters.
     assert found >= 0.75 * per_part, (found, per_part, len(gt))
+
+
+# -- issue 37: a tiled image whose peaks all lie in tile overlaps, through every path ---------
+def test_a_tiled_image_with_peaks_only_in_overlaps_drafts_empty_through_every_path(locator_head, embedder_server,
+                                                                                 models_dir, monkeypatch):
+    """ApplyRecipe, mining, a drafting job and the DraftImages stream, with the real services,
+    encoder, head and locator, on an image built to be tiled (wider than 1.5 tiles of the head's
+    object scale, 200 px high so no other image shares its tiles' size). Which peaks a trained
+    locator finds only in a tile's overlap depends on the encoder's view of each tile, so the
+    locator's per-tile output is SCRIPTED here for that image's tiles: one peak per tile, just
+    past its own core (in a neighbour's), where the neighbour sees nothing. Before the fix the
+    seam merge raised "need at least one array to concatenate" (INTERNAL, a FAILED job)."""
+    import itertools
+
+    from minehead.client.miner import MinerClient
+    from minehead.core.server import start_server
+    from minehead.miner.v1 import drafting_pb2, miner_pb2
+    from miner_svc.__main__ import build
+    from miner_svc.detectors.minisam_locator import MinisamLocatorDetector
+    from tests.conftest import make_config, png_bytes, scene
+
+    head, tmp = locator_head["head"], locator_head["tmp"] / "overlaps"
+    tile = int(round(head.object_px[1] / head.object_sides[1]))
+    W, H = int(tile * 1.6), 200
+    plan = tiling.plan(W, H, head.object_px, head.object_sides)
+    assert len(plan.tiles) > 1
+    cores = tiling._cores(plan.tiles, W, H)
+    blue = head.real_classes.index("blue_circle")
+    real_detect, calls = MinisamLocatorDetector._detect, itertools.count()
+
+    def scripted(self, fmap, w, h):
+        if h != H or w == W:  # not one of the built image's tiles
+            return real_detect(self, fmap, w, h)
+        k = next(calls) % len(plan.tiles)
+        (x0, y0, x1, _), (cx0, _, cx1, _) = plan.tiles[k], cores[k]
+        cx = cx1 + 3 if cx1 < W else cx0 - 3  # past the core, inside the tile
+        assert x0 <= cx - 2 and cx + 2 <= x1
+        return LocatorDetections(np.array([[cx - 2 - x0, 90, cx + 2 - x0, 110]], np.float32), np.array([0.9], np.float32),
+                                 np.array([blue]), np.zeros((1, 2), np.int64))
+
+    monkeypatch.setattr(MinisamLocatorDetector, "_detect", scripted)
+    # A small labelled set holding the built image, and a folder of it alone to draft.
+    ds = tmp / "mine"
+    for sub in ("images", "labels"):
+        (ds / sub).mkdir(parents=True)
+    shutil.copy(locator_head["dataset"] / "labelmap.txt", ds / "labelmap.txt")
+    src = locator_head["dataset"]
+    for p in sorted((src / "images").iterdir())[:3]:
+        shutil.copy(p, ds / "images" / p.name)
+        shutil.copy(src / "labels" / f"{p.stem}.txt", ds / "labels" / f"{p.stem}.txt")
+    built = png_bytes(scene(W, H, seed=7, boxes=[(20, 20, 60, 60)], colours=[(40, 40, 220)]))
+    (ds / "images" / "wide.png").write_bytes(built)
+    (ds / "labels" / "wide.txt").write_text("")
+    (tmp / "new" / "images").mkdir(parents=True)
+    (tmp / "new" / "images" / "wide.png").write_bytes(built)
+
+    cfg = make_config("miner", tmp, models_dir, extra={"embedder_addr": embedder_server.address,
+                                                       "head_addr": locator_head["address"]})
+    runner, bindings = build(cfg)
+    server = start_server(cfg, bindings)
+    try:
+        with MinerClient(f"127.0.0.1:{server.port}") as mc:
+            job = mc.start_mining(miner_pb2.MiningSpec(dataset=str(ds), head=head.head_id, seed=1, classes=["blue_circle"]))
+            list(mc.jobs.watch(job.name))
+            done = mc.jobs.get(job.name)
+            assert done.state == common_pb2.Job.SUCCEEDED, done.error
+            mined = miner_pb2.MiningResult()
+            done.result.Unpack(mined)
+            summary = json_format.MessageToDict(mined.summary)
+            assert summary["images"] == 4 and "failed_images" not in summary and summary["detector"] == "minisam-locator"
+
+            applied = mc.apply(mined.recipes[0].name, images=[str(tmp / "new" / "images" / "wide.png")])
+            assert len(applied.images) == 1 and len(applied.images[0].detections) == 0
+
+            out = tmp / "drafts"
+            djob = mc.start_drafting(drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=mined.recipe_set),
+                                                               folder=str(tmp / "new"), output_dir=str(out)))
+            list(mc.jobs.watch(djob.name))
+            ddone = mc.jobs.get(djob.name)
+            assert ddone.state == common_pb2.Job.SUCCEEDED, ddone.error
+            s = json.loads((out / "summary.json").read_text())
+            assert s["images_drafted"] == 1 and s["failed"] == [] and s["boxes"] == 0
+            assert s["tiled_images"]["wide.png"]["tiles"] == len(plan.tiles)
+
+            streamed = list(mc.draft_images(drafting_pb2.DraftOptions(recipe_set=mined.recipe_set), [built]))
+            assert len(streamed) == 1 and not streamed[0].failure and not streamed[0].error
+            assert len(streamed[0].boxes) == 0 and streamed[0].tiling.tiles == len(plan.tiles)
+        assert next(calls) >= 3 * len(plan.tiles), "the scripted tiles were drafted by each path"
+    finally:
+        server.stop(0.5)
+        runner.shutdown()

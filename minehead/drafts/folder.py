@@ -77,7 +77,13 @@ def describe(result: drafting_pb2.DraftingResult) -> str:
     if result.merged_lines:
         text += (f"; appended {sum(result.merged_lines.values())} lines to {len(result.merged_lines)} existing label "
                  "files")
-    return text + ". Files: " + ", ".join(result.files) + ". Review the most uncertain boxes first: review.jsonl."
+    text += ". Files: " + ", ".join(result.files) + ". Review the most uncertain boxes first: review.jsonl."
+    failed = list(s.failed)
+    if failed:  # last, so it is the line's end a user reads
+        text += (f" {len(failed)} image{'s' if len(failed) > 1 else ''} failed with an unexpected error "
+                 f"({failed[0].image}: {failed[0].reason}{', …' if len(failed) > 1 else ''}; all in summary.json "
+                 "`failed`, tracebacks in the miner's log); resuming the draft retries only those.")
+    return text
 
 
 def export_files(root: Path) -> dict[str, bytes]:
@@ -158,18 +164,16 @@ class DraftFolder:
         return self.meta / "records" / f"{img.index:09d}.pb"
 
     def finished(self) -> dict[str, int]:
-        """Image name -> index for every image already drafted (or skipped) in this folder."""
-        out = {}
-        for p in sorted((self.meta / "records").glob("*.pb")):
-            r = drafting_pb2.DraftedImage.FromString(p.read_bytes())
-            out[r.image] = r.index
-        return out
+        """Image name -> index for every image already drafted (or skipped) in this folder. An
+        image whose drafting failed (`failure`) is not finished: a resumed run tries it again
+        and its record is replaced."""
+        return {r.image: r.index for r in self.records() if not r.failure}
 
     def add(self, img: drafting_pb2.DraftedImage, image_path: Path | None = None) -> int:
         """Write one image's labels, then its record. Returns the lines appended to an existing
         label file (merge), else 0."""
         added = 0
-        if not img.error:
+        if not (img.error or img.failure):
             stem = Path(img.image).stem
             if image_path is not None:
                 self._link_image(Path(image_path))
@@ -207,8 +211,11 @@ class DraftFolder:
         """Counts over every finished image of the folder (this run's and earlier ones)."""
         counts: dict[str, int] = {}
         drafted = ambiguous = runner_up = 0
-        skipped = []
+        skipped, failed = [], []
         for r in self.records():
+            if r.failure:
+                failed.append({"image": r.image, "reason": r.failure})
+                continue
             if r.error:
                 skipped.append({"image": r.image, "reason": r.error})
                 continue
@@ -218,7 +225,7 @@ class DraftFolder:
                 ambiguous += b.ambiguous
                 runner_up += bool(b.runner_up_class)
         return {"images_drafted": drafted, "boxes": sum(counts.values()), "class_counts": counts,
-                "ambiguous": ambiguous, "with_runner_up": runner_up, "unreadable": skipped}
+                "ambiguous": ambiguous, "with_runner_up": runner_up, "unreadable": skipped, "failed": failed}
 
     def finish(self, summary: dict) -> dict:
         """Write coco.json, labelstudio.json, review.jsonl and summary.json from the records,
@@ -253,7 +260,7 @@ class DraftFolder:
     def _write_coco(self, cats: dict[str, int]) -> None:
         def images():
             for r in self.records():
-                if not r.error:
+                if not (r.error or r.failure):
                     yield formats.coco_image(r, r.index + 1, f"images/{r.image}")
 
         def annotations():
@@ -284,7 +291,7 @@ class DraftFolder:
     def _write_labelstudio(self) -> None:
         def tasks():
             for r in self.records():
-                if not r.error:
+                if not (r.error or r.failure):
                     yield formats.labelstudio_task(r, f"/data/local-files/?d=images/{r.image}", self.recipe_set, self.polygons)
 
         self._stream_json(self.root / "labelstudio.json", "[\n", tasks(), "\n]\n")

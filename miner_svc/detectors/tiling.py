@@ -86,21 +86,24 @@ def _cores(tiles: list[tuple[int, int, int, int]], width: int, height: int) -> l
 def merge(parts: list[tuple[LocatorDetections, tuple[int, int, int, int]]], width: int, height: int) -> LocatorDetections:
     """Per-tile detections (boxes in tile px) -> one image's detections (image px), best first."""
     cores = _cores([t for _, t in parts], width, height)
-    keep = []
+    keep = [_empty()]  # tiles can all come back empty, or with peaks only in their neighbours' cores
     for (d, (x0, y0, _, _)), (cx0, cy0, cx1, cy1) in zip(parts, cores):
         if not len(d):
             continue
         b = d.boxes + np.array([x0, y0, x0, y0], np.float32)
         cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-        mine = (cx >= cx0) & (cx < cx1) & (cy >= cy0) & (cy < cy1)
+        # The image's last row and column own their far edge too: a box clipped to it still counts.
+        mine = (cx >= cx0) & ((cx < cx1) | (cx1 >= width)) & (cy >= cy0) & ((cy < cy1) | (cy1 >= height))
         keep.append(LocatorDetections(b[mine], d.scores[mine], d.class_ids[mine], d.cells[mine]))
-    if not keep:
-        return LocatorDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
-                                 np.zeros((0, 2), np.int64))
     d = LocatorDetections(*(np.concatenate([getattr(k, f) for k in keep]) for f in ("boxes", "scores", "class_ids", "cells")))
-    out = []
+    d.boxes = np.clip(d.boxes, 0, np.array([width, height, width, height], np.float32))
+    idx = np.zeros(0, np.int64)
     for k in np.unique(d.class_ids):
-        idx = np.flatnonzero(d.class_ids == k)
-        out.append(idx[nms(d.boxes[idx], d.scores[idx], MERGE_NMS_IOU)])
-    idx = np.concatenate(out)
+        mine = np.flatnonzero(d.class_ids == k)
+        idx = np.concatenate([idx, mine[nms(d.boxes[mine], d.scores[mine], MERGE_NMS_IOU)]])
     return d.take(idx[np.argsort(-d.scores[idx], kind="stable")])
+
+
+def _empty() -> LocatorDetections:
+    return LocatorDetections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64),
+                             np.zeros((0, 2), np.int64))

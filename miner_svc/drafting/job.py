@@ -105,6 +105,8 @@ class _Tally:
         added = folder.add(image, path)
         if image.error:
             ctx.warn(f"skipped {path.name}: {image.error}")
+        if image.failure:
+            ctx.warn(f"{path.name} failed: {image.failure} (the job goes on; resuming it retries this image)")
         if added:
             result.merged_lines[f"labels/{path.stem}.txt"] = added
         self.counts.update(b.class_name for b in image.boxes)

@@ -106,7 +106,13 @@ def mine(ctx: JobContext, run: MiningRun, new_scorer: Callable[[], HeadScorer], 
     warnings = _run_warnings(ctx, run)
     ctx.phase("detecting")
     positions = list(range(len(run.dataset.images)))[: s.max_images or None]
-    items = _detect(ctx, run, positions, scorer, pool)
+    items, failed = _detect(ctx, run, positions, scorer, pool)
+    if failed:
+        warnings.append(f"{len(failed)} image(s) failed with an unexpected error and were left out of mining "
+                        f"({failed[0]['image']}: {failed[0]['reason']}; all in the summary's `failed_images`)")
+        ctx.warn(warnings[-1])
+        positions = [p for p, it in zip(positions, items) if it is not None]
+        items = [it for it in items if it is not None]
     t_detect = time.perf_counter() - t_start
     tune_i, report_i = _split(run, positions)
     tune, report = [items[i] for i in tune_i], [items[i] for i in report_i]
@@ -135,6 +141,7 @@ def mine(ctx: JobContext, run: MiningRun, new_scorer: Callable[[], HeadScorer], 
         "background": _background_summary(run), "passes": det.counters.since(before),
         "detection_cache": {"hits": det.hits - hits0, "misses": det.misses - misses0},
         "images": len(items), "tune_images": len(tune), "report_images": len(report),
+        **({"failed_images": failed} if failed else {}),
         **({"report_images_seen_in_training": seen} if seen is not None else {}),
         "seconds": {"detecting": round(t_detect, 3), **{k: round(v, 3) for k, v in miner.timings.items()},
                     "total": round(time.perf_counter() - t_start, 3)},
@@ -168,19 +175,25 @@ def _run_warnings(ctx: JobContext, run: MiningRun) -> list[str]:
     return warnings
 
 
-def _detect(ctx: JobContext, run: MiningRun, positions: list[int], scorer: HeadScorer, pool: ImagePool) -> list[ImageItem]:
+def _detect(ctx: JobContext, run: MiningRun, positions: list[int], scorer: HeadScorer,
+            pool: ImagePool) -> tuple[list[ImageItem | None], list[dict]]:
     """Every image's floor runs for every prompt of every class, on the pool: ImageItems in
-    position order."""
+    position order (None where the image failed), and the failed images with their errors."""
     ds, s = run.dataset, run.settings
     prompts = {c: [c.replace("_", " ")] + s.prompts.get(c, []) for c in s.classes}
     images = [(k, ds.images[i].path.name, ds.images[i].path) for k, i in enumerate(positions)]
     items: list = [None] * len(positions)
+    failed = []
     with closing(pool.detect(ctx, run.det, run.head, scorer.model, images, [p for c in s.classes for p in prompts[c]])) as done:
-        for n, (k, data, state) in enumerate(done):
+        for n, (k, data, state, failure) in enumerate(done):
             rec = ds.images[positions[k]]
-            items[k] = ImageItem(positions[k], data, state, rec.boxes, rec.class_ids)
+            if failure:
+                failed.append({"image": rec.path.name, "reason": failure})
+                ctx.warn(f"{rec.path.name} failed: {failure} (left out of mining)")
+            else:
+                items[k] = ImageItem(positions[k], data, state, rec.boxes, rec.class_ids)
             ctx.progress(n + 1, len(positions), "images")
-    return items
+    return items, sorted(failed, key=lambda f: f["image"])
 
 
 def _split(run: MiningRun, positions: list[int]) -> tuple[np.ndarray, np.ndarray]:

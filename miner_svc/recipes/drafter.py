@@ -18,6 +18,7 @@ threshold the box passed (min_prob, margin, background margin, the step's detect
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ from miner_svc.recipes.codec import gate_of, steps_of
 from miner_svc.recipes.detection_cache import DEFAULT_FLOOR, CachedDetector
 from miner_svc.recipes.executor import Gate, Step, run_recipe
 from miner_svc.recipes.scorer import HeadScorer, feature_pool
+
+log = logging.getLogger("minehead.drafting")
 
 DEFAULT_OVERLAP_IOU = 0.7
 DEFAULT_AMBIGUITY_MARGIN = 0.1
@@ -114,7 +117,9 @@ class Drafter:
         self.warnings: list[str] = []
 
     def draft(self, data: bytes, name: str, index: int) -> drafting_pb2.DraftedImage:
-        """One image; an unreadable image comes back with `error` set and no boxes."""
+        """One image. An unreadable image comes back with `error` set and no boxes; an
+        unexpected error while drafting it (a bug) with `failure` set, logged with its
+        traceback: one image never fails a whole job or stream."""
         out = drafting_pb2.DraftedImage(image=name, index=index)
         try:
             image = decode_image(data, name)
@@ -122,6 +127,18 @@ class Drafter:
             out.error = str(e)
             return out
         out.width, out.height = image.width, image.height
+        try:
+            self._draft(image, data, out)
+        except Exception as e:  # noqa: BLE001 - reported per image; the job goes on
+            log.exception("drafting %s (image %d) failed", name, index)
+            del out.boxes[:]
+            out.ClearField("tiling")
+            out.failure = f"{type(e).__name__}: {e}"
+        finally:
+            self.det.forget(image.sha256)
+        return out
+
+    def _draft(self, image, data: bytes, out: drafting_pb2.DraftedImage) -> None:
         state = self.det.set_image(image)
         rows: list[_Row] = []
         for cr in self.recipes:
@@ -132,14 +149,12 @@ class Drafter:
             for j in range(len(r.boxes)):
                 rows.append(_Row(float(r.probs[j, cr.target]), cr, r.boxes[j], float(r.scores[j]), r.probs[j],
                                  int(r.step_index[j]), r.masks[j] if r.masks is not None else None))
-        self.det.forget(image.sha256)
         kept = self._refine(state, self._resolve(self._lookalikes(rows)))
         for row, runner_up in kept:
             out.boxes.append(self._box(row, runner_up))
         tiling_of = getattr(self.det.detector, "tiling_of", None)
         if tiling_of is not None and getattr(self.det.detector, "head", None) is not None:
             out.tiling.CopyFrom(drafting_pb2.Tiling(**tiling_of(state)))
-        return out
 
     def _lookalikes(self, rows: list[_Row]) -> list[_Row]:
         """A box whose head top-1 (among real classes) is another class than its recipe's: kept

@@ -14,6 +14,7 @@ waiting on workers) and closed by their caller when it stops early.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterator, NamedTuple, Protocol
 
@@ -26,16 +27,22 @@ from miner_svc.detectors.base import ImageState
 from miner_svc.recipes.drafter import Drafter
 from miner_svc.recipes.detection_cache import CachedDetector
 
+log = logging.getLogger("minehead.mining")
+
 ImageToDetect = tuple[int, str, Path]  # (position in the job, file name, path)
 ImageToDraft = tuple[int, Path]  # (index in the folder, path)
 
 
 class DetectedImage(NamedTuple):
-    """An image whose floor runs for every prompt are in the detection cache."""
+    """An image whose floor runs for every prompt are in the detection cache, or, with
+    `failure` set (the error's type and message), one whose detection raised an unexpected
+    error: logged with its traceback where it happened, left out of mining, counted in the
+    run's summary."""
 
     position: int
     data: bytes  # the image file's bytes
-    state: ImageState
+    state: ImageState | None
+    failure: str = ""
 
 
 class DraftedFile(NamedTuple):
@@ -68,8 +75,12 @@ class LocalPool:
             ctx.check_cancelled()
             data = path.read_bytes()
             state = det.set_image(decode_image(data, name))
-            for p in prompts:
-                det.text(state, p)  # the one floor run per (image, prompt)
+            try:
+                for p in prompts:
+                    det.text(state, p)  # the one floor run per (image, prompt)
+            except Exception as e:  # noqa: BLE001 - one image never fails the job
+                yield DetectedImage(k, data, None, failure(name, e))
+                continue
             yield DetectedImage(k, data, state)
 
     def draft(self, ctx: JobContext, drafter: Drafter, images: list[ImageToDraft]) -> Iterator[DraftedFile]:
@@ -79,6 +90,12 @@ class LocalPool:
 
     def close(self) -> None:
         pass
+
+
+def failure(name: str, e: Exception) -> str:
+    """An unexpected error on one image, logged with its traceback: its type and message."""
+    log.exception("detecting %s failed", name)
+    return f"{type(e).__name__}: {e}"
 
 
 def unreadable(index: int, path: Path, e: OSError) -> drafting_pb2.DraftedImage:

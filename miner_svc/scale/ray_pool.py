@@ -2,7 +2,7 @@
 on Ray actors instead of in the miner's process. Without `--ray-address` nothing here is imported.
 
     pool = RayPool("auto", workers=None, models_dir=..., offline=True)   # connects on first use
-    for position, data, state in pool.detect(ctx, det, head, model, images, prompts): ...   # mining
+    for position, data, state, failure in pool.detect(ctx, det, head, model, images, prompts): ...   # mining
     for index, path, drafted in pool.draft(ctx, drafter, images): ...                       # drafting
 
 What runs where. A `Worker` actor (`ray_worker.py`; one per GPU with num_gpus=1, else N on CPU)
@@ -287,6 +287,9 @@ class RayPool:
             det.counters.add_passes(res.passes)
             for rows in res.images:
                 data, state = states.pop(rows.key)
+                if rows.failure:
+                    yield DetectedImage(rows.key, data, None, rows.failure)
+                    continue
                 for p in prompts:
                     det.put_text(state, p, rows.runs[p])
                 if rows.vectors is not None:

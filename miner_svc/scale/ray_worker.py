@@ -28,6 +28,7 @@ import numpy as np
 from minehead.core.images import decode_image
 
 from miner_svc.recipes.detection_cache import FloorRun
+from miner_svc.scale.pool import failure
 from miner_svc.scale.specs import DetectedChunk, DetectedRows, DetectSpec, DraftedChunk, DraftSpec, WorkerSetup
 
 SETUPS_KEPT = 4  # per-job setups (bound heads, drafters) an actor keeps
@@ -113,7 +114,10 @@ class Worker:
                 for key, name, data in chunk:
                     if token in self._stopped:
                         break
-                    out.append(self._detect_one(det, head, pool, spec, key, decode_image(data, name)))
+                    try:
+                        out.append(self._detect_one(det, head, pool, spec, key, decode_image(data, name)))
+                    except Exception as e:  # noqa: BLE001 - one image never fails the job
+                        out.append(DetectedRows(key, {}, np.zeros((0, 4), np.float32), None, failure(name, e)))
                     self.images_done += 1
                 return DetectedChunk(out, det.counters.since(before))
             finally:

@@ -65,6 +65,7 @@ class DetectedRows:
     runs: dict[str, FloorRun]
     boxes: np.ndarray
     vectors: np.ndarray | None
+    failure: str = ""  # an unexpected error on this image (logged on the worker): nothing else is set
 
 
 @dataclasses.dataclass
