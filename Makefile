@@ -55,9 +55,11 @@ $(LS_STAMP): Makefile
 run-all: setup
 	$(PY) -m clients.run_all
 
+# --durations: the slowest tests in every run (and CI log), so a slow one is seen the day it lands.
+PYTEST_ARGS ?=
 test: setup $(LS_STAMP)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m clients.demo

