@@ -105,8 +105,9 @@ def test_head_commands_as_written_in_the_issue(trio):
     ds = tmp / "shapes"
     r = run_cli("datasets", "synth", str(ds), "--images", "16", "--seed", "1", env=env)
     assert r.returncode == 0 and "16 images" in r.stdout, r.stderr
+    # --no-locator: the registry commands are what is tested here (the locator: test_locator*.py)
     r = run_cli("heads", "train", "--dataset", str(ds), "--head-type", "logreg", "--label-smoothing", "0.1",
-                "--bg-classes", "2", "--wait", "--json", env=env)
+                "--bg-classes", "2", "--no-locator", "--wait", "--json", env=env)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     hid = out["head"]["head_id"]
@@ -137,7 +138,7 @@ def test_train_uploads_a_folder_the_server_may_not_read(trio, tmp_path):
     env, _ = trio
     ds = tmp_path / "elsewhere"  # outside the head service's allowed roots
     assert run_cli("datasets", "synth", str(ds), "--images", "8", "--seed", "2", env=env).returncode == 0
-    r = run_cli("heads", "train", "--dataset", str(ds), "--bg-classes", "0", "--wait", "--json", env=env)
+    r = run_cli("heads", "train", "--dataset", str(ds), "--bg-classes", "0", "--no-locator", "--wait", "--json", env=env)
     assert r.returncode == 0, r.stderr
     assert "uploading it instead" in r.stderr and json.loads(r.stdout)["head"]["head_id"]
 

@@ -469,8 +469,13 @@ def test_minisam_auto_recipes_find_the_synthetic_objects(auto_mined):
     # its recall is what hard-negative replay is for.)
     blue = by["blue_circle"].summary
     assert blue.precision >= 0.8 and blue.recall >= 0.6, blue
-    passes = dict(dict(res.summary)["passes"])
-    assert passes["backbone_passes"] == N_IMAGES and passes["decoder_passes"] > 0
+    summary = dict(res.summary)
+    passes, cache = dict(summary["passes"]), dict(summary["detection_cache"])
+    # One floor run an image whatever the prompts (two classes here): the images an earlier
+    # minisam-auto job of this module already ran come from the detection cache, the rest
+    # cost one backbone pass each.
+    assert passes["backbone_passes"] <= N_IMAGES, (passes, cache)
+    assert cache["misses"] <= N_IMAGES and cache["hits"] + cache["misses"] >= 2 * N_IMAGES, (passes, cache)
 
 
 def test_background_guard_lowers_false_positives_on_clutter(env, auto_mined):
