@@ -110,7 +110,6 @@ def mine(ctx: JobContext, run: MiningRun, new_scorer: Callable[[], HeadScorer], 
     if failed:
         warnings.append(f"{len(failed)} image(s) failed with an unexpected error and were left out of mining "
                         f"({failed[0]['image']}: {failed[0]['reason']}; all in the summary's `failed_images`)")
-        ctx.warn(warnings[-1])
         positions = [p for p, it in zip(positions, items) if it is not None]
         items = [it for it in items if it is not None]
     t_detect = time.perf_counter() - t_start
