@@ -137,3 +137,8 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 @pytest.fixture
 def copy_tree():
     return shutil.copytree
+
+
+# Session-wide servers that several modules read (tests/miner_env.py).
+from tests.miner_env import miner_env  # noqa: E402,F401
+

@@ -19,7 +19,7 @@ from minehead.core.errors import InvalidArgument
 from minehead.datasets import load_dataset
 from minehead.miner.v1 import miner_pb2
 from minehead.recipes.v2 import recipes_pb2
-from tests.test_miner import env  # noqa: F401  (the shared servers)
+from tests.test_miner import env  # noqa: F401  (the session's miner_env: the shared servers)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from minehead.recipes.v2 import recipes_pb2
 from minehead.synth import make_synthetic_dataset
 from miner_svc.detectors import register_detector
 from tests.conftest import REPO, make_config
-from tests.test_miner import ScriptedDetector
+from tests.miner_env import ScriptedDetector
 
 CLASSES = ["red_square", "blue_circle"]
 

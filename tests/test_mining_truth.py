@@ -20,7 +20,8 @@ from miner_svc.mining import selection
 from miner_svc.detectors import register_detector
 from miner_svc.detectors.base import Detections, DetectorInfo
 from miner_svc.mining.job import split_images
-from tests.test_miner import ScriptedDetector, env, mine  # noqa: F401  (env is the shared fixture)
+from tests.miner_env import ScriptedDetector, mine
+from tests.test_miner import env  # noqa: F401  (the session's miner_env)
 
 
 class ShiftedDetector(ScriptedDetector):
