@@ -19,6 +19,7 @@ atomically), never a part of one.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 
@@ -70,7 +71,7 @@ def serve(make_app, *, host: str, port: int, workers: int = 1, threads: int = 8,
         "worker_class": "gthread",
         # Label Studio waits 100 s for /predict; the budget answers within 60 s (predict.py).
         "timeout": 120,
-        "graceful_timeout": grace_s + 2,
+        "graceful_timeout": math.ceil(grace_s) + 2,  # gunicorn wants whole seconds
         "keepalive": 5,
         "accesslog": "-" if access_log else None,
         "errorlog": "-",
