@@ -53,6 +53,9 @@ def create_app(backend: Backend, credentials: Credentials | None = None, limits:
     app.config["MAX_CONTENT_LENGTH"] = limits.max_body_bytes  # refused (413) before the body is read
 
     def body() -> dict:
+        if request.content_length is None and request.environ.get("wsgi.input_terminated"):
+            # chunked: werkzeug would cut it at the limit without a word; read one byte past it
+            return parse_body(request.environ["wsgi.input"].read(limits.max_body_bytes + 1), limits)
         return parse_body(request.get_data(cache=False), limits)
 
     @app.before_request

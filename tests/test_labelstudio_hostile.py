@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import io
 import json
 import threading
 import time
@@ -155,6 +156,9 @@ def test_oversize_bodies_and_too_many_tasks_are_413(edge):
     big = json.dumps({"tasks": [], "label_config": CONFIG, "pad": "x" * (LIMITS.max_body_bytes + 1)})
     _refused(edge, *_post(c, "/predict", raw=big), 413, f"the limit is {LIMITS.max_body_bytes}")
     _refused(edge, *_post(c, "/webhook", raw=big), 413, "(--max-body-mb)")
+    r = c.post("/predict", input_stream=io.BytesIO(big.encode()), environ_overrides={"wsgi.input_terminated": True},
+               headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json", **_auth()})
+    _refused(edge, r.status_code, r.get_json(), 413, "(--max-body-mb)")  # chunked: no Content-Length to check
     tasks = [{"id": k, "data": {"image": f"/data/local-files/?d=images/{k}.jpg"}} for k in range(LIMITS.max_tasks + 1)]
     _refused(edge, *_post(c, "/predict", {"tasks": tasks, "label_config": CONFIG}), 413,
              f"{LIMITS.max_tasks + 1} tasks in one request; the limit is {LIMITS.max_tasks}")

