@@ -78,6 +78,9 @@ def serve(make_app, *, host: str, port: int, workers: int = 1, threads: int = 8,
         "loglevel": "info",
         "proc_name": "minehead-labelstudio",
         "preload_app": False,
+        # gunicorn >= 25's control socket defaults to one path per user: two backends (or a backend
+        # beside another gunicorn app) would take each other's; nothing here uses it.
+        "control_socket_disable": True,
     }
     BackendServer(make_app, options, banner).run()
     return 0

@@ -194,6 +194,8 @@ def test_review_loop_with_a_real_label_studio(live):
     assert status == 400 and "cat" in body["message"] and "red_square" in body["message"], body
     assert _http(f"{url}/setup", {"project": "1.1", "schema": config}, auth=False)[0] == 401
     ml = sdk("connect_ml", project=pid, url=url, user=ML_USER, password=ML_PASSWORD)
+    # Label Studio also made a webhook to URL/webhook (annotation events) that sends no auth: give it the header
+    assert sdk("webhook_headers", project=pid, url=f"{url}/webhook", headers=ML_AUTH) == 1
     assert sdk("ml", id=ml["id"])["error"] in (None, ""), log.read_text()[-2000:]
     # 4. New tasks (local files, as Label Studio's local storage serves them): predictions from the backend.
     (docroot / "new").mkdir()
@@ -226,5 +228,7 @@ def test_review_loop_with_a_real_label_studio(live):
     sdk("retrieve_predictions", project=pid, task_ids=[last])
     (p,) = sdk("predictions", task=last)
     assert p["model_version"] == new_version, log.read_text()[-2000:]
+    refused = [ln for ln in log.read_text().splitlines() if "-> 401" in ln]
+    assert len(refused) == 1 and "POST /setup" in refused[0], refused  # only the call made without credentials
     _, versions = _http(f"{url}/versions")
     assert versions == {"versions": [live["set"], new_version], "current": new_version}
