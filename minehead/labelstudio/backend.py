@@ -87,10 +87,10 @@ class Backend:
     def model_version(self) -> str:
         return self._state.read()["recipe_set"]
 
-    def _config(self, label_config):
-        """The project's config checked against the current set (FailedPrecondition naming both)."""
+    def _config(self, label_config, version: str | None = None):
+        """The project's config checked against the set (FailedPrecondition naming both)."""
         config = parse_config(label_config)
-        rset = self.miner.get_recipe_set(self.model_version)
+        rset = self.miner.get_recipe_set(version or self.model_version)
         check_labels(config, list(rset.classes), rset.name)
         return config
 
@@ -118,7 +118,7 @@ class Backend:
             raise InvalidArgument("/predict expects a JSON object")
         tasks = check_tasks(payload.get("tasks"), self.limits)
         version = self.model_version  # one version for the whole answer, even if a round ends meanwhile
-        config = self._config(payload.get("label_config"))
+        config = self._config(payload.get("label_config"), version)
         log.info("predict: %d task(s) with %s", len(tasks), version)
         return self.predictor.predict(tasks, config, version)
 
