@@ -5,12 +5,13 @@ folder (`minehead draft` wrote labelstudio.json); a START_TRAINING webhook start
 export: those images, corrected to their ground truth, from a loopback stand-in for Label
 Studio's export API) and --clients threads POST /predict, one task each, for --seconds.
 
-Printed: requests, errors by status (the target is none, and no 5xx ever), p50/p99/max latency,
-the round's outcome and when the model version moved. Checked: every answer that ended before
+Printed: requests, errors by status (the target is none, and no 5xx ever), p50/p99/max latency
+in the window, the round's outcome and when the model version moved (the load stays on after the
+window until it does, --wait-round). Checked: every answer that ended before
 the move carries the previous version, every one asked after it the new one: predictions come
 from the previous set until the new one is complete.
 
-    python -m tests.bench.bench_labelstudio_load [--clients 20] [--seconds 60] [--threads 8]
+    python -m tests.bench.bench_labelstudio_load [--clients 20] [--seconds 60] [--threads 8] [--workers 1]
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--threads", type=int, default=8, help="the backend's gunicorn threads")
+    ap.add_argument("--workers", type=int, default=1, help="the backend's gunicorn worker processes")
     ap.add_argument("--images", type=int, default=8, help="tasks in the drafted folder")
+    ap.add_argument("--wait-round", type=float, default=300.0, metavar="S",
+                    help="after the window, keep the load on up to S s until the round's set is served (0: stop)")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-lsload-") as t:
         tmp = Path(t)
@@ -102,7 +106,8 @@ def main(argv=None) -> int:
         with Trio(tmp, models) as trio:
             t0 = time.perf_counter()
             with HeadClient(trio.head) as h, MinerClient(trio.miner) as m:
-                tr = h.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(base)), classes=CLASSES, seed=1))
+                tr = h.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(base)), classes=CLASSES, seed=1,
+                                                   locator=False))  # as the tests: minutes less here and per round
                 set0 = m.jobs.result(m.start_mining(miner_pb2.MiningSpec(
                     dataset=str(base), head=tr.head.head_id, classes=CLASSES, seed=1)).name, miner_pb2.MiningResult).recipe_set
             cli = [sys.executable, "-m", "clients.cli", "--embedder", trio.embedder, "--head", trio.head, "--miner",
@@ -126,7 +131,7 @@ def main(argv=None) -> int:
             proc = subprocess.Popen(cli + ["labelstudio", "serve", "--recipes", set0, "--port", str(port),
                                            "--labelstudio-url", f"http://127.0.0.1:{ls.server_port}", "--images-root",
                                            str(drafted), "--base-dataset", str(base), "--data-dir", str(tmp / "backend"),
-                                           "--threads", str(a.threads)],
+                                           "--threads", str(a.threads), "--workers", str(a.workers)],
                                     env=dict(os.environ, MINEHEAD_LABELSTUDIO_TOKEN="tok", BASIC_AUTH_USER="bench",
                                              BASIC_AUTH_PASS="bench-pw"), stdout=log, stderr=subprocess.STDOUT)
             try:
@@ -137,22 +142,37 @@ def main(argv=None) -> int:
                 assert warm[0] == 200, warm
                 status, started = _call(url + "/webhook", {"action": "START_TRAINING", "project": {"id": 1}})
                 assert status == 201, started
-                results, stop = [], time.monotonic() + a.seconds
-                switch = {"old_until": time.monotonic(), "new_from": None}
+                t_start = time.monotonic()
+                results, window = [], t_start + a.seconds
+                switch = {"old_until": t_start, "new_from": None}
+
+                def running() -> bool:
+                    """The timed window, then on (up to --wait-round s) until a few seconds past the
+                    version's move, so the move itself is seen under load."""
+                    now = time.monotonic()
+                    if now < window:
+                        return True
+                    if switch["new_from"] is not None:
+                        return now < max(window, switch["new_from"] + 5)
+                    return a.wait_round > 0 and now < window + a.wait_round and switch.get("ended") is None
 
                 def watch_version():
-                    while time.monotonic() < stop and switch["new_from"] is None:
+                    while running() and switch["new_from"] is None:
                         now = time.monotonic()
                         v = _call(url + "/health", timeout=5)[1].get("model_version")
                         if v == set0:
                             switch["old_until"] = now
                         elif v:
                             switch["new_from"] = time.monotonic()
+                        if v == set0 and time.monotonic() > window:  # a failed round ends the wait too
+                            live = _call(url + "/health", timeout=5)[1].get("rounds", {})
+                            if live.get("running") is None and live.get("last", {}).get("state") != "SUCCEEDED":
+                                switch["ended"] = live.get("last")
                         time.sleep(0.05)
 
                 def client(seed: int):
                     rnd = random.Random(seed)
-                    while time.monotonic() < stop:
+                    while running():
                         t1 = time.monotonic()
                         code, body = _call(url + "/predict", {"tasks": [rnd.choice(tasks)], "label_config": config})
                         version = (body.get("results") or [{}])[0].get("model_version")
@@ -170,7 +190,8 @@ def main(argv=None) -> int:
                 proc.wait(60)
                 ls.shutdown()
 
-    lat = [e - s for s, e, code, _ in results if code == 200]
+    lat = [e - s for s, e, code, _ in results if code == 200 and s < window]
+    after = [e - s for s, e, code, _ in results if code == 200 and s >= window]
     errors: dict = {}
     for _, _, code, _ in results:
         if code != 200:
@@ -178,14 +199,17 @@ def main(argv=None) -> int:
     new_v = {v for _, _, code, v in results if code == 200 and v != set0}
     stale = [r for r in results if switch["new_from"] and r[0] > switch["new_from"] and r[3] == set0]
     early = [r for r in results if r[1] < switch["old_until"] and r[3] != set0 and r[2] == 200]
-    print(f"/predict, {a.clients} clients x {a.seconds:.0f} s during a training round (gunicorn, 1 worker x "
-          f"{a.threads} threads, basic auth):")
-    print(f"  {len(results)} requests ({len(results) / a.seconds:.1f}/s), errors: {errors or 'none'}")
+    print(f"/predict, {a.clients} clients x {a.seconds:.0f} s during a training round (gunicorn, {a.workers} "
+          f"worker(s) x {a.threads} threads, basic auth):")
+    print(f"  {len(lat)} answers in the {a.seconds:.0f} s ({len(lat) / a.seconds:.1f}/s), errors: {errors or 'none'}")
     print(f"  latency p50 {1000 * _pct(lat, 0.5):.0f} ms, p99 {1000 * _pct(lat, 0.99):.0f} ms, max "
           f"{1000 * max(lat, default=float('nan')):.0f} ms")
+    if after:
+        print(f"  then {len(after)} more until the round ended: p50 {1000 * _pct(after, 0.5):.0f} ms, p99 "
+              f"{1000 * _pct(after, 0.99):.0f} ms")
     print(f"  round {rnd_state['state']} (phase {rnd_state['phase']}); model version "
-          + (f"moved to {sorted(new_v)[0]} after {switch['new_from'] - (stop - a.seconds):.0f} s"
-             if switch["new_from"] else f"still {set0} (the round outlasted the run)"))
+          + (f"moved to {sorted(new_v)[0]} {switch['new_from'] - t_start:.0f} s after the round started"
+             if switch["new_from"] else f"still {set0}"))
     print(f"  answers with the new version before the move: {len(early)}; with the old one after it: {len(stale)}")
     ok = not errors and not early and not stale and len(new_v) <= 1
     print("  PASS" if ok else "  FAIL", flush=True)
