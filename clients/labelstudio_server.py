@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 
 from gunicorn.app.base import BaseApplication
@@ -82,5 +83,9 @@ def serve(make_app, *, host: str, port: int, workers: int = 1, threads: int = 8,
         # beside another gunicorn app) would take each other's; nothing here uses it.
         "control_socket_disable": True,
     }
+    # The CLI restores SIGPIPE's default (so `minehead … | head` ends quietly); a server must not:
+    # a client that gave up (Label Studio's ML_TIMEOUT_PREDICT) would kill the worker, and the
+    # round it runs, on the answer's write. Ignored, the write is an error for that request only.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     BackendServer(make_app, options, banner).run()
     return 0

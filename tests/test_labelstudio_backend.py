@@ -359,6 +359,19 @@ def test_kill_9_mid_round_then_restart_reports_it_interrupted_and_serves_the_pre
         status, body = _call(url + "/predict", {"tasks": [{"id": 900, "data": {"image": f"images/{name}"}}],
                                                 "label_config": CONFIG})
         assert status == 200 and body["results"][0]["model_version"] == env["set"], body
+        # Label Studio gives up on a slow /predict (ML_TIMEOUT_PREDICT) and closes the connection: the
+        # answer then goes to a closed socket, which must be an error for that request, not the
+        # worker's death (the CLI's SIGPIPE default for `| head` once killed it, and its round with it)
+        log = data_dir.with_suffix(".log")
+        for k, n in enumerate(sorted(p.name for p in (env["new"] / "images").iterdir())[1:2]):
+            payload = json.dumps({"tasks": [{"id": 910 + k, "data": {"image": f"images/{n}"}}], "label_config": CONFIG})
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}\r\n"
+                             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n{payload}".encode())
+        _until(lambda: log.read_text().count("1/1 tasks drafted") >= 2, proc, 60)
+        assert _call(url + "/health")[0] == 200
+        text = log.read_text()
+        assert "SIGPIPE" not in text and text.count("Booting worker") == 2, text[-3000:]
     finally:
         _FakeExport.hold = None
         stop_processes([proc], 20)
