@@ -255,9 +255,10 @@ def test_a_webhook_flood_coalesces_into_one_round_per_project_then_429(edge):
     rounds = c.get("/rounds", headers=_auth()).get_json()["rounds"]
     assert [r["state"] for r in rounds] == ["FAILED"] * 3 and sorted(r["request"]["project"] for r in rounds) == [1, 1, 2]
     assert "not valid JSON" in rounds[0]["error"]
-    health = c.get("/health").get_json()
+    health = c.get("/health", headers=_auth()).get_json()
     assert health["model_version"] == SET and health["rounds"]["last"]["state"] == "FAILED"
     assert "not valid JSON" in health["rounds"]["last"]["error"]
+    assert "error" not in c.get("/health").get_json()["rounds"]["last"]  # without credentials: the state only
     assert _serving(b) == edge["before"]
 
 
