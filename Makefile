@@ -76,6 +76,7 @@ bench: setup
 	$(PY) -m tests.bench.bench_ray
 	$(PY) -m tests.bench.bench_load
 	$(PY) -m tests.bench.bench_review
+	$(PY) -m tests.bench.bench_labelstudio_load
 
 clean:
 	rm -rf $(VENV) $(VAR) build dist *.egg-info .pytest_cache $(GEN_STAMP)

@@ -1,23 +1,28 @@
 """The HTTP edge of the Label Studio ML backend (Flask): Label Studio's ML backend protocol on
 top of minehead.labelstudio.backend.Backend, nothing else.
 
-    GET  /health, /             {"status": "UP", "model_version": …}
+    GET  /health                {"status": "UP", "model_version": …, "rounds": running, pending, last}
     POST /setup                 {"model_version": …}; 400 naming both label lists when they differ
     POST /predict               {"results": [prediction per task]}
-    POST /webhook               START_TRAINING starts a round (201); ANNOTATION_* counted (--train-every)
+    POST /webhook               START_TRAINING: a round (201) or queued behind the running one (202);
+                                ANNOTATION_* counted (--train-every)
     POST /train                 the older training call (annotations inline): a round on them
     GET  /versions              model versions so far (the recipe sets)
     GET  /rounds[/<id>]         rounds (jobs) with phase, progress, error, result
     POST /rounds/<id>/cancel    cancel a round; the current model version stays
 
+Every route but /health asks for HTTP basic auth when credentials are set (401 with
+WWW-Authenticate otherwise). Bodies are bounded before any work (minehead.labelstudio.guard):
+413 over --max-body-mb or --max-tasks, 400 for nesting deeper than the limit or malformed tasks,
+429 when webhooks come faster than the rate.
+
 Errors answer {"status": "error", "message": …} with 400 (bad input, labels that do not match),
-404, 503 (a service down) or 502 (another gRPC error), and the message is logged: Label Studio
-shows only the status code in its UI.
+401, 404, 413, 429, 503 (a service down) or 502 (another gRPC error), and the message is logged:
+Label Studio shows only the status code in its UI.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 import grpc
@@ -26,10 +31,10 @@ from google.protobuf import json_format
 from werkzeug.exceptions import HTTPException
 
 from minehead.common.v1 import common_pb2
-from minehead.core.errors import InvalidArgument, MineheadError
+from minehead.core.errors import MineheadError
 from minehead.core.jobs import job_id_from_name
-from minehead.importers import MAX_JSON_BYTES
 from minehead.labelstudio.backend import ROUND_KIND, Backend
+from minehead.labelstudio.guard import Credentials, Limits, TokenBucket, TooFast, parse_body
 
 log = logging.getLogger("minehead.labelstudio")
 _STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
@@ -40,21 +45,46 @@ def _job(job: common_pb2.Job) -> dict:
     return json_format.MessageToDict(job, preserving_proto_field_name=True)
 
 
-def create_app(backend: Backend) -> Flask:
+def create_app(backend: Backend, credentials: Credentials | None = None, limits: Limits | None = None) -> Flask:
+    credentials = credentials or Credentials(None, None)
+    limits = limits or backend.limits
+    hooks = TokenBucket(limits.webhook_rate, limits.webhook_burst, "webhooks and training calls")
     app = Flask("minehead-labelstudio")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BYTES  # a bigger body is refused (413) before it is read
+    app.config["MAX_CONTENT_LENGTH"] = limits.max_body_bytes  # refused (413) before the body is read
 
     def body() -> dict:
-        data = request.get_json(silent=True)
-        if not isinstance(data, dict):
-            raise InvalidArgument("the request body is not a JSON object")
-        return data
+        if request.content_length is None and request.environ.get("wsgi.input_terminated"):
+            # chunked: werkzeug would cut it at the limit without a word; read one byte past it
+            return parse_body(request.environ["wsgi.input"].read(limits.max_body_bytes + 1), limits)
+        return parse_body(request.get_data(cache=False), limits)
+
+    @app.before_request
+    def _auth():
+        if request.path != "/health" and not credentials.check(request.headers.get("Authorization")):
+            # no detail: a caller without credentials learns only that it needs them
+            log.warning("%s %s from %s -> 401", request.method, request.path, request.remote_addr)
+            return (jsonify(status="error", message="authentication required: HTTP basic auth with the backend's "
+                                                    "credentials (Label Studio: the model's Basic Auth settings)"),
+                    401, {"WWW-Authenticate": 'Basic realm="minehead ML backend", charset="UTF-8"'})
+        if request.path in ("/webhook", "/train"):
+            hooks.take()  # before reading the body: a flood costs a token check, not a parse
+        return None
 
     @app.errorhandler(Exception)
     def _error(e):
         if isinstance(e, HTTPException):
-            return jsonify(status="error", message=e.description), e.code
-        if isinstance(e, MineheadError):
+            msg = e.description
+            if e.code == 413:
+                msg = (f"the request body is {request.content_length or 'over'} bytes; the limit is "
+                       f"{limits.max_body_bytes} (--max-body-mb)")
+            log.error("%s %s -> %d: %s", request.method, request.path, e.code, msg)
+            return jsonify(status="error", message=msg), e.code
+        headers = {}
+        if getattr(e, "http_status", None):  # guard.Refused: the status is part of the refusal
+            code, msg = e.http_status, str(e)
+            if isinstance(e, TooFast):
+                headers["Retry-After"] = str(max(1, round(e.retry_after)))
+        elif isinstance(e, MineheadError):
             code, msg = _STATUS.get(e.code, 500), str(e)
         elif isinstance(e, grpc.RpcError):
             code, msg = _STATUS.get(e.code(), 502), f"{e.code().name}: {e.details()}"
@@ -62,12 +92,15 @@ def create_app(backend: Backend) -> Flask:
             log.exception("unexpected error")
             code, msg = 500, f"{type(e).__name__}: {e}"
         log.error("%s %s -> %d: %s", request.method, request.path, code, msg)
-        return jsonify(status="error", message=msg), code
+        return jsonify(status="error", message=msg), code, headers
 
-    @app.get("/")
     @app.get("/health")
+    @app.get("/")
     def health():
-        return jsonify(backend.health())
+        out = backend.health()
+        if out["rounds"]["last"] and not credentials.check(request.headers.get("Authorization")):
+            out["rounds"]["last"].pop("error")  # it may name paths and hosts: for callers with credentials only
+        return jsonify(out)
 
     @app.get("/metrics")
     def metrics():
@@ -84,17 +117,12 @@ def create_app(backend: Backend) -> Flask:
     @app.post("/webhook")
     def webhook():
         out = backend.webhook(body())
-        return jsonify(out), 201 if "round" in out else 200
+        return jsonify(out), {"ok": 201, "queued": 202}.get(out["status"], 200) if "round" in out else 200
 
     @app.post("/train")
     def train():
-        data = body()
-        tasks = data.get("annotations")
-        if not isinstance(tasks, list):
-            raise InvalidArgument("/train expects `annotations`: the tasks with their annotations")
-        pid = int(str(data.get("project", "0")).split(".", 1)[0] or 0)
-        job = backend.start_round(pid, export=lambda: json.dumps(tasks).encode())
-        return jsonify({"status": "ok", "round": job.name}), 201
+        out = backend.train(body())
+        return jsonify(out), 201 if out["status"] == "ok" else 202
 
     @app.get("/versions")
     def versions():

@@ -43,9 +43,18 @@ def main() -> None:
         return [{"model_version": p.model_version, "score": p.score, "result": p.result}
                 for p in ls.predictions.list(task=task)]
 
-    def connect_ml(project, url):
-        m = ls.ml.create(project=project, url=url, title="minehead", is_interactive=False)
+    def connect_ml(project, url, user=None, password=None):
+        auth = {"auth_method": "BASIC_AUTH", "basic_auth_user": user, "basic_auth_pass": password} if user else {}
+        m = ls.ml.create(project=project, url=url, title="minehead", is_interactive=False, **auth)
         return {"id": m.id, "state": str(m.state), "error": m.error_message}
+
+    def webhook_headers(project, url, headers):
+        """Extra headers on the webhook Label Studio made for the ML backend (`url`): it sends the
+        ML connection's basic auth with its own calls, not with webhooks."""
+        hooks = [w for w in ls.webhooks.list(project=str(project)) if w.url == url]
+        for w in hooks:
+            ls.webhooks.update(w.id, url=w.url, headers=headers)
+        return len(hooks)
 
     def ml(id):
         m = ls.ml.get(id)
@@ -64,7 +73,7 @@ def main() -> None:
         return True
 
     ops = {f.__name__: f for f in (create_project, import_tasks, tasks, predictions, connect_ml, ml, retrieve_predictions,
-                                   annotate, train)}
+                                   annotate, train, webhook_headers)}
     for line in sys.stdin:
         req = json.loads(line)
         try:

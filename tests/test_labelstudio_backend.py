@@ -5,9 +5,15 @@ export endpoint; tests/test_labelstudio_live.py runs the real one."""
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,6 +27,7 @@ from minehead.client.heads import HeadClient
 from minehead.client.miner import MinerClient
 from minehead.common.v1 import common_pb2
 from minehead.core.errors import FailedPrecondition, InvalidArgument
+from minehead.core.jobs import JobStore
 from minehead.datasets import load_dataset
 from minehead.drafts.formats import labelstudio_config
 from minehead.head.v1 import head_pb2
@@ -31,6 +38,7 @@ from minehead.labelstudio.predict import Predictor
 from minehead.miner.v1 import miner_pb2
 from minehead.synth import make_synthetic_dataset
 from tests.bench.trio import Trio
+from tests.conftest import stop_processes
 
 CLASSES = ["red_square", "blue_circle"]
 CONFIG = labelstudio_config(CLASSES, polygons=False)
@@ -56,9 +64,12 @@ def test_config_is_the_one_drafting_writes_and_mismatches_name_both():
 class _FakeExport(http.server.BaseHTTPRequestHandler):
     """Label Studio's export endpoint on loopback: GET /api/projects/N/export with the token."""
     body, token, seen = b"[]", "tok", []
+    hold: threading.Event | None = None  # set: exports wait on it (a round stuck in its export)
 
     def do_GET(self):  # noqa: N802 - http.server's name
         type(self).seen.append((self.path, self.headers.get("Authorization")))
+        if self.hold is not None:
+            self.hold.wait(60)
         ok = self.headers.get("Authorization") == f"Token {self.token}" and self.path.startswith("/api/projects/")
         self.send_response(200 if ok else 401)
         self.end_headers()
@@ -88,7 +99,7 @@ def env(tmp_path_factory, models_dir):
     server = make_server("127.0.0.1", 0, create_app(backend), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield {"url": f"http://127.0.0.1:{server.server_port}", "backend": backend, "set": mres.recipe_set, "new": new,
-           "base": base, "miner": m, "head": h, "tmp": tmp, "fake": fake, "ls": ls}
+           "base": base, "miner": m, "head": h, "tmp": tmp, "fake": fake, "ls": ls, "trio": trio}
     server.shutdown()
     fake.shutdown()
     backend.close()
@@ -127,7 +138,9 @@ def _reviewed(new: Path) -> bytes:
 
 def test_health_setup_and_mismatched_labels(env):
     with urllib.request.urlopen(env["url"] + "/health") as r:
-        assert json.loads(r.read()) == {"status": "UP", "model_class": "minehead", "model_version": env["set"]}
+        health = json.loads(r.read())
+    assert health == {"status": "UP", "model_class": "minehead", "model_version": env["set"],
+                      "rounds": {"running": None, "pending": [], "last": None}}
     assert _post(env["url"] + "/setup", {"project": "1.1", "schema": CONFIG}) == (200, {"model_version": env["set"]})
     status, body = _post(env["url"] + "/setup", {"project": "1.1", "schema": CONFIG.replace("blue_circle", "dog")})
     assert status == 400 and "red_square, dog" in body["message"] and "red_square, blue_circle" in body["message"]
@@ -223,7 +236,7 @@ def test_every_n_annotations_pulls_the_export_and_trains_a_round(env):
     ev = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1}}
     assert _post(url + "/webhook", ev) == (200, {"status": "ok", "annotations": 1, "train_every": 2})
     status, body = _post(url + "/webhook", ev)
-    assert status == 201 and body["round"].startswith("jobs/")
+    assert status == 201 and body["round"].startswith("jobs/"), body
     for _ in b.store.watch(body["round"][5:]):
         pass
     done = b.store.get(body["round"][5:])
@@ -270,3 +283,122 @@ def test_a_round_mines_with_the_previous_sets_settings():
     assert abs(s.target_precision - 0.8) < 1e-6 and s.max_steps == 2 and abs(s.floor_threshold - 0.05) < 1e-6
     legacy = mining_spec(recipes_pb2.Recipe(), "d", "h", ["a"], "", 0)  # no provenance: tuned gate, defaults
     assert legacy.clip_head_auto_tune and not legacy.clip_head_background_guard
+
+
+# -- the real server: gunicorn through the CLI, as a user starts it ------------------------------
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"annotator:pw").decode()}
+
+
+def _serve(env, data_dir: Path, port: int) -> subprocess.Popen:
+    t = env["trio"]
+    log = open(data_dir.with_suffix(".log"), "a")
+    return subprocess.Popen([sys.executable, "-m", "clients.cli", "--embedder", t.embedder, "--head", t.head, "--miner",
+                             t.miner, "labelstudio", "serve", "--recipes", env["set"], "--port", str(port),
+                             "--labelstudio-url", env["ls"].url, "--images-root", str(env["new"]), "--base-dataset",
+                             str(env["base"]), "--data-dir", str(data_dir), "--graceful-timeout", "5"],
+                            env=dict(os.environ, MINEHEAD_LABELSTUDIO_TOKEN="tok", MINEHEAD_ML_BACKEND_USER="annotator",
+                                     MINEHEAD_ML_BACKEND_PASSWORD="pw"), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group: gunicorn's master and worker
+
+
+def _call(url, payload=None):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode() if payload is not None else None,
+                                 headers={"Content-Type": "application/json", **AUTH})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _until(cond, proc: subprocess.Popen, limit_s=120.0):
+    t0 = time.monotonic()
+    while True:
+        try:
+            out = cond()
+            if out:
+                return out
+        except OSError:
+            pass  # not listening yet
+        assert proc.poll() is None, f"the backend exited with {proc.returncode}"
+        assert time.monotonic() - t0 < limit_s, "timed out"
+        time.sleep(0.1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _round(url):
+    rounds = _call(url + "/rounds")[1]["rounds"]
+    return rounds[0] if rounds else None
+
+
+def test_kill_9_mid_round_then_restart_reports_it_interrupted_and_serves_the_previous_version(env):
+    data_dir, port = env["tmp"] / "killed", _free_port()
+    url = f"http://127.0.0.1:{port}"
+    _FakeExport.hold = threading.Event()  # the round waits in its export until killed
+    proc = _serve(env, data_dir, port)
+    try:
+        _until(lambda: _call(url + "/health")[0] == 200, proc)
+        assert urllib.request.urlopen(url + "/health").status == 200  # no credentials needed there
+        assert _call(url + "/webhook", {"action": "START_TRAINING", "project": {"id": 3}})[0] == 201
+        _until(lambda: (_round(url) or {}).get("phase") == "export", proc)
+        os.killpg(proc.pid, signal.SIGKILL)  # master and worker at once: no handler runs anywhere
+        proc.wait(10)
+        _FakeExport.hold.set()
+        proc = _serve(env, data_dir, port)
+        health = _until(lambda: _call(url + "/health")[1], proc)
+        assert health["model_version"] == env["set"], health
+        assert health["rounds"]["last"]["state"] == "INTERRUPTED" and health["rounds"]["running"] is None
+        last = _round(url)
+        assert last["state"] == "INTERRUPTED" and "stopped while this job ran" in last["error"]
+        name = sorted(p.name for p in (env["new"] / "images").iterdir())[0]
+        status, body = _call(url + "/predict", {"tasks": [{"id": 900, "data": {"image": f"images/{name}"}}],
+                                                "label_config": CONFIG})
+        assert status == 200 and body["results"][0]["model_version"] == env["set"], body
+        # Label Studio gives up on a slow /predict (ML_TIMEOUT_PREDICT) and closes the connection: the
+        # answer then goes to a closed socket, which must be an error for that request, not the
+        # worker's death (the CLI's SIGPIPE default for `| head` once killed it, and its round with it)
+        log = data_dir.with_suffix(".log")
+        for k, n in enumerate(sorted(p.name for p in (env["new"] / "images").iterdir())[1:2]):
+            payload = json.dumps({"tasks": [{"id": 910 + k, "data": {"image": f"images/{n}"}}], "label_config": CONFIG})
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}\r\n"
+                             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n{payload}".encode())
+        _until(lambda: log.read_text().count("1/1 tasks drafted") >= 2, proc, 60)
+        assert _call(url + "/health")[0] == 200
+        text = log.read_text()
+        assert "SIGPIPE" not in text and text.count("Booting worker") == 2, text[-3000:]
+    finally:
+        _FakeExport.hold = None
+        stop_processes([proc], 20)
+
+
+def test_sigterm_mid_training_interrupts_the_round_and_cancels_its_head_job(env):
+    data_dir, port = env["tmp"] / "stopped", _free_port()
+    url = f"http://127.0.0.1:{port}"
+    _FakeExport.body = _reviewed(env["new"])
+    proc = _serve(env, data_dir, port)
+    try:
+        _until(lambda: _call(url + "/health")[0] == 200, proc)
+        assert _call(url + "/webhook", {"action": "START_TRAINING", "project": {"id": 4}})[0] == 201
+        _until(lambda: (_round(url) or {}).get("phase") == "train", proc)
+        t0 = time.monotonic()
+        proc.terminate()
+        assert proc.wait(30) == 0
+        stopped_s = time.monotonic() - t0
+    finally:
+        stop_processes([proc], 20)
+    store = JobStore(data_dir / "jobs.sqlite")
+    try:
+        (job,), _ = store.list()
+    finally:
+        store.close()
+    assert job.state == common_pb2.Job.INTERRUPTED and "stopped during head training" in job.error, job.error
+    assert json.loads((data_dir / "state.json").read_text())["recipe_set"] == env["set"]
+    assert stopped_s < 10  # the safe point came quickly; no wait for the grace to run out
+    head_job = env["head"].jobs.list(kind="training")[0]
+    assert head_job.state in (common_pb2.Job.CANCELLED, common_pb2.Job.CANCELLING)

@@ -7,10 +7,15 @@ predictions carry the new model version.
 Label Studio and its SDK live in var/ls-venv (`make labelstudio-env`, which `make test` runs);
 the SDK calls go through tests/labelstudio_sdk.py in that venv (see there why). Deselect with
 `-m "not labelstudio"` on a machine without it.
+
+The backend asks for HTTP basic auth (BASIC_AUTH_USER/BASIC_AUTH_PASS, label-studio-ml-backend's
+names) and Label Studio's ML backend connection carries the same credentials, as on a shared
+instance; a call without them is refused.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -45,9 +50,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _http(url: str, payload=None, timeout=30):
+ML_USER, ML_PASSWORD = "labelstudio", secrets.token_urlsafe(16)
+ML_AUTH = {"Authorization": "Basic " + base64.b64encode(f"{ML_USER}:{ML_PASSWORD}".encode()).decode()}
+
+
+def _http(url: str, payload=None, timeout=30, auth=True):
     req = urllib.request.Request(url, data=json.dumps(payload).encode() if payload is not None else None,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(ML_AUTH if auth else {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -176,13 +185,17 @@ def test_review_loop_with_a_real_label_studio(live):
     backend = subprocess.Popen(_cli(live, "labelstudio", "serve", "--recipes", live["set"], "--port", str(port),
                                     "--labelstudio-url", live["ls_url"], "--images-root", str(docroot),
                                     "--base-dataset", str(live["base"]), "--data-dir", str(live["tmp"] / "backend")),
-                               cwd=REPO, env=dict(os.environ, MINEHEAD_LABELSTUDIO_TOKEN=live["token"]),
+                               cwd=REPO, env=dict(os.environ, MINEHEAD_LABELSTUDIO_TOKEN=live["token"],
+                                                  BASIC_AUTH_USER=ML_USER, BASIC_AUTH_PASS=ML_PASSWORD),
                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
     live["procs"].append(backend)
     _wait_up(f"{url}/health", backend, log, 60)
     status, body = _http(f"{url}/setup", {"project": "1.1", "schema": config.replace("red_square", "cat")})
     assert status == 400 and "cat" in body["message"] and "red_square" in body["message"], body
-    ml = sdk("connect_ml", project=pid, url=url)
+    assert _http(f"{url}/setup", {"project": "1.1", "schema": config}, auth=False)[0] == 401
+    ml = sdk("connect_ml", project=pid, url=url, user=ML_USER, password=ML_PASSWORD)
+    # Label Studio also made a webhook to URL/webhook (annotation events) that sends no auth: give it the header
+    assert sdk("webhook_headers", project=pid, url=f"{url}/webhook", headers=ML_AUTH) == 1
     assert sdk("ml", id=ml["id"])["error"] in (None, ""), log.read_text()[-2000:]
     # 4. New tasks (local files, as Label Studio's local storage serves them): predictions from the backend.
     (docroot / "new").mkdir()
@@ -215,5 +228,7 @@ def test_review_loop_with_a_real_label_studio(live):
     sdk("retrieve_predictions", project=pid, task_ids=[last])
     (p,) = sdk("predictions", task=last)
     assert p["model_version"] == new_version, log.read_text()[-2000:]
+    refused = [ln for ln in log.read_text().splitlines() if "-> 401" in ln]
+    assert len(refused) == 1 and "POST /setup" in refused[0], refused  # only the call made without credentials
     _, versions = _http(f"{url}/versions")
     assert versions == {"versions": [live["set"], new_version], "current": new_version}

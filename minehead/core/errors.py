@@ -49,5 +49,12 @@ class Cancelled(MineheadError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Interrupted(MineheadError):
+    """Raised inside a job when its server is stopping: the runner records INTERRUPTED, as a
+    restart would have, but at a safe point of the job's own choosing."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class ModelUnavailable(FailedPrecondition):
     """A known model whose weights cannot be found; the message says how to provide them."""

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 from google.protobuf import any_pb2, json_format, message, struct_pb2, timestamp_pb2
 
 from minehead.common.v1 import common_pb2
-from minehead.core.errors import Cancelled, FailedPrecondition, InvalidArgument, MineheadError, NotFound
+from minehead.core.errors import Cancelled, FailedPrecondition, Interrupted, InvalidArgument, MineheadError, NotFound
 
 log = logging.getLogger("minehead.jobs")
 
@@ -152,8 +152,9 @@ class JobStore:
             job = self.get(jid)
             if job.state in FINAL_STATES:
                 raise FailedPrecondition(f"job 'jobs/{jid}' already ended ({State.Name(job.state)}); nothing to cancel")
+            # the set too when already CANCELLING: another process sharing the file may have asked
+            self._cancel_requested.add(jid)
             if job.state != State.CANCELLING:
-                self._cancel_requested.add(jid)
                 self._append(jid, state=State.CANCELLING)
             return self.get(jid)
 
@@ -282,10 +283,11 @@ JobFn = Callable[[JobContext], message.Message | None]
 class JobRunner:
     """Runs job functions on a small thread pool and records their outcome in the store."""
 
-    def __init__(self, store: JobStore, max_workers: int = 1) -> None:
+    def __init__(self, store: JobStore, max_workers: int = 1, mark_interrupted: bool = True) -> None:
+        """mark_interrupted=False: the caller decides when no other process runs jobs of the store."""
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="job")
-        interrupted = store.mark_interrupted()
+        interrupted = store.mark_interrupted() if mark_interrupted else []
         if interrupted:
             log.warning("marked %d job(s) INTERRUPTED after a restart", len(interrupted))
 
@@ -305,6 +307,9 @@ class JobRunner:
             result = fn(ctx)
             ctx.check_cancelled()
             self.store.finish(jid, State.SUCCEEDED, result=result)
+        except Interrupted as e:
+            ctx.log(str(e), common_pb2.LogLine.WARNING)
+            self.store.finish(jid, State.INTERRUPTED, error=str(e), result=ctx.partial_result)
         except Cancelled:
             ctx.log("cancelled on request; partial results kept" if ctx.partial_result is not None else "cancelled on request")
             self.store.finish(jid, State.CANCELLED, result=ctx.partial_result)

