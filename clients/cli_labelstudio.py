@@ -40,6 +40,11 @@ def cmd_serve(a) -> int:
               "MINEHEAD_ML_BACKEND_PASSWORD, or BASIC_AUTH_USER/BASIC_AUTH_PASS) and the same in Label Studio's "
               "model settings (Basic Auth), or pass --insecure", file=sys.stderr)
         return 2
+    for name, addr in (("miner", a.miner), ("head service", a.head)):
+        if (why := unreachable(addr)) is not None:
+            print(f"error: the {name} at {addr} is not reachable ({why}); start the services (make run-all) or "
+                  f"pass --{name.split()[0]} ADDRESS", file=sys.stderr)
+            return 2
     limits = Limits(max_body_bytes=int(a.max_body_mb * (1 << 20)), max_tasks=a.max_tasks, max_depth=a.max_depth,
                     webhook_rate=a.webhook_rate, webhook_burst=max(1, int(a.webhook_rate * 5)))
 
@@ -66,6 +71,23 @@ def cmd_serve(a) -> int:
 
     return serve(make_app, host=a.host, port=a.port, workers=a.workers, threads=a.threads,
                  grace_s=a.graceful_timeout, banner=banner, access_log=a.access_log)
+
+
+def unreachable(addr: str, timeout: float = 3.0) -> str | None:
+    """Why a host:port address takes no TCP connection (None if it does, or if the address is
+    not a plain host:port, which gRPC resolves itself). A plain socket, not a gRPC channel: the
+    gunicorn workers fork after this, and gRPC's threads must not be running when they do;
+    without the check a dead miner surfaced as gunicorn's "Worker failed to boot" traceback."""
+    import socket
+
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return None
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
 
 
 def add_commands(sub, add) -> None:

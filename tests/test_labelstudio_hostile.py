@@ -151,6 +151,26 @@ def test_serve_refuses_a_public_address_without_credentials(monkeypatch, capsys)
     assert "both a user and a password" in capsys.readouterr().err
 
 
+def test_serve_names_a_service_it_cannot_reach_before_any_worker_starts(capsys):
+    """A dead miner (or head service) is one line and exit 2, not gunicorn's worker traceback."""
+    import socket
+
+    from clients.cli import main
+
+    with socket.socket() as s:  # a loopback port that nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+        assert main(["--miner", dead, "labelstudio", "serve", "--recipes", SET]) == 2
+        assert f"the miner at {dead} is not reachable" in capsys.readouterr().err
+        with socket.socket() as live:
+            live.bind(("127.0.0.1", 0))
+            live.listen()
+            up = f"127.0.0.1:{live.getsockname()[1]}"
+            assert main(["--miner", up, "--head", dead, "labelstudio", "serve", "--recipes", SET]) == 2
+            err = capsys.readouterr().err
+            assert f"the head service at {dead} is not reachable" in err and "--head ADDRESS" in err
+
+
 def test_oversize_bodies_and_too_many_tasks_are_413(edge):
     c = edge["client"]
     big = json.dumps({"tasks": [], "label_config": CONFIG, "pad": "x" * (LIMITS.max_body_bytes + 1)})
