@@ -10,6 +10,7 @@ head with a short locator), instead of one of each a module.
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,13 +42,14 @@ class ScriptedDetector(Detector):
 
     LOOKALIKE = {"red square": "crimson_square", "crimson square": "red_square"}
 
-    def __init__(self, ds) -> None:
+    def __init__(self, *datasets) -> None:
         super().__init__()
         self.info = DetectorInfo("scripted-fake")
         from minehead.core.images import sha256_hex
 
-        self.by_sha = {sha256_hex(r.path.read_bytes()): r for r in ds.images}
-        self.classes = ds.classes
+        self.by_sha = {sha256_hex(r.path.read_bytes()): r for ds in datasets for r in ds.images}
+        self.classes = datasets[0].classes
+        assert all(ds.classes == self.classes for ds in datasets), "one generator's classes"
 
     def _clutter(self, rec, seed):
         from minehead.sampling import sample_background_boxes
@@ -94,24 +96,44 @@ class ScriptedDetector(Detector):
         return d.above(threshold)
 
 
-@pytest.fixture(scope="session")
-def miner_env(embedder_server, models_dir, tmp_path_factory):
+_SCRIPTED: list = []  # every dataset a fixture's scripted fake answers for
+
+
+def start_head_and_miner(tmp: Path, embedder_address: str, models_dir: Path, ds):
+    """A real head service and miner on free loopback ports, the miner's default detector the
+    scripted fake answering for ds. The detector registry is process-wide and a miner creates its
+    detector on first use: the fake answers for every fixture's dataset, so a module that starts
+    its own (test_drafting) cannot take the session's images away from miner_env's miner.
+    -> (head runner, head server, miner runner, miner server); stop_head_and_miner ends them."""
     from head_svc.__main__ import build as build_head
     from miner_svc.__main__ import build as build_miner
 
+    _SCRIPTED.append(ds)
+    register_detector("scripted-fake", lambda mid, md, off: ScriptedDetector(*_SCRIPTED))
+    hcfg = make_config("head", tmp, extra={"embedder_addr": embedder_address})
+    hrunner, hb = build_head(hcfg)
+    hserver = start_server(hcfg, hb)
+    mcfg = make_config("miner", tmp, models_dir, extra={"embedder_addr": embedder_address,
+                                                        "head_addr": f"127.0.0.1:{hserver.port}",
+                                                        "default_detector": "scripted-fake"})
+    mrunner, mb = build_miner(mcfg)
+    return hrunner, hserver, mrunner, start_server(mcfg, mb)
+
+
+def stop_head_and_miner(hrunner, hserver, mrunner, mserver) -> None:
+    mserver.stop(0.5)
+    hserver.stop(0.5)
+    mrunner.shutdown()
+    hrunner.shutdown()
+
+
+@pytest.fixture(scope="session")
+def miner_env(embedder_server, models_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("miner")
     ds_path = make_synthetic_dataset(tmp / "shapes", images=N_IMAGES, seed=1)
     ds = load_dataset(ds_path)
-    register_detector("scripted-fake", lambda mid, md, off: ScriptedDetector(ds))
-    hcfg = make_config("head", tmp, extra={"embedder_addr": embedder_server.address})
-    hrunner, hb = build_head(hcfg)
-    hserver = start_server(hcfg, hb)
-    head_addr = f"127.0.0.1:{hserver.port}"
-    mcfg = make_config("miner", tmp, models_dir, extra={"embedder_addr": embedder_server.address, "head_addr": head_addr,
-                                            "default_detector": "scripted-fake"})
-    mrunner, mb = build_miner(mcfg)
-    mserver = start_server(mcfg, mb)
-    addr = f"127.0.0.1:{mserver.port}"
+    hrunner, hserver, mrunner, mserver = start_head_and_miner(tmp, embedder_server.address, models_dir, ds)
+    head_addr, addr = f"127.0.0.1:{hserver.port}", f"127.0.0.1:{mserver.port}"
     hc = HeadClient(head_addr)
     # With a locator (so the head records every labelled image as trained on, which the report
     # warning below checks), but a short one: the scripted fake and minisam-auto never read it.
@@ -128,10 +150,7 @@ def miner_env(embedder_server, models_dir, tmp_path_factory):
            "head": r.head.head_id, "servicer": mrunner.servicer, "head_client": hc, "tmp": tmp}
     hc.close()
     ch.close()
-    mserver.stop(0.5)
-    hserver.stop(0.5)
-    mrunner.shutdown()
-    hrunner.shutdown()
+    stop_head_and_miner(hrunner, hserver, mrunner, mserver)
 
 
 def mine(env, **spec_kw):

@@ -27,36 +27,24 @@ from google.protobuf import json_format
 from minehead.client.heads import HeadClient
 from minehead.client.miner import MinerClient
 from minehead.common.v1 import common_pb2
-from minehead.core.server import start_server
 from minehead.datasets import load_dataset
 from minehead.head.v1 import head_pb2
 from minehead.miner.v1 import drafting_pb2, miner_pb2
 from minehead.recipes.v2 import recipes_pb2
 from minehead.synth import make_synthetic_dataset
-from miner_svc.detectors import register_detector
-from tests.conftest import REPO, make_config
-from tests.miner_env import ScriptedDetector
+from tests.conftest import REPO
+from tests.miner_env import start_head_and_miner, stop_head_and_miner
 
 CLASSES = ["red_square", "blue_circle"]
 
 
 @pytest.fixture(scope="module")
 def denv(embedder_server, models_dir, tmp_path_factory):
-    from head_svc.__main__ import build as build_head
-    from miner_svc.__main__ import build as build_miner
-
     tmp = tmp_path_factory.mktemp("drafting")
     ds_path = make_synthetic_dataset(tmp / "shapes", images=32, seed=5)
     ds = load_dataset(ds_path)
-    register_detector("scripted-fake", lambda mid, md, off: ScriptedDetector(ds))
-    hcfg = make_config("head", tmp, extra={"embedder_addr": embedder_server.address})
-    hrunner, hb = build_head(hcfg)
-    hserver = start_server(hcfg, hb)
+    hrunner, hserver, mrunner, mserver = start_head_and_miner(tmp, embedder_server.address, models_dir, ds)
     head_addr = f"127.0.0.1:{hserver.port}"
-    mcfg = make_config("miner", tmp, models_dir, extra={"embedder_addr": embedder_server.address, "head_addr": head_addr,
-                                                        "default_detector": "scripted-fake"})
-    mrunner, mb = build_miner(mcfg)
-    mserver = start_server(mcfg, mb)
     hc = HeadClient(head_addr)
     # No locator: the detector here is the scripted fake (and minisam-auto), which never reads one.
     tr = hc.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds_path)), seed=1, locator=False))
@@ -83,10 +71,7 @@ def denv(embedder_server, models_dir, tmp_path_factory):
            "models_dir": models_dir, "embedder": embedder_server.address}
     mc.close()
     hc.close()
-    mserver.stop(0.5)
-    hserver.stop(0.5)
-    mrunner.shutdown()
-    hrunner.shutdown()
+    stop_head_and_miner(hrunner, hserver, mrunner, mserver)
 
 
 def draft(mc: MinerClient, spec=None, resume="") -> tuple[common_pb2.Job, drafting_pb2.DraftingResult]:
