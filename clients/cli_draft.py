@@ -1,13 +1,16 @@
 """`minehead draft …` and `minehead recipes sets …`.
 
     minehead draft --recipes SET_OR_JOB --images DIR -o OUT [--format yolo,coco,labelstudio]
-                   [--polygons] [--merge] [--resume JOB]
+                   [--polygons] [--merge] [--adapt] [--resume JOB]
 
 When the miner can read DIR and write OUT (both under its allowed roots) drafting runs as a
 job on the server, which writes OUT itself; `--resume JOB` continues an interrupted one.
 Otherwise the images go to the miner over the DraftImages stream, one at a time, and this
 command writes OUT with the same writer; running it again on the same OUT continues after the
 last finished image.
+
+`--adapt` refits the head's locator on the new images' confident drafts before drafting them
+(a job only: the miner needs the whole folder; summary.json "adapt" says what it learned from).
 """
 
 from __future__ import annotations
@@ -45,12 +48,16 @@ def cmd_draft(a) -> int:
             print("error: draft needs --recipes, --images and -o (or --resume JOB)", file=sys.stderr)
             return 2
         spec = drafting_pb2.DraftingSpec(options=_options(a), folder=str(Path(a.images).resolve()),
-                                         output_dir=str(Path(a.output).resolve()), merge=a.merge)
+                                         output_dir=str(Path(a.output).resolve()), merge=a.merge, adapt=a.adapt)
         try:
             job = c.start_drafting(spec)
         except grpc.RpcError as e:
             if e.code() not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND) or not Path(a.images).is_dir():
                 raise
+            if a.adapt:
+                print(f"error: --adapt runs as a job on the miner, which cannot use these folders ({e.details()}); "
+                      "put them under the miner's allowed roots, or draft without --adapt", file=sys.stderr)
+                return 2
             print(f"note: the miner cannot use these folders ({e.details()}); sending the images over a stream instead",
                   file=sys.stderr)
             return _stream(a, c, spec.options)
@@ -178,6 +185,9 @@ def add_commands(sub, add, recipes_sub) -> None:
     d.add_argument("--polygons", action="store_true", help="polygons from the detector's masks instead of boxes")
     d.add_argument("--merge", action="store_true", help="append drafts to label files already in the output folder")
     d.add_argument("--resume", default="", metavar="JOB", help="continue an interrupted or cancelled drafting job")
+    d.add_argument("--adapt", action="store_true",
+                   help="refit the head's locator on these images' confident drafts first (minisam-locator sets; "
+                        "helps when the new images are denser or unlike the labelled ones)")
     d.add_argument("--overlap-iou", type=float, default=None, help="cross-class overlap that picks one box (default 0.7)")
     d.add_argument("--ambiguity-margin", type=float, default=None, help="flag boxes whose head margin is below (default 0.1)")
     d.add_argument("--lookalikes", choices=["relabel", "flag", "drop"], default=None,

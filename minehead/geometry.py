@@ -43,6 +43,35 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     return order[np.array(keep, np.int64)]
 
 
+def mask_nms(boxes: np.ndarray, scores: np.ndarray, masks: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy NMS by mask overlap: indices kept, best score first. boxes: N x 4 XYXY pixels (the
+    masks' boxes); masks: N x H x W bool. A mask is dropped when its IoU with a kept,
+    higher-scoring mask exceeds `iou`. Two touching diagonal rods have a high box IoU and almost
+    no mask overlap: box NMS drops one of them, this keeps both. Masks lie inside their boxes, so
+    only pairs whose boxes overlap are compared, pixel by pixel within the boxes' intersection."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    if iou >= 1.0 or len(order) <= 1:
+        return order
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    area = masks.reshape(len(masks), -1).sum(1)
+    box_iou = iou_matrix(b, b)
+    keep: list[int] = []
+    for i in order:
+        drop = False
+        for k in keep:
+            if box_iou[i, k] <= 0:
+                continue
+            x0, y0 = int(max(b[i, 0], b[k, 0])), int(max(b[i, 1], b[k, 1]))
+            x1, y1 = int(np.ceil(min(b[i, 2], b[k, 2]))), int(np.ceil(min(b[i, 3], b[k, 3])))
+            inter = int((masks[i, y0:y1, x0:x1] & masks[k, y0:y1, x0:x1]).sum())
+            if inter / max(int(area[i] + area[k]) - inter, 1) > iou:
+                drop = True
+                break
+        if not drop:
+            keep.append(int(i))
+    return np.array(keep, np.int64)
+
+
 def match(boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """One-to-one greedy matching by descending score (COCO convention).
 

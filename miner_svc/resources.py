@@ -14,12 +14,14 @@ import threading
 from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
 
 from minehead.client.heads import HeadClient
 from minehead.common.v1 import common_pb2
-from minehead.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from minehead.core.errors import FailedPrecondition, InvalidArgument, MineheadError, NotFound
 from minehead.core.jobs import JobRunner, job_id_from_name
 from minehead.crop_embeddings import CropEmbeddingCache
+from minehead.datasets import load_dataset
 from minehead.drafts.folder import check_formats
 from minehead.heads.bundle import HeadBundle
 from minehead.miner.v1 import drafting_pb2, miner_pb2
@@ -96,6 +98,20 @@ class MinerResources:
         """A dataset folder the miner may read: a path under the allowed roots, or "datasets/{id}"
         uploaded to the head service (fetched once, kept by id)."""
         return self.datasets.resolve(ref)
+
+    def labelled_dataset(self, rset: drafting_pb2.RecipeSet):
+        """(the labelled dataset a set was mined on, or None; where it came from or why there is
+        none): read from the set's mining job, when this miner ran it and still reaches it."""
+        if not rset.source_job:
+            return None, "the recipe set names no mining job (imported)"
+        try:
+            job = self.runner.store.get(job_id_from_name(rset.source_job))
+            ref = json_format.MessageToDict(job.request).get("spec", {}).get("dataset", "") if job.kind == "mining" else ""
+            if not ref:
+                return None, f"{rset.source_job} names no dataset"
+            return load_dataset(self.resolve_dataset(ref)), ref
+        except MineheadError as e:
+            return None, f"the dataset of {rset.source_job} cannot be read: {e}"
 
     # -- recipe sets and drafters ---------------------------------------------------------------
     def recipe_set(self, name: str) -> drafting_pb2.RecipeSet:

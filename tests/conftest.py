@@ -57,12 +57,14 @@ TINY_IDS = ["open_clip:tiny-clip/random", "hf-clip:tiny/clip", "dinov3:tiny/dino
 
 
 def stop_processes(procs, timeout: float = 30) -> None:
-    """Child processes a test or bench started (services, Label Studio): asked to stop, killed
-    when they do not within `timeout` seconds each."""
+    """Child processes a test or bench started (services, Label Studio): all asked to stop at
+    once (each one's shutdown overlaps the others'), killed when they do not within `timeout`
+    seconds each."""
     import subprocess
 
     for p in procs:
         p.terminate()
+    for p in procs:
         try:
             p.wait(timeout)
         except subprocess.TimeoutExpired:

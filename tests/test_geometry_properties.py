@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from minehead.core.errors import InvalidArgument
 from minehead.datasets import parse_label_line
 from minehead.drafts import formats
-from minehead.geometry import iou_matrix, nms
+from minehead.geometry import iou_matrix, mask_nms, nms
 from minehead.importers import SLACK, _box, _coord, _ls_region
 from minehead.locator.decode import LocatorDetections
 from minehead.locator.frame import FeatureFrame
@@ -179,6 +179,33 @@ def test_all_peaks_in_overlaps_gives_an_empty_result_not_a_crash():
 
 # -- NMS -------------------------------------------------------------------------------------
 @prop
+@given(st.data(), st.floats(0.1, 0.9))
+def test_mask_nms_of_filled_boxes_is_box_nms(data, thr):
+    """Masks that fill their (integer) boxes overlap exactly as the boxes do: drafting's
+    mask-overlap suppression then keeps what box NMS keeps."""
+    n = data.draw(st.integers(0, 10))
+    raw = data.draw(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30), st.integers(1, 20), st.integers(1, 20)),
+                             min_size=n, max_size=n))
+    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in raw], np.float64).reshape(-1, 4)
+    scores = np.array(data.draw(st.lists(st.floats(0, 1), min_size=n, max_size=n, unique=True)), np.float64)
+    masks = np.zeros((n, 50, 50), bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+        masks[i, y0:y1, x0:x1] = True
+    assert mask_nms(boxes, scores, masks, thr).tolist() == nms(boxes, scores, thr).tolist()
+
+
+def test_mask_nms_keeps_touching_diagonal_rods_that_box_nms_merges():
+    """Two thin rods side by side on a diagonal: boxes IoU ~0.8, masks share no pixel."""
+    H = W = 60
+    yy, xx = np.mgrid[0:H, 0:W]
+    rod = lambda off: (np.abs(yy - xx - off) <= 1) & (yy >= 5) & (yy < 55)  # noqa: E731
+    masks = np.stack([rod(0), rod(4), rod(0) | rod(1)])  # the third: the first rod again, slightly wider
+    boxes = np.array([[xx[m].min(), yy[m].min(), xx[m].max() + 1, yy[m].max() + 1] for m in masks], np.float64)
+    scores = np.array([0.9, 0.8, 0.7])
+    assert iou_matrix(boxes[:1], boxes[1:2])[0, 0] > 0.7 and len(nms(boxes, scores, 0.3)) == 1
+    assert mask_nms(boxes, scores, masks, 0.3).tolist() == [0, 1]
+
+
 @given(st.data(), st.floats(0.1, 0.9))
 def test_nms_keeps_a_best_first_set_that_suppresses_everything_else(data, thr):
     b = data.draw(boxes_in(200, 200, n_max=12))

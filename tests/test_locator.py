@@ -321,3 +321,53 @@ def test_get_feature_map_refuses_a_model_without_one(embedder_server, tmp_path):
         with pytest.raises(grpc.RpcError) as e:
             c.stub.GetFeatureMap(__import__("minehead.embedder.v1.embedder_pb2", fromlist=["x"]).GetFeatureMapRequest())
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_pseudo_targets_teach_only_around_confident_drafts():
+    """--adapt (minehead.locator.adapt): a new image's confident drafts are positives with a thin
+    background margin; the rest of the image, where the first locator may have missed objects,
+    and the cells of unsure drafts count in no loss, except a confident centre inside one."""
+    from minehead.locator.adapt import pseudo_targets
+
+    frame = FeatureFrame.for_image(640, 640, 1024, "longest_side_pad", 64, 64)  # 10 px a cell
+    sure = np.array([[100, 100, 140, 140], [300, 300, 340, 340]], float)
+    unsure = np.array([[130, 100, 170, 140], [500, 500, 540, 540]], float)  # one overlaps the first sure box
+    t = pseudo_targets(sure, np.array([0, 1]), unsure, frame, 2)
+    full = targets.build(sure, np.array([0, 1]), frame, 2)
+    assert np.array_equal(t.heat, full.heat) and t.centres.sum() == 2 and t.centres[12, 12] and t.centres[32, 32]
+    assert t.valid[9, 9] and t.valid[14, 9] and not t.valid[8, 8]  # the margin: 0.25 of a 4-cell side
+    assert not t.valid[0, 0] and not t.valid[20, 20] and not t.valid[52, 52]  # far away, and the far unsure box
+    assert not t.valid[12, 14]  # the unsure box's cells beside the sure one (no confident centre there)
+    assert t.valid[12, 13] and t.size_mask[12, 13]  # ...but the sure centre's own size cells stay
+    none = pseudo_targets(np.zeros((0, 4)), np.zeros(0, np.int64), unsure, frame, 2)
+    assert not none.valid.any() and not none.centres.any()
+
+
+def test_adapt_reads_the_shipped_nets_and_refiner_back_from_onnx_and_finetunes_them(toy_locator):
+    """--adapt fine-tunes the shipped locator from its own weights: the nets (one, or an
+    ensemble's members) and the refiner come back from locator.onnx exactly; fine-tuning on a
+    new image's pseudo-labels moves the nets and is deterministic."""
+    from minehead.locator import adapt
+    from minehead.locator.refiner import Refiner
+
+    net, _, best, params, data, tg = toy_locator
+    other, _, _ = train.fit([m for m, *_ in data[:15]], tg[:15], 1, dataclasses.replace(params, seed=params.seed + 1),
+                            epochs=3)
+    maps = [m for m, *_ in data[15:18]]
+    rng = np.random.default_rng(0)
+    ref = Refiner(rng.normal(size=(4 * 4 * 6 + 2, 5)).astype(np.float32), rng.normal(size=5).astype(np.float32))
+    for nets, refiner in (([net], None), ([net, other], ref)):
+        onnx_bytes = export.to_onnx(nets, refiner)
+        back = adapt.nets_from_onnx(onnx_bytes)
+        assert len(back) == len(nets)
+        for x, y in zip(train.predict(back, maps), train.predict(nets, maps)):
+            assert np.array_equal(x, y)
+        got = adapt.refiner_from_onnx(onnx_bytes)
+        assert (got is None) == (refiner is None)
+        if refiner is not None:
+            assert np.array_equal(got.weight, ref.weight) and np.array_equal(got.bias, ref.bias)
+    m, fr, (b, ids) = data[18]
+    pseudo = [adapt.pseudo_targets(b[:1], ids[:1], np.zeros((0, 4)), fr, 1)]
+    tuned = [adapt.finetune(adapt.nets_from_onnx(export.to_onnx([net])), [m], pseudo, params, 3) for _ in range(2)]
+    before, after, again = (train.predict(n, [m])[0] for n in ([net], tuned[0], tuned[1]))
+    assert not np.allclose(before, after) and np.array_equal(after, again)

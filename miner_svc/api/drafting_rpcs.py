@@ -17,6 +17,7 @@ from minehead.core.safezip import make_zip
 from minehead.drafts.folder import DraftFolder, export_files, list_images
 from minehead.miner.v1 import drafting_pb2
 
+from miner_svc.drafting import adapt
 from miner_svc.drafting.job import draft_job, resumed_spec
 from miner_svc.resources import MinerResources
 
@@ -36,8 +37,13 @@ class DraftingRPCs:
         folder = DraftFolder(out, recipe_set=rset.name, classes=list(rset.classes), head_classes=drafter.head.classes,
                              formats_=list(spec.options.formats), polygons=spec.options.polygons, merge=spec.merge,
                              source=source)
+        adapter = None
+        if spec.adapt:
+            adapt.check_adaptable(drafter)
+            adapter = lambda ctx, d, imgs: adapt.adapted_drafter(  # noqa: E731
+                ctx, d, imgs, folder.meta, lambda: res.labelled_dataset(rset))
         return res.runner.start("drafting", drafting_pb2.StartDraftingRequest(spec=spec, resume=request.resume),
-                                lambda ctx: draft_job(ctx, drafter, folder, images, res.pool, request.resume))
+                                lambda ctx: draft_job(ctx, drafter, folder, images, res.pool, request.resume, adapter))
 
     def _images(self, spec: drafting_pb2.DraftingSpec) -> tuple[list[Path], str]:
         which = spec.WhichOneof("source")

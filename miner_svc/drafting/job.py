@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
+from typing import Callable
 from pathlib import Path
 from google.protobuf import json_format
 
@@ -23,6 +24,7 @@ from minehead.core.jobs import JobContext, JobStore, job_id_from_name
 from minehead.drafts.folder import DraftFolder, describe, draft_result, tiled_entry
 from minehead.miner.v1 import drafting_pb2
 
+from miner_svc.drafting import outlook
 from miner_svc.recipes.drafter import Drafter
 from miner_svc.scale.pool import ImagePool
 
@@ -42,17 +44,24 @@ def resumed_spec(jobs: JobStore, name: str) -> drafting_pb2.DraftingSpec:
     return spec
 
 
+Adapter = Callable[[JobContext, Drafter, list[Path]], tuple[Drafter, dict]]
+
+
 def draft_job(ctx: JobContext, drafter: Drafter, folder: DraftFolder, images: list[Path], pool: ImagePool,
-              resumed: str = "") -> drafting_pb2.DraftingResult:
+              resumed: str = "", adapt: Adapter | None = None) -> drafting_pb2.DraftingResult:
     """Draft every image the folder has not finished; the job's result, also as it goes
-    (`ctx.partial_result`)."""
+    (`ctx.partial_result`). adapt: the `--adapt` step (miner_svc.drafting.adapt), run first
+    when there is anything left to draft; its summary goes to summary.json "adapt"."""
     result = drafting_pb2.DraftingResult(output_dir=str(folder.root), images=len(images))
     ctx.partial_result = result
     done = folder.finished()
     if done:
         ctx.log(f"resuming {resumed or 'this folder'}: {len(done)} of {len(images)} images already drafted, kept as they are")
-    tally = _Tally(drafter, len(images), len(done))
     todo = _todo(ctx, images, done, result)
+    adapted = None
+    if adapt is not None and todo:
+        drafter, adapted = adapt(ctx, drafter, images)
+    tally = _Tally(drafter, folder, len(images), len(done), adapted=adapted)
     ctx.phase("drafting")
     drafted = pool.draft(ctx, drafter, todo)
     try:
@@ -88,6 +97,7 @@ class _Tally:
     """This run's counts as images finish, and the run's summary from them."""
 
     drafter: Drafter
+    folder: DraftFolder
     images: int
     already_done: int
     drafted: int = 0
@@ -95,6 +105,7 @@ class _Tally:
     t0: float = dataclasses.field(default_factory=time.perf_counter)
     last_metrics: float = 0.0
     tiled: dict = dataclasses.field(default_factory=dict)  # image name -> Tiling as a dict
+    adapted: dict | None = None  # the adapt step's summary, when asked for
 
     def __post_init__(self) -> None:
         self.passes_before = self.drafter.det.counters.snapshot()
@@ -135,7 +146,10 @@ class _Tally:
                 # the same job must write the same summary.
                 "merged_lines": dict(result.merged_lines), "warnings": sorted(d.warnings), "complete": complete,
                 "tiled_images": dict(sorted(self.tiled.items())), "relabelled": d.relabelled,
-                "lookalikes_dropped": d.dropped}
+                "lookalikes_dropped": d.dropped, **({"adapt": self.adapted} if self.adapted is not None else {}),
+                "expected": outlook.expected(rset),
+                "unlike_labelled": outlook.unlike_labelled(
+                    {r.image: len(r.boxes) for r in self.folder.records() if not (r.error or r.failure)}, d.head)}
 
 
 def _finish(ctx: JobContext, folder: DraftFolder, result, summary: dict) -> None:

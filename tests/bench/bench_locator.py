@@ -101,10 +101,11 @@ def few_trees(trees: Path, tmp: Path, n: int = 2) -> Path:
 
 
 def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: str = "", augment: str = "",
-        target_precision: float = 0.0) -> dict:
+        target_precision: float = 0.0, adapt: bool = False) -> dict:
     """Train a head (with its locator) and mine recipes on `train`, draft `test`, score it.
     detector: the miner's choice for the head when empty (minisam-locator), else that one.
-    target_precision: mining's (0: its default, 0.75)."""
+    target_precision: mining's (0: its default, 0.75). adapt: also draft `test` with `--adapt`
+    (the same set), scored as r["adapted"]."""
     from google.protobuf import json_format
 
     from minehead.client.heads import HeadClient
@@ -129,6 +130,14 @@ def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: st
         dj = mc.start_drafting(spec)
         dres = mc.jobs.result(dj.name, drafting_pb2.DraftingResult)
         t_draft = time.perf_counter() - t0 - t_train - t_mine
+        adapted = None
+        if adapt:
+            ta = time.perf_counter()
+            spec.output_dir, spec.adapt = str(drafts) + "_adapt", True
+            shutil.rmtree(spec.output_dir, ignore_errors=True)
+            mc.jobs.result(mc.start_drafting(spec).name, drafting_pb2.DraftingResult)
+            adapted = {"score": score(Path(spec.output_dir), test), "seconds": round(time.perf_counter() - ta, 1),
+                       "adapt": json.loads((Path(spec.output_dir) / "summary.json").read_text()).get("adapt")}
     summary = json.loads((drafts / "summary.json").read_text())
     s = score(drafts, test)
     loc = json_format.MessageToDict(tr.report).get("locator", {}).get("held_out", {})
@@ -141,7 +150,8 @@ def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: st
             "mining_report": {r.class_name: {"precision": round(r.summary.precision, 3), "recall": round(r.summary.recall, 3),
                                              "target_met": r.summary.target_met} for r in res.recipes},
             "report_images": int(mined.get("report_images", 0)),
-            "report_images_seen_in_training": int(mined.get("report_images_seen_in_training", 0))}
+            "report_images_seen_in_training": int(mined.get("report_images_seen_in_training", 0)),
+            **({"adapted": adapted} if adapted is not None else {})}
 
 
 def whole_vs_tiles(trio: Trio, tmp: Path) -> dict:

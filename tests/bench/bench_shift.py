@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", default="sparse,crowded,sparse-matched",
                     help="sparse: --train sparse scenes; crowded: --train crowded ones; sparse-matched: sparse scenes "
                          "until they hold as many objects as the crowded arm's (more labels, not fewer, per object)")
+    ap.add_argument("--adapt", action="store_true", help="also draft each arm's test scenes with --adapt")
     ap.add_argument("--json", default=str(REPO / "var" / "bench" / "shift.json"))
     a = ap.parse_args(argv)
     os.environ.setdefault("MINEHEAD_OFFLINE", "1")
@@ -112,12 +113,20 @@ def main(argv=None) -> int:
     rows = []
     with Trio(tmp, models) as trio:
         for label, train in arms.items():
-            r = run(trio, label, train, test, tmp / "drafts")
-            r["recall_by_crowding"] = recall_by_crowding(tmp / "drafts" / label.replace(" ", "_").replace(">", ""), test)
+            r = run(trio, label, train, test, tmp / "drafts", adapt=a.adapt)
+            drafts = tmp / "drafts" / label.replace(" ", "_").replace(">", "")
+            r["recall_by_crowding"] = recall_by_crowding(drafts, test)
             rows.append(r)
             print_row(r, None)
             print("      recall by crowding: " + ", ".join(f"{k} {v['recall']} (gt {v['gt']})"
                                                          for k, v in r["recall_by_crowding"].items()))
+            if "adapted" in r:
+                ad = r["adapted"]
+                ad["recall_by_crowding"] = recall_by_crowding(Path(str(drafts) + "_adapt"), test)
+                print_row({**r, "label": label + " --adapt", "score": ad["score"]}, None)
+                print("      recall by crowding: " + ", ".join(f"{k} {v['recall']} (gt {v['gt']})"
+                                                             for k, v in ad["recall_by_crowding"].items())
+                      + f"; adapt: {json.dumps({k: (ad['adapt'] or {}).get(k) for k in ('pseudo_labels', 'unsure_drafts', 'labelled_images', 'seconds')})}")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(rows, indent=1, default=str))
     return 0
