@@ -438,6 +438,9 @@ def test_bad_requests(denv):
         (drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=denv["mining"].recipe_set, formats=["voc"]),
                                    folder=str(denv["new"])), grpc.StatusCode.INVALID_ARGUMENT),
         (drafting_pb2.DraftingSpec(folder=str(denv["new"])), grpc.StatusCode.INVALID_ARGUMENT),
+        # --adapt refits a locator: a set of the scripted detector (no locator) is refused by name
+        (drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=denv["mining"].recipe_set),
+                                   folder=str(denv["new"]), adapt=True), grpc.StatusCode.FAILED_PRECONDITION),
     ]
     for spec, code in cases:
         with pytest.raises(grpc.RpcError) as e:

@@ -323,11 +323,13 @@ def test_get_feature_map_refuses_a_model_without_one(embedder_server, tmp_path):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_pseudo_targets_teach_only_around_confident_drafts():
+def test_pseudo_targets_teach_only_around_confident_drafts_and_only_their_own_class():
     """--adapt (minehead.locator.adapt): a new image's confident drafts are positives with a thin
-    background margin; the rest of the image, where the first locator may have missed objects,
-    and the cells of unsure drafts count in no loss, except a confident centre inside one."""
-    from minehead.locator.adapt import pseudo_targets
+    background margin, in their own class's heatmap only (a look-alike drafted as the other
+    class must not teach its class away); the rest of the image, where the first locator may
+    have missed objects, and the cells of unsure drafts count in no loss, except a confident
+    centre inside one."""
+    from minehead.locator.adapt import per_class_valid, pseudo_targets
 
     frame = FeatureFrame.for_image(640, 640, 1024, "longest_side_pad", 64, 64)  # 10 px a cell
     sure = np.array([[100, 100, 140, 140], [300, 300, 340, 340]], float)
@@ -335,12 +337,24 @@ def test_pseudo_targets_teach_only_around_confident_drafts():
     t = pseudo_targets(sure, np.array([0, 1]), unsure, frame, 2)
     full = targets.build(sure, np.array([0, 1]), frame, 2)
     assert np.array_equal(t.heat, full.heat) and t.centres.sum() == 2 and t.centres[12, 12] and t.centres[32, 32]
-    assert t.valid[9, 9] and t.valid[14, 9] and not t.valid[8, 8]  # the margin: 0.25 of a 4-cell side
-    assert not t.valid[0, 0] and not t.valid[20, 20] and not t.valid[52, 52]  # far away, and the far unsure box
-    assert not t.valid[12, 14]  # the unsure box's cells beside the sure one (no confident centre there)
-    assert t.valid[12, 13] and t.size_mask[12, 13]  # ...but the sure centre's own size cells stay
+    v0, v1 = t.valid
+    assert v0[9, 9] and v0[14, 9] and not v0[8, 8]  # the margin: 0.25 of a 4-cell side
+    assert not v1[12, 12] and v1[32, 32] and not v0[32, 32]  # each class only around its own boxes
+    assert not v0[0, 0] and not v0[20, 20] and not v1[52, 52]  # far away, and the far unsure box
+    assert not v0[12, 14]  # the unsure box's cells beside the sure one (no confident centre there)
+    assert v0[12, 13] and t.size_mask[12, 13]  # ...but the sure centre's own size cells stay
     none = pseudo_targets(np.zeros((0, 4)), np.zeros(0, np.int64), unsure, frame, 2)
     assert not none.valid.any() and not none.centres.any()
+    lab = per_class_valid(full, 2)
+    assert lab.valid.shape == (2, 64, 64) and np.array_equal(lab.valid[1], full.valid)
+    # the loss reads either layout: per class, or one mask for every class
+    net = train.make_net(3, 2, 4, np.zeros(3), np.ones(3))
+    x = train._tensors([np.zeros((3, 64, 64), np.float32)] * 2, [full, full])
+    y = train._tensors([np.zeros((3, 64, 64), np.float32)] * 2, [lab, lab])
+    params = train.LocatorParams()
+    a = train.loss_terms(net, *x[:6], params, size_mask=x[6])[0]
+    b = train.loss_terms(net, *y[:6], params, size_mask=y[6])[0]
+    assert float(a) == pytest.approx(float(b))
 
 
 def test_adapt_reads_the_shipped_nets_and_refiner_back_from_onnx_and_finetunes_them(toy_locator):

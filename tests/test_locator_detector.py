@@ -335,10 +335,8 @@ def test_adapt_refits_the_locator_on_the_new_images_and_a_resumed_job_reuses_it(
     scenes, drafting 3 new ones first refits the locator on their confident drafts and the 4
     labelled scenes, drafts with that adapted head (a new head id, its bundle kept in the draft
     folder), and says so in summary.json. A later run on the folder (an image added) drafts with
-    the same adapted head instead of adapting again; a set of a detector with no locator is
-    refused before a job starts."""
-    import grpc
-
+    the same adapted head instead of adapting again. (A set of a detector without a locator is
+    refused: test_drafting's test_bad_requests.)"""
     from minehead.heads.bundle import HeadBundle
     from minehead.miner.v1 import drafting_pb2, miner_pb2
     from minehead.synth import make_synthetic_dataset
@@ -374,11 +372,3 @@ def test_adapt_refits_the_locator_on_the_new_images_and_a_resumed_job_reuses_it(
         mc.jobs.result(mc.start_drafting(spec).name, drafting_pb2.DraftingResult)
         s2 = json.loads((out / "summary.json").read_text())
         assert s2["adapt"]["resumed"] and s2["adapt"]["head"] == a["head"] and s2["drafted_this_run"] == 1, s2["adapt"]
-
-        auto = mc.jobs.result(mc.start_mining(miner_pb2.MiningSpec(dataset=str(ds), head=head.head_id, seed=1,
-                                                                   detector="minisam-auto", classes=["blue_circle"],
-                                                                   max_images=2)).name, miner_pb2.MiningResult)
-        spec.options.recipe_set, spec.output_dir = auto.recipe_set, str(tmp / "refused")
-        with pytest.raises(grpc.RpcError) as e:
-            mc.start_drafting(spec)
-        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "minisam-locator" in e.value.details()

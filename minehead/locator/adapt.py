@@ -46,17 +46,29 @@ def pseudo_targets(confident: np.ndarray, class_ids: np.ndarray, unsure: np.ndar
                    n_classes: int, context: float = CONTEXT) -> loc_targets.Targets:
     """One new image's targets. confident: N x 4 XYXY image px, the pseudo-labels, with
     class_ids (N ints in [0, n_classes)); unsure: M x 4 XYXY image px, drafts that were not
-    confident. Only cells within `context` sides of a confident box count (`valid`), less the
-    cells of unsure boxes that carry no confident centre."""
-    t = loc_targets.build(np.asarray(confident, np.float64).reshape(-1, 4), np.asarray(class_ids, np.int64),
-                          frame, n_classes)
+    confident. Per class (`valid` is K x R x C): only the cells within `context` sides of that
+    class's confident boxes count, less the cells of unsure boxes that carry no confident centre.
+    A pseudo-label teaches its own class only: an object the drafts called crimson may be a red
+    look-alike, and teaching "not red" there took a look-alike class's recall from 0.22 to 0
+    (12 sparse -> 10 crowded scenes)."""
+    confident = np.asarray(confident, np.float64).reshape(-1, 4)
+    class_ids = np.asarray(class_ids, np.int64)
+    t = loc_targets.build(confident, class_ids, frame, n_classes)
     R, C = frame.rows, frame.cols
-    near = _cover(frame.to_cells(confident), R, C, context)
     taught = t.size_mask if t.size_mask is not None else t.centres
     doubt = _cover(frame.to_cells(unsure), R, C, 0.0) & ~taught
-    keep = t.valid & near & ~doubt
-    return loc_targets.Targets(t.heat, t.size, t.offset, t.centres & keep, keep,
+    valid = np.stack([t.valid & _cover(frame.to_cells(confident[class_ids == k]), R, C, context) & ~doubt
+                      for k in range(n_classes)])
+    keep = valid.any(0)
+    return loc_targets.Targets(t.heat, t.size, t.offset, t.centres & keep, valid,
                                (t.size_mask & keep) if t.size_mask is not None else None)
+
+
+def per_class_valid(t: loc_targets.Targets, n_classes: int) -> loc_targets.Targets:
+    """A labelled image's targets with `valid` per class (K x R x C), to train beside pseudo-labels."""
+    if t.valid.ndim == 3:
+        return t
+    return dataclasses.replace(t, valid=np.repeat(t.valid[None], n_classes, 0))
 
 
 def _cover(cells: np.ndarray, rows: int, cols: int, grow: float) -> np.ndarray:

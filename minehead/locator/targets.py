@@ -26,7 +26,9 @@ class Targets:
     size: np.ndarray  # 2 x R x C float32: log(width), log(height) in cells, at centres
     offset: np.ndarray  # 2 x R x C float32: centre - cell index - 0 (x, y) in [0, 1), at centres
     centres: np.ndarray  # R x C bool: cells that carry a size and offset target
-    valid: np.ndarray  # R x C bool: cells on the image (padding excluded from every loss)
+    # R x C bool: cells on the image (padding excluded from every loss); or K x R x C, per class,
+    # for the heatmap loss (minehead.locator.adapt's pseudo-labels teach their own class only)
+    valid: np.ndarray
     # R x C bool: cells that carry a size target (the centres, and with size_radius > 0 their
     # neighbours too, so a peak one cell off the centre still reads a trained size); None = centres
     size_mask: np.ndarray | None = None

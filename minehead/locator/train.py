@@ -89,7 +89,7 @@ def loss_terms(net, x, heat, size, offset, centres, valid, params: LocatorParams
     z, s, o = net(x)
     logp, log1mp = F.logsigmoid(z), F.logsigmoid(-z)
     p = torch.sigmoid(z)
-    v = valid[:, None].float()
+    v = (valid[:, None] if valid.dim() == 3 else valid).float()  # N x R x C, or per class N x K x R x C
     pos = (heat >= 1.0).float() * v
     neg = (1 - pos) * v
     n_pos = pos.sum().clamp(min=1.0)

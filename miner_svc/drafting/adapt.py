@@ -221,7 +221,7 @@ def _labelled(ctx, det, ds: Dataset | None, classes: list[str]) -> tuple[list, l
         sel = np.array([int(c) in names for c in rec.class_ids], bool)
         ids = np.array([names[int(c)] for c in rec.class_ids[sel]], np.int64)
         maps.append(fmap)
-        tgts.append(loc_targets.build(rec.boxes[sel], ids, frame, len(classes)))
+        tgts.append(loc_adapt.per_class_valid(loc_targets.build(rec.boxes[sel], ids, frame, len(classes)), len(classes)))
     return maps, tgts
 
 
