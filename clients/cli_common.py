@@ -93,6 +93,7 @@ def follow(client, job: common_pb2.Job, quiet: bool) -> common_pb2.Job:
         if kind == "progress" and ev.progress.total:
             bar.update(ev.progress.done, ev.progress.total, ev.progress.unit)
         elif kind == "phase":
+            bar.start = None  # a new phase counts its own rate (two adapt rounds both count images)
             print(f"{ev.phase} …", file=sys.stderr)
         elif kind == "log":
             tag = {common_pb2.LogLine.WARNING: "warning: ", common_pb2.LogLine.ERROR: "error: "}.get(ev.log.level, "")

@@ -54,10 +54,12 @@ def cmd_draft(a) -> int:
         except grpc.RpcError as e:
             if e.code() not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND) or not Path(a.images).is_dir():
                 raise
-            if a.adapt:
+            if a.adapt and e.code() == grpc.StatusCode.PERMISSION_DENIED:
                 print(f"error: --adapt runs as a job on the miner, which cannot use these folders ({e.details()}); "
                       "put them under the miner's allowed roots, or draft without --adapt", file=sys.stderr)
                 return 2
+            if a.adapt:
+                raise
             print(f"note: the miner cannot use these folders ({e.details()}); sending the images over a stream instead",
                   file=sys.stderr)
             return _stream(a, c, spec.options)

@@ -514,7 +514,8 @@ def test_cli_draft_job_and_stream_modes_write_the_same_labels(denv, drafted, tmp
 # The paragraph `minehead draft` closes with (minehead.drafts.folder.describe), on stdout.
 CLOSING = re.compile(r"^Drafted (?P<drafted>\d+) of (?P<images>\d+) images into (?P<where>.+?): (?P<boxes>\d+) boxes "
                      r"\(.*\); \d+ flagged ambiguous, \d+ with a runner-up of another class; (?P<skipped>\d+) skipped"
-                     r".*\. This run: (?P<this_run>\d+) images.*Review the most uncertain boxes first: review\.jsonl\."
+                     r".*\. This run: (?P<this_run>\d+) images.*Review the most uncertain boxes first: review\.jsonl"
+                     r"(?:, and the (?P<unlike>\d+) images? unlike the labelled ones \(summary\.json unlike_labelled\))?\."
                      r"(?: (?P<failed>\d+) images? failed with an unexpected error .*; resuming the draft retries only those\.)?$")
 
 
@@ -535,6 +536,7 @@ def _closing(r: subprocess.CompletedProcess, out: Path) -> re.Match:
     assert (int(m["drafted"]), int(m["images"]), int(m["boxes"])) == (s["images_drafted"], s["images"], s["boxes"])
     assert int(m["this_run"]) == s["drafted_this_run"]
     assert int(m["failed"] or 0) == len(s["failed"])
+    assert int(m["unlike"] or 0) == len(s.get("unlike_labelled", []))  # job mode only
     return m
 
 

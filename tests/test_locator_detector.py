@@ -362,7 +362,7 @@ def test_adapt_refits_the_locator_on_the_new_images_and_a_resumed_job_reuses_it(
         assert a["images_sampled"] == 3 and a["labelled_images"] == 4 and sum(a["pseudo_labels"].values()) > 0, a
         assert 1 <= len(a["rounds"]) <= 2 and a["rounds"][-1]["pseudo_labels"] == a["pseudo_labels"]
         assert s["images_drafted"] == 3 and s["failed"] == [] and set(s["expected"]) == set(head.real_classes)
-        assert isinstance(s["unlike_labelled"], list)
+        assert isinstance(s["unlike_labelled"], list) and s["adapted_head"] == a["head"]
         adapted = HeadBundle.from_zip((out / ".minehead-draft" / HEAD_FILE).read_bytes())
         assert adapted.head_id == a["head"] and adapted.locator.meta["adapted"]["pseudo_labels"] == a["pseudo_labels"]
         assert adapted.locator.meta["epochs"] == head.locator.meta["epochs"]
@@ -372,3 +372,4 @@ def test_adapt_refits_the_locator_on_the_new_images_and_a_resumed_job_reuses_it(
         mc.jobs.result(mc.start_drafting(spec).name, drafting_pb2.DraftingResult)
         s2 = json.loads((out / "summary.json").read_text())
         assert s2["adapt"]["resumed"] and s2["adapt"]["head"] == a["head"] and s2["drafted_this_run"] == 1, s2["adapt"]
+        assert s2["adapted_head"] == a["head"]

@@ -77,7 +77,13 @@ def describe(result: drafting_pb2.DraftingResult) -> str:
     if result.merged_lines:
         text += (f"; appended {sum(result.merged_lines.values())} lines to {len(result.merged_lines)} existing label "
                  "files")
-    text += ". Files: " + ", ".join(result.files) + ". Review the most uncertain boxes first: review.jsonl."
+    if s.adapted_head:
+        text += f"; drafted with head {s.adapted_head}, adapted to these images (summary.json adapt)"
+    text += ". Files: " + ", ".join(result.files) + ". Review the most uncertain boxes first: review.jsonl"
+    if s.images_unlike_labelled:
+        text += (f", and the {s.images_unlike_labelled} image{'s' if s.images_unlike_labelled > 1 else ''} unlike the "
+                 "labelled ones (summary.json unlike_labelled)")
+    text += "."
     failed = list(s.failed)
     if failed:  # last, so it is the line's end a user reads
         text += (f" {len(failed)} image{'s' if len(failed) > 1 else ''} failed with an unexpected error "

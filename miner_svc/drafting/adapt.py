@@ -89,7 +89,7 @@ def resume(drafter: Drafter, meta_dir: Path) -> Adapted | None:
         return None
     head = HeadBundle.from_zip((meta_dir / HEAD_FILE).read_bytes())
     info = json.loads((meta_dir / INFO_FILE).read_text()) if (meta_dir / INFO_FILE).is_file() else {}
-    return Adapted(with_head(drafter, head), head, {**info, "resumed": True})
+    return Adapted(with_head(drafter, head), head, {**info, "adapted": True, "resumed": True})
 
 
 def with_head(drafter: Drafter, head: HeadBundle) -> Drafter:
@@ -141,10 +141,11 @@ def _round(ctx: JobContext, drafter: Drafter, shipped: HeadBundle, sample: list[
     det, loc = drafter.det.detector, shipped.locator
     K = len(loc.classes)
     maps, tgts, frames, boxes, per_class, unsure_n, skipped = [], [], [], [], dict.fromkeys(loc.classes, 0), 0, []
+    ctx.phase(f"adapting, round {r + 1} of {ROUNDS}")
     for n, path in enumerate(sample):
         ctx.check_cancelled()
         got = _draft_one(det, drafter, path, n)
-        ctx.progress(n + 1, len(sample), f"images (adapting, round {r + 1} of {ROUNDS})")
+        ctx.progress(n + 1, len(sample), "images")
         if isinstance(got, str):
             skipped.append({"image": path.name, "reason": got})
             continue

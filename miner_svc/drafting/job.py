@@ -135,6 +135,8 @@ class _Tally:
         """The run's summary (summary.json; the folder adds its totals)."""
         secs = time.perf_counter() - self.t0
         d, rset = self.drafter, self.drafter.recipe_set
+        unlike = outlook.unlike_labelled(
+            {r.image: len(r.boxes) for r in self.folder.records() if not (r.error or r.failure)}, d.head)
         return {"recipe_set": rset.name, "head": rset.head_id, "detector": rset.detector, "classes": list(rset.classes),
                 "images": self.images, "drafted_this_run": self.drafted, "already_done": self.already_done,
                 "boxes_this_run": sum(self.counts.values()), "class_counts_this_run": dict(self.counts),
@@ -147,9 +149,9 @@ class _Tally:
                 "merged_lines": dict(result.merged_lines), "warnings": sorted(d.warnings), "complete": complete,
                 "tiled_images": dict(sorted(self.tiled.items())), "relabelled": d.relabelled,
                 "lookalikes_dropped": d.dropped, **({"adapt": self.adapted} if self.adapted is not None else {}),
-                "expected": outlook.expected(rset),
-                "unlike_labelled": outlook.unlike_labelled(
-                    {r.image: len(r.boxes) for r in self.folder.records() if not (r.error or r.failure)}, d.head)}
+                "expected": outlook.expected(rset), "unlike_labelled": unlike,
+                "images_unlike_labelled": len(unlike),
+                "adapted_head": (self.adapted or {}).get("head", "") if (self.adapted or {}).get("adapted") else ""}
 
 
 def _finish(ctx: JobContext, folder: DraftFolder, result, summary: dict) -> None:
