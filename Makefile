@@ -77,7 +77,7 @@ bench: setup
 	$(PY) -m tests.bench.bench_load
 	$(PY) -m tests.bench.bench_review
 	$(PY) -m tests.bench.bench_labelstudio_load
-	$(PY) -m tests.bench.bench_shift
+	$(PY) -m tests.bench.bench_shift --adapt
 
 clean:
 	rm -rf $(VENV) $(VAR) build dist *.egg-info .pytest_cache $(GEN_STAMP)
