@@ -176,6 +176,8 @@ def test_batches_are_cut_to_the_image_and_lose_nothing_that_counts(toy_locator):
         assert all(abs(float(x) - float(y)) <= 1e-5 * max(1.0, abs(float(x))) for x, y in zip(a, b))
         for x, y in zip(net(full[0]), net(cut[0])):
             assert torch.allclose(x[..., :9, :12], y[..., :9, :12], atol=1e-6)
+    per_class = full[:5] + (full[5][:, None].repeat(1, 2, 1, 1),) + full[6:]  # valid per class, N x K x R x C
+    assert [t.shape[-2:] for t in train.on_image(per_class)] == [t.shape[-2:] for t in cut]
     whole = train._tensors(maps, tg[:4])  # every cell valid: nothing to cut
     assert train.on_image(whole)[0].shape == whole[0].shape
 

@@ -123,7 +123,8 @@ def on_image(batch: tuple) -> tuple:
     The loss sees only those cells, and their outputs read no cell past the cut, so the loss is the
     full map's (up to float rounding) at a fraction of the work: a 4:3 image fills 48 of a
     square encoder's 64 rows (the rest is padding), so 51 rows are computed instead of 64."""
-    counts = batch[5] | batch[4] | batch[6]  # valid cells, centres, size targets
+    valid = batch[5] if batch[5].dim() == 3 else batch[5].any(dim=1)  # N x R x C, or per class N x K x R x C
+    counts = valid | batch[4] | batch[6]  # valid cells, centres, size targets
     rows, cols = counts.shape[-2:]
     if not bool(counts.any()):
         return batch
