@@ -75,6 +75,7 @@ bench: setup
 	$(PY) -m tests.bench.bench_locator --only trees,whole,coins,brick,scenes,few,speed
 	$(PY) -m tests.bench.bench_ray
 	$(PY) -m tests.bench.bench_load
+	$(PY) -m tests.bench.bench_train
 	$(PY) -m tests.bench.bench_review
 	$(PY) -m tests.bench.bench_labelstudio_load
 	$(PY) -m tests.bench.bench_shift --adapt

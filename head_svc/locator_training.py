@@ -22,7 +22,7 @@ from PIL import Image
 from minehead.core.errors import FailedPrecondition
 from minehead.core.jobs import JobContext
 
-from minehead.crop_embeddings import FeatureMapCache
+from minehead.crop_embeddings import IN_FLIGHT, FeatureMapCache
 from minehead.core.images import decode_image
 from minehead.locator import augment as loc_augment, export, refiner as loc_refiner, targets as loc_targets, train as loc_train
 from minehead.locator.decode import decode
@@ -60,9 +60,10 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     t0 = time.perf_counter()
     maps, frames, tgts, gts = [], [], [], []
     hits0, calls0 = fmaps.hits, fmaps.calls
-    for i, rec in enumerate(p.dataset.images):
+    split = {}  # seconds by step, in the report (make bench prints them: tests.bench.bench_train)
+    images = p.dataset.images
+    for i, (rec, (fmap, frame)) in enumerate(zip(images, fmaps.get_many((r.path.read_bytes() for r in images), p.model))):
         ctx.check_cancelled()
-        fmap, frame = fmaps.get(rec.path.read_bytes(), p.model)
         sel = np.array([c in p.class_map for c in rec.class_ids], bool)
         ids = np.array([p.class_map[c] for c in rec.class_ids[sel]], np.int64)
         maps.append(fmap)
@@ -75,7 +76,9 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     hold = np.asarray(p.hold_images if p.hold_images is not None else np.zeros(len(maps), bool))
     # Flipped / turned copies of the images, encoded again (minehead.locator.augment): each
     # belongs where its source does (a held-out image's copies only reach the final fit).
+    split["feature_maps"] = time.perf_counter() - t0
     names, copies = augmented(p, ctx, fmaps, gts, len(real), params.augment)
+    split["copies"] = time.perf_counter() - t0 - split["feature_maps"]
     src = np.array(list(range(len(maps))) + [i for i, _, _ in copies], np.int64)
     maps, tgts = maps + [m for _, m, _ in copies], tgts + [t for _, _, t in copies]
     shapes = {m.shape for m in maps}
@@ -142,9 +145,11 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
                     f"of {BLOCK}x{BLOCK}-cell blocks held out of every image")
         fitted = [f.result() for f in finals]
     ctx.check_cancelled()
+    split["fits"] = time.perf_counter() - t0 - sum(split.values())
     final = [net_j for net_j, _, _ in fitted]
     final_hist = fitted[-1][1]
     refiner, refiner_meta = fit_refiner(ctx, net, frames, maps, gts, real, ho, tr, held, params.seed)
+    split["refiner"] = time.perf_counter() - t0 - sum(split.values())
     if refiner is not None:
         held = refiner_meta["held_out_refined"]  # the figures of what ships
     onnx_bytes = export.to_onnx(final, refiner)
@@ -154,6 +159,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     if err > PARITY_LIMIT:
         raise FailedPrecondition(f"exported locator differs from the trained one by {err:.3g} (> {PARITY_LIMIT}); not saved")
     secs = time.perf_counter() - t0
+    split["export"] = secs - sum(split.values())
     ctx.log(f"locator: final fit on all {len(frames)} images"
             + (f" and {len(copies)} copies ({', '.join(names[1:])})" if copies else "") + f", {epochs} epochs"
             + (f", {members} nets with seeds {params.seed}..{params.seed + members - 1} averaged" if members > 1 else "")
@@ -181,6 +187,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
                                        "box_quality": "M float32: P(IoU >= 0.5 with an object's box)"},
                            **{k: v for k, v in refiner_meta.items() if k != "held_out_refined"}}
     report = {"history": history, "final_history": final_hist[-5:], "held_out": held,
+              "seconds": {k: round(v, 2) for k, v in split.items()}, "epochs": int(epochs), "epochs_run": len(history),
               "refiner": {k: v for k, v in refiner_meta.items() if k != "held_out_refined"}}
     return TrainedLocator(onnx_bytes, meta, report)
 
@@ -193,16 +200,28 @@ def augmented(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, gts: list, n
     if len(names) == 1:
         return names, copies
     hits0, calls0 = fmaps.hits, fmaps.calls
-    for i, rec in enumerate(p.dataset.images):
-        ctx.check_cancelled()
-        pixels = decode_image(rec.path.read_bytes(), rec.path.name).pixels
-        for name in names[1:]:
-            px, b = loc_augment.apply(name, pixels, gts[i][0])
-            buf = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(px)).save(buf, "PNG", compress_level=1)
-            fmap, frame = fmaps.get(buf.getvalue(), p.model)
-            copies.append((i, fmap, loc_targets.build(b, gts[i][1], frame, n_classes)))
-        ctx.progress(i + 1, len(p.dataset.images), "images (copies)")
+    made = []  # (source image, transform, boxes) of each copy, in the order its bytes were made
+
+    def copy_bytes():
+        # An image's copies are asked for together (and the next image's while they are
+        # encoded): fmaps.get_many keeps several GetFeatureMap calls open, which the embedder
+        # batches; one copy at a time, the encoder waited for each PNG and each transfer.
+        for i, rec in enumerate(p.dataset.images):
+            ctx.check_cancelled()
+            pixels = decode_image(rec.path.read_bytes(), rec.path.name).pixels
+            for name in names[1:]:
+                px, b = loc_augment.apply(name, pixels, gts[i][0])
+                buf = io.BytesIO()
+                Image.fromarray(np.ascontiguousarray(px)).save(buf, "PNG", compress_level=1)
+                made.append((i, b))
+                yield buf.getvalue()
+
+    per_image = len(names) - 1
+    for k, (fmap, frame) in enumerate(fmaps.get_many(copy_bytes(), p.model, in_flight=max(IN_FLIGHT, per_image))):
+        i, b = made[k]
+        copies.append((i, fmap, loc_targets.build(b, gts[i][1], frame, n_classes)))
+        if (k + 1) % per_image == 0:
+            ctx.progress(i + 1, len(p.dataset.images), "images (copies)")
     ctx.log(f"locator: {len(copies)} flipped/turned copies of {len(gts)} images ({', '.join(names[1:])}; "
             f"{fmaps.hits - hits0} from the cache, {fmaps.calls - calls0} GetFeatureMap calls)")
     return names, copies

@@ -8,6 +8,8 @@ variants on the same split. All report through a JobContext and stop at its canc
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import datetime
 import hashlib
@@ -23,7 +25,7 @@ from minehead.crops import CropPolicy
 from minehead import geometry, sampling
 from minehead.heads.bundle import BG_PREFIX, IMAGE_ID_HEX, MAX_IMAGE_IDS, META_SCHEMA_VERSION, HeadBundle, content_id, meta_json
 from minehead.datasets import Dataset
-from minehead.crop_embeddings import CropEmbeddingCache
+from minehead.crop_embeddings import IN_FLIGHT, CropEmbeddingCache
 from head_svc.estimators import LogRegHead, MLPHead, fit_temperature, smooth_targets, teacher_targets
 from head_svc.metrics import classification_report
 from minehead.heads.onnx_export import export_head, parity
@@ -136,33 +138,44 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
     image_ids = []
     n_pos = ds.label_count
     per_image_bg = BG_PER_IMAGE if background_classes > 0 else 0
-    for gi, rec in enumerate(ds.images):
-        ctx.check_cancelled()
-        data = rec.path.read_bytes()
-        digest = hashlib.sha256(data)
-        fp.update(digest.digest())
-        image_ids.append(digest.hexdigest()[:IMAGE_ID_HEX])
-        fp.update(rec.boxes.round(2).tobytes() + rec.class_ids.tobytes())
-        sel = np.array([c in keep_ids for c in rec.class_ids], bool)
-        pos = rec.boxes[sel]
-        sides.append(geometry.relative_sides(pos, rec.width, rec.height))
-        sides_px.append(geometry.relative_sides(pos, 1, 1))
-        bg = sampling.sample_background_boxes(rec.width, rec.height, rec.boxes, per_image_bg, rng,
-                                              padding_ratio=policy.padding_ratio) if per_image_bg else np.zeros((0, 4))
-        if per_image_bg and not len(bg) and len(rec.boxes):
-            # The objects fill the image (a canopy, a wall): no box fits between them, so the
-            # background is what a detector gets wrong there: boxes at their scale matching none.
-            bg = sampling.sample_misaligned_boxes(rec.width, rec.height, rec.boxes, per_image_bg, rng)
-        if per_image_bg and len(rec.boxes):
-            bg = np.concatenate([bg, sampling.sample_thing_boxes(decode_image(data, rec.path.name).pixels, rec.boxes,
-                                                                 THINGS_PER_IMAGE, rng, padding_ratio=policy.padding_ratio)])
-        vecs = embeds.embed(data, np.concatenate([pos, bg]), policy, m)
-        X_parts.append(vecs[:len(pos)])
-        y_parts.append(np.array([keep_ids[c] for c in rec.class_ids[sel]], np.int64))
-        g_parts.append(np.full(len(pos), gi))
-        bg_parts.append(vecs[len(pos):])
-        bg_groups.append(np.full(len(bg), gi))
-        ctx.progress(gi + 1, len(ds.images), "images")
+    embeds.client  # noqa: B018 (made once, before the pool's threads share it)
+    pool = concurrent.futures.ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="embed-crops")
+    pending: collections.deque = collections.deque()
+    try:
+        for gi, rec in enumerate(ds.images):
+            ctx.check_cancelled()
+            data = rec.path.read_bytes()
+            digest = hashlib.sha256(data)
+            fp.update(digest.digest())
+            image_ids.append(digest.hexdigest()[:IMAGE_ID_HEX])
+            fp.update(rec.boxes.round(2).tobytes() + rec.class_ids.tobytes())
+            sel = np.array([c in keep_ids for c in rec.class_ids], bool)
+            pos = rec.boxes[sel]
+            sides.append(geometry.relative_sides(pos, rec.width, rec.height))
+            sides_px.append(geometry.relative_sides(pos, 1, 1))
+            bg = sampling.sample_background_boxes(rec.width, rec.height, rec.boxes, per_image_bg, rng,
+                                                  padding_ratio=policy.padding_ratio) if per_image_bg else np.zeros((0, 4))
+            if per_image_bg and not len(bg) and len(rec.boxes):
+                # The objects fill the image (a canopy, a wall): no box fits between them, so the
+                # background is what a detector gets wrong there: boxes at their scale matching none.
+                bg = sampling.sample_misaligned_boxes(rec.width, rec.height, rec.boxes, per_image_bg, rng)
+            if per_image_bg and len(rec.boxes):
+                bg = np.concatenate([bg, sampling.sample_thing_boxes(decode_image(data, rec.path.name).pixels, rec.boxes,
+                                                                     THINGS_PER_IMAGE, rng, padding_ratio=policy.padding_ratio)])
+            # The boxes are drawn here, in order (the rng's); the EmbedCrops calls run IN_FLIGHT at a
+            # time, so this side decodes and samples the next images while the embedder encodes.
+            pending.append((gi, len(pos), pool.submit(embeds.embed, data, np.concatenate([pos, bg]), policy, m)))
+            y_parts.append(np.array([keep_ids[c] for c in rec.class_ids[sel]], np.int64))
+            g_parts.append(np.full(len(pos), gi))
+            bg_groups.append(np.full(len(bg), gi))
+            while len(pending) > IN_FLIGHT or (pending and gi == len(ds.images) - 1):
+                done_i, n_pos_i, fut = pending.popleft()
+                vecs = fut.result()
+                X_parts.append(vecs[:n_pos_i])
+                bg_parts.append(vecs[n_pos_i:])
+                ctx.progress(done_i + 1, len(ds.images), "images")
+    finally:
+        pool.shutdown(cancel_futures=True)
     X = np.concatenate(X_parts) if X_parts else np.zeros((0, m.dim), np.float32)
     y = np.concatenate(y_parts)
     group = np.concatenate(g_parts)

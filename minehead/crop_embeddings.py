@@ -9,10 +9,14 @@ atomically (never pickles: np.load with allow_pickle=False).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
 import os
 import tempfile
+import threading
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -21,6 +25,10 @@ from minehead.core import embeddings as codec
 from minehead.embedder.v1 import embedder_pb2
 
 from minehead.crops import CropPolicy
+
+# Requests a training job keeps open at once (EmbedCrops, GetFeatureMap): two cores' worth, so
+# the embedder's encoder always has the next image while this side sends, decodes and writes.
+IN_FLIGHT = 3
 
 
 class CropEmbeddingCache:
@@ -31,6 +39,7 @@ class CropEmbeddingCache:
         self._client: EmbedderClient | None = None
         self.hits = 0
         self.calls = 0
+        self._count = threading.Lock()  # embed() may run in several threads at once
         self._mem: dict[Path, tuple] = {}
 
     @property
@@ -68,9 +77,11 @@ class CropEmbeddingCache:
             self._remember(path, known_b, known_v, index)
         missing = [i for i, b in enumerate(boxes) if tuple(b) not in index]
         if not missing:
-            self.hits += 1
+            with self._count:
+                self.hits += 1
             return known_v[[index[tuple(b)] for b in boxes]]
-        self.calls += 1
+        with self._count:
+            self.calls += 1
         todo = np.unique(boxes[missing], axis=0)
         resp = self.client.embed_crops_raw(data, todo, model.id, policy.to_proto())
         known_b = np.concatenate([known_b, todo])
@@ -105,6 +116,26 @@ class FeatureMapCache:
         self.cache_dir = Path(cache_dir)
         self.hits = 0
         self.calls = 0
+        self._count = threading.Lock()  # get() runs in several threads at once (get_many)
+
+    def get_many(self, datas: Iterable[bytes], model: embedder_pb2.Model, in_flight: int = IN_FLIGHT) -> Iterator:
+        """get() for each image, in order, with up to `in_flight` GetFeatureMap calls at once: the
+        embedder's micro-batcher runs what arrives together as one encoder batch, and the
+        transfer, decoding and cache writes of one image overlap the encoder pass of the next.
+        `datas` is consumed lazily (a generator may build each image as it is needed)."""
+        self.embeds.client  # noqa: B018 (made once, before the threads share it)
+        with concurrent.futures.ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="fmap-get") as pool:
+            pending: collections.deque = collections.deque()
+            try:
+                for data in datas:
+                    pending.append(pool.submit(self.get, data, model))
+                    if len(pending) > in_flight:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for f in pending:
+                    f.cancel()
 
     def get(self, data: bytes, model: embedder_pb2.Model):
         """-> (C x rows x cols float32, minehead.locator.frame.FeatureFrame)."""
@@ -115,10 +146,12 @@ class FeatureMapCache:
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:
                 fmap, g = z["fmap"], z["frame"]
-            self.hits += 1
+            with self._count:
+                self.hits += 1
             return fmap, FeatureFrame.for_image(int(g[0]), int(g[1]), int(g[2]), model.preprocessing.resize,
                                                 fmap.shape[1], fmap.shape[2])
-        self.calls += 1
+        with self._count:
+            self.calls += 1
         import grpc
 
         from minehead.core.errors import FailedPrecondition

@@ -229,3 +229,57 @@ def test_mlp_fits_side_by_side_are_their_seeds_own():
     for (wa, ba, _), (wb, bb, _) in zip(alone, beside):
         np.testing.assert_array_equal(wa, wb)
         np.testing.assert_array_equal(ba, bb)
+
+
+def test_crops_are_embedded_several_images_at_once_each_row_in_its_place(tmp_path):
+    """training.prepare keeps IN_FLIGHT EmbedCrops calls open (answers may finish out of order):
+    every embedding must land on its own image's row, and the boxes drawn (the rng's order) must
+    be those of one call at a time."""
+    import hashlib
+    import threading
+    import time
+    import types
+
+    from head_svc import training
+    from minehead.crops import CropPolicy
+    from minehead.datasets import load_dataset
+    from minehead.synth import make_synthetic_dataset
+
+    ds = load_dataset(make_synthetic_dataset(tmp_path / "shapes", images=9, seed=4))
+    model = types.SimpleNamespace(id="m", dim=5, weights_sha256="w")
+    tag = lambda data: hashlib.sha256(data).digest()[0]  # noqa: E731 (which image)
+
+    class Embeds:
+        def __init__(self, delay):
+            self.hits = self.calls = self.open = self.most = 0
+            self.client, self.delay, self.lock, self.sent = object(), delay, threading.Lock(), []
+
+        def model_info(self, _):
+            return model
+
+        def embed(self, data, boxes, policy, m):
+            with self.lock:
+                self.calls += 1
+                self.open += 1
+                self.most = max(self.most, self.open)
+                self.sent.append((tag(data), np.asarray(boxes).copy()))
+            time.sleep(self.delay(data))
+            with self.lock:
+                self.open -= 1
+            return np.column_stack([np.full(len(boxes), tag(data)), np.asarray(boxes)]).astype(np.float32)
+
+    ctx = types.SimpleNamespace(phase=lambda *_: None, progress=lambda *_, **__: None, log=lambda *_: None,
+                                warn=lambda *_: None, check_cancelled=lambda: None, metrics=lambda *_: None)
+    args = dict(model="", classes=[], background_classes=2, holdout_fraction=0.25, seed=3, policy=CropPolicy())
+    first = ds.images[0].path.read_bytes()
+    slow_first = Embeds(lambda d: 2.0 if d == first else 0.0)  # the first answer comes last
+    p = training.prepare(ds, ctx, slow_first, **args)
+    assert slow_first.most >= 2
+    tags = [tag(rec.path.read_bytes()) for rec in ds.images]
+    assert [int(t) for t in p.X[:, 0]] == [tags[g] for g in p.group]  # each row from its own image
+    sent = {t: b for t, b in slow_first.sent}
+    assert all(np.isclose(sent[tags[g]], row[1:5], atol=1e-3).all(axis=1).any() for row, g in zip(p.X, p.group))
+    one_at_a_time = Embeds(lambda d: 0.0)
+    q = training.prepare(ds, ctx, one_at_a_time, **args)
+    assert [b.tolist() for _, b in slow_first.sent] == [b.tolist() for _, b in one_at_a_time.sent]  # the same draws
+    assert np.array_equal(p.X, q.X) and np.array_equal(p.y, q.y) and np.array_equal(p.group, q.group)

@@ -154,6 +154,34 @@ def test_a_fit_beside_early_stopping_ends_with_the_weights_of_the_settled_epoch(
             beside.result(timeout=60)
 
 
+def test_batches_are_cut_to_the_image_and_lose_nothing_that_counts(toy_locator):
+    """train.on_image: the padding of a 4:3 image past REACH cells is not computed, and the
+    loss (valid cells only) and every valid cell's outputs are those of the whole map."""
+    import torch
+
+    net, *_ , params, data, tg = toy_locator
+    rng = np.random.default_rng(5)
+    maps = [rng.normal(0, 1, m.shape).astype(np.float32) for m, *_ in data[:4]]
+    cut_tg = []
+    for t in tg[:4]:
+        on = np.zeros_like(t.valid)
+        on[:9, :12] = True  # the image ends at row 9 (padding below), and at column 12
+        cut_tg.append(targets.Targets(t.heat, t.size, t.offset, t.centres & on, t.valid & on, t.size_mask & on))
+    full = train._tensors(maps, cut_tg)
+    cut = train.on_image(full)
+    assert cut[0].shape[-2:] == (9 + train.REACH, 12 + train.REACH)
+    with torch.no_grad():
+        a = train.loss_terms(net, *full[:6], params, size_mask=full[6])
+        b = train.loss_terms(net, *cut[:6], params, size_mask=cut[6])
+        assert all(abs(float(x) - float(y)) <= 1e-5 * max(1.0, abs(float(x))) for x, y in zip(a, b))
+        for x, y in zip(net(full[0]), net(cut[0])):
+            assert torch.allclose(x[..., :9, :12], y[..., :9, :12], atol=1e-6)
+    per_class = full[:5] + (full[5][:, None].repeat(1, 2, 1, 1),) + full[6:]  # valid per class, N x K x R x C
+    assert [t.shape[-2:] for t in train.on_image(per_class)] == [t.shape[-2:] for t in cut]
+    whole = train._tensors(maps, tg[:4])  # every cell valid: nothing to cut
+    assert train.on_image(whole)[0].shape == whole[0].shape
+
+
 def test_onnx_export_matches_torch(toy_locator):
     net, *_ , data, _ = toy_locator
     onnx_bytes = export.to_onnx(net)
