@@ -144,3 +144,64 @@ def test_the_stream_applies_the_exemplars_to_other_images(miner, image):
     assert [o.index for o in out] == [0, 1, 2]
     assert hits(boxes_of(out[1]), sq2) == 6 and hits(boxes_of(out[1]), d2) == 0
     assert out[2].error and not out[2].boxes
+
+
+def test_cli_find_on_a_folder_writes_the_draft_folder_and_accept_hands_it_to_training(miner, image, embedder_server, tmp_path):
+    """The public command in a subprocess: the exemplar image and a folder of two more (one
+    unreadable) -> the same draft folder as `minehead draft`; then `datasets accept` -> a YOLO
+    dataset that training reads, uploaded to the head service's dataset store."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from minehead.datasets import load_dataset
+    from tests.conftest import REPO
+
+    px, squares, discs = image
+    folder = tmp_path / "more"
+    folder.mkdir()
+    Image.fromarray(px).save(tmp_path / "first.png")
+    Image.fromarray(squares_and_circles(seed=3, shift=8)[0]).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png")
+    out = tmp_path / "found"
+    args = [sys.executable, "-m", "clients.cli", "--miner", miner["address"], "find", "--image", str(tmp_path / "first.png"),
+            *[f"--box=square={','.join(str(int(v)) for v in b)}" for b in squares[:3]], "--images", str(folder), "-o", str(out)]
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("Drafted 2 of 3 images into") and "square 12" in last and "1 skipped" in last, last
+    assert "3/3 images" in r.stderr  # the progress bar
+    for f in ("labelmap.txt", "coco.json", "labelstudio.json", "labelstudio_config.xml", "review.jsonl", "summary.json"):
+        assert (out / f).is_file(), f
+    assert len((out / "labels" / "first.txt").read_text().splitlines()) == 6  # 3 drawn + 3 found
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images_drafted"] == 2 and summary["unreadable"][0]["image"] == "b.png"
+    # Running it again continues (nothing left to do); other exemplars are refused on the same folder.
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert again.returncode == 0 and "already done" in again.stderr
+
+    # Review: delete one found box from a.png, then accept both images into a dataset.
+    lines = (out / "labels" / "a.txt").read_text().splitlines()
+    (out / "labels" / "a.txt").write_text("\n".join(lines[:-1]) + "\n")
+    from clients.cli import main
+
+    from head_svc.__main__ import build as build_head
+    from tests.conftest import make_config
+
+    hcfg = make_config("head", tmp_path / "head", extra={"embedder_addr": embedder_server.address})
+    hrunner, hb = build_head(hcfg)
+    hserver = start_server(hcfg, hb)
+    try:
+        rc = main(["--head", f"127.0.0.1:{hserver.port}", "datasets", "accept", str(out), "-o", str(tmp_path / "ds"),
+                   "--upload", "--json"])
+    finally:
+        hserver.stop(0.5)
+        hrunner.shutdown()
+    assert rc == 0
+    ds = load_dataset(tmp_path / "ds")
+    assert ds.classes == ["square"] and sorted(r.path.name for r in ds.images) == ["a.png", "first.png"]
+    assert sorted(len(r.boxes) for r in ds.images) == [5, 6]
+    assert not (tmp_path / "ds" / "images" / "a.png").is_symlink()
