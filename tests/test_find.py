@@ -205,3 +205,49 @@ def test_cli_find_on_a_folder_writes_the_draft_folder_and_accept_hands_it_to_tra
     assert ds.classes == ["square"] and sorted(r.path.name for r in ds.images) == ["a.png", "first.png"]
     assert sorted(len(r.boxes) for r in ds.images) == [5, 6]
     assert not (tmp_path / "ds" / "images" / "a.png").is_symlink()
+
+
+def test_label_studio_interactive_predict_keeps_the_drawn_rectangles_and_adds_the_rest(miner, image, tmp_path):
+    """The backend's /predict with rectangles drawn in `params.context` (as Label Studio 1.23
+    sends them with auto-annotation on), through Backend.predict's dispatch and the real miner;
+    the image is read as a local file the way Label Studio serves it."""
+    from PIL import Image
+
+    from minehead.client.miner import MinerClient
+    from minehead.drafts.formats import labelstudio_config
+    from minehead.labelstudio.backend import Backend
+    from minehead.labelstudio.guard import Limits
+    from minehead.labelstudio.predict import Predictor
+
+    px, squares, discs = image
+    Image.fromarray(px).save(tmp_path / "shapes.png")
+
+    def drawn(b, label):
+        return {"id": f"d{int(b[0])}", "type": "rectanglelabels", "from_name": "label", "to_name": "image",
+                "original_width": W, "original_height": H, "image_rotation": 0,
+                "value": {"x": 100 * b[0] / W, "y": 100 * b[1] / H, "width": 100 * (b[2] - b[0]) / W,
+                          "height": 100 * (b[3] - b[1]) / H, "rotation": 0, "rectanglelabels": [label]}}
+
+    backend = object.__new__(Backend)  # the protocol's dispatch without a recipe set, rounds or state
+    backend.limits = Limits()
+    backend.predictor = Predictor(None, images_root=str(tmp_path), labelstudio_url=None)
+    with MinerClient(miner["address"]) as mc:
+        backend.miner = mc
+        config = labelstudio_config(["square", "disc"], polygons=False)
+        results = [drawn(squares[0], "square"), drawn(discs[0], "disc")]
+        task = {"id": 7, "data": {"image": "/data/local-files/?d=shapes.png"}}
+        [pred] = backend.predict({"tasks": [task], "label_config": config, "params": {"context": {"result": results}}})
+        assert pred["result"][:2] == results  # the drawn ones, as drawn
+        found = pred["result"][2:]
+        as_px = np.array([[r["value"]["x"] * W / 100, r["value"]["y"] * H / 100,
+                           (r["value"]["x"] + r["value"]["width"]) * W / 100,
+                           (r["value"]["y"] + r["value"]["height"]) * H / 100] for r in found])
+        labels = np.array([r["value"]["rectanglelabels"][0] for r in found])
+        assert hits(as_px[labels == "square"], squares[1:]) == 5 and hits(as_px[labels == "disc"], discs[1:]) == 3
+        assert len(found) == 8 and len({r["id"] for r in pred["result"]}) == 10
+        # A label the project does not have is refused, naming it.
+        from minehead.core.errors import InvalidArgument
+
+        with pytest.raises(InvalidArgument, match="unknown class 'cat'"):
+            backend.predict({"tasks": [task], "label_config": config,
+                             "params": {"context": {"result": [drawn(squares[0], "cat")]}}})
