@@ -26,6 +26,7 @@ from minehead.core.errors import FailedPrecondition
 from minehead.core.images import decode_image
 from minehead.core.singleflight import SingleFlight
 from minehead.exemplars import ExemplarMatcher, MatchImage, MatchSettings, Prototypes, check_exemplars
+from minehead.exemplars.matching import settle
 from minehead.locator.frame import FeatureFrame
 from minehead.miner.v1 import drafting_pb2, exemplars_pb2
 
@@ -150,6 +151,8 @@ class ExemplarFinder:
             t1 = time.perf_counter()
             boxes, passes, hits = self._refiner.refine(entry.refine, boxes)
             stats.refine_ms, stats.decoder_passes, stats.refine_cache_hits = (time.perf_counter() - t1) * 1000, passes, hits
+            found = settle(found.with_boxes(boxes), exemplars.boxes if exemplars is not None else None, match.settings)
+            boxes = found.boxes.astype(np.float64)
         out = drafting_pb2.DraftedImage(image=entry.label, width=entry.width, height=entry.height, index=index)
         if exemplars is not None and not options.omit_exemplars:
             for k, (b, c) in enumerate(zip(exemplars.boxes, exemplars.names)):
