@@ -51,6 +51,7 @@ class MatchSettings:
     peak_window: float = 0.35  # local-maximum radius, as a fraction of the exemplars' smaller side
     nms_iou: float = 0.5
     exemplar_iou: float = 0.3  # a found box this close to an exemplar is that exemplar
+    own_statistics: bool = False  # other images standardised with their own statistics, not the exemplars' image's
 
 
 @dataclasses.dataclass
@@ -69,6 +70,10 @@ class Prototypes:
     self_scores: np.ndarray
     negatives: np.ndarray
     neg_self: np.ndarray
+    # The exemplar image's per-channel mean and std (C each): other images' cells are standardised
+    # with them, so a colour means the same on every image (None: each image's own).
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -133,12 +138,26 @@ class MatchImage:
             raise ValueError(f"feature map {R} x {K} cells, frame {frame.rows} x {frame.cols}")
         self.frame, self.settings = frame, settings
         self.valid = frame.valid.reshape(-1)
-        X = fmap.reshape(C, -1).T
-        v = X[self.valid]
-        X = (X - v.mean(0)) / (v.std(0) + 1e-6)
-        if C > ENCODER_CHANNELS:
-            X[:, ENCODER_CHANNELS:] *= settings.colour_weight
-        self.cells = _unit(X).astype(np.float32)
+        self.raw = fmap.reshape(C, -1).T
+        v = self.raw[self.valid]
+        self.mean, self.std = v.mean(0), v.std(0) + 1e-6
+        self.cells = self._standardise(self.mean, self.std)
+        self._foreign: tuple | None = None  # (mean, std, cells) under another image's statistics
+
+    def _standardise(self, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+        X = (self.raw - mean) / std
+        if X.shape[1] > ENCODER_CHANNELS:
+            X[:, ENCODER_CHANNELS:] *= self.settings.colour_weight
+        return _unit(X).astype(np.float32)
+
+    def cells_for(self, protos: "Prototypes") -> np.ndarray:
+        """This image's cells standardised as the prototypes' image was (its own when unknown)."""
+        if protos.mean is None or protos.mean is self.mean or self.settings.own_statistics:
+            return self.cells
+        f = self._foreign
+        if f is None or f[0] is not protos.mean:
+            self._foreign = f = (protos.mean, protos.std, self._standardise(protos.mean, protos.std))
+        return f[2]
 
     # -- exemplars -> prototypes ------------------------------------------------------------
     def _box_cells(self, box: np.ndarray, shrink: float) -> np.ndarray:
@@ -180,7 +199,7 @@ class MatchImage:
         offsets = (boxes[:, :2] + boxes[:, 2:]) / 2 - pc
         nvecs, nselfs, _ = self._vectors(negatives)
         return Prototypes(vecs, np.asarray(classes, str).reshape(-1), (boxes[:, 2:] - boxes[:, :2]).astype(np.float32),
-                          offsets.astype(np.float32), selfs, nvecs, nselfs)
+                          offsets.astype(np.float32), selfs, nvecs, nselfs, self.mean, self.std)
 
     # -- prototypes -> boxes ----------------------------------------------------------------
     def relative(self, sims: np.ndarray, tops: np.ndarray) -> np.ndarray:
@@ -196,13 +215,14 @@ class MatchImage:
         if not len(protos.vectors):
             return Found.empty()
         R, K = f.rows, f.cols
-        rel = self.relative(self.cells @ protos.vectors.T, protos.self_scores)  # cells x E
+        cells = self.cells_for(protos)
+        rel = self.relative(cells @ protos.vectors.T, protos.self_scores)  # cells x E
         names = protos.class_names
         per_class = np.stack([rel[:, protos.classes == c].max(1) for c in names], 1)  # cells x classes
         best_e = np.stack([np.flatnonzero(protos.classes == c)[rel[:, protos.classes == c].argmax(1)] for c in names], 1)
         rival = np.full(len(rel), -np.inf, np.float32)
         if len(protos.negatives):
-            rival = self.relative(self.cells @ protos.negatives.T, protos.neg_self).max(1)
+            rival = self.relative(cells @ protos.negatives.T, protos.neg_self).max(1)
         boxes, scores, cls, ex = [], [], [], []
         for k, c in enumerate(names):
             others = np.delete(per_class, k, 1)
