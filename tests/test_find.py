@@ -251,3 +251,41 @@ def test_label_studio_interactive_predict_keeps_the_drawn_rectangles_and_adds_th
         with pytest.raises(InvalidArgument, match="unknown class 'cat'"):
             backend.predict({"tasks": [task], "label_config": config,
                              "params": {"context": {"result": [drawn(squares[0], "cat")]}}})
+
+
+def test_the_matcher_as_a_library_numpy_in_numpy_out():
+    """minehead.exemplars on a made-up 259 x 64 x 64 map (no encoder): objects are 3 x 3-cell
+    patches of one of two vectors on noise; two exemplars of one kind find the others of that
+    kind, with the exemplars' size, and none of the other kind; on a second map whose every
+    channel is shifted (another image's statistics) the same prototypes still find them."""
+    from minehead.exemplars import ExemplarMatcher
+    from minehead.locator.frame import FeatureFrame
+
+    rng = np.random.default_rng(0)
+    frame = FeatureFrame.for_image(512, 512, 1024, "longest_side_pad", 64, 64)  # 8 px a cell
+    a, b, centre = rng.normal(0, 1, 259), rng.normal(0, 1, 259), rng.normal(0, 1, 259)
+
+    def fmap(shift=0.0):
+        f = rng.normal(0, 0.3, (259, 64, 64)).astype(np.float32) + shift
+        truth = {"a": [], "b": []}
+        for k, (r, c) in enumerate([(5, 5), (5, 30), (20, 50), (40, 10), (50, 40), (30, 25), (55, 55), (12, 40)]):
+            kind, v = ("a", a) if k % 2 == 0 else ("b", b)
+            f[:, r:r + 3, c:c + 3] += v[:, None, None] + shift
+            f[:, r + 1, c + 1] += 0.7 * centre  # a centre unlike the rim, as real maps have (a plateau: `smooth`)
+            truth[kind].append([c * 8, r * 8, (c + 3) * 8, (r + 3) * 8])
+        return f, {k: np.array(v, float) for k, v in truth.items()}
+
+    f1, t1 = fmap()
+    img = ExemplarMatcher().set_image(f1, frame)
+    protos = img.prototypes(t1["a"][:2], ["a", "a"])
+    found = img.find(protos, exclude=t1["a"][:2])
+    assert found.boxes.shape[1] == 4 and found.boxes.dtype == np.float32 and len(found.scores) == len(found)
+    assert hits(found.boxes, t1["a"][2:]) == 2 and hits(found.boxes, t1["b"]) == 0 and len(found) == 2
+    f2, t2 = fmap(shift=0.5)
+    other = ExemplarMatcher().set_image(f2, frame).find(protos)
+    assert hits(other.boxes, t2["a"]) == 4 and hits(other.boxes, t2["b"]) == 0 and len(other) == 4
+    # "Not this": a b-box as a negative with an exemplar box that takes in both kinds.
+    both = [t1["a"][0][0], t1["a"][0][1], t1["a"][0][2] + 200, t1["a"][0][3]]  # reaches the b at (5, 30)
+    loose = img.find(img.prototypes([both], ["x"]))
+    strict = img.find(img.prototypes([both], ["x"], negatives=t1["b"][:1]))
+    assert hits(strict.boxes, t1["b"]) <= hits(loose.boxes, t1["b"])

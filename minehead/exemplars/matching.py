@@ -49,6 +49,10 @@ class MatchSettings:
     prototype_shrink: float = 0.5  # central part of an exemplar box whose cells make its prototype
     min_score: float = 0.6  # relative similarity (0 = the image's median cell, 1 = the weakest exemplar)
     peak_window: float = 0.35  # local-maximum radius, as a fraction of the exemplars' smaller side
+    # Peaks of the map averaged over this fraction of the exemplars' smaller side (radius): one
+    # peak on a uniform object. Measured (same image, k=3, refined): coins 0.96 -> 1.00, brick
+    # 0.73 -> 0.71 (k=1: 0.69 -> 0.10, the window spans the mortar), scenes 0.78 -> 0.76: off.
+    smooth: float = 0.0
     nms_iou: float = 0.5
     exemplar_iou: float = 0.3  # a found box this close to an exemplar is that exemplar
     own_statistics: bool = False  # other images standardised with their own statistics, not the exemplars' image's
@@ -119,6 +123,20 @@ def window_max(a: np.ndarray, r: int) -> np.ndarray:
         for dx in range(2 * r + 1):
             np.maximum(m, p[dy:dy + R, dx:dx + C], out=m)
     return m
+
+
+def window_mean(a: np.ndarray, r: int) -> np.ndarray:
+    """R x C -> the mean over each cell's (2r+1) x (2r+1) window, clipped at the map's edges
+    (a summed-area table)."""
+    if r <= 0:
+        return a
+    R, C = a.shape
+    S = np.zeros((R + 1, C + 1), np.float64)
+    S[1:, 1:] = np.cumsum(np.cumsum(a, 0), 1)
+    y0, y1 = np.clip(np.arange(R) - r, 0, R), np.clip(np.arange(R) + r + 1, 0, R)
+    x0, x1 = np.clip(np.arange(C) - r, 0, C), np.clip(np.arange(C) + r + 1, 0, C)
+    tot = S[y1][:, x1] - S[y0][:, x1] - S[y1][:, x0] + S[y0][:, x0]
+    return (tot / ((y1 - y0)[:, None] * (x1 - x0)[None])).astype(a.dtype)
 
 
 class ExemplarMatcher:
@@ -231,7 +249,9 @@ class MatchImage:
             sizes = protos.sizes[protos.classes == c]
             side = float(np.median(np.minimum(sizes[:, 0] / f.cell_w, sizes[:, 1] / f.cell_h)))
             r = max(1, int(round(s.peak_window * side)))
-            m2 = rmap.reshape(R, K)
+            # Peaks of the map averaged over the object's middle: a uniform object is a plateau
+            # whose raw maxima wander; its average peaks at its centre.
+            m2 = window_mean(rmap.reshape(R, K), int(round(s.smooth * side)))
             peak = (m2 >= window_max(m2, r)).reshape(-1) & wins & (rmap >= s.min_score)
             idx = np.flatnonzero(peak)
             e = best_e[idx, k]
