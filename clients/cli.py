@@ -11,6 +11,7 @@
     minehead mine start|watch|cancel|ab, recipes list|get|export|import|apply|delete, negatives export
     minehead recipes sets list|get|create|delete|export|import
     minehead draft --recipes SET_OR_JOB --images DIR -o OUT [--format yolo,coco,labelstudio] [--polygons] [--merge] [--resume JOB]
+    minehead find --image PATH --box [CLASS=]X1,Y1,X2,Y2 [--box …] [--not X1,Y1,X2,Y2 …] [--images DIR] -o OUT
     minehead labelstudio serve --recipes SET_OR_JOB [--port 9090]     (a Label Studio ML backend; clients/cli_labelstudio.py)
 
 Service addresses come from --embedder/--head/--miner or MINEHEAD_<SERVICE>_ADDR
@@ -30,7 +31,7 @@ import numpy as np
 from minehead.client.channel import default_address
 from minehead.client.embedder import EmbedderClient
 from minehead.client.health import check_health
-from clients import cli_draft, cli_heads, cli_labelstudio, cli_miner
+from clients import cli_draft, cli_find, cli_heads, cli_labelstudio, cli_miner
 from clients.cli_common import SERVICES, parse_box, print_json, print_table, to_jsonable
 
 
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_heads.add_commands(sub, add)
     recipes = cli_miner.add_commands(sub, add)
     cli_draft.add_commands(sub, add, recipes)
+    cli_find.add_commands(sub, add)
     cli_labelstudio.add_commands(sub, add)
     return p
 

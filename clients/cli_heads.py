@@ -248,6 +248,9 @@ def add_commands(sub, add) -> None:
     from clients.cli_import import add_import_command
 
     add_import_command(ds, add)
+    from clients.cli_find import add_accept_command
+
+    add_accept_command(ds, add)
 
     heads = sub.add_parser("heads", help="classifier heads").add_subparsers(dest="heads_cmd", required=True)
     tr = add(heads, "train", cmd_train, "train a head on a YOLO dataset (a job)")

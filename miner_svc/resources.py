@@ -28,6 +28,7 @@ from minehead.miner.v1 import drafting_pb2, miner_pb2
 
 from miner_svc.datasets import DatasetResolver
 from miner_svc.detectors import create_detector
+from miner_svc.exemplars.finder import ExemplarFinder
 from miner_svc.recipes.drafter import Drafter, draft_floor, make_drafter
 from miner_svc.recipes.detection_cache import DEFAULT_FLOOR, CachedDetector
 from miner_svc.recipes.scorer import HeadScorer, feature_pool
@@ -51,6 +52,8 @@ class MinerResources:
         self.store = RecipeStore(service_dir / "recipes")
         self.sets = RecipeSetStore(service_dir / "recipe_sets")
         self.embeds = CropEmbeddingCache(embedder_address, service_dir / "embeddings")
+        self.embedder_address = embedder_address
+        self._finder: ExemplarFinder | None = None
         # one dataset store: folders under the allowed roots, or "datasets/{id}" from the head service
         self.datasets = DatasetResolver(head_address, allowed_roots, service_dir / "datasets")
         self.negatives_dir = service_dir / "negatives"
@@ -144,6 +147,15 @@ class MinerResources:
         model = self.embeds.model_info(head.embedder_model)
         return make_drafter(shared.detector, head, rset, options, self.embeds, model, self.dir / "detections"), rset
 
+    def finder(self) -> ExemplarFinder:
+        """The exemplar search (FindSimilar), made on first use: the SAM decoder loads then."""
+        with self._lock:
+            if self._finder is None:
+                self._finder = ExemplarFinder(self.embedder_address, self.models_dir)
+            return self._finder
+
     def close(self) -> None:
         self.embeds.close()
+        if self._finder is not None:
+            self._finder.close()
         self.pool.close()

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Iterator
 from google.protobuf import struct_pb2
 
 from minehead.common.v1 import common_pb2
-from minehead.miner.v1 import drafting_pb2, miner_pb2, miner_pb2_grpc
+from minehead.miner.v1 import drafting_pb2, exemplars_pb2, miner_pb2, miner_pb2_grpc
 
 from minehead.client.channel import ServiceClient
 from minehead.client.embedder import image_ref
@@ -120,3 +120,20 @@ class MinerClient(ServiceClient):
 
         # No overall deadline: a stream of many images takes as long as it takes.
         return self.stub.DraftImages(requests())
+
+    def find_similar(self, image, options: exemplars_pb2.FindOptions, label: str = "") -> exemplars_pb2.FindSimilarResponse:
+        """Every object like options.exemplars on `image` (a path, bytes or HxWx3 array)."""
+        req = exemplars_pb2.FindSimilarRequest(image=image_ref(image, label), options=options)
+        return self.stub.FindSimilar(req, timeout=self.timeout)
+
+    def find_similar_images(self, image, options: exemplars_pb2.FindOptions, images: Iterable,
+                            label: str = "") -> Iterator[drafting_pb2.DraftedImage]:
+        """The exemplars' image first (index 0), then every image of `images` (read lazily, one
+        at a time) searched with the same exemplars: one DraftedImage each, in order."""
+        def requests():
+            yield exemplars_pb2.FindImagesRequest(exemplars=exemplars_pb2.FindSimilarRequest(
+                image=image_ref(image, label), options=options))
+            for im in images:
+                yield exemplars_pb2.FindImagesRequest(image=image_ref(im))
+
+        return self.stub.FindSimilarImages(requests())

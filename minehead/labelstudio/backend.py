@@ -33,6 +33,7 @@ from minehead.core.jobs import FINAL_STATES, JobRunner, JobStore
 from minehead.labelstudio.config import check_labels, parse_config
 from minehead.importers import resolve_image
 from minehead.labelstudio.guard import Limits, Refused, check_tasks, project_id
+from minehead.labelstudio.interactive import drawn_results
 from minehead.labelstudio.predict import Predictor
 from minehead.labelstudio.rounds import RoundSpec, round_job
 from minehead.labelstudio.state import RunnerLock, StateFile
@@ -117,10 +118,20 @@ class Backend:
         if not isinstance(payload, dict):
             raise InvalidArgument("/predict expects a JSON object")
         tasks = check_tasks(payload.get("tasks"), self.limits)
+        drawn = drawn_results(payload)
+        if drawn:  # interactive: rectangles drawn on one task -> everything like them there
+            return [self._interactive(tasks, drawn, payload.get("label_config"))]
         version = self.model_version  # one version for the whole answer, even if a round ends meanwhile
         config = self._config(payload.get("label_config"), version)
         log.info("predict: %d task(s) with %s", len(tasks), version)
         return self.predictor.predict(tasks, config, version)
+
+    def _interactive(self, tasks: list, drawn: list, label_config) -> dict:
+        config = parse_config(label_config)
+        if len(tasks) != 1:
+            raise Refused(f"interactive /predict: drawn rectangles come with one task, got {len(tasks)}")
+        log.info("predict: interactive, %d drawn rectangle(s) on task %s", len(drawn), tasks[0].get("id"))
+        return self.predictor.interactive(tasks[0], drawn, config, self.miner.find_similar)
 
     def webhook(self, payload: dict) -> dict:
         """START_TRAINING asks for a round; with train_every=N, every N-th created or updated

@@ -78,6 +78,15 @@ class Predictor:
         fetch_image(source, dst, self.authorization() if source[0] == "url" else None)
         return dst
 
+    def interactive(self, task: dict, drawn: list[dict], config: LabelConfig, find_similar) -> dict:
+        """Label Studio's interactive mode (minehead.labelstudio.interactive): the drawn
+        rectangles kept as they are, plus every object like them on the task's image."""
+        from minehead.labelstudio.interactive import interactive_prediction
+
+        with tempfile.TemporaryDirectory(prefix="minehead-ls-") as tmp:
+            path = self._task_image(task, config, Path(tmp), 0)
+            return interactive_prediction(drawn, config, find_similar, path)
+
     def predict(self, tasks: list, config: LabelConfig, recipe_set: str) -> list[dict]:
         """One prediction per task, in order, or a single one when the budget ran out (see above).
         A task whose image cannot be used gets an empty prediction scored 0 (review it first) and
