@@ -196,12 +196,18 @@ def _draft_one(det, drafter: Drafter, path: Path, index: int):
     W, H = image.width, image.height
     if len(tiling.plan(W, H, drafter.head.object_px, drafter.head.object_sides).tiles) > 1:
         return "drafted in tiles (adaptation reads whole-image maps)"
-    fmap = det._features(det.set_image(image)).fmap  # kept by the detector's recent-images cache
+    fmap, frame = _feature_map(det, image)  # kept by the detector's recent-images cache for the draft
     drafted = drafter.draft(data, path.name, index)
     if drafted.error or drafted.failure:
         return drafted.error or drafted.failure
-    frame = FeatureFrame.for_image(W, H, det.pre.input_size, det.pre.resize, fmap.shape[1], fmap.shape[2])
     return fmap, frame, drafted
+
+
+def _feature_map(det, image) -> tuple[np.ndarray, FeatureFrame]:
+    """The detector's map of one image (C x R x Cols, its own encoder pass) and its frame."""
+    fmap = det._features(det.set_image(image)).fmap
+    return fmap, FeatureFrame.for_image(image.width, image.height, det.pre.input_size, det.pre.resize,
+                                        fmap.shape[1], fmap.shape[2])
 
 
 def _labelled(ctx, det, ds: Dataset | None, classes: list[str]) -> tuple[list, list]:
@@ -216,9 +222,7 @@ def _labelled(ctx, det, ds: Dataset | None, classes: list[str]) -> tuple[list, l
             image = decode_image(rec.path.read_bytes(), rec.path.name)
         except (OSError, MineheadError):
             continue
-        fmap = det._features(det.set_image(image)).fmap
-        frame = FeatureFrame.for_image(image.width, image.height, det.pre.input_size, det.pre.resize,
-                                       fmap.shape[1], fmap.shape[2])
+        fmap, frame = _feature_map(det, image)
         sel = np.array([int(c) in names for c in rec.class_ids], bool)
         ids = np.array([names[int(c)] for c in rec.class_ids[sel]], np.int64)
         maps.append(fmap)
