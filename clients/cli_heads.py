@@ -44,6 +44,7 @@ def cmd_train(a) -> int:
     if a.locator is not None:
         spec.locator = a.locator
     spec.locator_augment = a.locator_augment
+    spec.cross_fit_folds = a.cross_fit_folds
     def start(ref):
         spec.dataset.CopyFrom(ref)
         return c.start_training(spec)
@@ -270,6 +271,10 @@ def add_commands(sub, add) -> None:
     tr.add_argument("--locator-augment", choices=["auto", "none", "flip", "dihedral"], default="auto",
                     help="flipped / turned copies of the labelled images for the locator (default auto: enough "
                          "copies for about 32 maps, none from 32 images on; flip: the horizontal flip only)")
+    tr.add_argument("--cross-fit-folds", type=int, default=0, metavar="K",
+                    help="also fit the head and locator K times (2-5), each without one fold of the images, so "
+                         "mining chooses thresholds on scores of images they did not see (default: none; "
+                         "docs/recipes.md says when it helps)")
     adv = tr.add_argument_group("advanced (soft targets, MLP)")
     adv.add_argument("--label-smoothing", type=float, default=0.0, help="epsilon, 0 = off (0.05-0.15 typical)")
     adv.add_argument("--teacher-temperature", type=float, default=0.0, help="> 0: soft targets from a logreg teacher")

@@ -31,6 +31,8 @@ def _spec(a) -> miner_pb2.MiningSpec:
         spec.prompt_filter = False
     if a.no_refit:
         spec.refit_all_images = False
+    if a.in_fold:
+        spec.out_of_fold = False
     for p in a.prompt or []:
         if "=" not in p:
             raise SystemExit(f"--prompt {p!r}: expected CLASS=P1,P2")
@@ -225,6 +227,9 @@ def add_commands(sub, add):
         p.add_argument("--no-refit", action="store_true",
                        help="ship the thresholds chosen on the tune split alone (default: chosen again on every "
                             "image once the held-out figures are taken)")
+        p.add_argument("--in-fold", action="store_true",
+                       help="with a cross-fitted head (heads train --cross-fit-folds): score its labelled images "
+                            "with the shipped head instead of each fold's")
 
     st = add(mine, "start", cmd_mine_start, "mine one recipe per class (a job)")
     mining_args(st)

@@ -52,9 +52,14 @@ class TrainedLocator:
     onnx_bytes: bytes
     meta: dict  # meta.json "locator"
     report: dict  # report.json "locator": history and per-class held-out figures
+    folds: list[bytes] = dataclasses.field(default_factory=list)  # cross-fitting: fold k's graph (head_svc.cross_fit)
 
 
-def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: loc_train.LocatorParams) -> TrainedLocator:
+def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: loc_train.LocatorParams,
+                  image_fold: np.ndarray | None = None) -> TrainedLocator:
+    """image_fold: per dataset image its cross-fitting fold (head_svc.cross_fit), or None: one more
+    net per fold, fitted beside the final one for the same epochs on every image (and copy) outside
+    the fold, shipped with the same refiner."""
     real = [c for c in p.classes if not c.startswith("__bg_")]
     ctx.phase("locator")
     t0 = time.perf_counter()
@@ -128,9 +133,13 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     # The floor never passes the cap the user set (locator_max_epochs under MIN_EPOCHS): the final
     # fit stops at the cap, so a higher floor left it waiting for an epoch it never ran (KeyError).
     count = loc_train.EpochCount(floor=min(MIN_EPOCHS, params.max_epochs))
-    with concurrent.futures.ThreadPoolExecutor(members, thread_name_prefix="locator-final") as pool:
+    n_folds = int(image_fold.max()) + 1 if image_fold is not None else 0
+    with concurrent.futures.ThreadPoolExecutor(members + n_folds, thread_name_prefix="locator-final") as pool:
         finals = [pool.submit(loc_train.fit, maps, tgts, len(real), dataclasses.replace(params, seed=params.seed + j),
                               on_epoch=on_final_epoch, follow=count) for j in range(members)]
+        outside = [np.flatnonzero(image_fold[src] != k) for k in range(n_folds)]
+        fold_fits = [pool.submit(loc_train.fit, [maps[i] for i in idx], [tgts[i] for i in idx], len(real), params,
+                                 follow=count) for idx in outside]
         # (if it raises, fit() abandons the count, which stops the final fits within an epoch)
         net, history, best = loc_train.fit(fit_maps, fit_t, len(real), params, val_maps=val_maps, val_targets=val_t,
                                            on_epoch=on_epoch, lead=count)
@@ -144,6 +153,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
             ctx.log(f"locator: {len(frames)} image(s), none held out: early stopping at epoch {best} on a chequerboard "
                     f"of {BLOCK}x{BLOCK}-cell blocks held out of every image")
         fitted = [f.result() for f in finals]
+        fold_nets = [f.result()[0] for f in fold_fits]
     ctx.check_cancelled()
     split["fits"] = time.perf_counter() - t0 - sum(split.values())
     final = [net_j for net_j, _, _ in fitted]
@@ -156,6 +166,9 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     feats = (loc_refiner.box_features(loc_refiner.pooler(maps[0], frames[0]), frames[0], gts[0][0])
              if refiner is not None else None)
     err = export.parity(final, onnx_bytes, maps[:4], refiner, feats)
+    fold_bytes = [export.to_onnx([n], refiner) for n in fold_nets]
+    for n, b in zip(fold_nets, fold_bytes):
+        err = max(err, export.parity([n], b, maps[:2], refiner, feats))
     if err > PARITY_LIMIT:
         raise FailedPrecondition(f"exported locator differs from the trained one by {err:.3g} (> {PARITY_LIMIT}); not saved")
     secs = time.perf_counter() - t0
@@ -163,6 +176,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     ctx.log(f"locator: final fit on all {len(frames)} images"
             + (f" and {len(copies)} copies ({', '.join(names[1:])})" if copies else "") + f", {epochs} epochs"
             + (f", {members} nets with seeds {params.seed}..{params.seed + members - 1} averaged" if members > 1 else "")
+            + (f"; {n_folds} cross-fitting nets, each without one fold of the images" if n_folds else "")
             + f", {secs:.1f} s; parity {err:.2g}")
     frame = frames[0]
     meta = {"onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(), "classes": real, "in_channels": int(maps[0].shape[0]),
@@ -189,7 +203,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     report = {"history": history, "final_history": final_hist[-5:], "held_out": held,
               "seconds": {k: round(v, 2) for k, v in split.items()}, "epochs": int(epochs), "epochs_run": len(history),
               "refiner": {k: v for k, v in refiner_meta.items() if k != "held_out_refined"}}
-    return TrainedLocator(onnx_bytes, meta, report)
+    return TrainedLocator(onnx_bytes, meta, report, fold_bytes)
 
 
 def augmented(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, gts: list, n_classes: int, mode: str):

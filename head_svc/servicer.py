@@ -17,8 +17,8 @@ from minehead.core.paths import image_ref_bytes, resolve_allowed
 from minehead.head.v1 import head_pb2, head_pb2_grpc
 
 from minehead.crops import CropPolicy, boxes_from_proto
-from head_svc import locator_training, training
-from minehead.heads.bundle import HeadBundle
+from head_svc import cross_fit, locator_training, training
+from minehead.heads.bundle import BG_PREFIX, MAX_FOLDS, HeadBundle
 from minehead import dataset_store
 from minehead.datasets import load_dataset
 from minehead.crop_embeddings import CropEmbeddingCache, FeatureMapCache
@@ -131,6 +131,9 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
             raise InvalidArgument("locator_hidden must be 0..512 and locator_max_epochs 0..5000")
         if spec.locator_augment not in ("", "auto", "none", "flip", "dihedral"):
             raise InvalidArgument(f"locator_augment must be auto, none, flip or dihedral, got {spec.locator_augment!r}")
+        if not (spec.cross_fit_folds in (0, 1) or 2 <= spec.cross_fit_folds <= MAX_FOLDS):
+            raise InvalidArgument(f"cross_fit_folds must be 0 or 1 (none, the default) or 2..{MAX_FOLDS}, "
+                                  f"got {spec.cross_fit_folds}")
         loc_params = LocatorParams(hidden=spec.locator_hidden or 32, max_epochs=spec.locator_max_epochs or 400, seed=spec.seed,
                                    augment=spec.locator_augment or "auto")
 
@@ -142,9 +145,12 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
                                  negatives=negatives)
             ctx.phase("training")
             head, report = training.fit_variant(p, variant, ctx)
-            loc = self._locator(p, spec, ctx, loc_params)
+            cross = self._cross_fit(p, spec, variant, head, ctx)
+            loc = self._locator(p, spec, ctx, loc_params, cross)
+            if cross is not None:
+                cross.locators = loc.folds if loc is not None else []
             ctx.phase("exporting")
-            bundle = training.build_bundle(p, variant, head, report, spec.display_name, label, locator=loc)
+            bundle = training.build_bundle(p, variant, head, report, spec.display_name, label, locator=loc, cross=cross)
             stored = self.registry.put(bundle)
             ctx.log(f"head {stored.head_id} saved: held-out accuracy {report.get('accuracy', 0):.3f}, "
                     f"macro F1 {report.get('macro_f1', 0):.3f}, parity {stored.meta['parity_max_abs_err']:.2g}")
@@ -152,14 +158,39 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
 
         return self.runner.start("training", request, job)
 
-    def _locator(self, p: training.Prepared, spec: head_pb2.TrainingSpec, ctx: JobContext, params: LocatorParams):
+    @staticmethod
+    def _cross_fit(p: training.Prepared, spec: head_pb2.TrainingSpec, variant, head, ctx: JobContext):
+        """The cross-fitting folds and their classifier heads (head_svc.cross_fit), or None."""
+        k = cross_fit.folds_for(len(p.image_ids), spec.cross_fit_folds)
+        if not k:
+            if spec.cross_fit_folds > 1:
+                ctx.warn(f"cross-fitting: none ({len(p.image_ids)} labelled image(s), fewer than the "
+                         f"{spec.cross_fit_folds} folds asked for)")
+            return None
+        img_classes = [set() for _ in p.image_ids]
+        for yi, gi in zip(p.y, p.group):
+            if gi >= 0 and not p.classes[yi].startswith(BG_PREFIX):
+                img_classes[gi].add(int(yi))
+        folds = cross_fit.assign_folds(img_classes, k, p.seed)
+        if np.bincount(folds, minlength=k).min() == 0:  # every fold model must leave something out
+            ctx.log(f"cross-fitting: none (the {len(folds)} images did not fill {k} folds)")
+            return None
+        heads = cross_fit.fit_fold_heads(p, lambda part: training.fit_variant(part, variant, ctx, quiet=True)[0],
+                                         folds, head, ctx)
+        ctx.log(f"cross-fitting: {k} folds of {', '.join(str(int((folds == f).sum())) for f in range(k))} images, "
+                "a head fitted without each")
+        return cross_fit.CrossFit(folds, heads)
+
+    def _locator(self, p: training.Prepared, spec: head_pb2.TrainingSpec, ctx: JobContext, params: LocatorParams,
+                 cross=None):
         """The locator for this head, or None: off when asked, or (unless asked for) when the
         embedder model has no feature map."""
         if spec.HasField("locator") and not spec.locator:
             ctx.log("locator: off (locator = false)")
             return None
         try:
-            return locator_training.train_locator(p, ctx, self.fmaps, params)
+            return locator_training.train_locator(p, ctx, self.fmaps, params,
+                                                  cross.image_fold if cross is not None else None)
         except FailedPrecondition as e:
             if spec.HasField("locator"):
                 raise

@@ -23,9 +23,12 @@ from minehead.core.jobs import JobContext
 
 from minehead.crops import CropPolicy
 from minehead import geometry, sampling
-from minehead.heads.bundle import BG_PREFIX, IMAGE_ID_HEX, MAX_IMAGE_IDS, META_SCHEMA_VERSION, HeadBundle, content_id, meta_json
+from minehead.heads.bundle import (BG_PREFIX, IMAGE_ID_HEX, MAX_IMAGE_IDS, META_SCHEMA_VERSION, HeadBundle, content_id,
+                                   fold_names, meta_json)
 from minehead.datasets import Dataset
 from minehead.crop_embeddings import IN_FLIGHT, CropEmbeddingCache
+from head_svc import cross_fit
+from head_svc.cross_fit import CrossFit
 from head_svc.estimators import LogRegHead, MLPHead, fit_temperature, smooth_targets, teacher_targets
 from head_svc.metrics import classification_report
 from minehead.heads.onnx_export import export_head, parity
@@ -251,8 +254,9 @@ def prepare(ds: Dataset, ctx: JobContext, embeds: CropEmbeddingCache, *, model: 
                     hold_img, keep_ids, image_ids)
 
 
-def fit_variant(p: Prepared, v: Variant, ctx: JobContext) -> tuple[object, dict]:
-    """Fit one head on the training images, calibrate and measure it on the held-out ones."""
+def fit_variant(p: Prepared, v: Variant, ctx: JobContext, quiet: bool = False) -> tuple[object, dict]:
+    """Fit one head on the training images, calibrate and measure it on the held-out ones.
+    quiet: no metrics events (a cross-fitting fold's fit, head_svc.cross_fit)."""
     v.validate()
     C = len(p.classes)
     Xt, yt = p.X[p.train], p.y[p.train]
@@ -280,6 +284,8 @@ def fit_variant(p: Prepared, v: Variant, ctx: JobContext) -> tuple[object, dict]
 
         def on_epoch(epoch, train_loss, val_loss, held_out_loss):
             ctx.check_cancelled()
+            if quiet:
+                return
             m = {"variant": v.label, "epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5)}
             if np.isfinite(held_out_loss):
                 m["held_out_loss"] = round(held_out_loss, 5)
@@ -289,24 +295,35 @@ def fit_variant(p: Prepared, v: Variant, ctx: JobContext) -> tuple[object, dict]
                        max_epochs=v.max_epochs, margin_loss=v.margin_loss, seed=p.seed).fit(
             Xt[~is_val], yt[~is_val], C, targets=fit_t, X_val=Xt[is_val], y_val=yt[is_val], on_epoch=on_epoch,
             X_monitor=Xh, y_monitor=yh)
-        ctx.log(f"[{v.label}] {head.epochs_run_} epochs (early stopping on {int(is_val.sum())} crops of training images)")
+        if not quiet:
+            ctx.log(f"[{v.label}] {head.epochs_run_} epochs (early stopping on {int(is_val.sum())} crops of training images)")
     head.temperature_ = fit_temperature(head.logits(Xh), yh) if len(yh) else 1.0
     report = classification_report(yh, head.predict_proba(Xh).argmax(1), p.classes) if len(yh) else {}
     if len(yh):
         held_loss = float(-np.log(np.clip(head.predict_proba(Xh)[np.arange(len(yh)), yh], 1e-12, None)).mean())
         report["log_loss"] = round(held_loss, 5)
     report["calibration_temperature"] = round(head.temperature_, 5)
+    if quiet:
+        return head, report
     ctx.metrics({"variant": v.label, "held_out_accuracy": report.get("accuracy", 0.0),
                  "held_out_macro_f1": report.get("macro_f1", 0.0)})
     return head, report
 
 
 def build_bundle(p: Prepared, v: Variant, head, report: dict, display_name: str, dataset_label: str,
-                 locator=None) -> HeadBundle:
-    """locator: a head_svc.locator_training.TrainedLocator to ship beside the head, or None."""
+                 locator=None, cross: CrossFit | None = None) -> HeadBundle:
+    """locator: a head_svc.locator_training.TrainedLocator to ship beside the head, or None;
+    cross: the cross-fitted fold models (head_svc.cross_fit), or None."""
     onnx_bytes = export_head(head)
     check = p.X[p.hold] if p.hold.any() else p.X[:256]
     err = parity(head, onnx_bytes, check)
+    fold_files = {}
+    for k, fold_head in enumerate(cross.heads if cross is not None else []):
+        head_name, loc_name = fold_names(k)
+        fold_files[head_name] = export_head(fold_head)
+        err = max(err, parity(fold_head, fold_files[head_name], check))
+        if locator is not None:
+            fold_files[loc_name] = cross.locators[k]
     if err > PARITY_LIMIT:
         raise FailedPrecondition(f"exported head differs from the trained one by {err:.3g} (> {PARITY_LIMIT}); not saved")
     bg = p.background_indices
@@ -345,6 +362,9 @@ def build_bundle(p: Prepared, v: Variant, head, report: dict, display_name: str,
     }
     if locator is not None:
         meta["locator"] = locator.meta
+    if cross is not None:
+        meta["cross_fit"] = cross_fit.meta_section(cross, p.image_ids, {n: hashlib.sha256(b).hexdigest()
+                                                                       for n, b in fold_files.items()})
     if display_name:
         meta["display_name"] = display_name
     meta["head_id"] = content_id(onnx_bytes, meta, locator.onnx_bytes if locator is not None else b"")
@@ -359,4 +379,4 @@ def build_bundle(p: Prepared, v: Variant, head, report: dict, display_name: str,
         full_report["locator"] = locator.report
         files["report.json"] = json.dumps(full_report, sort_keys=True).encode()
         files["locator.onnx"] = locator.onnx_bytes
-    return HeadBundle.from_files(files)
+    return HeadBundle.from_files({**files, **fold_files})

@@ -64,14 +64,16 @@ class MinerResources:
         (service_dir / "heads").mkdir(parents=True, exist_ok=True)
 
     # -- models -------------------------------------------------------------------------------
-    def detector(self, model_id: str, floor: float = DEFAULT_FLOOR, head: HeadBundle | None = None) -> CachedDetector:
+    def detector(self, model_id: str, floor: float = DEFAULT_FLOOR, head: HeadBundle | None = None,
+                 out_of_fold: bool = False) -> CachedDetector:
         """The cached detector for a model and floor; a detector that proposes with the head is
-        bound to `head` (one loaded model, one view per head)."""
+        bound to `head` (one loaded model, one view per head; out_of_fold: mining's view, which
+        proposes on each of a cross-fitted head's labelled images with its fold's models)."""
         with self._lock:
             if model_id not in self._models:
                 self._models[model_id] = create_detector(model_id, self.models_dir, self.offline)
             base = self._models[model_id]
-            bound = base.with_head(head) if base.uses_head and head is not None else base
+            bound = base.with_head(head, out_of_fold) if base.uses_head and head is not None else base
             key = f"{bound.cache_key}@{floor:g}"
             if key not in self._detectors:
                 self._detectors[key] = CachedDetector(bound, self.dir / "detections", floor)
@@ -91,11 +93,14 @@ class MinerResources:
             raise FailedPrecondition(f"head service at {self.head_address} answered {e.code().name}: {e.details()}") from None
         return HeadBundle.from_zip(cached.read_bytes())
 
-    def scorer_for(self, head: HeadBundle, det: CachedDetector, keep_images: int = 256) -> HeadScorer:
+    def scorer_for(self, head: HeadBundle, det: CachedDetector, keep_images: int = 256,
+                   out_of_fold: bool = False) -> HeadScorer:
         """The head's scorer for runs with `det`: crop embeddings pooled from the detector's own
-        feature map where its encoder is the head's embedder, else the embedder's (`feature_pool`)."""
+        feature map where its encoder is the head's embedder, else the embedder's (`feature_pool`);
+        out_of_fold: a cross-fitted head's labelled images scored by their fold's head."""
         model = self.embeds.model_info(head.embedder_model)
-        return HeadScorer(head, self.embeds, model, pool=feature_pool(det.detector, head, model), keep_images=keep_images)
+        return HeadScorer(head, self.embeds, model, pool=feature_pool(det.detector, head, model), keep_images=keep_images,
+                          out_of_fold=out_of_fold)
 
     def resolve_dataset(self, ref: str) -> Path:
         """A dataset folder the miner may read: a path under the allowed roots, or "datasets/{id}"

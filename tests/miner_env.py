@@ -138,8 +138,10 @@ def miner_env(embedder_server, models_dir, tmp_path_factory):
     # With a locator (so the head records every labelled image as trained on, which the report
     # warning below checks), but a short one: the scripted fake and minisam-auto never read it.
     # A cap under the final fit's floor of 20 epochs once failed the job (a KeyError).
+    # Cross-fitted (2 folds), so test_miner can mine out of fold; mine() below mines in fold
+    # unless asked.
     job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds_path)), seed=1,
-                                                  locator_max_epochs=5))
+                                                  locator_max_epochs=5, cross_fit_folds=2))
     list(hc.jobs.watch(job.name))
     r = head_pb2.TrainingResult()
     done = hc.jobs.get(job.name)
@@ -154,6 +156,11 @@ def miner_env(embedder_server, models_dir, tmp_path_factory):
 
 
 def mine(env, **spec_kw):
+    """Mine the env's dataset with its head. In fold unless asked (out_of_fold=True): these
+    modules test mining's own mechanics (set cover, gates, the guard's vetoes of the scripted
+    clutter) on the images the head was fitted on, as they were written; the cross-fitted path
+    has its own tests (test_miner: test_out_of_fold_mining_*)."""
+    spec_kw.setdefault("out_of_fold", False)
     spec = miner_pb2.MiningSpec(dataset=str(env["dataset"]), head=env["head"], seed=1, **spec_kw)
     job = env["stub"].StartMining(miner_pb2.StartMiningRequest(spec=spec))
     events = list(env["jobs"].watch(job.name))

@@ -172,6 +172,8 @@ def test_score_embeddings_and_bad_requests(logreg, head_env):
         (lambda: c.score_embeddings("no-such-head", rng.normal(size=(1, MINISAM_DIM))), grpc.StatusCode.NOT_FOUND, "no head"),
         (lambda: c.score_embeddings(r.head.head_id, rng.normal(size=(1, MINISAM_DIM)), "__bg_0"), grpc.StatusCode.INVALID_ARGUMENT, "not a real class"),
         (lambda: c.score_embeddings(r.head.head_id, rng.normal(size=(1, MINISAM_DIM)), min_prob=3.0), grpc.StatusCode.INVALID_ARGUMENT, "min_prob"),
+        (lambda: c.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(head_env["dataset"])),
+                                                        cross_fit_folds=7)), grpc.StatusCode.INVALID_ARGUMENT, "cross_fit_folds"),
     ]:
         with pytest.raises(grpc.RpcError) as e:
             call()
@@ -216,6 +218,7 @@ def _hostile_zips(good: bytes) -> dict[str, bytes]:
         return buf.getvalue()
 
     base = [(k, v, 0) for k, v in files.items()]
+    folds = {k: v for k, v in files.items() if k.startswith("head.fold")}  # cross-fitted: they travel with head.onnx
     bad_meta = dict(meta, classes=meta["classes"][:-1])
     bad_meta2 = {k: v for k, v in meta.items() if k != "embedder"}
     wrong_dim = {k: v for k, v in dict(meta, embedder=dict(meta["embedder"], dim=128)).items() if k != "head_id"}
@@ -226,11 +229,11 @@ def _hostile_zips(good: bytes) -> dict[str, bytes]:
         "duplicate": raw(base + [("meta.json", files["meta.json"], 0)]),
         "pickle": raw(base + [("weights.pkl", b"\x80\x04K\x01.", 0)]),
         "extra file": raw(base + [("notes.txt", b"hello", 0)]),
-        "oversize": raw(base[:1] + [("meta.json", b" " * (5 << 20), 0)]),
-        "wrong shapes": make_zip({"head.onnx": files["head.onnx"], "meta.json": json.dumps(bad_meta).encode()}),
-        "bad meta": make_zip({"head.onnx": files["head.onnx"], "meta.json": json.dumps(bad_meta2).encode()}),
-        "wrong dim": make_zip({"head.onnx": files["head.onnx"], "meta.json": json.dumps(wrong_dim).encode()}),
-        "altered onnx": make_zip({"head.onnx": files["head.onnx"][:-10] + b"0" * 10, "meta.json": files["meta.json"]}),
+        "oversize": raw([e for e in base if e[0] == "head.onnx"] + [("meta.json", b" " * (5 << 20), 0)]),
+        "wrong shapes": make_zip({**folds, "head.onnx": files["head.onnx"], "meta.json": json.dumps(bad_meta).encode()}),
+        "bad meta": make_zip({**folds, "head.onnx": files["head.onnx"], "meta.json": json.dumps(bad_meta2).encode()}),
+        "wrong dim": make_zip({**folds, "head.onnx": files["head.onnx"], "meta.json": json.dumps(wrong_dim).encode()}),
+        "altered onnx": make_zip({**folds, "head.onnx": files["head.onnx"][:-10] + b"0" * 10, "meta.json": files["meta.json"]}),
         "not a zip": b"PK\x03\x04 this is not a zip",
     }
 

@@ -413,3 +413,29 @@ def test_adapt_reads_the_shipped_nets_and_refiner_back_from_onnx_and_finetunes_t
     tuned = [adapt.finetune(adapt.nets_from_onnx(export.to_onnx([net])), [m], pseudo, params, 3) for _ in range(2)]
     before, after, again = (train.predict(n, [m])[0] for n in ([net], tuned[0], tuned[1]))
     assert not np.allclose(before, after) and np.array_equal(after, again)
+
+
+def test_a_cross_fitted_bundle_carries_each_folds_locator(toy_locator):
+    """Cross-fitting (head_svc.cross_fit): each fold has its own head and locator graphs, checked
+    like the shipped ones; the fold's bundle proposes with its own locator."""
+    from head_svc.cross_fit import CrossFit, meta_section
+    from minehead.heads.bundle import fold_names
+
+    net, _, best, params, data, tg = toy_locator
+    other, _, _ = train.fit([m for m, *_ in data[:8]], tg[:8], 1, params, epochs=5)
+    files = _bundle_files(export.to_onnx(net))
+    folds = {}
+    for k, fold_net in enumerate((other, net)):
+        h, loc = fold_names(k)
+        folds[h], folds[loc] = files["head.onnx"], export.to_onnx(fold_net)
+    meta = json.loads(files["meta.json"])
+    meta["cross_fit"] = meta_section(CrossFit(np.array([0, 1]), [None, None], [folds["locator.fold0.onnx"]] * 2),
+                                     ["a" * 16, "b" * 16], {n: hashlib.sha256(b).hexdigest() for n, b in folds.items()})
+    b = HeadBundle.from_zip(HeadBundle.from_files({**files, "meta.json": meta_json(meta), **folds}).to_zip())
+    m = data[0][0]
+    want = train.predict(other, [m])[0][0]
+    np.testing.assert_allclose(b.fold_for("a" * 64).locator.run(m)[0], want, atol=1e-4)
+    assert not np.allclose(b.locator.run(m)[0], want, atol=1e-3)  # the shipped locator is another net
+    del folds["locator.fold1.onnx"]
+    with pytest.raises(InvalidArgument, match="missing locator.fold1.onnx"):
+        HeadBundle.from_files({**files, "meta.json": meta_json(meta), **folds})

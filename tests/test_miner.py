@@ -56,11 +56,27 @@ def test_mining_finds_the_objects_and_reports_on_held_out_images(mined):
     assert {"phase", "progress", "log", "metrics"} <= kinds
     logs = [e.log.message for e in events if e.WhichOneof("payload") == "log"]
     assert any("bg veto:" in m and "seeds dropped" in m for m in logs)
-    # the head was trained on these very images: the report says its figures are optimistic
+    # in fold (mine()'s default here): the head was trained on these very images, and the
+    # report says its figures are optimistic, in the summary and every recipe
+    assert "out_of_fold" not in summary
     assert summary["report_images_seen_in_training"] == summary["report_images"] > 0
     seen = [w for w in summary["warnings"] if "report images are among the images head" in w]
     assert seen and seen[0].startswith(f"{int(summary['report_images'])} of {int(summary['report_images'])} ")
     assert all(seen[0] in r.summary.warnings for r in res.recipes)
+
+
+def test_out_of_fold_mining_scores_each_image_with_the_models_that_did_not_see_it(env):
+    """The env's head is cross-fitted (2 folds): mining's default for such a head scores every
+    labelled image with its fold's head (and locator), so no report image counts as trained on;
+    its recipe bundle carries the fold graphs and imports again."""
+    res, events, _ = mine(env, classes=["blue_circle"], out_of_fold=True)
+    summary = dict(res.summary)
+    assert dict(summary["out_of_fold"]) == {"folds": 2, "images": N_IMAGES}
+    assert summary["report_images_seen_in_training"] == 0
+    assert not any("report images are among the images head" in w for w in summary["warnings"])
+    logs = [e.log.message for e in events if e.WhichOneof("payload") == "log"]
+    assert any(m.startswith(f"out-of-fold: {N_IMAGES} of {N_IMAGES} images scored by the fold models") for m in logs)
+    assert json.loads(res.recipes[0].provenance.mining_settings_json)["out_of_fold"] is True
 
 
 def test_report_images_new_to_the_head_raise_no_warning(env):

@@ -34,10 +34,16 @@ BG_PREFIX = "__bg_"
 IMAGE_ID_HEX = 16
 MAX_IMAGE_IDS = 50_000
 _IMAGE_ID = re.compile(f"[0-9a-f]{{{IMAGE_ID_HEX}}}")
-MEMBERS = {"head.onnx", "meta.json", "report.json", "locator.onnx"}  # locator.onnx: optional
+# Cross-fitting (meta.json "cross_fit"): the head and locator fitted K times, each time without
+# one fold of the labelled images, so mining scores every labelled image with models that never
+# saw it (HeadBundle.fold_for). Up to MAX_FOLDS folds, as head.fold{k}.onnx and locator.fold{k}.onnx.
+MAX_FOLDS = 5
+FOLD_MEMBERS = {f"{part}.fold{k}.onnx" for part in ("head", "locator") for k in range(MAX_FOLDS)}
+MEMBERS = {"head.onnx", "meta.json", "report.json", "locator.onnx"} | FOLD_MEMBERS  # all but the first two optional
 MAX_ONNX_BYTES = 64 << 20
 MAX_JSON_BYTES = 4 << 20
 MAX_ZIP_BYTES = 2 * MAX_ONNX_BYTES + 2 * MAX_JSON_BYTES  # head.onnx, locator.onnx, meta, report
+MAX_FOLD_BYTES = 2 * MAX_ONNX_BYTES  # all fold graphs together
 
 # key -> (type or tuple of types, required)
 _META_FIELDS = {
@@ -56,6 +62,7 @@ _META_FIELDS = {
     "metrics": (dict, False),
     "dataset": (dict, False),
     "locator": (dict, False),  # minehead.locator.model: present exactly when locator.onnx is
+    "cross_fit": (dict, False),  # present exactly when head.fold{k}.onnx are (validate_cross_fit)
     "display_name": (str, False),
     "head_id": (str, False),
 }
@@ -70,6 +77,45 @@ def content_id(onnx_bytes: bytes, meta: dict, locator_bytes: bytes = b"") -> str
         h.update(hashlib.sha256(locator_bytes).digest())
     h.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
     return h.hexdigest()[:16]
+
+
+def fold_names(k: int) -> tuple[str, str]:
+    """(head, locator) member names of fold k."""
+    return f"head.fold{k}.onnx", f"locator.fold{k}.onnx"
+
+
+def validate_cross_fit(meta: dict, files: dict[str, bytes]) -> None:
+    """meta.json "cross_fit" against the fold files: {"folds": K, "image_fold": {image id: fold},
+    "onnx_sha256": {member: sha256}, "note": str}; each fold has its head graph, and its locator
+    graph exactly when the bundle has a locator. InvalidArgument naming the first problem."""
+    present = sorted(n for n in files if n in FOLD_MEMBERS)
+    cf = meta.get("cross_fit")
+    if cf is None:
+        if present:
+            raise InvalidArgument(f"{present[0]} needs meta.json's cross_fit section")
+        return
+    k = cf.get("folds")
+    if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= MAX_FOLDS:
+        raise InvalidArgument(f"meta.json cross_fit.folds must be an integer in 2..{MAX_FOLDS}")
+    folds = cf.get("image_fold")
+    if not (isinstance(folds, dict) and 0 < len(folds) <= MAX_IMAGE_IDS and all(
+            isinstance(h, str) and _IMAGE_ID.fullmatch(h) and isinstance(f, int) and not isinstance(f, bool) and 0 <= f < k
+            for h, f in folds.items())):
+        raise InvalidArgument(f"meta.json cross_fit.image_fold must map training images' sha256 ({IMAGE_ID_HEX} hex "
+                              f"digits) to a fold in 0..{k - 1}")
+    want = {n for j in range(k) for n in fold_names(j)[: 2 if "locator" in meta else 1]}
+    if set(present) != want:
+        missing, extra = sorted(want - set(present)), sorted(set(present) - want)
+        raise InvalidArgument("the bundle's fold graphs do not match meta.json cross_fit: "
+                              + (f"missing {', '.join(missing)}" if missing else f"unexpected {', '.join(extra)}"))
+    sums = cf.get("onnx_sha256")
+    if not isinstance(sums, dict) or set(sums) != want:
+        raise InvalidArgument("meta.json cross_fit.onnx_sha256 must give the sha256 of every fold graph")
+    for n in sorted(want):
+        if hashlib.sha256(files[n]).hexdigest() != sums[n]:
+            raise InvalidArgument(f"{n} does not match meta.json cross_fit.onnx_sha256 (altered or mismatched files)")
+    if sum(len(files[n]) for n in want) > MAX_FOLD_BYTES:
+        raise InvalidArgument(f"the fold graphs are over {MAX_FOLD_BYTES} bytes together")
 
 
 def meta_json(meta: dict) -> bytes:
@@ -143,9 +189,11 @@ class HeadBundle:
     """A validated head: its files, meta, and a lazily created onnxruntime session."""
 
     def __init__(self, onnx_bytes: bytes, meta: dict, report: dict | None, folder: Path | None = None,
-                 locator_bytes: bytes = b"") -> None:
+                 locator_bytes: bytes = b"", folds: dict[str, bytes] | None = None) -> None:
         self.onnx_bytes = onnx_bytes
         self.locator_bytes = locator_bytes
+        self.fold_files = dict(folds or {})
+        self._folds: dict[int, "HeadBundle"] = {}
         self._locator = None
         self.meta = meta
         self.report = report
@@ -188,20 +236,27 @@ class HeadBundle:
         if bool(locator_bytes) != ("locator" in meta):
             raise InvalidArgument("a head bundle has locator.onnx exactly when meta.json has a locator section; "
                                   + ("meta.json has no locator section" if locator_bytes else "locator.onnx is missing"))
+        validate_cross_fit(meta, files)  # the fold graphs' digests are in meta, so in the content id
         want = content_id(onnx_bytes, meta, locator_bytes)
         if meta.get("head_id") and meta["head_id"] != want:
             raise InvalidArgument(f"meta.json head_id {meta['head_id']} does not match the bundle's content id {want}")
         meta["head_id"] = want
-        b = cls(onnx_bytes, meta, report, locator_bytes=locator_bytes)
-        b._check_graph()
-        if b.locator is not None:
-            b.locator.check_graph()
+        b = cls(onnx_bytes, meta, report, locator_bytes=locator_bytes,
+                folds={n: files[n] for n in files if n in FOLD_MEMBERS})
+        for part in [b] + [b.fold(k) for k in range(b.folds)]:
+            what = "" if part is b else f" (fold {part.meta['cross_fit_fold']})"
+            try:
+                part._check_graph()
+                if part.locator is not None:
+                    part.locator.check_graph()
+            except InvalidArgument as e:
+                raise InvalidArgument(f"{e}{what}") from None
         return b
 
     @classmethod
     def from_zip(cls, data: bytes) -> "HeadBundle":
         return cls.from_files(safe_members(data, max_member_bytes=MAX_ONNX_BYTES, max_total_bytes=MAX_ZIP_BYTES,
-                                           max_members=8, allowed=MEMBERS))
+                                           max_members=len(MEMBERS), allowed=MEMBERS))
 
     @classmethod
     def load(cls, folder: Path) -> "HeadBundle":
@@ -288,6 +343,34 @@ class HeadBundle:
         return frozenset(ids) if ids is not None else None
 
     @property
+    def folds(self) -> int:
+        """K when the bundle carries cross-fitted models (meta.json cross_fit), else 0."""
+        return int(self.meta.get("cross_fit", {}).get("folds", 0))
+
+    def fold(self, k: int) -> "HeadBundle":
+        """Fold k's head (and locator): fitted on every labelled image except fold k's. A bundle
+        of its own to score with (same classes and policy; head_id "{head_id}.fold{k}", so no
+        cache mixes its outputs with the shipped head's); not a registry entry."""
+        with self._lock:
+            if k not in self._folds:
+                head, loc = fold_names(k)
+                meta = {key: v for key, v in self.meta.items() if key != "cross_fit"}
+                meta["head_id"], meta["cross_fit_fold"] = f"{self.head_id}.fold{k}", k
+                meta["onnx_sha256"] = hashlib.sha256(self.fold_files[head]).hexdigest()
+                loc_bytes = self.fold_files.get(loc, b"") if self.locator_bytes else b""
+                if loc_bytes:
+                    meta["locator"] = {**meta["locator"], "onnx_sha256": hashlib.sha256(loc_bytes).hexdigest()}
+                self._folds[k] = HeadBundle(self.fold_files[head], meta, None, locator_bytes=loc_bytes)
+            return self._folds[k]
+
+    def fold_for(self, image_sha256: str) -> "HeadBundle":
+        """The bundle to score this image with when a score must not come from models fitted on
+        it (mining's tune and report figures): its fold's, for a labelled image of a
+        cross-fitted head; the shipped head itself for any other image."""
+        k = self.meta.get("cross_fit", {}).get("image_fold", {}).get(image_sha256[:IMAGE_ID_HEX])
+        return self if k is None else self.fold(k)
+
+    @property
     def locator(self):
         """The head's minehead.locator.model.Locator, or None for a head without one."""
         if not self.locator_bytes:
@@ -326,7 +409,7 @@ class HeadBundle:
         return self.session.run(None, {self.session.get_inputs()[0].name: X})[0]
 
     def files(self) -> dict[str, bytes]:
-        out = {"head.onnx": self.onnx_bytes, "meta.json": meta_json(self.meta)}
+        out = {"head.onnx": self.onnx_bytes, "meta.json": meta_json(self.meta), **self.fold_files}
         if self.locator_bytes:
             out["locator.onnx"] = self.locator_bytes
         if self.report is not None:

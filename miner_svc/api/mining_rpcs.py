@@ -37,6 +37,7 @@ def settings_of(spec: miner_pb2.MiningSpec, classes: list[str]) -> MiningSetting
         background=background, auto_tune=spec.clip_head_auto_tune, max_images=spec.max_images,
         hard_negative_min_bg_prob=uf(spec.hard_negative_min_bg_prob) if spec.HasField("hard_negative_min_bg_prob") else 0.5,
         refit_all_images=spec.refit_all_images if spec.HasField("refit_all_images") else True,
+        out_of_fold=spec.out_of_fold if spec.HasField("out_of_fold") else True,
     ).check()
 
 
@@ -56,9 +57,10 @@ def prepare(res: MinerResources, spec: miner_pb2.MiningSpec) -> MiningRun:
     for k in spec.prompts:
         if k not in classes:
             raise InvalidArgument(f"prompts given for {k!r}, which is not mined (classes: {', '.join(classes)})")
+    settings = settings_of(spec, classes)
     det = res.detector(spec.detector or default_for_head(res.default_detector, head), spec.floor_threshold or DEFAULT_FLOOR,
-                       head)
-    return MiningRun(ds, head, det, settings_of(spec, classes), spec.dataset)
+                       head, out_of_fold=settings.out_of_fold)
+    return MiningRun(ds, head, det, settings, spec.dataset)
 
 
 class MiningRPCs:
@@ -67,13 +69,13 @@ class MiningRPCs:
     def StartMining(self, request, context):
         res, run = self.res, prepare(self.res, request.spec)
         return res.runner.start("mining", request, lambda ctx: mining_job(
-            ctx, run, lambda: res.scorer_for(run.head, run.det), res.pool, res.store, res.sets, res.negatives_dir))
+            ctx, run, lambda: res.scorer_for(run.head, run.det, out_of_fold=run.settings.out_of_fold), res.pool, res.store, res.sets, res.negatives_dir))
 
     def StartBenchmark(self, request, context):
         res, run = self.res, prepare(self.res, request.spec)
         margin = user_float(request.margin) or 0.1
         return res.runner.start("benchmark", request, lambda ctx: benchmark_job(
-            ctx, run, margin, lambda: res.scorer_for(run.head, run.det), res.pool))
+            ctx, run, margin, lambda: res.scorer_for(run.head, run.det, out_of_fold=run.settings.out_of_fold), res.pool))
 
     def ExportNegatives(self, request, context):
         yield from file_chunks(negatives.negatives_zip(self.res.negatives_dir, job_id_from_name(request.job), request.job))

@@ -111,11 +111,41 @@ class Detector:
         """What identifies this detector's raw output in the detection cache."""
         return self.info.model_id
 
-    def with_head(self, head) -> "Detector":
+    def with_head(self, head, out_of_fold: bool = False) -> "Detector":
         """This detector bound to a head (a minehead.heads.bundle.HeadBundle). Detectors that do
         not use a head return themselves; those that do return a light view sharing the loaded
-        models, whose `cache_key` names the head."""
+        models, whose `cache_key` names the head. out_of_fold (mining, a cross-fitted head): each
+        labelled image is proposed for by its fold's models, which were not fitted on it
+        (`fold_view`); the cache key says so."""
         return self
+
+    out_of_fold = False
+
+    def _bind(self, head, out_of_fold: bool) -> "Detector":
+        """A view of this detector (the loaded sessions shared) bound to `head`, with its own pass
+        counters; what every head-using detector's `with_head` starts from."""
+        view = object.__new__(type(self))
+        view.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_fold_views"})
+        view.head = head
+        view.out_of_fold = bool(out_of_fold and head.folds)
+        view.counters = PassCounters()
+        return view
+
+    def fold_view(self, state: ImageState) -> "Detector":
+        """The view to propose for this image with: bound to the image's fold head when this view
+        is out-of-fold and the image is one the head was cross-fitted on, else this view. Fold
+        views count their passes here."""
+        if not self.out_of_fold:
+            return self
+        head = self.head.fold_for(state.image.sha256)
+        if head is self.head:
+            return self
+        views = self.__dict__.setdefault("_fold_views", {})
+        view = views.get(head.head_id)
+        if view is None:
+            view = views[head.head_id] = self.with_head(head)
+            view.counters = self.counters
+        return view
 
     def set_image(self, image: DecodedImage) -> ImageState:
         return ImageState(image)

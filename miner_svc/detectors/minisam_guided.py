@@ -74,7 +74,7 @@ from minehead.core.errors import FailedPrecondition, ModelUnavailable
 from minehead import crops, roi
 from minehead.geometry import nms
 from miner_svc.detectors.anchors import anchor_boxes, anchor_scores, centre_margins, pick_anchors
-from miner_svc.detectors.base import Detections, DetectorInfo, ImageState, PassCounters
+from miner_svc.detectors.base import Detections, DetectorInfo, ImageState
 from miner_svc.detectors.probing import NEIGHBOUR_BOX_GROWTH, Probe, Probing
 from miner_svc.detectors.minisam_auto import (PROPOSALS_VERSION, STABILITY_MIN, SUPPRESS_IOU, SUPPRESS_MAX_FRAC,
                                               SUPPRESS_STABILITY, MinisamAutoDetector, MinisamFeatures, SamMask,
@@ -138,20 +138,18 @@ class MinisamGuidedDetector(MinisamAutoDetector):
     @property
     def cache_key(self) -> str:
         base = f"{self.info.model_id}@{PROPOSALS_VERSION}"
-        return f"{base}|head={self.head.head_id}" if self.head is not None else f"{base}|grid"
+        oof = "|out-of-fold" if self.out_of_fold else ""
+        return f"{base}|head={self.head.head_id}{oof}" if self.head is not None else f"{base}|grid"
 
-    def with_head(self, head) -> "MinisamGuidedDetector":
+    def with_head(self, head, out_of_fold: bool = False) -> "MinisamGuidedDetector":
         """A view sharing the loaded ONNX sessions, scoring with `head` (its own pass counters)."""
         if head is None:
             return self
         if head.embedder_model != EMBEDDER:
             raise FailedPrecondition(f"detector {self.info.model_id!r} pools {EMBEDDER} features; head {head.head_id} "
                                      f"was trained on {head.embedder_model!r} embeddings (use minisam-auto or sam3)")
-        view = object.__new__(type(self))
-        view.__dict__.update(self.__dict__)
-        view.head = head
+        view = self._bind(head, out_of_fold)
         view.real = [i for i in range(len(head.classes)) if i not in set(head.background_indices)]
-        view.counters = PassCounters()
         return view
 
     # -- proposals --------------------------------------------------------------------------
@@ -193,6 +191,9 @@ class MinisamGuidedDetector(MinisamAutoDetector):
         """The image's proposals for the bound head, computed once per image and head: anchors
         scored and queued (`_probing`), one pass per probe until the probing stops (`_probe`),
         NMS over what the passes kept (`_proposals`)."""
+        view = self.fold_view(state)
+        if view is not self:
+            return view.head_proposals(state)
         f = self._features(state)
         got = f.head_proposals.get(self.head.head_id)
         if got is None:

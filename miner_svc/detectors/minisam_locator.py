@@ -35,7 +35,7 @@ from minehead.geometry import iou_matrix, nms
 from minehead.locator.decode import LocatorDetections
 from minehead.locator.frame import FeatureFrame
 from miner_svc.detectors import tiling
-from miner_svc.detectors.base import Detections, DetectorInfo, ImageState, PassCounters
+from miner_svc.detectors.base import Detections, DetectorInfo, ImageState
 from miner_svc.detectors.minisam_auto import PROPOSALS_VERSION, MinisamAutoDetector, MinisamFeatures, one_blas_thread
 from miner_svc.detectors.minisam_guided import EMBEDDER, class_index
 
@@ -81,9 +81,10 @@ class MinisamLocatorDetector(MinisamAutoDetector):
     @property
     def cache_key(self) -> str:
         base = f"{MODEL_ID}@{PROPOSALS_VERSION}.{LOCATOR_VERSION}"
-        return f"{base}|head={self.head.head_id}" if self.head is not None else f"{base}|grid"
+        oof = "|out-of-fold" if self.out_of_fold else ""
+        return f"{base}|head={self.head.head_id}{oof}" if self.head is not None else f"{base}|grid"
 
-    def with_head(self, head) -> "MinisamLocatorDetector":
+    def with_head(self, head, out_of_fold: bool = False) -> "MinisamLocatorDetector":
         """A view sharing the loaded sessions that proposes with `head`'s locator."""
         if head is None:
             return self
@@ -96,11 +97,7 @@ class MinisamLocatorDetector(MinisamAutoDetector):
         if head.locator.in_channels != 259:
             raise FailedPrecondition(f"head {head.head_id}'s locator reads {head.locator.in_channels} channels; "
                                      f"{EMBEDDER}'s map has 259")
-        view = object.__new__(type(self))
-        view.__dict__.update(self.__dict__)
-        view.head = head
-        view.counters = PassCounters()
-        return view
+        return self._bind(head, out_of_fold)
 
     # -- proposals --------------------------------------------------------------------------
     def tiling_of(self, state: ImageState) -> dict:
@@ -111,6 +108,9 @@ class MinisamLocatorDetector(MinisamAutoDetector):
     @one_blas_thread
     def locator_proposals(self, state: ImageState) -> LocatorDetections:
         """Every class's peaks in the image (XYXY image px), computed once per image."""
+        view = self.fold_view(state)
+        if view is not self:
+            return view.locator_proposals(state)
         f = self._state_features(state)  # tiled images never need the whole image's map
         if f.locator is not None:
             return f.locator

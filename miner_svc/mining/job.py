@@ -116,7 +116,13 @@ def mine(ctx: JobContext, run: MiningRun, new_scorer: Callable[[], HeadScorer], 
     tune_i, report_i = _split(run, positions)
     tune, report = [items[i] for i in tune_i], [items[i] for i in report_i]
     ctx.log(f"split: {len(tune)} select/tune images, {len(report)} report images")
-    seen = seen_in_training(run.head, [it.state.image.sha256 for it in report])
+    oof = out_of_fold_images(run, [it.state.image.sha256 for it in items])
+    if oof is not None:
+        ctx.log(f"out-of-fold: {oof} of {len(items)} images scored by the fold models of head {run.head.head_id} "
+                "that were not fitted on them (cross-fitting)")
+    # images scored out of fold are new to the models that scored them
+    seen = seen_in_training(run.head, [it.state.image.sha256 for it in report
+                                       if oof is None or run.head.fold_for(it.state.image.sha256) is run.head])
     if seen:
         warnings.append(f"{seen} of {len(report)} report images are among the images head {run.head.head_id} was "
                         f"trained on ({'its locator' if run.head.locator is not None else 'its classifier'} was fitted "
@@ -142,6 +148,7 @@ def mine(ctx: JobContext, run: MiningRun, new_scorer: Callable[[], HeadScorer], 
         "images": len(items), "tune_images": len(tune), "report_images": len(report),
         **({"failed_images": failed} if failed else {}),
         **({"report_images_seen_in_training": seen} if seen is not None else {}),
+        **({"out_of_fold": {"folds": run.head.folds, "images": oof}} if oof is not None else {}),
         "seconds": {"detecting": round(t_detect, 3), **{k: round(v, 3) for k, v in miner.timings.items()},
                     "total": round(time.perf_counter() - t_start, 3)},
         # run-level warnings, then each class's own (an unreachable target, no step found)
@@ -149,6 +156,14 @@ def mine(ctx: JobContext, run: MiningRun, new_scorer: Callable[[], HeadScorer], 
         "classes": {r.class_name: class_report(r) for r in recipes},
     }
     return Mined(recipes, summary, miner.negatives)
+
+
+def out_of_fold_images(run: MiningRun, image_sha256: list[str]) -> int | None:
+    """How many of these images are scored by a fold's models (mining out of fold with a
+    cross-fitted head); None when mining scores every image with the shipped head."""
+    if not (run.settings.out_of_fold and run.head.folds):
+        return None
+    return sum(run.head.fold_for(h) is not run.head for h in image_sha256)
 
 
 def seen_in_training(head: HeadBundle, image_sha256: list[str]) -> int | None:

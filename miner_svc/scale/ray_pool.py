@@ -278,7 +278,7 @@ class RayPool:
         prompts = list(dict.fromkeys(prompts + ([""] if det.info.class_agnostic else [])))
         spec = DetectSpec(key=f"detect|{det.detector.cache_key}|{det.floor:g}|{head.head_id}|{model.weights_sha256}",
                           model_id=det.info.model_id, head_zip=head.to_zip(), model=model.SerializeToString(),
-                          floor=det.floor, prompts=tuple(prompts))
+                          floor=det.floor, prompts=tuple(prompts), out_of_fold=det.detector.out_of_fold)
         local: deque[DetectedImage] = deque()  # images the cache already answers: no Ray round trip
         states: dict[int, tuple[bytes, object]] = {}
         for _, res in self._run(ctx, "detect", spec, self._detect_chunks(ctx, det, images, prompts, local, states)):

@@ -76,7 +76,7 @@ class Worker:
         if spec.model_id not in self._models:
             self._models[spec.model_id] = create_detector(spec.model_id, self.models_dir, self.offline)
         base = self._models[spec.model_id]
-        det = base.with_head(head) if base.uses_head else base
+        det = base.with_head(head, getattr(spec, "out_of_fold", False)) if base.uses_head else base
         if isinstance(spec, DraftSpec):
             embeds = CropEmbeddingCache(spec.embedder, self.scratch / "embeddings")
             got = make_drafter(det, head, drafting_pb2.RecipeSet.FromString(spec.recipe_set),

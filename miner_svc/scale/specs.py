@@ -36,6 +36,7 @@ class DetectSpec(WorkerSetup):
 
     floor: float
     prompts: tuple[str, ...]
+    out_of_fold: bool = False  # the bound detector's (Detector.with_head)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,6 +87,8 @@ def main(argv=None) -> int:
                     help="sparse: --train sparse scenes; crowded: --train crowded ones; sparse-matched: sparse scenes "
                          "until they hold as many objects as the crowded arm's (more labels, not fewer, per object)")
     ap.add_argument("--adapt", action="store_true", help="also draft each arm's test scenes with --adapt")
+    ap.add_argument("--cross-fit", type=int, default=0, metavar="K", help="train each arm's head with K cross-fitting "
+                    "folds (mining out of fold), and also mine it in fold and draft with that set, to compare")
     ap.add_argument("--json", default=str(REPO / "var" / "bench" / "shift.json"))
     a = ap.parse_args(argv)
     os.environ.setdefault("MINEHEAD_OFFLINE", "1")
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     rows = []
     with Trio(tmp, models) as trio:
         for label, train in arms.items():
-            r = run(trio, label, train, test, tmp / "drafts", adapt=a.adapt)
+            r = run(trio, label, train, test, tmp / "drafts", adapt=a.adapt, cross_fit=a.cross_fit)
             drafts = tmp / "drafts" / label.replace(" ", "_").replace(">", "")
             r["recall_by_crowding"] = recall_by_crowding(drafts, test)
             rows.append(r)
