@@ -213,16 +213,18 @@ def test_cli_find_on_a_folder_writes_the_draft_folder_and_accept_hands_it_to_tra
 
 
 def test_label_studio_interactive_predict_keeps_the_drawn_rectangles_and_adds_the_rest(miner, image, tmp_path):
-    """The backend's /predict with rectangles drawn in `params.context` (as Label Studio 1.23
-    sends them with auto-annotation on), through Backend.predict's dispatch and the real miner;
-    the image is read as a local file the way Label Studio serves it."""
+    """The backend started without a recipe set (ExemplarBackend, what `labelstudio serve` with no
+    --recipes runs) behind its HTTP edge: /predict with rectangles drawn in `params.context` (as
+    Label Studio 1.23 forwards them) answers through the real miner; without any, no prediction;
+    training is refused naming --recipes, in the body and in the status line Label Studio keeps.
+    The image is read as a local file the way Label Studio serves it. (The same round trip through
+    a real Label Studio: tests/test_labelstudio_live.py.)"""
     from PIL import Image
 
+    from clients.labelstudio_app import create_app
     from minehead.client.miner import MinerClient
     from minehead.drafts.formats import labelstudio_config
-    from minehead.labelstudio.backend import Backend
-    from minehead.labelstudio.guard import Limits
-    from minehead.labelstudio.predict import Predictor
+    from minehead.labelstudio.interactive import ExemplarBackend
 
     px, squares, discs = image
     Image.fromarray(px).save(tmp_path / "shapes.png")
@@ -233,15 +235,15 @@ def test_label_studio_interactive_predict_keeps_the_drawn_rectangles_and_adds_th
                 "value": {"x": 100 * b[0] / W, "y": 100 * b[1] / H, "width": 100 * (b[2] - b[0]) / W,
                           "height": 100 * (b[3] - b[1]) / H, "rotation": 0, "rectanglelabels": [label]}}
 
-    backend = object.__new__(Backend)  # the protocol's dispatch without a recipe set, rounds or state
-    backend.limits = Limits()
-    backend.predictor = Predictor(None, images_root=str(tmp_path), labelstudio_url=None)
     with MinerClient(miner["address"]) as mc:
-        backend.miner = mc
+        backend = ExemplarBackend(mc, images_root=str(tmp_path))
+        http = create_app(backend).test_client()
         config = labelstudio_config(["square", "disc"], polygons=False)
+        assert http.post("/setup", json={"schema": config}).get_json() == {"model_version": "exemplars"}
         results = [drawn(squares[0], "square"), drawn(discs[0], "disc")]
         task = {"id": 7, "data": {"image": "/data/local-files/?d=shapes.png"}}
-        [pred] = backend.predict({"tasks": [task], "label_config": config, "params": {"context": {"result": results}}})
+        r = http.post("/predict", json={"tasks": [task], "label_config": config, "params": {"context": {"result": results}}})
+        [pred] = r.get_json()["results"]
         assert pred["result"][:2] == results  # the drawn ones, as drawn
         found = pred["result"][2:]
         as_px = np.array([[r["value"]["x"] * W / 100, r["value"]["y"] * H / 100,
@@ -250,12 +252,21 @@ def test_label_studio_interactive_predict_keeps_the_drawn_rectangles_and_adds_th
         labels = np.array([r["value"]["rectanglelabels"][0] for r in found])
         assert hits(as_px[labels == "square"], squares[1:]) == 5 and hits(as_px[labels == "disc"], discs[1:]) == 3
         assert len(found) == 8 and len({r["id"] for r in pred["result"]}) == 10
+        # Nothing drawn: no prediction (Label Studio stores none and asks again next time).
+        r = http.post("/predict", json={"tasks": [task], "label_config": config, "params": {"context": None}})
+        assert r.status_code == 200 and r.get_json() == {"results": []}
         # A label the project does not have is refused, naming it.
-        from minehead.core.errors import InvalidArgument
-
-        with pytest.raises(InvalidArgument, match="unknown class 'cat'"):
-            backend.predict({"tasks": [task], "label_config": config,
-                             "params": {"context": {"result": [drawn(squares[0], "cat")]}}})
+        r = http.post("/predict", json={"tasks": [task], "label_config": config,
+                                        "params": {"context": {"result": [drawn(squares[0], "cat")]}}})
+        assert r.status_code == 400 and "unknown class 'cat'" in r.get_json()["message"]
+        # Training needs a recipe set: refused naming the flag, in the status line too.
+        for path, body in (("/webhook", {"action": "START_TRAINING", "project": {"id": 1}}), ("/train", {"annotations": []})):
+            r = http.post(path, json=body)
+            assert r.status_code == 400 and "--recipes" in r.get_json()["message"], (path, r.get_json())
+            assert "--recipes" in r.status and "\n" not in r.status
+        assert http.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1}}).get_json()["status"] == "ignored"
+        assert http.get("/health").get_json()["model_version"] == "exemplars"
+        assert http.get("/versions").get_json() == {"versions": [], "current": "exemplars"}
 
 
 def test_the_matcher_as_a_library_numpy_in_numpy_out():
