@@ -105,7 +105,8 @@ def interactive_answer(predictor, find_similar, tasks: list, drawn: list[dict], 
 
 NEEDS_RECIPES = ("training needs a recipe set: this backend was started without one (interactive find only); "
                  "restart it with --recipes SET_OR_JOB (`minehead labelstudio serve --recipes recipeSets/ID`). "
-                 "A first set: `minehead datasets accept` the reviewed finds, `minehead heads train`, `minehead mine start`")
+                 "A first set: export the reviewed tasks, `minehead datasets import` them, then `minehead heads train` "
+                 "and `minehead mine start`")
 
 
 class NeedsRecipes(Refused):
