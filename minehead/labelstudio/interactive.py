@@ -27,6 +27,7 @@ Studio stores nothing and asks again next time), and training is refused naming 
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 from minehead.common.v1 import common_pb2
@@ -95,12 +96,14 @@ def interactive_prediction(results: list[dict], config: LabelConfig, find_simila
 
 def interactive_answer(predictor, find_similar, tasks: list, drawn: list[dict], label_config) -> dict:
     """/predict's interactive branch, with or without a recipe set: one task, its drawn
-    rectangles -> one prediction (Predictor.interactive)."""
+    rectangles -> one prediction; the task's image read by the Predictor's rules."""
     config = parse_config(label_config)
     if len(tasks) != 1:
         raise Refused(f"interactive /predict: drawn rectangles come with one task, got {len(tasks)}")
     log.info("predict: interactive, %d drawn rectangle(s) on task %s", len(drawn), tasks[0].get("id"))
-    return predictor.interactive(tasks[0], drawn, config, find_similar)
+    with tempfile.TemporaryDirectory(prefix="minehead-ls-") as tmp:
+        path = predictor.task_image(tasks[0], config, Path(tmp), 0)  # local files, or from Label Studio
+        return interactive_prediction(drawn, config, find_similar, path)
 
 
 NEEDS_RECIPES = ("training needs a recipe set: this backend was started without one (interactive find only); "
