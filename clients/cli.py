@@ -12,7 +12,7 @@
     minehead recipes sets list|get|create|delete|export|import
     minehead draft --recipes SET_OR_JOB --images DIR -o OUT [--format yolo,coco,labelstudio] [--polygons] [--merge] [--resume JOB]
     minehead find --image PATH --box [CLASS=]X1,Y1,X2,Y2 [--box …] [--not X1,Y1,X2,Y2 …] [--images DIR] -o OUT
-    minehead labelstudio serve --recipes SET_OR_JOB [--port 9090]     (a Label Studio ML backend; clients/cli_labelstudio.py)
+    minehead labelstudio serve [--recipes SET_OR_JOB] [--port 9090]   (a Label Studio ML backend; clients/cli_labelstudio.py)
 
 Service addresses come from --embedder/--head/--miner or MINEHEAD_<SERVICE>_ADDR
 (defaults 127.0.0.1:50051/50052/50053). gRPC errors print as "error: CODE: message" and exit 1.

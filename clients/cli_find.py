@@ -1,13 +1,14 @@
 """`minehead find`: every object like a few boxes you drew, on that image and on a folder.
 
     minehead find --image PATH --box [CLASS=]X1,Y1,X2,Y2 [--box …] [--not X1,Y1,X2,Y2 …]
-                  [--images DIR] -o OUT [--min-score S] [--no-refine] [--classes A,B] [--format …]
+                  [--images DIR] -o OUT [--min-score S] [--no-refine] [--polygons] [--classes A,B] [--format …]
 
 No head, recipe or dataset is needed: the miner matches the exemplars on the image's feature map
 (FindSimilar; with --images the FindSimilarImages stream applies the same exemplars to every
 image of DIR). OUT is the draft folder `minehead draft` writes (YOLO labels, labelmap.txt,
 coco.json, Label Studio tasks, review.jsonl, summary.json); the exemplars themselves are in the
-image's labels as drawn. Running the same command again on OUT continues after the last finished
+image's labels as drawn. Each object SAM's decoder refined brings its mask: coco.json holds it as
+RLE, and with --polygons every format gets its outline as a polygon. Running the same command again on OUT continues after the last finished
 image; other exemplars need another OUT. Reviewed, the folder is a YOLO dataset `heads train`
 reads (`minehead datasets accept OUT -o DATASET` copies the accepted images into one).
 """
@@ -38,7 +39,8 @@ def _options(a) -> exemplars_pb2.FindOptions:
         exemplars=[exemplars_pb2.Exemplar(box=common_pb2.BoxXYXY(x1=b[0], y1=b[1], x2=b[2], y2=b[3]), class_name=c)
                    for c, b in a.box],
         negatives=[common_pb2.BoxXYXY(x1=b[0], y1=b[1], x2=b[2], y2=b[3]) for b in a.negative or ()],
-        classes=[c.strip() for c in (a.classes or "").split(",") if c.strip()], min_score=a.min_score or 0.0)
+        classes=[c.strip() for c in (a.classes or "").split(",") if c.strip()], min_score=a.min_score or 0.0,
+        polygons=a.polygons)
     if a.refine is not None:
         opts.refine_boxes = a.refine
     return opts
@@ -65,7 +67,10 @@ def cmd_find(a) -> int:
     images = [image] + others
     out = Path(a.output)
     name = search_name(image, opts)
-    folder = DraftFolder(out, recipe_set=name, classes=classes, head_classes=classes, formats_=formats,
+    if a.polygons and a.refine is False:
+        print("error: --polygons outlines SAM's masks, and --no-refine makes none: drop one of them", file=sys.stderr)
+        return 2
+    folder = DraftFolder(out, recipe_set=name, classes=classes, head_classes=classes, formats_=formats, polygons=a.polygons,
                          source=str(Path(a.images).resolve()) if a.images else str(image.resolve()))
     done = folder.finished()
     if done:
@@ -122,7 +127,10 @@ def add_commands(sub, add) -> None:
     f.add_argument("--refine", dest="refine", action="store_true", default=None,
                    help="refine found boxes with SAM's decoder (default)")
     f.add_argument("--no-refine", dest="refine", action="store_false",
-                   help="boxes of the exemplars' sizes, no decoder pass (faster)")
+                   help="boxes of the exemplars' sizes, no decoder pass (faster; no masks)")
+    f.add_argument("--polygons", action="store_true",
+                   help="write each refined object's mask outline (its convex hull) as YOLO polygon lines, COCO polygons "
+                        "and Label Studio polygonlabels; without it COCO still gets each mask, as RLE")
 
 
 def cmd_accept(a) -> int:

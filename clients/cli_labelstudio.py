@@ -1,11 +1,15 @@
 """`minehead labelstudio serve`: minehead as a Label Studio ML backend.
 
-    minehead labelstudio serve --recipes SET_OR_JOB [--port 9090] [--host 127.0.0.1]
+    minehead labelstudio serve [--recipes SET_OR_JOB] [--port 9090] [--host 127.0.0.1]
                                [--labelstudio-url URL] [--images-root DIR] [--base-dataset DIR]
                                [--train-every N] [--data-dir DIR] [--predict-budget S]
                                [--auth-user U --auth-password P | --insecure]
                                [--workers N] [--threads N] [--graceful-timeout S]
                                [--max-body-mb MB] [--max-tasks N] [--max-depth N] [--webhook-rate R]
+
+Without --recipes the backend serves Label Studio's interactive mode only (rectangles drawn with
+auto-annotation on come back with every object like them: FindSimilar, no dataset needed);
+/predict without drawn rectangles answers no prediction and training is refused naming --recipes.
 
 Inbound requests need HTTP basic auth (all but /health) when credentials are given:
 --auth-user/--auth-password, MINEHEAD_ML_BACKEND_USER/_PASSWORD, or BASIC_AUTH_USER/_PASS.
@@ -40,7 +44,13 @@ def cmd_serve(a) -> int:
               "MINEHEAD_ML_BACKEND_PASSWORD, or BASIC_AUTH_USER/BASIC_AUTH_PASS) and the same in Label Studio's "
               "model settings (Basic Auth), or pass --insecure", file=sys.stderr)
         return 2
-    for name, addr in (("miner", a.miner), ("head service", a.head)):
+    if not a.recipes:
+        needs = [f for f, v in (("--base-dataset", a.base_dataset), ("--train-every", a.train_every)) if v]
+        if needs:
+            print(f"error: {' and '.join(needs)} set(s) up training rounds, and rounds need a recipe set: add "
+                  "--recipes SET_OR_JOB, or leave them out to serve interactive find only", file=sys.stderr)
+            return 2
+    for name, addr in (("miner", a.miner), ("head service", a.head))[:2 if a.recipes else 1]:
         if (why := unreachable(addr)) is not None:
             print(f"error: the {name} at {addr} is not reachable ({why}); start the services (make run-all) or "
                   f"pass --{name.split()[0]} ADDRESS", file=sys.stderr)
@@ -58,6 +68,12 @@ def cmd_serve(a) -> int:
         token = os.environ.get("MINEHEAD_LABELSTUDIO_TOKEN") or os.environ.get("LABEL_STUDIO_API_KEY")
         ls = LabelStudioAPI(a.labelstudio_url, token) if a.labelstudio_url else None
         data_dir = Path(a.data_dir or Path(os.environ.get("MINEHEAD_DATA_DIR", "var")) / "labelstudio")
+        if not a.recipes:  # interactive find only: no state, no rounds, no head service
+            from minehead.labelstudio.interactive import ExemplarBackend
+
+            backend = ExemplarBackend(MinerClient(a.miner, token=a.token), labelstudio=ls, images_root=a.images_root,
+                                      budget_s=a.predict_budget, limits=limits)
+            return create_app(backend, creds, limits), backend
         miner, head = MinerClient(a.miner, token=a.token), HeadClient(a.head, token=a.token)
         backend = Backend(miner, head, recipes=a.recipes, data_dir=data_dir, labelstudio=ls, images_root=a.images_root,
                           base_dataset=a.base_dataset, train_every=a.train_every, budget_s=a.predict_budget,
@@ -66,7 +82,9 @@ def cmd_serve(a) -> int:
 
     def banner(url: str) -> str:
         auth = f"basic auth as {creds.user!r}" if creds.enabled else "NO authentication"
-        return (f"minehead ML backend on {url} ({a.workers} worker(s) x {a.threads} threads, {auth}); add it in "
+        mode = (f"drafting with {a.recipes}" if a.recipes else "interactive find only, no recipe set: turn on "
+                "'Use for interactive preannotations' and auto-annotation")
+        return (f"minehead ML backend on {url} ({a.workers} worker(s) x {a.threads} threads, {auth}; {mode}); add it in "
                 "Label Studio: project settings > Model > Connect model")
 
     return serve(make_app, host=a.host, port=a.port, workers=a.workers, threads=a.threads,
@@ -93,7 +111,10 @@ def unreachable(addr: str, timeout: float = 3.0) -> str | None:
 def add_commands(sub, add) -> None:
     ls = sub.add_parser("labelstudio", help="Label Studio ML backend").add_subparsers(dest="ls_cmd", required=True)
     s = add(ls, "serve", cmd_serve, "serve minehead as a Label Studio ML backend (predict, train rounds)")
-    s.add_argument("--recipes", required=True, help="the recipe set to draft with: recipeSets/ID or jobs/ID of its mining job")
+    s.add_argument("--recipes", default=None,
+                   help="the recipe set to draft with and train from: recipeSets/ID or jobs/ID of its mining job. "
+                        "Without it: interactive find only (drawn rectangles -> every object like them; no drafts "
+                        "for undrawn tasks, no training rounds)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     s.add_argument("--port", type=int, default=9090)
     s.add_argument("--labelstudio-url", default=os.environ.get("LABEL_STUDIO_URL"),

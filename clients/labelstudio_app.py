@@ -16,9 +16,16 @@ WWW-Authenticate otherwise). Bodies are bounded before any work (minehead.labels
 413 over --max-body-mb or --max-tasks, 400 for nesting deeper than the limit or malformed tasks,
 429 when webhooks come faster than the rate.
 
-Errors answer {"status": "error", "message": …} with 400 (bad input, labels that do not match),
-401, 404, 413, 429, 503 (a service down) or 502 (another gRPC error), and the message is logged:
-Label Studio shows only the status code in its UI.
+Errors answer {"status": "error", "message": …} with 400 (bad input, labels that do not match,
+training asked of a backend started without --recipes), 401, 404, 413, 429, 503 (a service
+down) or 502 (another gRPC error), and the message is logged. Label Studio 1.23 reads no error
+body: what it keeps (the model's error_message, shown on the model's card) is requests'
+"400 Client Error: REASON for url: …", so the message is also the status line's reason phrase
+(ASCII, one line, at most REASON_CHARS characters).
+
+The backend is minehead.labelstudio.backend.Backend (a recipe set: drafts and training rounds)
+or minehead.labelstudio.interactive.ExemplarBackend (started without --recipes: interactive
+find only); both answer the same calls.
 """
 
 from __future__ import annotations
@@ -33,10 +40,12 @@ from werkzeug.exceptions import HTTPException
 from minehead.common.v1 import common_pb2
 from minehead.core.errors import MineheadError
 from minehead.core.jobs import job_id_from_name
-from minehead.labelstudio.backend import ROUND_KIND, Backend
+from minehead.labelstudio.backend import Backend
+from minehead.labelstudio.interactive import ExemplarBackend
 from minehead.labelstudio.guard import Credentials, Limits, TokenBucket, TooFast, parse_body
 
 log = logging.getLogger("minehead.labelstudio")
+REASON_CHARS = 400
 _STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
            grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.PERMISSION_DENIED: 403}
 
@@ -45,7 +54,15 @@ def _job(job: common_pb2.Job) -> dict:
     return json_format.MessageToDict(job, preserving_proto_field_name=True)
 
 
-def create_app(backend: Backend, credentials: Credentials | None = None, limits: Limits | None = None) -> Flask:
+def status_line(code: int, message: str) -> str:
+    """"400 the message": the message as an HTTP reason phrase (printable ASCII, one line, cut)."""
+    reason = "".join(c if " " <= c <= "~" else "?" for c in " ".join(str(message).split()))
+    if len(reason) > REASON_CHARS:
+        reason = reason[:REASON_CHARS - 3] + "..."
+    return f"{code} {reason}" if reason else str(code)
+
+
+def create_app(backend: Backend | ExemplarBackend, credentials: Credentials | None = None, limits: Limits | None = None) -> Flask:
     credentials = credentials or Credentials(None, None)
     limits = limits or backend.limits
     hooks = TokenBucket(limits.webhook_rate, limits.webhook_burst, "webhooks and training calls")
@@ -78,7 +95,7 @@ def create_app(backend: Backend, credentials: Credentials | None = None, limits:
                 msg = (f"the request body is {request.content_length or 'over'} bytes; the limit is "
                        f"{limits.max_body_bytes} (--max-body-mb)")
             log.error("%s %s -> %d: %s", request.method, request.path, e.code, msg)
-            return jsonify(status="error", message=msg), e.code
+            return jsonify(status="error", message=msg), status_line(e.code, msg)
         headers = {}
         if getattr(e, "http_status", None):  # guard.Refused: the status is part of the refusal
             code, msg = e.http_status, str(e)
@@ -92,7 +109,7 @@ def create_app(backend: Backend, credentials: Credentials | None = None, limits:
             log.exception("unexpected error")
             code, msg = 500, f"{type(e).__name__}: {e}"
         log.error("%s %s -> %d: %s", request.method, request.path, code, msg)
-        return jsonify(status="error", message=msg), code, headers
+        return jsonify(status="error", message=msg), status_line(code, msg), headers
 
     @app.get("/health")
     @app.get("/")
@@ -126,20 +143,18 @@ def create_app(backend: Backend, credentials: Credentials | None = None, limits:
 
     @app.get("/versions")
     def versions():
-        return jsonify({"versions": [backend.state["origin"]] + [r["recipe_set"] for r in backend.state["rounds"]],
-                        "current": backend.model_version})
+        return jsonify(backend.versions())
 
     @app.get("/rounds")
     def rounds():
-        jobs, _ = backend.store.list(kind=ROUND_KIND, page_size=100)
-        return jsonify({"rounds": [_job(j) for j in jobs]})
+        return jsonify({"rounds": [_job(j) for j in backend.rounds()]})
 
     @app.get("/rounds/<path:jid>")
     def round_get(jid: str):
-        return jsonify(_job(backend.store.get(job_id_from_name(jid))))
+        return jsonify(_job(backend.round(job_id_from_name(jid))))
 
     @app.post("/rounds/<path:jid>/cancel")
     def round_cancel(jid: str):
-        return jsonify(_job(backend.store.request_cancel(job_id_from_name(jid))))
+        return jsonify(_job(backend.cancel_round(job_id_from_name(jid))))
 
     return app

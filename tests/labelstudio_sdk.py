@@ -43,9 +43,9 @@ def main() -> None:
         return [{"model_version": p.model_version, "score": p.score, "result": p.result}
                 for p in ls.predictions.list(task=task)]
 
-    def connect_ml(project, url, user=None, password=None):
+    def connect_ml(project, url, user=None, password=None, interactive=False):
         auth = {"auth_method": "BASIC_AUTH", "basic_auth_user": user, "basic_auth_pass": password} if user else {}
-        m = ls.ml.create(project=project, url=url, title="minehead", is_interactive=False, **auth)
+        m = ls.ml.create(project=project, url=url, title="minehead", is_interactive=interactive, **auth)
         return {"id": m.id, "state": str(m.state), "error": m.error_message}
 
     def webhook_headers(project, url, headers):

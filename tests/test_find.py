@@ -122,6 +122,43 @@ def test_not_this_boxes_remove_what_they_look_like(miner, image):
     assert hits(boxes_of(plain.image), discs) >= hits(boxes_of(not_discs.image), discs)
 
 
+def rle_mask(b) -> np.ndarray:
+    """A DraftBox's mask read by pycocotools (its layout, not ours): H x W bool."""
+    from pycocotools import mask as mask_util
+
+    counts = [int(c) for c in b.rle.split()]
+    assert sum(counts) == H * W
+    return mask_util.decode(mask_util.frPyObjects({"size": [H, W], "counts": counts}, H, W)).astype(bool)
+
+
+def test_refined_boxes_come_with_the_decoders_masks(miner, image):
+    """DraftBox.rle (COCO RLE in image px, read by pycocotools) is the refined object's mask:
+    its tight box is the box, it covers its own square or disc and nothing else, a disc's is
+    round (fills ~pi/4 of its box, a square's all of it); polygons outline it; exemplars and
+    unrefined boxes carry none."""
+    px, squares, discs = image
+    yy, xx = np.mgrid[:H, :W]
+    truth = {"square": [(xx >= b[0]) & (xx < b[2]) & (yy >= b[1]) & (yy < b[3]) for b in squares],
+             "disc": [(xx - b[0] - 13) ** 2 + (yy - b[1] - 13) ** 2 <= 13 ** 2 for b in discs]}
+    r = miner["stub"].FindSimilar(request(png_bytes(px), [ex(squares[0], "square"), ex(discs[0], "disc")], polygons=True))
+    drawn, found = r.image.boxes[:2], r.image.boxes[2:]
+    assert [b.rle for b in drawn] == ["", ""] and len(found) == 8
+    fill = {"square": [], "disc": []}
+    for b in found:
+        m = rle_mask(b)
+        ys, xs = np.nonzero(m)
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == [b.box.x1, b.box.y1, b.box.x2, b.box.y2]
+        ious = [(m & t).sum() / (m | t).sum() for t in truth[b.class_name]]
+        assert max(ious) >= 0.75, (b.class_name, ious)
+        fill[b.class_name].append(m.sum() / ((b.box.x2 - b.box.x1) * (b.box.y2 - b.box.y1)))
+        poly = np.array(b.polygon).reshape(-1, 2)
+        assert len(poly) >= 4 and poly[:, 0].min() >= b.box.x1 and poly[:, 0].max() <= b.box.x2
+        assert poly[:, 1].min() >= b.box.y1 and poly[:, 1].max() <= b.box.y2
+    assert min(fill["square"]) > 0.9 and max(fill["disc"]) < 0.88, fill
+    plain = miner["stub"].FindSimilar(request(png_bytes(px), [ex(squares[0], "square")], refine_boxes=False, polygons=True))
+    assert len(plain.image.boxes) == 6 and not any(b.rle or b.polygon for b in plain.image.boxes)
+
+
 @pytest.mark.parametrize("exemplars,options,message", [
     ([], {}, "no exemplar"),
     ([ex((300, 200, 340, 230))], {}, "outside the 320 x 240 image"),
@@ -181,9 +218,32 @@ def test_cli_find_on_a_folder_writes_the_draft_folder_and_accept_hands_it_to_tra
     assert "3/3 images" in r.stderr  # the progress bar
     for f in ("labelmap.txt", "coco.json", "labelstudio.json", "labelstudio_config.xml", "review.jsonl", "summary.json"):
         assert (out / f).is_file(), f
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(out / "coco.json"))  # the found objects' masks as RLE, the drawn boxes as drawn
+    anns = coco.loadAnns(coco.getAnnIds())
+    masked = [a for a in anns if isinstance(a["segmentation"], dict)]
+    assert len(anns) == 12 and len(masked) == 9
+    for a in masked:
+        m = coco.annToMask(a)
+        x, y, w, h = a["bbox"]
+        assert m.sum() == a["area"] and m[:, :int(x)].sum() == 0 and m[int(y + h):].sum() == 0
     assert len((out / "labels" / "first.txt").read_text().splitlines()) == 6  # 3 drawn + 3 found
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images_drafted"] == 2 and summary["unreadable"][0]["image"] == "b.png"
+    # --polygons: the masks' outlines in every format (the drawn boxes stay boxes); none without masks.
+    from clients.cli import main
+
+    box_args = [f"--box=square={','.join(str(int(v)) for v in b)}" for b in squares[:3]]
+    poly = tmp_path / "found-polygons"
+    assert main(["--miner", miner["address"], "find", "--image", str(tmp_path / "first.png"), *box_args, "--polygons",
+                 "-o", str(poly)]) == 0
+    lines = [ln.split() for ln in (poly / "labels" / "first.txt").read_text().splitlines()]
+    assert [len(ln) for ln in lines[:3]] == [5, 5, 5] and len(lines) == 6 and all(len(ln) >= 9 for ln in lines[3:])
+    (pred,) = json.loads((poly / "labelstudio.json").read_text())[0]["predictions"]
+    assert [r["type"] for r in pred["result"]] == ["rectanglelabels"] * 3 + ["polygonlabels"] * 3
+    assert main(["--miner", miner["address"], "find", "--image", str(tmp_path / "first.png"), *box_args, "--polygons",
+                 "--no-refine", "-o", str(tmp_path / "never")]) == 2
     # Running it again continues (nothing left to do); other exemplars are refused on the same folder.
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert again.returncode == 0 and "already done" in again.stderr
@@ -191,8 +251,6 @@ def test_cli_find_on_a_folder_writes_the_draft_folder_and_accept_hands_it_to_tra
     # Review: delete one found box from a.png, then accept both images into a dataset.
     lines = (out / "labels" / "a.txt").read_text().splitlines()
     (out / "labels" / "a.txt").write_text("\n".join(lines[:-1]) + "\n")
-    from clients.cli import main
-
     from head_svc.__main__ import build as build_head
     from tests.conftest import make_config
 
@@ -213,16 +271,18 @@ def test_cli_find_on_a_folder_writes_the_draft_folder_and_accept_hands_it_to_tra
 
 
 def test_label_studio_interactive_predict_keeps_the_drawn_rectangles_and_adds_the_rest(miner, image, tmp_path):
-    """The backend's /predict with rectangles drawn in `params.context` (as Label Studio 1.23
-    sends them with auto-annotation on), through Backend.predict's dispatch and the real miner;
-    the image is read as a local file the way Label Studio serves it."""
+    """The backend started without a recipe set (ExemplarBackend, what `labelstudio serve` with no
+    --recipes runs) behind its HTTP edge: /predict with rectangles drawn in `params.context` (as
+    Label Studio 1.23 forwards them) answers through the real miner; without any, no prediction;
+    training is refused naming --recipes, in the body and in the status line Label Studio keeps.
+    The image is read as a local file the way Label Studio serves it. (The same round trip through
+    a real Label Studio: tests/test_labelstudio_live.py.)"""
     from PIL import Image
 
+    from clients.labelstudio_app import create_app
     from minehead.client.miner import MinerClient
     from minehead.drafts.formats import labelstudio_config
-    from minehead.labelstudio.backend import Backend
-    from minehead.labelstudio.guard import Limits
-    from minehead.labelstudio.predict import Predictor
+    from minehead.labelstudio.interactive import ExemplarBackend
 
     px, squares, discs = image
     Image.fromarray(px).save(tmp_path / "shapes.png")
@@ -233,15 +293,15 @@ def test_label_studio_interactive_predict_keeps_the_drawn_rectangles_and_adds_th
                 "value": {"x": 100 * b[0] / W, "y": 100 * b[1] / H, "width": 100 * (b[2] - b[0]) / W,
                           "height": 100 * (b[3] - b[1]) / H, "rotation": 0, "rectanglelabels": [label]}}
 
-    backend = object.__new__(Backend)  # the protocol's dispatch without a recipe set, rounds or state
-    backend.limits = Limits()
-    backend.predictor = Predictor(None, images_root=str(tmp_path), labelstudio_url=None)
     with MinerClient(miner["address"]) as mc:
-        backend.miner = mc
+        backend = ExemplarBackend(mc, images_root=str(tmp_path))
+        http = create_app(backend).test_client()
         config = labelstudio_config(["square", "disc"], polygons=False)
+        assert http.post("/setup", json={"schema": config}).get_json() == {"model_version": "exemplars"}
         results = [drawn(squares[0], "square"), drawn(discs[0], "disc")]
         task = {"id": 7, "data": {"image": "/data/local-files/?d=shapes.png"}}
-        [pred] = backend.predict({"tasks": [task], "label_config": config, "params": {"context": {"result": results}}})
+        r = http.post("/predict", json={"tasks": [task], "label_config": config, "params": {"context": {"result": results}}})
+        [pred] = r.get_json()["results"]
         assert pred["result"][:2] == results  # the drawn ones, as drawn
         found = pred["result"][2:]
         as_px = np.array([[r["value"]["x"] * W / 100, r["value"]["y"] * H / 100,
@@ -250,12 +310,21 @@ def test_label_studio_interactive_predict_keeps_the_drawn_rectangles_and_adds_th
         labels = np.array([r["value"]["rectanglelabels"][0] for r in found])
         assert hits(as_px[labels == "square"], squares[1:]) == 5 and hits(as_px[labels == "disc"], discs[1:]) == 3
         assert len(found) == 8 and len({r["id"] for r in pred["result"]}) == 10
+        # Nothing drawn: no prediction (Label Studio stores none and asks again next time).
+        r = http.post("/predict", json={"tasks": [task], "label_config": config, "params": {"context": None}})
+        assert r.status_code == 200 and r.get_json() == {"results": []}
         # A label the project does not have is refused, naming it.
-        from minehead.core.errors import InvalidArgument
-
-        with pytest.raises(InvalidArgument, match="unknown class 'cat'"):
-            backend.predict({"tasks": [task], "label_config": config,
-                             "params": {"context": {"result": [drawn(squares[0], "cat")]}}})
+        r = http.post("/predict", json={"tasks": [task], "label_config": config,
+                                        "params": {"context": {"result": [drawn(squares[0], "cat")]}}})
+        assert r.status_code == 400 and "unknown class 'cat'" in r.get_json()["message"]
+        # Training needs a recipe set: refused naming the flag, in the status line too.
+        for path, body in (("/webhook", {"action": "START_TRAINING", "project": {"id": 1}}), ("/train", {"annotations": []})):
+            r = http.post(path, json=body)
+            assert r.status_code == 400 and "--recipes" in r.get_json()["message"], (path, r.get_json())
+            assert "--recipes" in r.status and "\n" not in r.status
+        assert http.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1}}).get_json()["status"] == "ignored"
+        assert http.get("/health").get_json()["model_version"] == "exemplars"
+        assert http.get("/versions").get_json() == {"versions": [], "current": "exemplars"}
 
 
 def test_the_matcher_as_a_library_numpy_in_numpy_out():

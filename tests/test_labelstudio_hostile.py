@@ -151,6 +151,17 @@ def test_serve_refuses_a_public_address_without_credentials(monkeypatch, capsys)
     assert "both a user and a password" in capsys.readouterr().err
 
 
+def test_serve_without_a_recipe_set_refuses_the_flags_of_training_rounds(capsys):
+    """No --recipes: interactive find only; --train-every and --base-dataset would promise rounds."""
+    from clients.cli import main
+
+    assert main(["labelstudio", "serve", "--train-every", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--train-every" in err and "--recipes SET_OR_JOB" in err
+    assert main(["labelstudio", "serve", "--base-dataset", "data/shapes"]) == 2
+    assert "--base-dataset" in capsys.readouterr().err
+
+
 def test_serve_names_a_service_it_cannot_reach_before_any_worker_starts(capsys):
     """A dead miner (or head service) is one line and exit 2, not gunicorn's worker traceback."""
     import socket
@@ -161,6 +172,8 @@ def test_serve_names_a_service_it_cannot_reach_before_any_worker_starts(capsys):
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
         assert main(["--miner", dead, "labelstudio", "serve", "--recipes", SET]) == 2
+        assert f"the miner at {dead} is not reachable" in capsys.readouterr().err
+        assert main(["--miner", dead, "labelstudio", "serve"]) == 2  # without a recipe set: the miner alone
         assert f"the miner at {dead} is not reachable" in capsys.readouterr().err
         with socket.socket() as live:
             live.bind(("127.0.0.1", 0))

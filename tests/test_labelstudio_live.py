@@ -8,6 +8,11 @@ Label Studio and its SDK live in var/ls-venv (`make labelstudio-env`, which `mak
 the SDK calls go through tests/labelstudio_sdk.py in that venv (see there why). Deselect with
 `-m "not labelstudio"` on a machine without it.
 
+A second backend started without a recipe set serves Label Studio's interactive mode: the
+rectangle an annotator draws reaches it through Label Studio's own
+/api/ml/{id}/interactive-annotating (the call Label Studio's browser app makes with
+auto-annotation on), and training asked of it is refused naming --recipes.
+
 The backend asks for HTTP basic auth (BASIC_AUTH_USER/BASIC_AUTH_PASS, label-studio-ml-backend's
 names) and Label Studio's ML backend connection carries the same credentials, as on a shared
 instance; a call without them is refused.
@@ -21,6 +26,7 @@ import os
 import secrets
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,6 +34,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from minehead.client.heads import HeadClient
@@ -232,3 +239,74 @@ def test_review_loop_with_a_real_label_studio(live):
     assert len(refused) == 1 and "POST /setup" in refused[0], refused  # only the call made without credentials
     _, versions = _http(f"{url}/versions")
     assert versions == {"versions": [live["set"], new_version], "current": new_version}
+
+
+def test_interactive_find_without_a_recipe_set_through_label_studio(live):
+    """`labelstudio serve` with no --recipes, connected as an interactive model. The drawn
+    rectangle goes to Label Studio's interactive-annotating endpoint in the body its browser app
+    sends ({"task", "context": {"result": [the finished region]}}); Label Studio builds the
+    /predict request (the task, the project's config, params.context) and hands back the first
+    prediction. Also what Label Studio does with the other answers: no prediction stored for a
+    task without drawn rectangles, a refused label and a refused training call shown with the
+    backend's message."""
+    from PIL import Image
+
+    from minehead.drafts.formats import labelstudio_config
+    from tests.test_find import H, W, hits, squares_and_circles
+
+    sdk, docroot = live["sdk"], live["docroot"]
+    px, squares, discs = squares_and_circles()
+    (docroot / "interactive").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(px).save(docroot / "interactive" / "shapes.png")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = live["tmp"] / "backend-interactive.log"
+    backend = subprocess.Popen(_cli(live, "labelstudio", "serve", "--port", str(port), "--images-root", str(docroot)),
+                               cwd=REPO, env=dict(os.environ, BASIC_AUTH_USER=ML_USER, BASIC_AUTH_PASS=ML_PASSWORD),
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    live["procs"].append(backend)
+    _wait_up(f"{url}/health", backend, log, 60)
+    pid = sdk("create_project", title="minehead interactive", label_config=labelstudio_config(["square", "disc"], False))
+    ml = sdk("connect_ml", project=pid, url=url, user=ML_USER, password=ML_PASSWORD, interactive=True)
+    assert sdk("ml", id=ml["id"])["error"] in (None, ""), log.read_text()[-2000:]
+    (tid,) = sdk("import_tasks", project=pid, tasks=[{"data": {"image": "/data/local-files/?d=interactive/shapes.png"}}])
+    # Nothing drawn yet: /predict answers {"results": []}; Label Studio stores no prediction.
+    sdk("retrieve_predictions", project=pid, task_ids=[tid])
+    assert sdk("predictions", task=tid) == []
+    assert "without drawn rectangles: no prediction" in log.read_text()  # Label Studio did ask
+
+    def draw(box, label):  # a region as Label Studio's app serializes it (annotation.serializeAnnotation())
+        return {"id": "Xy7-k2", "type": "rectanglelabels", "from_name": "label", "to_name": "image", "origin": "manual",
+                "original_width": W, "original_height": H, "image_rotation": 0,
+                "value": {"x": 100 * box[0] / W, "y": 100 * box[1] / H, "width": 100 * (box[2] - box[0]) / W,
+                          "height": 100 * (box[3] - box[1]) / H, "rotation": 0, "rectanglelabels": [label]}}
+
+    def interactive(region):
+        req = urllib.request.Request(f"{live['ls_url']}/api/ml/{ml['id']}/interactive-annotating",
+                                     data=json.dumps({"task": tid, "context": {"result": [region]}}).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Token {live['token']}"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+
+    drawn = draw(squares[0], "square")
+    out = interactive(drawn)
+    assert "errors" not in out, (out, log.read_text()[-2000:])
+    pred = out["data"]
+    assert pred["model_version"] == "exemplars" and pred["result"][0] == drawn  # the drawn one, as drawn
+    found = pred["result"][1:]
+    as_px = np.array([[r["value"]["x"] * W / 100, r["value"]["y"] * H / 100, (r["value"]["x"] + r["value"]["width"]) * W / 100,
+                       (r["value"]["y"] + r["value"]["height"]) * H / 100] for r in found]).reshape(-1, 4)
+    assert {r["value"]["rectanglelabels"][0] for r in found} == {"square"}
+    assert hits(as_px, squares[1:]) == 5 and hits(as_px, discs) == 0 and len(found) == 5, found
+    # A label outside the project's config: Label Studio passes the backend's message on to the app.
+    out = interactive(draw(discs[0], "cat"))
+    assert "unknown class 'cat'" in out["errors"][0], out
+    # Start Training (START_TRAINING on /webhook): refused naming the flag. Label Studio records the
+    # refusal as the model's state and error message (read from its database: its API re-checks
+    # /health and /setup before every answer about the model, which puts it back to Connected).
+    sdk("train", id=ml["id"])
+    with sqlite3.connect(f"file:{live['tmp'] / 'ls-data' / 'label_studio.sqlite3'}?mode=ro", uri=True) as db:
+        state, error = db.execute("SELECT state, error_message FROM ml_mlbackend WHERE id = ?", (ml["id"],)).fetchone()
+    assert state == "ER" and error.startswith("400 Client Error: training needs a recipe set") and "--recipes" in error, \
+        (state, error, log.read_text()[-2000:])
+    assert sdk("ml", id=ml["id"])["error"] in (None, "")  # connected again: interactive find goes on

@@ -2,7 +2,8 @@
 pre-annotations, and the review queue. Pure functions of one `miner.v1.DraftedImage`.
 
 Coordinates: a DraftBox's box is XYXY pixels of the decoded image; its polygon is flat
-x1,y1,x2,y2,… pixels. YOLO wants normalised cx,cy,w,h (or normalised polygon points), COCO
+x1,y1,x2,y2,… pixels; its rle (a mask, from FindSimilar's refinement) is COCO's uncompressed RLE
+over the image, column-major, written to COCO as it is. YOLO wants normalised cx,cy,w,h (or normalised polygon points), COCO
 wants [x, y, width, height] pixels, Label Studio wants percentages of the image size.
 """
 
@@ -45,7 +46,9 @@ def coco_image(img: drafting_pb2.DraftedImage, image_id: int, file_name: str) ->
 def coco_annotations(img: drafting_pb2.DraftedImage, image_id: int, first_ann_id: int, category_ids: dict[str, int],
                      polygons: bool) -> list[dict]:
     """COCO detection results with ground-truth fields too (area, iscrowd, segmentation), so
-    the file loads as a dataset in COCO tools and as results in COCOeval (`score`)."""
+    the file loads as a dataset in COCO tools and as results in COCOeval (`score`). The
+    segmentation is the polygon (with polygons), else the box's mask as uncompressed RLE
+    ({"size": [h, w], "counts": [...]}, area = its pixels) when it has one, else the box."""
     anns = []
     for k, b in enumerate(img.boxes):
         w, h = b.box.x2 - b.box.x1, b.box.y2 - b.box.y1
@@ -55,6 +58,10 @@ def coco_annotations(img: drafting_pb2.DraftedImage, image_id: int, first_ann_id
         if polygons and len(b.polygon) >= 6:
             a["segmentation"] = [[round(v, 2) for v in b.polygon]]
             a["area"] = round(_polygon_area(b.polygon), 2)
+        elif b.rle:
+            counts = [int(c) for c in b.rle.split()]
+            a["segmentation"] = {"size": [img.height, img.width], "counts": counts}
+            a["area"] = float(sum(counts[1::2]))
         else:
             a["segmentation"] = [[round(v, 2) for v in (b.box.x1, b.box.y1, b.box.x2, b.box.y1, b.box.x2, b.box.y2,
                                                          b.box.x1, b.box.y2)]]

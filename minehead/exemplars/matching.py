@@ -87,22 +87,27 @@ class Prototypes:
 @dataclasses.dataclass
 class Found:
     """boxes: K x 4 XYXY image px float32; scores: K relative similarity float32 (1 = as similar
-    as the weakest exemplar); classes: K names; exemplar: K, the prototype each box matched."""
+    as the weakest exemplar); classes: K names; exemplar: K, the prototype each box matched;
+    ids: K caller's row numbers carried through take() (None: not followed), so what a caller
+    keeps beside the boxes (the refined masks) follows them through settle()."""
 
     boxes: np.ndarray
     scores: np.ndarray
     classes: np.ndarray
     exemplar: np.ndarray
+    ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
-    def with_boxes(self, boxes: np.ndarray) -> "Found":
-        return Found(np.asarray(boxes, np.float32).reshape(-1, 4), self.scores, self.classes, self.exemplar)
+    def with_boxes(self, boxes: np.ndarray, ids: np.ndarray | None = None) -> "Found":
+        return Found(np.asarray(boxes, np.float32).reshape(-1, 4), self.scores, self.classes, self.exemplar,
+                     self.ids if ids is None else np.asarray(ids, np.int64))
 
     def take(self, idx) -> "Found":
         idx = np.asarray(idx, np.int64)
-        return Found(self.boxes[idx], self.scores[idx], self.classes[idx], self.exemplar[idx])
+        return Found(self.boxes[idx], self.scores[idx], self.classes[idx], self.exemplar[idx],
+                     None if self.ids is None else self.ids[idx])
 
     @classmethod
     def empty(cls) -> "Found":

