@@ -14,8 +14,8 @@ Data sets (built here, held-out images only in every figure):
   five shapes): train on 24, draft 10 others.
 - whole: the 2299 x 2472 YELL image drafted whole (tiled by the miner) against its 36 tiles
   drafted one by one, both scored on the same trees.
-- few: 3 crowded scenes -> the 10 scenes' drafts; 2 tree tiles -> the 22 held-out tiles (a user
-  who labels a couple of images and drafts the rest).
+- few: 3 crowded scenes -> the 10 scenes' drafts; 2 and 4 tree tiles -> the 22 held-out tiles (a
+  user who labels a couple of images and drafts the rest; issue 34's targets F1 >= 0.25 / 0.3).
 - speed: a 640 x 480 image drafted by a 4-class set against one backbone pass, alternating
   (min / median / max), decoder passes per image; locator training time on 50 images with
   their feature maps cached.
@@ -88,7 +88,7 @@ def scenes(tmp: Path, train: int = 24, test: int = 10, name: str = "scenes") -> 
 
 
 def few_trees(trees: Path, tmp: Path, n: int = 2) -> Path:
-    """The first n training tiles that hold trees: a user who labelled two tiles."""
+    """The first n training tiles that hold trees: a user who labelled n tiles."""
     out = tmp / f"trees-{n}"
     for sub in ("images", "labels"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -361,9 +361,10 @@ def main(argv=None) -> int:
             local = tmp / "trees"  # under the services' allowed roots
             if not local.exists():
                 shutil.copytree(trees, local)
-            r = row(trio, "few: 2 tree tiles", few_trees(local, tmp), local / "heldout", tmp / "drafts", det, aug)
-            results["rows"].append(r)
-            print_row(r, None)
+            for n, target in ((2, 0.25), (4, 0.3)):
+                r = row(trio, f"few: {n} tree tiles", few_trees(local, tmp, n), local / "heldout", tmp / "drafts", det, aug)
+                results["rows"].append(r)
+                print_row(r, target)
         if "scenes" in only:
             tr, te = scenes(tmp)
             r = row(trio, "crowded scenes", tr, te, tmp / "drafts", det, aug)
