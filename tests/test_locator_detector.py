@@ -302,11 +302,7 @@ def test_a_tiled_image_with_peaks_only_in_overlaps_drafts_empty_through_every_pa
 
     with _miner(locator_head, tmp, embedder_server, models_dir) as mc:
         job = mc.start_mining(miner_pb2.MiningSpec(dataset=str(ds), head=head.head_id, seed=1, classes=["blue_circle"]))
-        list(mc.jobs.watch(job.name))
-        done = mc.jobs.get(job.name)
-        assert done.state == common_pb2.Job.SUCCEEDED, done.error
-        mined = miner_pb2.MiningResult()
-        done.result.Unpack(mined)
+        mined = mc.jobs.result(job.name, miner_pb2.MiningResult)  # JobFailed, with its error, unless it succeeded
         summary = json_format.MessageToDict(mined.summary)
         assert summary["images"] == 4 and "failed_images" not in summary and summary["detector"] == "minisam-locator"
 

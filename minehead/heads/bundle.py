@@ -42,8 +42,8 @@ FOLD_MEMBERS = {f"{part}.fold{k}.onnx" for part in ("head", "locator") for k in 
 MEMBERS = {"head.onnx", "meta.json", "report.json", "locator.onnx"} | FOLD_MEMBERS  # all but the first two optional
 MAX_ONNX_BYTES = 64 << 20
 MAX_JSON_BYTES = 4 << 20
-MAX_ZIP_BYTES = 2 * MAX_ONNX_BYTES + 2 * MAX_JSON_BYTES  # head.onnx, locator.onnx, meta, report
 MAX_FOLD_BYTES = 2 * MAX_ONNX_BYTES  # all fold graphs together
+MAX_ZIP_BYTES = 2 * MAX_ONNX_BYTES + 2 * MAX_JSON_BYTES + MAX_FOLD_BYTES  # head, locator, meta, report, folds
 
 # key -> (type or tuple of types, required)
 _META_FIELDS = {

@@ -81,8 +81,11 @@ class HeadScorer:
             return v
         return self.embeds.embed(image_bytes, boxes, self.policy, self.model)
 
-    def probs(self, vectors: np.ndarray) -> np.ndarray:
-        return self.bundle.predict_proba(vectors)
+    def probs(self, vectors: np.ndarray, image_sha256: str = "") -> np.ndarray:
+        """N x C probabilities for the vectors of one image: from the image's fold head when
+        scoring out of fold (a labelled image of a cross-fitted head), else the head's."""
+        head = self.bundle.fold_for(image_sha256) if self.out_of_fold and image_sha256 else self.bundle
+        return head.predict_proba(vectors)
 
     def score(self, state: ImageState, image_bytes: bytes, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """boxes N x 4 XYXY pixels -> (N x D embeddings, N x C probabilities)."""
@@ -101,7 +104,7 @@ class HeadScorer:
             if todo:
                 tb = np.frombuffer(b"".join(todo), np.float32).reshape(-1, 4)
                 vecs = np.asarray(self.embed(state, image_bytes, tb), np.float32)
-                probs = (self.bundle.fold_for(state.image.sha256) if self.out_of_fold else self.bundle).predict_proba(vecs)
+                probs = self.probs(vecs, state.image.sha256)
                 self.boxes_embedded += len(todo)
                 for k, v, p in zip(todo, vecs, probs):
                     rows[k] = (v, p)

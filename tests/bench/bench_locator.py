@@ -123,30 +123,16 @@ def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: st
                                             cross_fit_folds=cross_fit))
         t_train = time.perf_counter() - t0
         # As `minehead mine start` asks by default: the head gate tuned on the tune images.
-        job = mc.start_mining(miner_pb2.MiningSpec(dataset=str(train), head=tr.head.head_id, seed=1,
-                                                   clip_head_auto_tune=True, detector=detector,
-                                                   target_precision=target_precision))
-        res = mc.jobs.result(job.name, miner_pb2.MiningResult)
-        t_mine = time.perf_counter() - t0 - t_train
+        mining = miner_pb2.MiningSpec(dataset=str(train), head=tr.head.head_id, seed=1, clip_head_auto_tune=True,
+                                      detector=detector, target_precision=target_precision)
         drafts = out / label.replace(" ", "_").replace(">", "")
-        shutil.rmtree(drafts, ignore_errors=True)
-        spec = drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=res.recipe_set),
-                                         folder=str(test / "images"), output_dir=str(drafts))
-        dj = mc.start_drafting(spec)
-        dres = mc.jobs.result(dj.name, drafting_pb2.DraftingResult)
-        t_draft = time.perf_counter() - t0 - t_train - t_mine
+        res, spec, dres, (t_mine, t_draft) = mine_and_draft(mc, mining, test, drafts)
         in_fold_row = None
         if cross_fit:
             ti = time.perf_counter()
-            ij = mc.start_mining(miner_pb2.MiningSpec(dataset=str(train), head=tr.head.head_id, seed=1,
-                                                      clip_head_auto_tune=True, detector=detector,
-                                                      target_precision=target_precision, out_of_fold=False))
-            ires = mc.jobs.result(ij.name, miner_pb2.MiningResult)
+            mining.out_of_fold = False
             idrafts = Path(str(drafts) + "_in_fold")
-            shutil.rmtree(idrafts, ignore_errors=True)
-            ispec = drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=ires.recipe_set),
-                                              folder=str(test / "images"), output_dir=str(idrafts))
-            mc.jobs.result(mc.start_drafting(ispec).name, drafting_pb2.DraftingResult)
+            ires, _, _, _ = mine_and_draft(mc, mining, test, idrafts)
             in_fold_row = {"score": score(idrafts, test), "seconds": round(time.perf_counter() - ti, 1),
                            "mining_report": report_of(ires), "report_images_seen_in_training": int(
                                json_format.MessageToDict(ires.summary).get("report_images_seen_in_training", 0))}
@@ -173,6 +159,21 @@ def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: st
             "out_of_fold": mined.get("out_of_fold"),
             **({"adapted": adapted} if adapted is not None else {}),
             **({"in_fold": in_fold_row} if in_fold_row is not None else {})}
+
+
+def mine_and_draft(mc, mining, test: Path, drafts: Path):
+    """Mine with `mining` (a MiningSpec), draft test/images into `drafts` (emptied first) with the
+    job's recipe set: (MiningResult, the DraftingSpec, DraftingResult, (mining s, drafting s))."""
+    from minehead.miner.v1 import drafting_pb2, miner_pb2
+
+    t0 = time.perf_counter()
+    res = mc.jobs.result(mc.start_mining(mining).name, miner_pb2.MiningResult)
+    t1 = time.perf_counter()
+    shutil.rmtree(drafts, ignore_errors=True)
+    spec = drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=res.recipe_set),
+                                     folder=str(test / "images"), output_dir=str(drafts))
+    dres = mc.jobs.result(mc.start_drafting(spec).name, drafting_pb2.DraftingResult)
+    return res, spec, dres, (t1 - t0, time.perf_counter() - t1)
 
 
 def report_of(res) -> dict:
