@@ -45,6 +45,8 @@ def cmd_train(a) -> int:
         spec.locator = a.locator
     spec.locator_augment = a.locator_augment
     spec.cross_fit_folds = a.cross_fit_folds
+    if a.crowded_copies is not None:
+        spec.locator_crowded_copies = a.crowded_copies
     def start(ref):
         spec.dataset.CopyFrom(ref)
         return c.start_training(spec)
@@ -271,6 +273,10 @@ def add_commands(sub, add) -> None:
     tr.add_argument("--locator-augment", choices=["auto", "none", "flip", "dihedral"], default="auto",
                     help="flipped / turned copies of the labelled images for the locator (default auto: enough "
                          "copies for about 32 maps, none from 32 images on; flip: the horizontal flip only)")
+    tr.add_argument("--crowded-copies", type=int, default=None, metavar="N",
+                    help="copies of each labelled image with the other labelled objects pasted beside its own, "
+                         "so the locator learns dense, touching scenes from sparse labels (default auto: about "
+                         "2 an image up to 24 in all; 0: none; at most 8 an image)")
     tr.add_argument("--cross-fit-folds", type=int, default=0, metavar="K",
                     help="also fit the head and locator K times (2-5), each without one fold of the images, so "
                          "mining chooses thresholds on scores of images they did not see (default: none; "

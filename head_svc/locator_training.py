@@ -24,7 +24,7 @@ from minehead.core.jobs import JobContext
 
 from minehead.crop_embeddings import IN_FLIGHT, FeatureMapCache
 from minehead.core.images import decode_image
-from minehead.locator import augment as loc_augment, export, refiner as loc_refiner, targets as loc_targets, train as loc_train
+from minehead.locator import augment as loc_augment, export, paste as loc_paste, refiner as loc_refiner, targets as loc_targets, train as loc_train
 from minehead.locator.decode import decode
 from minehead.locator.evaluate import best_f1
 from minehead.locator.model import OUTPUT_DOCS, PARITY_LIMIT
@@ -83,6 +83,12 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     # belongs where its source does (a held-out image's copies only reach the final fit).
     split["feature_maps"] = time.perf_counter() - t0
     names, copies = augmented(p, ctx, fmaps, gts, len(real), params.augment)
+    # Crowded copies (minehead.locator.paste): held-out images and cross-fitting folds paste only
+    # among themselves, so no object of theirs reaches a map fitted without them.
+    groups = [(bool(h), int(image_fold[i]) if image_fold is not None else 0) for i, h in enumerate(hold)]
+    crowded = crowded_maps(p, ctx, fmaps, gts, len(real), loc_paste.copies_for(len(gts), params.crowded_copies),
+                           groups, params.seed)
+    copies += crowded
     split["copies"] = time.perf_counter() - t0 - split["feature_maps"]
     src = np.array(list(range(len(maps))) + [i for i, _, _ in copies], np.int64)
     maps, tgts = maps + [m for _, m, _ in copies], tgts + [t for _, _, t in copies]
@@ -174,7 +180,8 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     secs = time.perf_counter() - t0
     split["export"] = secs - sum(split.values())
     ctx.log(f"locator: final fit on all {len(frames)} images"
-            + (f" and {len(copies)} copies ({', '.join(names[1:])})" if copies else "") + f", {epochs} epochs"
+            + (f" and {len(copies) - len(crowded)} copies ({', '.join(names[1:])})" if len(copies) > len(crowded) else "")
+            + (f" and {len(crowded)} crowded copies" if crowded else "") + f", {epochs} epochs"
             + (f", {members} nets with seeds {params.seed}..{params.seed + members - 1} averaged" if members > 1 else "")
             + (f"; {n_folds} cross-fitting nets, each without one fold of the images" if n_folds else "")
             + f", {secs:.1f} s; parity {err:.2g}")
@@ -184,7 +191,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
             "input_size": int(p.model.preprocessing.input_size), "map_size": [int(frame.rows), int(frame.cols)],
             "stride": float(frame.stride_x), "outputs": dict(OUTPUT_DOCS), "input": "fmap: N x C x R x Cols float32",
             "hyperparameters": params.to_dict(), "epochs": int(epochs), "training_images": len(frames),
-            "augment": {"transforms": names, "copies": len(copies)},
+            "augment": {"transforms": names, "copies": len(copies) - len(crowded), "crowded_copies": len(crowded)},
             "members": members,
             "held_out": {c: {k: held[c][k] for k in ("f1", "precision", "recall", "threshold", "ap50", "gt")} for c in held}
             if held else {},
@@ -239,6 +246,36 @@ def augmented(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, gts: list, n
     ctx.log(f"locator: {len(copies)} flipped/turned copies of {len(gts)} images ({', '.join(names[1:])}; "
             f"{fmaps.hits - hits0} from the cache, {fmaps.calls - calls0} GetFeatureMap calls)")
     return names, copies
+
+
+def crowded_maps(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, gts: list, n_classes: int, total: int,
+                 groups: list, seed: int) -> list:
+    """-> [(source image index, feature map, targets)] of `total` crowded copies of the images
+    (minehead.locator.paste), encoded like any image and cached like any feature map."""
+    if total <= 0:
+        return []
+    images = p.dataset.images
+    rng = np.random.default_rng([seed, 0xC0])
+    load = lambda i: decode_image(images[i].path.read_bytes(), images[i].path.name).pixels  # noqa: E731
+    made, out = [], []
+    hits0, calls0 = fmaps.hits, fmaps.calls
+
+    def copy_bytes():
+        for i, px, b, c in loc_paste.crowded_copies(rng, load, [g[0] for g in gts], [g[1] for g in gts], groups, total):
+            ctx.check_cancelled()
+            buf = io.BytesIO()
+            Image.fromarray(px).save(buf, "PNG", compress_level=1)
+            made.append((i, b, c))
+            yield buf.getvalue()
+
+    for k, (fmap, frame) in enumerate(fmaps.get_many(copy_bytes(), p.model)):
+        i, b, c = made[k]
+        out.append((i, fmap, loc_targets.build(b, c, frame, n_classes)))
+        ctx.progress(k + 1, total, "crowded copies")
+    objects = sum(len(b) for _, b, _ in made)
+    ctx.log(f"locator: {len(out)} crowded copies of {len(gts)} images, {objects} objects in all "
+            f"({fmaps.hits - hits0} from the cache, {fmaps.calls - calls0} GetFeatureMap calls)")
+    return out
 
 
 def spatial_split(t: loc_targets.Targets) -> tuple[loc_targets.Targets, loc_targets.Targets]:

@@ -23,6 +23,7 @@ from minehead import dataset_store
 from minehead.datasets import load_dataset
 from minehead.crop_embeddings import CropEmbeddingCache, FeatureMapCache
 from head_svc.registry import HeadRegistry
+from minehead.locator.paste import MAX_PER_IMAGE as MAX_CROWDED_PER_IMAGE
 from minehead.locator.train import LocatorParams
 from head_svc.score_wire import score_response
 from head_svc.scoring import DEFAULT_AMBIGUITY_MARGIN, effective_thresholds, score_embeddings
@@ -134,8 +135,12 @@ class HeadServicer(head_pb2_grpc.HeadServiceServicer):
         if not (spec.cross_fit_folds in (0, 1) or 2 <= spec.cross_fit_folds <= MAX_FOLDS):
             raise InvalidArgument(f"cross_fit_folds must be 0 or 1 (none, the default) or 2..{MAX_FOLDS}, "
                                   f"got {spec.cross_fit_folds}")
+        crowded = spec.locator_crowded_copies if spec.HasField("locator_crowded_copies") else None
+        if crowded is not None and not 0 <= crowded <= MAX_CROWDED_PER_IMAGE:
+            raise InvalidArgument(f"locator_crowded_copies must be 0 (none) .. {MAX_CROWDED_PER_IMAGE} copies an image, "
+                                  f"or unset (auto), got {crowded}")
         loc_params = LocatorParams(hidden=spec.locator_hidden or 32, max_epochs=spec.locator_max_epochs or 400, seed=spec.seed,
-                                   augment=spec.locator_augment or "auto")
+                                   augment=spec.locator_augment or "auto", crowded_copies=crowded)
 
         def job(ctx: JobContext):
             ctx.phase("reading")

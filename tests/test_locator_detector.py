@@ -100,8 +100,12 @@ def test_training_ships_a_locator_described_in_meta(locator_head):
     assert set(loc["held_out"]) == set(b.real_classes) and "chose the epoch count" in loc["held_out_note"]
     assert b.object_px and b.object_px[0] <= b.object_px[1] <= b.object_px[2]
     assert not locator_head["plain"].head.has_locator
-    # 16 images: one horizontally flipped copy of each, encoded again (minehead.locator.augment)
-    assert loc["augment"] == {"transforms": ["identity", "hflip"], "copies": 16}
+    # 16 images: one horizontally flipped copy of each, encoded again (minehead.locator.augment),
+    # and by default PASTE_TO crowded copies (minehead.locator.paste)
+    from minehead.locator.paste import PASTE_TO
+
+    assert loc["augment"] == {"transforms": ["identity", "hflip"], "copies": 16, "crowded_copies": PASTE_TO}
+    assert loc["hyperparameters"]["crowded_copies"] is None  # auto
     # the refiner: fitted without the held-out images first, it refines the classes whose
     # held-out F1 it raised on enough objects, and ships only if there are any
     rep = b.report["locator"]["refiner"]
@@ -127,6 +131,10 @@ def test_a_bad_augmentation_mode_is_refused_by_name(locator_head):
         c.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(locator_head["dataset"])),
                                                locator_augment="rotate"))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "locator_augment" in e.value.details()
+    with HeadClient(locator_head["address"]) as c, pytest.raises(grpc.RpcError) as e:
+        c.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(locator_head["dataset"])),
+                                               locator_crowded_copies=9))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "locator_crowded_copies" in e.value.details()
 
 
 def test_cancel_while_the_locator_trains_stops_both_of_its_fits(locator_head):
@@ -138,7 +146,7 @@ def test_cancel_while_the_locator_trains_stops_both_of_its_fits(locator_head):
 
     with HeadClient(locator_head["address"]) as c:
         job = c.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(locator_head["dataset"])),
-                                                     seed=2, locator_max_epochs=400))
+                                                     seed=2, locator_max_epochs=400, locator_crowded_copies=0))
         seen = set()
         for ev in c.jobs.watch(job.name):
             if ev.WhichOneof("payload") == "metrics" and "epoch" in ev.metrics:

@@ -42,6 +42,7 @@ class LocatorParams:
     offset_weight: float = 1.0
     seed: int = 0
     augment: str = "auto"  # flipped / turned copies of few images (minehead.locator.augment.choose)
+    crowded_copies: int | None = None  # crowded copies per image (minehead.locator.paste); None = auto
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -27,7 +27,6 @@ drafts (coco.json) as a cross-check. Results go to var/bench/locator.json.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -102,14 +101,14 @@ def few_trees(trees: Path, tmp: Path, n: int = 2) -> Path:
 
 
 def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: str = "", augment: str = "",
-        target_precision: float = 0.0, adapt: bool = False, cross_fit: int = 0) -> dict:
+        target_precision: float = 0.0, adapt: bool = False, cross_fit: int = 0, crowded: int | None = None) -> dict:
     """Train a head (with its locator) and mine recipes on `train`, draft `test`, score it.
     detector: the miner's choice for the head when empty (minisam-locator), else that one.
     target_precision: mining's (0: its default, 0.75). adapt: also draft `test` with `--adapt`
     (the same set), scored as r["adapted"]. cross_fit: train the head with that many cross-fitting
     folds (mining then scores each labelled image out of fold), and also mine it with out_of_fold
     off (every labelled image scored by the models fitted on it) and draft `test` with that set,
-    scored as r["in_fold"]."""
+    scored as r["in_fold"]. crowded: TrainingSpec.locator_crowded_copies (None: unset, auto)."""
     from google.protobuf import json_format
 
     from minehead.client.heads import HeadClient
@@ -119,8 +118,11 @@ def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: st
 
     t0 = time.perf_counter()
     with HeadClient(trio.head) as hc, MinerClient(trio.miner) as mc:
-        tr = hc.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(train)), seed=1, locator_augment=augment,
-                                            cross_fit_folds=cross_fit))
+        tspec = head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(train)), seed=1, locator_augment=augment,
+                                      cross_fit_folds=cross_fit)
+        if crowded is not None:
+            tspec.locator_crowded_copies = crowded
+        tr = hc.train(tspec)
         t_train = time.perf_counter() - t0
         # As `minehead mine start` asks by default: the head gate tuned on the tune images.
         mining = miner_pb2.MiningSpec(dataset=str(train), head=tr.head.head_id, seed=1, clip_head_auto_tune=True,
@@ -304,6 +306,11 @@ def print_row(r: dict, target: float | None) -> None:
                    "report_images_seen_in_training": inf["report_images_seen_in_training"]}, target)
 
 
+def crowded_variants(arg: str) -> list:
+    """--crowded-copies: "" -> [None] (the default); "0,auto" -> [0, None]."""
+    return [None if v.strip() in ("", "auto") else int(v) for v in arg.split(",")] if arg else [None]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="trees,coins,brick,scenes,few,whole")
@@ -316,9 +323,19 @@ def main(argv=None) -> int:
                     "(mining out of fold), and also mine it in fold and draft with that set, to compare")
     ap.add_argument("--target-precision", type=float, default=0.0, help="mine at this target precision instead "
                     "of the default 0.75 (the trees row only), to compare")
+    ap.add_argument("--crowded-copies", default="", metavar="N[,N...]", help="heads trained with this many crowded "
+                    "copies an image (auto, or 0..8); several, comma-separated, run each row once per value, side by side")
     a = ap.parse_args(argv)
     det, aug = a.detector, a.locator_augment
-    row = functools.partial(run, cross_fit=a.cross_fit)  # print_row prints an in-fold twin under its row
+    variants = crowded_variants(a.crowded_copies)
+
+    def row(trio, label, *args):
+        # print_row prints an in-fold twin under its row; rows of several --crowded-copies values come in turn
+        out = []
+        for v in variants:
+            name = label + (f" [crowded copies {'auto' if v is None else v}]" if len(variants) > 1 else "")
+            out.append(run(trio, name, *args, cross_fit=a.cross_fit, crowded=v))
+        return out
     os.environ.setdefault("MINEHEAD_OFFLINE", "1")
     only = set(a.only.split(","))
     models = Path(os.environ.get("MINEHEAD_MODELS_DIR", REPO / "var" / "models"))
@@ -333,18 +350,18 @@ def main(argv=None) -> int:
             build(trees, REPO / "var" / "cache")
             local = tmp / "trees"
             shutil.copytree(trees, local)
-            r = row(trio, "trees" + (f" (target precision {a.target_precision})" if a.target_precision else ""),
-                    local / "train", local / "heldout", tmp / "drafts", det, aug, a.target_precision)
-            results["rows"].append(r)
-            print_row(r, TARGETS["trees"])
+            for r in row(trio, "trees" + (f" (target precision {a.target_precision})" if a.target_precision else ""),
+                         local / "train", local / "heldout", tmp / "drafts", det, aug, a.target_precision):
+                results["rows"].append(r)
+                print_row(r, TARGETS["trees"])
             (REPO / "var" / "bench").mkdir(parents=True, exist_ok=True)
             (REPO / "var" / "bench" / "locator.trees-set.json").write_text(json.dumps({"recipe_set": r["recipe_set"]}))
         for name in ("coins", "brick"):
             if name in only:
                 for label, tr, te in photo_halves(name, tmp):
-                    r = row(trio, label, tr, te, tmp / "drafts", det, aug)
-                    results["rows"].append(r)
-                    print_row(r, TARGETS[name])
+                    for r in row(trio, label, tr, te, tmp / "drafts", det, aug):
+                        results["rows"].append(r)
+                        print_row(r, TARGETS[name])
         if "speed" in only:
             results["speed"] = speed(trio, tmp, models)
         if "whole" in only:
@@ -352,9 +369,9 @@ def main(argv=None) -> int:
         if "few" in only:
             # A user who labels 2-3 images and drafts the rest (issue 24's "few labelled images").
             tr, te = scenes(tmp, train=3, name="scenes-3")
-            r = row(trio, "few: 3 crowded scenes", tr, te, tmp / "drafts", det, aug)
-            results["rows"].append(r)
-            print_row(r, None)
+            for r in row(trio, "few: 3 crowded scenes", tr, te, tmp / "drafts", det, aug):
+                results["rows"].append(r)
+                print_row(r, None)
             from tests.bench.data_trees import build
 
             trees = REPO / "var" / "data" / "trees"
@@ -363,14 +380,14 @@ def main(argv=None) -> int:
             if not local.exists():
                 shutil.copytree(trees, local)
             for n, target in ((2, 0.25), (4, 0.3)):
-                r = row(trio, f"few: {n} tree tiles", few_trees(local, tmp, n), local / "heldout", tmp / "drafts", det, aug)
-                results["rows"].append(r)
-                print_row(r, target)
+                for r in row(trio, f"few: {n} tree tiles", few_trees(local, tmp, n), local / "heldout", tmp / "drafts", det, aug):
+                    results["rows"].append(r)
+                    print_row(r, target)
         if "scenes" in only:
             tr, te = scenes(tmp)
-            r = row(trio, "crowded scenes", tr, te, tmp / "drafts", det, aug)
-            results["rows"].append(r)
-            print_row(r, TARGETS["scenes"])
+            for r in row(trio, "crowded scenes", tr, te, tmp / "drafts", det, aug):
+                results["rows"].append(r)
+                print_row(r, TARGETS["scenes"])
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(results, indent=1))
     print(f"results: {a.json}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.bench.bench_locator import print_row, run, write_yolo
+from tests.bench.bench_locator import crowded_variants, print_row, run, write_yolo
 from tests.bench.trio import Trio
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--adapt", action="store_true", help="also draft each arm's test scenes with --adapt")
     ap.add_argument("--cross-fit", type=int, default=0, metavar="K", help="train each arm's head with K cross-fitting "
                     "folds (mining out of fold), and also mine it in fold and draft with that set, to compare")
+    ap.add_argument("--crowded-copies", default="", metavar="N[,N...]", help="heads trained with this many crowded "
+                    "copies an image (auto, or 0..8); several, comma-separated, run each arm once per value, side by side")
     ap.add_argument("--json", default=str(REPO / "var" / "bench" / "shift.json"))
     a = ap.parse_args(argv)
     os.environ.setdefault("MINEHEAD_OFFLINE", "1")
@@ -114,8 +116,11 @@ def main(argv=None) -> int:
           "scenes (IoU 0.5 one-to-one)")
     rows = []
     with Trio(tmp, models) as trio:
-        for label, train in arms.items():
-            r = run(trio, label, train, test, tmp / "drafts", adapt=a.adapt, cross_fit=a.cross_fit)
+        variants = crowded_variants(a.crowded_copies)
+        for (label, train), v in ((arm, v) for arm in arms.items() for v in variants):
+            if len(variants) > 1:
+                label += f" [crowded copies {'auto' if v is None else v}]"
+            r = run(trio, label, train, test, tmp / "drafts", adapt=a.adapt, cross_fit=a.cross_fit, crowded=v)
             drafts = tmp / "drafts" / label.replace(" ", "_").replace(">", "")
             r["recall_by_crowding"] = recall_by_crowding(drafts, test)
             rows.append(r)
