@@ -217,35 +217,21 @@ def augmented(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, gts: list, n
     """-> (transform names, [(source image index, feature map, targets)]) for the copies that
     minehead.locator.augment chooses for these images and boxes; cached like any feature map."""
     names = loc_augment.choose(len(gts), mode)
-    copies = []
     if len(names) == 1:
-        return names, copies
-    hits0, calls0 = fmaps.hits, fmaps.calls
-    made = []  # (source image, transform, boxes) of each copy, in the order its bytes were made
+        return names, []
 
-    def copy_bytes():
-        # An image's copies are asked for together (and the next image's while they are
-        # encoded): fmaps.get_many keeps several GetFeatureMap calls open, which the embedder
-        # batches; one copy at a time, the encoder waited for each PNG and each transfer.
+    def copies():
         for i, rec in enumerate(p.dataset.images):
-            ctx.check_cancelled()
             pixels = decode_image(rec.path.read_bytes(), rec.path.name).pixels
             for name in names[1:]:
                 px, b = loc_augment.apply(name, pixels, gts[i][0])
-                buf = io.BytesIO()
-                Image.fromarray(np.ascontiguousarray(px)).save(buf, "PNG", compress_level=1)
-                made.append((i, b))
-                yield buf.getvalue()
+                yield i, px, b, gts[i][1]
 
-    per_image = len(names) - 1
-    for k, (fmap, frame) in enumerate(fmaps.get_many(copy_bytes(), p.model, in_flight=max(IN_FLIGHT, per_image))):
-        i, b = made[k]
-        copies.append((i, fmap, loc_targets.build(b, gts[i][1], frame, n_classes)))
-        if (k + 1) % per_image == 0:
-            ctx.progress(i + 1, len(p.dataset.images), "images (copies)")
-    ctx.log(f"locator: {len(copies)} flipped/turned copies of {len(gts)} images ({', '.join(names[1:])}; "
-            f"{fmaps.hits - hits0} from the cache, {fmaps.calls - calls0} GetFeatureMap calls)")
-    return names, copies
+    # An image's copies are asked for together (and the next image's while they are encoded):
+    # one copy at a time, the encoder waited for each PNG and each transfer.
+    out = encode_copies(p, ctx, fmaps, copies(), n_classes, len(gts) * (len(names) - 1), "flipped/turned copies",
+                        in_flight=max(IN_FLIGHT, len(names) - 1))
+    return names, out
 
 
 def crowded_maps(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, gts: list, n_classes: int, total: int,
@@ -255,26 +241,35 @@ def crowded_maps(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, gts: list
     if total <= 0:
         return []
     images = p.dataset.images
-    rng = np.random.default_rng([seed, 0xC0])
     load = lambda i: decode_image(images[i].path.read_bytes(), images[i].path.name).pixels  # noqa: E731
-    made, out = [], []
+    copies = loc_paste.crowded_copies(np.random.default_rng([seed, 0xC0]), load, [g[0] for g in gts],
+                                      [g[1] for g in gts], groups, total)
+    return encode_copies(p, ctx, fmaps, copies, n_classes, total, "crowded copies")
+
+
+def encode_copies(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, copies, n_classes: int, total: int, what: str,
+                  in_flight: int = IN_FLIGHT) -> list:
+    """copies: (source image index, pixels H x W x 3 uint8, boxes N x 4 XYXY, class ids N) lazily
+    -> [(source image index, feature map, targets)]: each copy sent to the embedder as a PNG,
+    several GetFeatureMap calls open at once (fmaps.get_many, which the embedder batches)."""
+    made = []  # (source image, boxes, class ids) of each copy, in the order its bytes were made
     hits0, calls0 = fmaps.hits, fmaps.calls
 
     def copy_bytes():
-        for i, px, b, c in loc_paste.crowded_copies(rng, load, [g[0] for g in gts], [g[1] for g in gts], groups, total):
+        for i, px, b, c in copies:
             ctx.check_cancelled()
             buf = io.BytesIO()
-            Image.fromarray(px).save(buf, "PNG", compress_level=1)
+            Image.fromarray(np.ascontiguousarray(px)).save(buf, "PNG", compress_level=1)
             made.append((i, b, c))
             yield buf.getvalue()
 
-    for k, (fmap, frame) in enumerate(fmaps.get_many(copy_bytes(), p.model)):
+    out = []
+    for k, (fmap, frame) in enumerate(fmaps.get_many(copy_bytes(), p.model, in_flight=in_flight)):
         i, b, c = made[k]
         out.append((i, fmap, loc_targets.build(b, c, frame, n_classes)))
-        ctx.progress(k + 1, total, "crowded copies")
-    objects = sum(len(b) for _, b, _ in made)
-    ctx.log(f"locator: {len(out)} crowded copies of {len(gts)} images, {objects} objects in all "
-            f"({fmaps.hits - hits0} from the cache, {fmaps.calls - calls0} GetFeatureMap calls)")
+        ctx.progress(k + 1, total, what)
+    ctx.log(f"locator: {len(out)} {what} of {len(p.dataset.images)} images, {sum(len(b) for _, b, _ in made)} objects "
+            f"in all ({fmaps.hits - hits0} from the cache, {fmaps.calls - calls0} GetFeatureMap calls)")
     return out
 
 

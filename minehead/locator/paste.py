@@ -29,6 +29,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from minehead.locator import augment
+
 CROWD_LOW, CROWD_HIGH = 2, 4  # objects per copy, times the densest labelled image's count
 MARGIN = 0.15  # of the pasted box's side, faded out
 MAX_COVER = 0.1  # largest share of the smaller box a paste may overlap
@@ -166,6 +168,5 @@ def crowded_copies(rng: np.random.Generator, load: Callable[[int], np.ndarray], 
         target = int(rng.integers(CROWD_LOW * densest, CROWD_HIGH * densest + 1))
         px, b, c = crowd(rng, pixels, boxes[i], class_ids[i], pools.get(groups[i], []), target)
         if rng.random() < 0.5:
-            W = px.shape[1]
-            px, b = px[:, ::-1], np.stack([W - b[:, 2], b[:, 1], W - b[:, 0], b[:, 3]], 1).astype(np.float32)
-        yield i, np.ascontiguousarray(px), b, c
+            px, b = augment.apply("hflip", px, b)
+        yield i, np.ascontiguousarray(px), np.asarray(b, np.float32), c
