@@ -1,7 +1,7 @@
 """`make bench` (drafts under shift, issue 34): the user labels sparse images and drafts crowded
 ones. How far do the drafts fall against a user who labelled images like the new ones?
 
-    python -m tests.bench.bench_shift [--train 12] [--test 10] [--json PATH]
+    python -m tests.bench.bench_shift [--train 12] [--test 10] [--data shapes|rods] [--json PATH]
 
 Crowded synthetic scenes (tests.bench.bench_detector.crowded_scene: 640 x 480, five shapes, some
 touching): one head and recipe set trained and mined on `--train` SPARSE scenes (2-5 objects), one
@@ -10,6 +10,10 @@ scenes, which nothing was fitted on. Scored one-to-one at IoU 0.5 with pycocotoo
 (tests/bench/score_drafts.py). Per arm: P / R / F1, and the recall split by how crowded a true box
 is (its nearest neighbour's gap in box sides: touching < 0.1, near < 0.5, apart), which tells
 merged or suppressed neighbours from objects not found at all.
+
+`--data rods`: the time-lapse itself, synthetic (tests.bench.data_rods): phase-contrast frames of
+rod-shaped cells, 2-5 separate cells in the labelled frames, 12-17 in touching, nearly parallel
+microcolonies in the drafted ones (diagonal neighbours' boxes overlap at IoU up to ~0.4).
 """
 
 from __future__ import annotations
@@ -29,13 +33,20 @@ REPO = Path(__file__).resolve().parents[2]
 SPARSE, CROWDED = (2, 6), (12, 18)
 
 
-def make_split(root: Path, n: int, seed: int, objects: tuple[int, int]) -> Path:
+def make_split(root: Path, n: int, seed: int, objects: tuple[int, int], data: str = "shapes") -> Path:
+    """n scenes of `objects` objects: shapes (bench_detector's crowded scenes) or rods (phase-contrast
+    frames of rod-shaped cells, tests.bench.data_rods: the crowded ones in microcolonies)."""
     from tests.bench.bench_detector import SHAPES, crowded_scene
+    from tests.bench.data_rods import CLASS, rod_frame
 
     rng = np.random.default_rng(seed)
     for i in range(n):
-        px, b, names = crowded_scene(rng, n=objects)
-        write_yolo(root, f"scene_{i:03d}", px, b, names, SHAPES)
+        if data == "rods":
+            px, b = rod_frame(rng, n=objects, colony=objects[0] >= CROWDED[0])
+            write_yolo(root, f"frame_{i:03d}", px, b, [CLASS] * len(b), [CLASS])
+        else:
+            px, b, names = crowded_scene(rng, n=objects)
+            write_yolo(root, f"scene_{i:03d}", px, b, names, SHAPES)
     return root
 
 
@@ -91,25 +102,27 @@ def main(argv=None) -> int:
                     "folds (mining out of fold), and also mine it in fold and draft with that set, to compare")
     ap.add_argument("--crowded-copies", default="", metavar="N[,N...]", help="heads trained with this many crowded "
                     "copies an image (auto, or 0..8); several, comma-separated, run each arm once per value, side by side")
+    ap.add_argument("--data", default="shapes", choices=("shapes", "rods"), help="shapes: bench_detector's scenes; rods: "
+                    "phase-contrast frames of rod-shaped cells, the crowded ones in touching microcolonies")
     ap.add_argument("--json", default=str(REPO / "var" / "bench" / "shift.json"))
     a = ap.parse_args(argv)
     os.environ.setdefault("MINEHEAD_OFFLINE", "1")
     models = Path(os.environ.get("MINEHEAD_MODELS_DIR", REPO / "var" / "models"))
     tmp = Path(tempfile.mkdtemp(prefix="bench-shift-"))
-    test = make_split(tmp / "test", a.test, 2, CROWDED)
+    test = make_split(tmp / "test", a.test, 2, CROWDED, a.data)
     from minehead.datasets import load_dataset
 
-    crowded = make_split(tmp / "crowded", a.train, 3, CROWDED)
+    crowded = make_split(tmp / "crowded", a.train, 3, CROWDED, a.data)
     n_objects = sum(len(r.boxes) for r in load_dataset(crowded).images)
     arms = {}
     if "sparse" in a.arms.split(","):
-        arms["sparse -> crowded"] = make_split(tmp / "sparse", a.train, 1, SPARSE)
+        arms["sparse -> crowded"] = make_split(tmp / "sparse", a.train, 1, SPARSE, a.data)
     if "crowded" in a.arms.split(","):
         arms["crowded -> crowded"] = crowded
     if "sparse-matched" in a.arms.split(","):
         # as many sparse scenes as it takes to hold the crowded arm's objects (the same seed's first ones)
         n = a.train
-        while sum(len(r.boxes) for r in load_dataset(make_split(tmp / "sparse-m", n, 1, SPARSE)).images) < n_objects:
+        while sum(len(r.boxes) for r in load_dataset(make_split(tmp / "sparse-m", n, 1, SPARSE, a.data)).images) < n_objects:
             n += 4
         arms[f"sparse x{n} -> crowded"] = tmp / "sparse-m"
     print(f"drafts of {a.test} crowded scenes ({CROWDED[0]}-{CROWDED[1] - 1} objects) by heads trained on {a.train} "
