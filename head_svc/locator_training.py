@@ -25,7 +25,7 @@ from minehead.core.jobs import JobContext
 from minehead.crop_embeddings import IN_FLIGHT, FeatureMapCache
 from minehead.core.images import decode_image
 from minehead.locator import augment as loc_augment, export, paste as loc_paste, refiner as loc_refiner, targets as loc_targets, train as loc_train
-from minehead.locator.decode import decode
+from minehead.locator.decode import SEPARATE_TOL, decode
 from minehead.locator.evaluate import best_f1
 from minehead.locator.model import OUTPUT_DOCS, PARITY_LIMIT
 from head_svc.training import Prepared
@@ -192,7 +192,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
             "stride": float(frame.stride_x), "outputs": dict(OUTPUT_DOCS), "input": "fmap: N x C x R x Cols float32",
             "hyperparameters": params.to_dict(), "epochs": int(epochs), "training_images": len(frames),
             "augment": {"transforms": names, "copies": len(copies) - len(crowded), "crowded_copies": len(crowded)},
-            "members": members,
+            "members": members, "peaks": {"separate": SEPARATE_TOL},
             "held_out": {c: {k: held[c][k] for k in ("f1", "precision", "recall", "threshold", "ap50", "gt")} for c in held}
             if held else {},
             "held_out_note": (f"{how} chose the epoch count" + ("; figures on the held-out images" if held else
@@ -329,7 +329,7 @@ def held_out_figures(net, maps, frames, gts, classes: list[str], floor: float = 
     heat, size, offset = loc_train.predict(net, maps)
     dets = []
     for i, frame in enumerate(frames):
-        d = decode(heat[i], size[i], offset[i], frame, floor)
+        d = decode(heat[i], size[i], offset[i], frame, floor, separate=SEPARATE_TOL)
         if refiner is not None and len(d):
             d = loc_refiner.refine_detections(d, loc_refiner.pooler(maps[i], frame), frame, range(len(classes)),
                                               refiner.outputs)

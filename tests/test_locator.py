@@ -58,6 +58,31 @@ def test_local_maxima_are_3x3_peaks():
     assert peaks[0, 1, 1] and peaks[0, 3, 3] and not peaks[0, 1, 2]
 
 
+def test_separate_peaks_keep_touching_small_objects_and_one_peak_per_wide_bump():
+    from minehead.locator.decode import separate_peaks
+
+    frame = FeatureFrame.for_image(640, 480, 1024, "longest_side_pad", 64, 64)  # 10 px cells
+    # two 12 x 40 px rods side by side, centres in adjacent cells; a 100 px object elsewhere
+    boxes = np.array([[100, 100, 112, 140], [111, 100, 123, 140], [300, 200, 400, 300]], np.float32)
+    t = targets.build(boxes, np.zeros(3, np.int64), frame, 1)
+    heat = t.heat.copy()
+    heat[0, 12, 11] = 0.8  # the second rod a little less sure than the first: no tie for max-pool
+    heat[0, 25, 36] = 0.9  # the wide bump's shoulder, high as a wide bump's is
+    assert len(decode(heat, t.size, t.offset, frame, 0.3)) == 2  # max-pool: one rod lost
+    d = decode(heat, t.size, t.offset, frame, 0.3, separate=3.0)
+    assert len(d) == 3 and np.argwhere(separate_peaks(heat, t.size) & (heat > 0.3)).tolist() == [[0, 12, 10], [0, 12, 11], [0, 25, 35]]
+    from minehead.geometry import iou_matrix
+
+    assert iou_matrix(d.boxes, boxes).max(0).min() > 0.9  # each object has its own box
+    big = targets.build(boxes[2:], np.zeros(1, np.int64), frame, 1)  # the large object alone, down to its slopes
+    assert len(decode(big.heat, big.size, big.offset, frame, 0.01, separate=3.0)) == 1
+    one = targets.build(boxes[:1], np.zeros(1, np.int64), frame, 1)  # the first rod alone
+    for beside, peaks in ((0.3, 1), (0.5, 2)):  # its bump next door is exp(-2): 3 x that is 0.41
+        h = one.heat.copy()
+        h[0, 12, 11] = beside
+        assert len(decode(h, one.size, one.offset, frame, 0.1, separate=3.0)) == peaks
+
+
 def _toy_maps(n, seed, size=24, channels=6):
     """Feature maps where objects are visible: channel 0 is high inside each object, channel 1
     marks its edge; the rest is noise. Returns maps, frames, (boxes, ids) per image."""
@@ -267,6 +292,7 @@ def _with(files, **changes):
     ("not onnx", "does not load"),
     ("bad map size", "map_size"),
     ("other embedder", "is not the head's embedder"),
+    ("bad peaks", "locator.peaks"),
 ])
 def test_hostile_locator_uploads_are_refused_with_the_reason(toy_locator, case, words):
     import hashlib
@@ -281,6 +307,7 @@ def test_hostile_locator_uploads_are_refused_with_the_reason(toy_locator, case, 
         "not onnx": lambda: _with(good, file=b"not a graph", onnx_sha256=hashlib.sha256(b"not a graph").hexdigest()),
         "bad map size": lambda: _with(good, map_size=[24, -1]),
         "other embedder": lambda: _with(good, embedder_model="another"),
+        "bad peaks": lambda: _with(good, peaks={"separate": -1}),
     }[case]()
     with pytest.raises(InvalidArgument, match=words):
         HeadBundle.from_files(bad)

@@ -109,6 +109,9 @@ def test_training_ships_a_locator_described_in_meta(locator_head):
 
     assert loc["augment"] == {"transforms": ["identity", "hflip"], "copies": 16, "crowded_copies": PASTE_TO}
     assert loc["hyperparameters"]["crowded_copies"] is None  # auto
+    from minehead.locator.decode import SEPARATE_TOL
+
+    assert loc["peaks"] == {"separate": SEPARATE_TOL} and b.locator.separate == SEPARATE_TOL  # peaks beside peaks
     # the refiner: fitted without the held-out images first, it refines the classes whose
     # held-out F1 it raised on enough objects, and ships only if there are any
     rep = b.report["locator"]["refiner"]

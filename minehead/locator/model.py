@@ -14,6 +14,8 @@ The meta.json `locator` section (validated by `validate_meta`):
   map_size         [rows, cols] of the map it was trained on (the graph takes any size)
   stride           input pixels per cell (S / cols)
   outputs          {"heat": "N x K x R x C probabilities", ...}: documentation of the graph
+  peaks            optional {"separate": tol}: peaks beside peaks kept (minehead.locator.decode);
+                   absent: 3 x 3 max-pool peaks only
   hyperparameters  LocatorParams, metrics (held-out figures), parity_max_abs_err, training
 """
 
@@ -60,6 +62,11 @@ def validate_locator_meta(loc, head_classes: list[str]) -> None:
     ms = loc["map_size"]
     if len(ms) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 4096 for x in ms):
         raise InvalidArgument("meta.json locator.map_size must be [rows, cols], positive integers")
+    if "peaks" in loc:
+        sep = loc["peaks"].get("separate") if isinstance(loc["peaks"], dict) else None
+        if not isinstance(loc["peaks"], dict) or (sep is not None and (isinstance(sep, bool) or not isinstance(sep, (int, float))
+                                                                       or not 0 < sep <= 100)):
+            raise InvalidArgument("meta.json locator.peaks must be an object whose separate, if given, is a number in (0, 100]")
     if "refiner" in loc:
         r = loc["refiner"]
         if not isinstance(r, dict):
@@ -165,11 +172,17 @@ class Locator:
     def detect(self, fmap: np.ndarray, frame: FeatureFrame, floor: float) -> LocatorDetections:
         """Peaks at or above `floor`; with a refiner their boxes moved and their scores peak x
         quality (then class-wise NMS at refiner.REFINED_NMS_IOU), best first."""
-        d = decode(*self.run(fmap), frame, floor)
+        d = decode(*self.run(fmap), frame, floor, separate=self.separate)
         classes = self.refined_classes
         if not classes or not len(d):
             return d
         return loc_refiner.refine_detections(d, loc_refiner.pooler(fmap, frame), frame, classes, self.refiner_outputs)
+
+    @property
+    def separate(self) -> float | None:
+        """meta.json locator.peaks.separate: decode's tolerance for peaks beside peaks (heads
+        trained before it carry none: max-pool peaks, as they were mined with)."""
+        return (self.meta.get("peaks") or {}).get("separate")
 
     @property
     def refined_classes(self) -> list[int]:
