@@ -175,10 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def entry() -> int:
+    """The `minehead` command: main() with SIGPIPE's default restored, so `minehead … | head`
+    ends quietly. Only here: main() called in-process (tests, other programs) must leave the
+    caller's SIGPIPE alone, or the caller dies of the next write to a closed socket (a pytest
+    run did, mid-suite, after a CLI test)."""
     import signal
 
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `minehead … | head` ends quietly
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    return main()
+
+
+def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
@@ -198,4 +206,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

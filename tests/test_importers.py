@@ -260,3 +260,14 @@ def test_cli_prints_the_refusal_and_exits_1(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: INVALID_ARGUMENT: task #0: image path '../../etc/passwd'") and "'..'" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json"]
+
+
+def test_the_cli_called_in_process_leaves_the_callers_sigpipe_alone(capsys):
+    # `minehead` restores SIGPIPE's default for `| head` in its console entry only: main() once did
+    # it itself, and a pytest run that had called it died of the next write to a closed socket
+    import signal
+
+    before = signal.getsignal(signal.SIGPIPE)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert signal.getsignal(signal.SIGPIPE) == before == signal.SIG_IGN
