@@ -54,6 +54,11 @@ def local_maxima(heat: np.ndarray) -> np.ndarray:
     return heat >= m
 
 
+def sides(log_size: np.ndarray) -> np.ndarray:
+    """The size output (log of a side in cells) -> the side in cells, clipped to a sane range."""
+    return np.exp(np.clip(log_size, -4, 6))
+
+
 def separate_peaks(heat: np.ndarray, size: np.ndarray, tol: float = SEPARATE_TOL) -> np.ndarray:
     """K x R x C heat, 2 x R x C size -> bool: the local maxima (local_maxima), and next to them
     the cells that their bump does not explain. A cell that is not a local maximum stays only
@@ -62,12 +67,11 @@ def separate_peaks(heat: np.ndarray, size: np.ndarray, tol: float = SEPARATE_TOL
     size, as minehead.locator.targets builds it). Two small objects whose centres fall in
     adjacent cells (touching rods side by side) both stay; a wide bump's shoulder and slopes
     (a large object) go as with max-pool."""
-    from minehead.locator.targets import MIN_SIGMA, SIGMA_PER_SIDE
+    from minehead.locator.targets import sigma
 
     K, R, C = heat.shape
     lm = local_maxima(heat)
-    sx = np.maximum(MIN_SIGMA, SIGMA_PER_SIDE * np.exp(np.clip(size[0], -4, 6)))
-    sy = np.maximum(MIN_SIGMA, SIGMA_PER_SIDE * np.exp(np.clip(size[1], -4, 6)))
+    sx, sy = sigma(sides(size[0])), sigma(sides(size[1]))
     pad = lambda a, v: np.pad(a, [(0, 0)] * (a.ndim - 2) + [(1, 1), (1, 1)], constant_values=v)  # noqa: E731
     ph, plm, psx, psy = pad(heat, -np.inf), pad(lm, False), pad(sx, 1.0), pad(sy, 1.0)
     keep = np.ones_like(heat, bool)
@@ -97,8 +101,7 @@ def decode(heat: np.ndarray, size: np.ndarray, offset: np.ndarray, frame: Featur
         ks, rs, cs, scores = ks[sel], rs[sel], cs[sel], scores[sel]
     cx = cs + offset[0, rs, cs]
     cy = rs + offset[1, rs, cs]
-    w = np.exp(np.clip(size[0, rs, cs], -4, 6))
-    h = np.exp(np.clip(size[1, rs, cs], -4, 6))
+    w, h = sides(size[0, rs, cs]), sides(size[1, rs, cs])
     boxes = frame.to_pixels(np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)).astype(np.float32)
     good = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
     order = np.argsort(-scores[good], kind="stable")

@@ -63,9 +63,8 @@ def validate_locator_meta(loc, head_classes: list[str]) -> None:
     if len(ms) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 4096 for x in ms):
         raise InvalidArgument("meta.json locator.map_size must be [rows, cols], positive integers")
     if "peaks" in loc:
-        sep = loc["peaks"].get("separate") if isinstance(loc["peaks"], dict) else None
-        if not isinstance(loc["peaks"], dict) or (sep is not None and (isinstance(sep, bool) or not isinstance(sep, (int, float))
-                                                                       or not 0 < sep <= 100)):
+        sep = loc["peaks"].get("separate") if isinstance(loc["peaks"], dict) else "missing"
+        if sep is not None and not (type(sep) in (int, float) and 0 < sep <= 100):
             raise InvalidArgument("meta.json locator.peaks must be an object whose separate, if given, is a number in (0, 100]")
     if "refiner" in loc:
         r = loc["refiner"]

@@ -20,6 +20,12 @@ SIGMA_PER_SIDE = 1 / 6  # a Gaussian's sigma, as a share of the object's side (c
 MIN_SIGMA = 0.5  # cells
 
 
+def sigma(side):
+    """The heatmap Gaussian's sigma (cells) for an object side (cells; a number or an array):
+    what the targets put around a centre, and what decode.separate_peaks expects of a peak."""
+    return np.maximum(MIN_SIGMA, SIGMA_PER_SIDE * np.asarray(side))
+
+
 @dataclasses.dataclass
 class Targets:
     heat: np.ndarray  # K x R x C float32 in [0, 1]; exactly 1 at object centres
@@ -56,7 +62,7 @@ def build(boxes: np.ndarray, class_ids: np.ndarray, frame: FeatureFrame, n_class
         w, h = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         c, r = min(int(cx), C - 1), min(int(cy), R - 1)
-        sx, sy = max(MIN_SIGMA, SIGMA_PER_SIDE * w), max(MIN_SIGMA, SIGMA_PER_SIDE * h)
+        sx, sy = sigma(w), sigma(h)
         g = np.exp(-((xs - (c + 0.5)) ** 2) / (2 * sx * sx) - ((ys - (r + 0.5)) ** 2) / (2 * sy * sy))
         k = int(class_ids[i])
         np.maximum(heat[k], g, out=heat[k])

@@ -20,9 +20,8 @@ import numpy as np
 CLASS = "cell"
 
 
-def _capsule(h: int, w: int, c: np.ndarray, angle: float, length: float, width: float) -> np.ndarray:
-    """Signed distance (pixels, negative inside) of every pixel to a capsule: centre c (x, y)."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+def _capsule(xx: np.ndarray, yy: np.ndarray, c: np.ndarray, angle: float, length: float, width: float) -> np.ndarray:
+    """Signed distance (pixels, negative inside) of every pixel (grids xx, yy) to a capsule: centre c (x, y)."""
     u = np.array([np.cos(angle), np.sin(angle)], np.float32)
     dx, dy = xx - c[0], yy - c[1]
     t = np.clip(dx * u[0] + dy * u[1], -(length - width) / 2, (length - width) / 2)
@@ -43,7 +42,7 @@ def rod_frame(rng: np.random.Generator, w: int = 640, h: int = 480, n: tuple[int
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     field = (rng.uniform(110, 150) + 12 * np.sin(xx / rng.uniform(80, 200) + rng.uniform(0, 6))
              * np.cos(yy / rng.uniform(80, 200)))
-    img = field.copy()
+    img = field
     occupied = np.zeros((h, w), bool)
     boxes = []
     want = int(rng.integers(*n))
@@ -66,8 +65,8 @@ def rod_frame(rng: np.random.Generator, w: int = 640, h: int = 480, n: tuple[int
             ang, members = axis, []  # a new colony (or, in a sparse frame, a lone cell)
             c = np.array([rng.uniform(30, w - 30), rng.uniform(30, h - 30)], np.float32)
         b = _box(c, ang, length, width)
-        dist = _capsule(h, w, c, ang, length, width)
-        if b[0] < 2 or b[1] < 2 or b[2] > w - 2 or b[3] > h - 2 or (occupied & (dist < 1.0)).any():
+        dist = None if b[0] < 2 or b[1] < 2 or b[2] > w - 2 or b[3] > h - 2 else _capsule(xx, yy, c, ang, length, width)
+        if dist is None or (occupied & (dist < 1.0)).any():
             misses += 1
             continue
         misses = 0
