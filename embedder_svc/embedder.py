@@ -250,8 +250,7 @@ class Embedder:
         """Region encoders: (C x h x w feature map, image->input scale), computed once per image."""
         pre = lm.info.preprocessing
         key = (lm.info.id, image.sha256)
-        # The same scale crops.prepare_image returns for this resize mode.
-        scale = pre.input_size / (max(image.height, image.width) if pre.resize == "longest_side_pad" else image.width)
+        scale = crops.input_scale(image.width, image.height, pre.input_size, pre.resize)
         fmap = lm.fmap_cache.get(key)
         if fmap is None:
             fmap = lm.fmap_flights.do(key, lambda: self._encode_feature_map(lm, image, key))

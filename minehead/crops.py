@@ -125,6 +125,11 @@ def resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize((width, height), Image.BICUBIC), dtype=np.uint8)
 
 
+def input_scale(width: int, height: int, input_size: int, resize_mode: str) -> float:
+    """Image pixels -> input pixels for prepare_image's resize (for "squash", the x axis's)."""
+    return input_size / (width if resize_mode == "squash" else max(height, width))
+
+
 def prepare_image(pixels: np.ndarray, input_size: int, resize_mode: str, pad_value: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """A whole image -> input_size x input_size x 3 uint8, and the scale from image pixels to
     input pixels.
@@ -135,10 +140,10 @@ def prepare_image(pixels: np.ndarray, input_size: int, resize_mode: str, pad_val
     """
     H, W = pixels.shape[:2]
     if resize_mode == "squash":
-        return resize(pixels, input_size, input_size), input_size / W
+        return resize(pixels, input_size, input_size), input_scale(W, H, input_size, resize_mode)
     if resize_mode != "longest_side_pad":
         raise ValueError(f"unknown resize mode {resize_mode!r}")
-    scale = input_size / max(H, W)
+    scale = input_scale(W, H, input_size, resize_mode)
     nw, nh = max(1, int(round(W * scale))), max(1, int(round(H * scale)))
     out = np.empty((input_size, input_size, 3), np.uint8)
     out[:] = pad_value if pad_value is not None else 0

@@ -28,6 +28,7 @@ from minehead.miner.v1 import drafting_pb2, miner_pb2
 
 from miner_svc.datasets import DatasetResolver
 from miner_svc.detectors import create_detector
+from miner_svc.detectors.shared_maps import EmbedderMaps
 from miner_svc.exemplars.finder import ExemplarFinder
 from miner_svc.recipes.drafter import Drafter, draft_floor, make_drafter
 from miner_svc.recipes.detection_cache import DEFAULT_FLOOR, CachedDetector
@@ -71,7 +72,11 @@ class MinerResources:
         proposes on each of a cross-fitted head's labelled images with its fold's models)."""
         with self._lock:
             if model_id not in self._models:
-                self._models[model_id] = create_detector(model_id, self.models_dir, self.offline)
+                det = create_detector(model_id, self.models_dir, self.offline)
+                if hasattr(det, "share_maps"):
+                    # the embedder's cache first: images `heads train` encoded cost mining no pass
+                    det.share_maps(EmbedderMaps(self.embedder_address, det.encoder.info))
+                self._models[model_id] = det
             base = self._models[model_id]
             bound = base.with_head(head, out_of_fold) if base.uses_head and head is not None else base
             key = f"{bound.cache_key}@{floor:g}"
@@ -164,3 +169,6 @@ class MinerResources:
         if self._finder is not None:
             self._finder.close()
         self.pool.close()
+        for det in self._models.values():
+            if getattr(det, "maps", None) is not None:
+                det.maps.close()

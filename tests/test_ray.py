@@ -258,8 +258,12 @@ def test_drafting_on_ray_writes_the_same_files(renv, mined):
     assert files["here"].keys() == files["there"].keys()
     assert len([k for k in files["here"] if k.startswith("labels/")]) == 8
     for k in files["here"]:
+        if k == "summary.json":
+            # one feature map an image on both sides: the workers' own passes, counted where they
+            # ran and reported here; in-process, the embedder's (a pass, or its cached map)
+            here, there = (files[side][k].pop("passes") for side in ("here", "there"))
+            assert there["backbone_passes"] == here["backbone_passes"] + here["embedder_maps"] == 8
         assert files["here"][k] == files["there"][k], k
-    assert files["here"]["summary.json"]["passes"]["backbone_passes"] == 8  # counted on the workers, reported as here
     assert evs["here"] == evs["there"]
 
 
@@ -322,10 +326,12 @@ def test_a_worker_killed_mid_job_costs_only_time(renv, guided):
     assert [r.image for r in _records(out)] == sorted(p.name for p in (renv["new"] / "images").iterdir())
     for k in expected:
         if k == "summary.json":
-            # Pass counters count completed runs: one backbone pass per image, as in-process. The
-            # decoder count is left out here: once in five runs of this module it read one more
-            # than in-process, with the same boxes (not reproduced since; see the README).
-            assert got[k]["passes"]["backbone_passes"] == expected[k]["passes"]["backbone_passes"] == 8
+            # Pass counters count completed runs: one backbone pass per image, as in-process (where
+            # the map may come from the embedder's cache instead). The decoder count is left out
+            # here: once in five runs of this module it read one more than in-process, with the
+            # same boxes (not reproduced since; see the README).
+            want = expected[k]["passes"]
+            assert got[k]["passes"]["backbone_passes"] == want["backbone_passes"] + want["embedder_maps"] == 8
             assert {a: b for a, b in got[k].items() if a != "passes"} == {a: b for a, b in expected[k].items() if a != "passes"}
         else:
             assert got[k] == expected[k], k  # every image's output equals the in-process one

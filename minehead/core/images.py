@@ -23,11 +23,14 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
 @dataclasses.dataclass(frozen=True)
 class DecodedImage:
-    """A decoded image. `pixels`: HxWx3 uint8, RGB. `sha256`: hex digest of the encoded bytes."""
+    """A decoded image. `pixels`: HxWx3 uint8, RGB. `sha256`: hex digest of the encoded bytes.
+    `data`: those bytes (b"" for an image made from pixels), so a service can hand the image on
+    to another (the miner asks the embedder for its feature map) without encoding it again."""
 
     pixels: np.ndarray
     sha256: str
     label: str = ""
+    data: bytes = dataclasses.field(default=b"", repr=False, compare=False)
 
     @property
     def width(self) -> int:
@@ -71,7 +74,7 @@ def decode_image(data: bytes, label: str = "", *, max_pixels: int = MAX_PIXELS) 
     except (OSError, SyntaxError, ValueError) as e:
         # PIL raises OSError("image file is truncated") and friends for damaged files.
         raise InvalidArgument(f"{name} is corrupt or truncated: {e}") from None
-    return DecodedImage(pixels=np.ascontiguousarray(pixels), sha256=sha256_hex(data), label=label)
+    return DecodedImage(pixels=np.ascontiguousarray(pixels), sha256=sha256_hex(data), label=label, data=bytes(data))
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

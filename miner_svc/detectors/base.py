@@ -53,29 +53,36 @@ class DetectorInfo:
 
 
 class PassCounters:
+    """Model passes a detector ran: backbone (image encoder), text, decoder; and embedder_maps:
+    images whose feature map came from the embedder's cache (`shared_maps`), so no encoder ran
+    for them anywhere. A map the embedder computed at the detector's request is a backbone pass."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.backbone = 0
         self.text = 0
         self.decoder = 0
+        self.embedder_maps = 0
 
-    def add(self, backbone: int = 0, text: int = 0, decoder: int = 0) -> None:
+    def add(self, backbone: int = 0, text: int = 0, decoder: int = 0, embedder_maps: int = 0) -> None:
         with self._lock:
             self.backbone += backbone
             self.text += text
             self.decoder += decoder
+            self.embedder_maps += embedder_maps
 
     def snapshot(self) -> dict:
-        return {"backbone_passes": self.backbone, "text_passes": self.text, "decoder_passes": self.decoder}
+        return {"backbone_passes": self.backbone, "text_passes": self.text, "decoder_passes": self.decoder,
+                "embedder_maps": self.embedder_maps}
 
     def since(self, before: dict) -> dict:
         """The passes counted since `before` (a snapshot), by the snapshot's names."""
         after = self.snapshot()
-        return {k: after[k] - before[k] for k in after}
+        return {k: after[k] - before.get(k, 0) for k in after}
 
     def add_passes(self, passes: dict) -> None:
         """Add passes counted elsewhere (a Ray worker's `since`), by the snapshot's names."""
-        self.add(**{k.replace("_passes", ""): v for k, v in passes.items()})
+        self.add(**{k.removesuffix("_passes"): v for k, v in passes.items()})
 
 
 class ImageState:

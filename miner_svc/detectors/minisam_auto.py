@@ -157,6 +157,12 @@ class MinisamAutoDetector(Detector):
         # that follow; views bound to a head share both.
         self._flights = SingleFlight()
         self._recent: OrderedDict[str, tuple[np.ndarray, float]] = OrderedDict()
+        self.maps = None  # an EmbedderMaps (shared_maps) asked before the local encoder; set by share_maps
+
+    def share_maps(self, maps) -> None:
+        """Ask `maps` (shared_maps.EmbedderMaps: the embedder's cache) for an image's feature map
+        before running the local encoder. Views bound to a head share the loaded detector's."""
+        self.maps = maps
 
     @property
     def cache_key(self) -> str:
@@ -186,9 +192,15 @@ class MinisamAutoDetector(Detector):
             if key in self._recent:
                 self._recent.move_to_end(key)
                 return self._recent[key]
-        x, scale = crops.prepare_image(state.image.pixels, self.pre.input_size, self.pre.resize, self.pad)
-        fmap = self.encoder.feature_maps(x[None])[0]
-        self.counters.add(backbone=1)
+        got = self.maps.fetch(state.image) if self.maps is not None else None
+        if got is not None:
+            fmap, scale, hit = got
+            # a pass the embedder ran for this request counts as one; a map it had cached (training's) does not
+            self.counters.add(backbone=int(not hit), embedder_maps=int(hit))
+        else:
+            x, scale = crops.prepare_image(state.image.pixels, self.pre.input_size, self.pre.resize, self.pad)
+            fmap = self.encoder.feature_maps(x[None])[0]
+            self.counters.add(backbone=1)
         with self._lock:
             self._recent[key] = (fmap, scale)
             while len(self._recent) > RECENT_IMAGES:
