@@ -149,15 +149,14 @@ def test_default_training_pastes_crowded_copies(locator_head):
     of each image, encoded and fitted on, and the head's meta says how many and that it was auto.
     Two images, no other copies and a few epochs: the path, not the locator's quality."""
     from minehead.client.heads import HeadClient
+    from minehead.datasets import load_dataset
     from minehead.head.v1 import head_pb2
     from minehead.heads.bundle import HeadBundle
     from minehead.locator.paste import copies_for
 
     two = locator_head["tmp"] / "two"
-    src = locator_head["dataset"]
-    shutil.copytree(src, two, ignore=lambda d, names: sorted(names)[2:] if d.endswith(("images", "labels")) else [])
-    from minehead.datasets import load_dataset
-
+    shutil.copytree(locator_head["dataset"], two,
+                    ignore=lambda d, names: sorted(names)[2:] if d.endswith(("images", "labels")) else [])
     ds = load_dataset(two)
     present = sorted({ds.classes[k] for rec in ds.images for k in rec.class_ids})
     with HeadClient(locator_head["address"]) as c:

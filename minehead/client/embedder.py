@@ -78,6 +78,8 @@ class EmbedderClient(ServiceClient):
 
 
 def feature_map_from_proto(r: embedder_pb2.FeatureMap) -> tuple[np.ndarray, FeatureFrame]:
-    fmap = np.frombuffer(r.data, "<f4").reshape(r.rows, r.cols, r.channels).transpose(2, 0, 1).astype(np.float32)
+    # one copy, channels first and C-contiguous (what an encoder's own pass gives and onnxruntime takes)
+    fmap = np.ascontiguousarray(np.frombuffer(r.data, "<f4").reshape(r.rows, r.cols, r.channels).transpose(2, 0, 1),
+                                dtype=np.float32)
     frame = FeatureFrame.for_image(r.image_width, r.image_height, r.input_size, r.resize, r.rows, r.cols)
     return fmap, frame

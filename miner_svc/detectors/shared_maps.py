@@ -21,8 +21,6 @@ import time
 
 import numpy as np
 
-from minehead import crops
-
 log = logging.getLogger(__name__)
 RETRY_S = 60.0
 
@@ -53,14 +51,14 @@ class EmbedderMaps:
         """image: a DecodedImage with its encoded bytes (`data`); None when it has none."""
         import grpc
 
-        from minehead.common.v1 import common_pb2
+        from minehead.client.embedder import feature_map_from_proto, image_ref
         from minehead.embedder.v1 import embedder_pb2
 
         if not image.data or time.monotonic() < self._paused_until:
             return None
         try:
-            r = self._stub().GetFeatureMap(embedder_pb2.GetFeatureMapRequest(
-                model=self.info.id, image=common_pb2.ImageRef(data=image.data)), timeout=self.timeout)
+            r = self._stub().GetFeatureMap(embedder_pb2.GetFeatureMapRequest(model=self.info.id, image=image_ref(image.data)),
+                                           timeout=self.timeout)
         except grpc.RpcError as e:
             self._pause(f"{e.code().name}: {e.details()}")
             return None
@@ -72,10 +70,9 @@ class EmbedderMaps:
             self._pause(f"its {r.model.model_id!r} (weights {r.model.weights_sha256[:12]}, {r.channels} channels) "
                         f"is not this detector's {self.info.id!r} (weights {self.info.weights_sha256[:12]}, {self.info.dim})")
             return None
-        fmap = np.frombuffer(r.data, "<f4").reshape(r.rows, r.cols, r.channels).transpose(2, 0, 1)
-        # the scale as the detector's own pass has it (the wire's is float32)
-        scale = crops.input_scale(image.width, image.height, pre.input_size, pre.resize)
-        return np.ascontiguousarray(fmap, np.float32), scale, bool(r.cache_hit)
+        fmap, frame = feature_map_from_proto(r)
+        # frame.scale_x is computed from the image size, as the detector's own pass does (the wire's is float32)
+        return fmap, frame.scale_x, bool(r.cache_hit)
 
     def close(self) -> None:
         with self._lock:
