@@ -79,6 +79,22 @@ def test_failure_and_cancel_are_distinct(tmp_path):
         runner.store.request_cancel(jid)
 
 
+def test_a_cancel_from_another_process_before_the_job_starts_keeps_it_from_running(tmp_path):
+    """Another process sharing the file (its own JobStore) cancels a queued job: when a worker
+    takes it, it ends CANCELLED without running, instead of RUNNING over the CANCELLING (the race
+    a Label Studio round lost when a second gunicorn worker cancelled it just as it was queued)."""
+    runner = JobRunner(JobStore(tmp_path / "j.sqlite"))  # one worker: the second job waits
+    other = JobStore(tmp_path / "j.sqlite")
+    release, ran = threading.Event(), []
+    first = runner.start("demo", None, lambda ctx: release.wait(10) and None)
+    queued = runner.start("demo", None, lambda ctx: ran.append(1))
+    assert other.request_cancel(queued.name[5:]).state == S.CANCELLING
+    release.set()
+    assert _wait(runner.store, first.name[5:]).state == S.SUCCEEDED
+    done = _wait(runner.store, queued.name[5:])
+    assert done.state == S.CANCELLED and not ran
+
+
 def test_restart_marks_running_jobs_interrupted(tmp_path):
     store = JobStore(tmp_path / "j.sqlite")
     jid = store.create("demo")

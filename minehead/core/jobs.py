@@ -158,6 +158,26 @@ class JobStore:
                 self._append(jid, state=State.CANCELLING)
             return self.get(jid)
 
+    def mark_running(self, jid: str) -> bool:
+        """QUEUED -> RUNNING, unless a cancel was asked first: here, or by another process sharing
+        the file (its CANCELLING state; that process's own set of requests is not seen here). One
+        write transaction, so such a cancel lands either before (False: the job must not run) or
+        after (the running job sees CANCELLING), never overwritten by RUNNING."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT state FROM jobs WHERE id=?", (jid,)).fetchone()
+                if row is None:
+                    raise NotFound(f"job 'jobs/{jid}' not found")
+                go = row[0] != State.CANCELLING and jid not in self._cancel_requested
+                if go:
+                    self._append(jid, state=State.RUNNING)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return go
+
     def cancel_requested(self, jid: str) -> bool:
         with self._lock:
             return jid in self._cancel_requested
@@ -302,8 +322,8 @@ class JobRunner:
     def _run(self, jid: str, fn: JobFn) -> None:
         ctx = JobContext(self.store, jid)
         try:
-            ctx.check_cancelled()
-            self.store.append(jid, state=State.RUNNING)
+            if not self.store.mark_running(jid):
+                raise Cancelled(f"job {jid} cancelled before it started")
             result = fn(ctx)
             ctx.check_cancelled()
             self.store.finish(jid, State.SUCCEEDED, result=result)
