@@ -1,7 +1,7 @@
 """`make bench` (drafting quality): train -> mine -> draft on images the head never saw, per data
 set, through the real trio and its public clients, scored one-to-one at IoU 0.5.
 
-    python -m tests.bench.bench_locator [--only trees,trees-dense,coins,brick,scenes,nuclei,few,whole,speed]
+    python -m tests.bench.bench_locator [--only trees,trees-dense,coins,brick,scenes,nuclei,few,few-nuclei,whole,speed]
                                       [--detector ID]
                                       [--locator-augment MODE] [--target-precision P]
 
@@ -22,6 +22,8 @@ Data sets (built here, held-out images only in every figure):
   drafted one by one, both scored on the same trees.
 - few: 3 crowded scenes -> the 10 scenes' drafts; 2 and 4 tree tiles -> the 22 held-out tiles (a
   user who labels a couple of images and drafts the rest; issue 34's targets F1 >= 0.25 / 0.3).
+- few-nuclei: 1, 2 and 4 nucleus tiles (the first of the chequerboard's labelled half) -> its 8
+  drafted tiles.
 - speed: a 640 x 480 image drafted by a 4-class set against one backbone pass, alternating
   (min / median / max), decoder passes per image; locator training time on 50 images with
   their feature maps cached.
@@ -92,9 +94,9 @@ def scenes(tmp: Path, train: int = 24, test: int = 10, name: str = "scenes") -> 
     return tmp / name / "train", tmp / name / "test"
 
 
-def few_trees(trees: Path, tmp: Path, n: int = 2) -> Path:
-    """The first n training tiles that hold trees: a user who labelled n tiles."""
-    out = tmp / f"trees-{n}"
+def few_trees(trees: Path, tmp: Path, n: int = 2, name: str = "trees") -> Path:
+    """The first n training tiles that hold objects: a user who labelled n tiles."""
+    out = tmp / f"{name}-{n}"
     for sub in ("images", "labels"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     shutil.copy(trees / "train" / "labelmap.txt", out / "labelmap.txt")
@@ -434,6 +436,19 @@ def main(argv=None) -> int:
                 for r in row(trio, f"few: {n} tree tiles", few_trees(local, tmp, n), local / "heldout", tmp / "drafts", det, aug):
                     results["rows"].append(r)
                     print_row(r, target)
+        if "few-nuclei" in only:
+            from tests.bench.data_nuclei import build as build_nuclei
+
+            src = REPO / "var" / "data" / "nuclei"
+            build_nuclei(src, REPO / "var" / "cache")
+            local = tmp / "nuclei"
+            if not local.exists():
+                shutil.copytree(src, local)
+            for n in (1, 2, 4):
+                for r in row(trio, f"few: {n} nucleus tiles", few_trees(local / "even", tmp, n, "nuclei"),
+                             local / "even" / "heldout", tmp / "drafts", det, aug):
+                    results["rows"].append(r)
+                    print_row(r, None)
         if "scenes" in only:
             tr, te = scenes(tmp)
             for r in row(trio, "crowded scenes", tr, te, tmp / "drafts", det, aug):
