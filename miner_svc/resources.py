@@ -30,7 +30,7 @@ from miner_svc.datasets import DatasetResolver
 from miner_svc.detectors import create_detector
 from miner_svc.detectors.shared_maps import EmbedderMaps
 from miner_svc.exemplars.finder import ExemplarFinder
-from miner_svc.recipes.drafter import Drafter, draft_floor, make_drafter, scaled_set
+from miner_svc.recipes.drafter import Drafter, draft_floor, make_drafter, threshold_scale
 from miner_svc.recipes.detection_cache import DEFAULT_FLOOR, CachedDetector
 from miner_svc.recipes.scorer import HeadScorer, feature_pool
 from miner_svc.recipes.sets import RecipeSetStore, make_set
@@ -153,7 +153,7 @@ class MinerResources:
             raise InvalidArgument("overlap_iou and ambiguity_margin must be within [0, 1]")
         rset = self.recipe_set(options.recipe_set)
         head = self.sets.head(rset.recipe_set_id)
-        shared = self.detector(rset.detector, draft_floor(scaled_set(rset, options)), head)
+        shared = self.detector(rset.detector, draft_floor(rset, threshold_scale(options)), head)
         model = self.embeds.model_info(head.embedder_model)
         return make_drafter(shared.detector, head, rset, options, self.embeds, model, self.dir / "detections"), rset
 

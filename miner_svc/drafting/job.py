@@ -25,7 +25,7 @@ from minehead.drafts.folder import DraftFolder, describe, draft_result, tiled_en
 from minehead.miner.v1 import drafting_pb2
 
 from miner_svc.drafting import outlook
-from miner_svc.recipes.drafter import Drafter, threshold_scale
+from miner_svc.recipes.drafter import Drafter
 from miner_svc.scale.pool import ImagePool
 
 RESUMABLE = (common_pb2.Job.INTERRUPTED, common_pb2.Job.CANCELLED, common_pb2.Job.FAILED, common_pb2.Job.SUCCEEDED)
@@ -148,7 +148,7 @@ class _Tally:
                 # the same job must write the same summary.
                 "merged_lines": dict(result.merged_lines), "warnings": sorted(d.warnings), "complete": complete,
                 "tiled_images": dict(sorted(self.tiled.items())), "relabelled": d.relabelled,
-                "lookalikes_dropped": d.dropped, "threshold_scale": threshold_scale(d.options),
+                "lookalikes_dropped": d.dropped, "threshold_scale": d.threshold_scale,
                 **({"adapt": self.adapted} if self.adapted is not None else {}),
                 "expected": outlook.expected(rset), "unlike_labelled": unlike,
                 "images_unlike_labelled": len(unlike),

@@ -75,25 +75,20 @@ def threshold_scale(options: drafting_pb2.DraftOptions) -> float:
     return float(s)
 
 
-def scaled_set(recipe_set: drafting_pb2.RecipeSet, options: drafting_pb2.DraftOptions) -> drafting_pb2.RecipeSet:
-    """The set as this draft runs it: every step's detector thresholds times the options'
-    threshold_scale (a copy; the set itself, unscaled, when the scale is 1). Thresholds stay
-    within [0, 1]; the name and ids are the stored set's."""
-    s = threshold_scale(options)
-    if s == 1.0:
-        return recipe_set
-    out = drafting_pb2.RecipeSet()
-    out.CopyFrom(recipe_set)
-    for r in out.recipes:
-        for st in r.steps:
-            st.seed_threshold = min(st.seed_threshold * s, 1.0)
-            st.expand_threshold = min(st.expand_threshold * s, 1.0)
-    return out
+def scaled_steps(steps: list[Step], scale: float) -> list[Step]:
+    """A recipe's steps as a draft runs them: detector thresholds (seed and expansion) times
+    DraftOptions.threshold_scale, kept within [0, 1]."""
+    if scale == 1.0:
+        return steps
+    return [dataclasses.replace(st, seed_threshold=min(st.seed_threshold * scale, 1.0),
+                                expand_threshold=min(st.expand_threshold * scale, 1.0)) for st in steps]
 
 
-def draft_floor(recipe_set: drafting_pb2.RecipeSet) -> float:
-    """The detection cache floor for a set: low enough for every threshold its steps use."""
-    return min([DEFAULT_FLOOR] + [t for r in recipe_set.recipes for s in r.steps for t in (s.seed_threshold, s.expand_threshold) if t > 0])
+def draft_floor(recipe_set: drafting_pb2.RecipeSet, scale: float = 1.0) -> float:
+    """The detection cache floor for a set: low enough for every threshold its steps use (times
+    the draft's threshold_scale)."""
+    return min([DEFAULT_FLOOR] + [min(t * scale, 1.0) for r in recipe_set.recipes for s in r.steps
+                                  for t in (s.seed_threshold, s.expand_threshold) if t > 0])
 
 
 def make_drafter(detector, head: HeadBundle, recipe_set: drafting_pb2.RecipeSet, options: drafting_pb2.DraftOptions,
@@ -105,7 +100,7 @@ def make_drafter(detector, head: HeadBundle, recipe_set: drafting_pb2.RecipeSet,
     and each image's rows are dropped when it is done (memory stays flat); the disk under
     `cache_dir` is still read (images that were mined). embeds: CropEmbeddingCache; model: the
     head embedder's embedder_pb2.Model."""
-    det = CachedDetector(detector, cache_dir, draft_floor(scaled_set(recipe_set, options)), persist=False)
+    det = CachedDetector(detector, cache_dir, draft_floor(recipe_set, threshold_scale(options)), persist=False)
     scorer = HeadScorer(head, embeds, model, pool=feature_pool(detector, head, model), keep_images=1)
     return Drafter(det, head, scorer, recipe_set, options)
 
@@ -124,9 +119,10 @@ class Drafter:
                  options: drafting_pb2.DraftOptions) -> None:
         self.det, self.head, self.scorer = det, head, scorer
         self.recipe_set, self.options = recipe_set, options  # what a Ray worker rebuilds it from (unscaled)
-        # the steps as this draft runs them: DraftOptions.threshold_scale applied
-        self.recipes = [_ClassRecipe(r.recipe_id, r.class_name, head.classes.index(r.class_name), steps_of(r), gate_of(r))
-                        for r in scaled_set(recipe_set, options).recipes]
+        self.threshold_scale = threshold_scale(options)
+        self.recipes = [_ClassRecipe(r.recipe_id, r.class_name, head.classes.index(r.class_name),
+                                     scaled_steps(steps_of(r), self.threshold_scale), gate_of(r))
+                        for r in recipe_set.recipes]
         self.polygons = options.polygons
         self.overlap_iou = options.overlap_iou or DEFAULT_OVERLAP_IOU
         self.ambiguity_margin = options.ambiguity_margin or DEFAULT_AMBIGUITY_MARGIN
@@ -143,9 +139,9 @@ class Drafter:
         self.relabelled = 0
         self.dropped = 0
         self.warnings: list[str] = []
-        if (scale := threshold_scale(options)) != 1.0:
-            self.warnings.append(f"threshold_scale {scale:g}: every step's detector threshold times {scale:g}; the "
-                                 "expected figures were measured at the thresholds mining chose")
+        if self.threshold_scale != 1.0:
+            self.warnings.append(f"threshold_scale {self.threshold_scale:g}: every step's detector threshold times "
+                                 f"{self.threshold_scale:g}; the expected figures were measured at the thresholds mining chose")
 
     def draft(self, data: bytes, name: str, index: int) -> drafting_pb2.DraftedImage:
         """One image. An unreadable image comes back with `error` set and no boxes; an

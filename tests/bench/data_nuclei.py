@@ -88,8 +88,7 @@ def build(out: Path, cache: Path) -> dict:
         t["even"] = "heldout" if (t["i"] + t["j"]) % 2 else "train"
         t["sparse"] = "train" if t["stem"] in sparse_train else "heldout"
         for split in ("even", "sparse"):
-            write_yolo(out / split / t[split], t["stem"], crop, b)
-            (out / split / t[split] / "labelmap.txt").write_text(CLASS + "\n")
+            write_yolo(out / split / t[split], t["stem"], crop, b, CLASS)
     meta = {"source": f"stardist=={VERSION} ({WHEEL}, sha256 {WHEEL_SHA256})", "tiles": tiles}
     index.write_text(json.dumps(meta, indent=1))
     return meta

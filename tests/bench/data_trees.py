@@ -94,10 +94,11 @@ def tiles_of(w: int, h: int, tile: int = TILE) -> list[tuple[int, int, int, int,
     return [(i, j, xs[i], ys[j], xs[i + 1], ys[j + 1]) for j in range(ny) for i in range(nx)]
 
 
-def write_yolo(folder: Path, stem: str, img: Image.Image, boxes: np.ndarray) -> None:
+def write_yolo(folder: Path, stem: str, img: Image.Image, boxes: np.ndarray, class_name: str = "tree") -> None:
+    """One image and its boxes (N x 4 XYXY px, all of class 0) into a YOLO folder."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "labels").mkdir(parents=True, exist_ok=True)
-    (folder / "labelmap.txt").write_text("tree\n")
+    (folder / "labelmap.txt").write_text(class_name + "\n")
     img.save(folder / "images" / f"{stem}.png")
     w, h = img.size
     lines = [f"0 {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} {(b[3] - b[1]) / h:.6f}"
