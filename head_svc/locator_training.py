@@ -136,19 +136,22 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     # chooses, beside the early-stopping fit rather than after it (loc_train.EpochCount: the
     # same weights, about half the wall time on two cores).
     members = ENSEMBLE if len(frames) < FEW_IMAGES else 1
-    # The floor never passes the cap the user set (locator_max_epochs under MIN_EPOCHS): the final
-    # fit stops at the cap, so a higher floor left it waiting for an epoch it never ran (KeyError).
-    count = loc_train.EpochCount(floor=min(MIN_EPOCHS, params.max_epochs))
+    # The floor never passes the schedule (locator_max_epochs under MIN_EPOCHS): the final fit
+    # stops at its end, so a higher floor left it waiting for an epoch it never ran (KeyError).
+    # One learning-rate schedule for every fit, from the final fit's map count: a follower must
+    # take the same steps at the same rates as the fit it follows.
+    schedule = loc_train.schedule_epochs(len(maps), params)
+    count = loc_train.EpochCount(floor=min(MIN_EPOCHS, schedule))
     n_folds = int(image_fold.max()) + 1 if image_fold is not None else 0
     with concurrent.futures.ThreadPoolExecutor(members + n_folds, thread_name_prefix="locator-final") as pool:
         finals = [pool.submit(loc_train.fit, maps, tgts, len(real), dataclasses.replace(params, seed=params.seed + j),
-                              on_epoch=on_final_epoch, follow=count) for j in range(members)]
+                              schedule=schedule, on_epoch=on_final_epoch, follow=count) for j in range(members)]
         outside = [np.flatnonzero(image_fold[src] != k) for k in range(n_folds)]
         fold_fits = [pool.submit(loc_train.fit, [maps[i] for i in idx], [tgts[i] for i in idx], len(real), params,
-                                 follow=count) for idx in outside]
+                                 schedule=schedule, follow=count) for idx in outside]
         # (if it raises, fit() abandons the count, which stops the final fits within an epoch)
         net, history, best = loc_train.fit(fit_maps, fit_t, len(real), params, val_maps=val_maps, val_targets=val_t,
-                                           on_epoch=on_epoch, lead=count)
+                                           schedule=schedule, on_epoch=on_epoch, lead=count)
         epochs = count.final
         if len(ho) and len(tr):
             held = held_out_figures(net, [maps[i] for i in ho], [frames[i] for i in ho], [gts[i] for i in ho], real)
@@ -190,7 +193,8 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
             "embedder_model": p.model.id, "resize": p.model.preprocessing.resize,
             "input_size": int(p.model.preprocessing.input_size), "map_size": [int(frame.rows), int(frame.cols)],
             "stride": float(frame.stride_x), "outputs": dict(OUTPUT_DOCS), "input": "fmap: N x C x R x Cols float32",
-            "hyperparameters": params.to_dict(), "epochs": int(epochs), "training_images": len(frames),
+            "hyperparameters": params.to_dict(), "epochs": int(epochs), "schedule_epochs": int(schedule),
+            "training_images": len(frames),
             "augment": {"transforms": names, "copies": len(copies) - len(crowded), "crowded_copies": len(crowded)},
             "members": members, "peaks": {"separate": SEPARATE_TOL},
             "held_out": {c: {k: held[c][k] for k in ("f1", "precision", "recall", "threshold", "ap50", "gt")} for c in held}
@@ -209,6 +213,7 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
                            **{k: v for k, v in refiner_meta.items() if k != "held_out_refined"}}
     report = {"history": history, "final_history": final_hist[-5:], "held_out": held,
               "seconds": {k: round(v, 2) for k, v in split.items()}, "epochs": int(epochs), "epochs_run": len(history),
+              "schedule_epochs": int(schedule),
               "refiner": {k: v for k, v in refiner_meta.items() if k != "held_out_refined"}}
     return TrainedLocator(onnx_bytes, meta, report, fold_bytes)
 

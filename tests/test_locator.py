@@ -111,9 +111,29 @@ def toy_locator():
     data = _toy_maps(20, 0, size=16)
     tg = [targets.build(b, ids, fr, 1) for _, fr, (b, ids) in data]
     params = train.LocatorParams(hidden=12, max_epochs=100, patience=20, seed=3)
-    net, history, best = train.fit([m for m, *_ in data[:15]], tg[:15], 1, params,
+    # the schedule of the final fit on all 20 maps, as locator_training gives every fit
+    net, history, best = train.fit([m for m, *_ in data[:15]], tg[:15], 1, params, schedule=_schedule(params, data),
                                    val_maps=[m for m, *_ in data[15:]], val_targets=tg[15:])
     return net, history, best, params, data, tg
+
+
+def _schedule(params, data) -> int:
+    return train.schedule_epochs(len(data), params)
+
+
+def test_the_schedule_spans_a_number_of_steps_and_decays_to_zero():
+    """schedule_epochs: epochs enough for params.steps optimizer steps, within MIN_SCHEDULE and
+    max_epochs; lr_factor: a warm-up over the first epoch, the peak at the second, falling along
+    a cosine to about 0 by the end of the schedule."""
+    p = train.LocatorParams(batch_size=2, steps=1000, max_epochs=400)
+    assert train.schedule_epochs(80, p) == 25  # 40 steps an epoch
+    assert train.schedule_epochs(3, p) == 400  # 2 steps an epoch would need 500: capped
+    assert train.schedule_epochs(5000, p) == train.MIN_SCHEDULE
+    assert train.schedule_epochs(80, dataclasses.replace(p, max_epochs=7)) == 7
+    f = [train.lr_factor(e, b, 4, 10) for e in range(1, 11) for b in range(4)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))  # never rises after the warm-up
+    assert 0 < f[-1] < 0.01 and abs(train.lr_factor(6, 0, 4, 10) - 0.5 * (1 + np.cos(np.pi * 4 / 9))) < 1e-12
 
 
 def test_training_finds_objects_on_unseen_maps(toy_locator):
@@ -131,8 +151,8 @@ def test_training_finds_objects_on_unseen_maps(toy_locator):
 
 def test_training_is_deterministic_with_a_seed(toy_locator):
     net, history, best, params, data, tg = toy_locator
-    again, h2, _ = train.fit([m for m, *_ in data[:15]], tg[:15], 1, params, val_maps=[m for m, *_ in data[15:]],
-                             val_targets=tg[15:])
+    again, h2, _ = train.fit([m for m, *_ in data[:15]], tg[:15], 1, params, schedule=_schedule(params, data),
+                             val_maps=[m for m, *_ in data[15:]], val_targets=tg[15:])
     assert h2 == history
     a, b = train.predict(net, [data[0][0]]), train.predict(again, [data[0][0]])
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
@@ -146,11 +166,13 @@ def test_a_fit_beside_early_stopping_ends_with_the_weights_of_the_settled_epoch(
 
     _, _, _, params, data, tg = toy_locator
     maps = [m for m, *_ in data]
+    schedule = _schedule(params, data)
     count = train.EpochCount(floor=5)
     seeds = (7, 8, 9)  # three followers, as a few-image ensemble has: their initialisations overlap
     with concurrent.futures.ThreadPoolExecutor(len(seeds)) as pool:
-        beside = [pool.submit(train.fit, maps, tg, 1, dataclasses.replace(params, seed=s), follow=count) for s in seeds]
-        lead_net, _, best = train.fit([m for m, *_ in data[:15]], tg[:15], 1, params,
+        beside = [pool.submit(train.fit, maps, tg, 1, dataclasses.replace(params, seed=s), schedule=schedule,
+                              follow=count) for s in seeds]
+        lead_net, _, best = train.fit([m for m, *_ in data[:15]], tg[:15], 1, params, schedule=schedule,
                                       val_maps=[m for m, *_ in data[15:]], val_targets=tg[15:], lead=count)
         followed = [f.result() for f in beside]
     assert count.final == max(best, 5)
@@ -159,7 +181,8 @@ def test_a_fit_beside_early_stopping_ends_with_the_weights_of_the_settled_epoch(
     same = lambda p, q: all(np.allclose(x, y, atol=1e-5) for x, y in zip(p, q))  # noqa: E731
     assert same(train.predict(lead_net, maps[:3]), train.predict(toy_locator[0], maps[:3]))  # as when run alone
     for s, (net_s, hist, epochs) in zip(seeds, followed):
-        told, told_hist, _ = train.fit(maps, tg, 1, dataclasses.replace(params, seed=s), epochs=count.final)
+        told, told_hist, _ = train.fit(maps, tg, 1, dataclasses.replace(params, seed=s), epochs=count.final,
+                                       schedule=schedule)
         assert epochs == count.final and len(hist) == len(told_hist) == epochs
         assert np.allclose([h[1] for h in hist], [h[1] for h in told_hist], rtol=1e-4)
         assert same(train.predict(net_s, maps[:3]), train.predict(told, maps[:3])), f"seed {s}"
