@@ -22,6 +22,7 @@ import numpy as np
 
 from minehead.client.embedder import EmbedderClient
 from minehead.core import embeddings as codec
+from minehead.core.npz import load_arrays
 from minehead.embedder.v1 import embedder_pb2
 
 from minehead.crops import CropPolicy
@@ -70,8 +71,7 @@ class CropEmbeddingCache:
         if path in self._mem:
             known_b, known_v, index = self._mem[path]
         elif path.is_file():
-            with np.load(path, allow_pickle=False) as z:
-                known_b, known_v = z["boxes"], z["vectors"]
+            known_b, known_v = load_arrays(path, "boxes", "vectors")
         if index is None:
             index = {tuple(b): i for i, b in enumerate(known_b)}
             self._remember(path, known_b, known_v, index)
@@ -144,8 +144,7 @@ class FeatureMapCache:
         key = hashlib.sha256(f"{model.id}|{model.weights_sha256}|{hashlib.sha256(data).hexdigest()}".encode()).hexdigest()
         path = self.cache_dir / key[:2] / f"{key}.npz"
         if path.is_file():
-            with np.load(path, allow_pickle=False) as z:
-                fmap, g = z["fmap"], z["frame"]
+            fmap, g = load_arrays(path, "fmap", "frame")
             with self._count:
                 self.hits += 1
             return fmap, FeatureFrame.for_image(int(g[0]), int(g[1]), int(g[2]), model.preprocessing.resize,

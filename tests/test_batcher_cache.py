@@ -81,3 +81,38 @@ def test_lru_cache_evicts_by_bytes():
     c.put(9, np.zeros(100, np.float32))
     assert c.get(2) is not None and c.get(3) is None
     assert c.nbytes <= 1200
+
+
+def test_cache_files_are_read_one_at_a_time(tmp_path, monkeypatch):
+    """minehead.core.npz.load_arrays: np.load parses headers with ast.literal_eval, which CPython
+    3.11 cannot run in two threads at once (python/cpython#106905: a SystemError failed a
+    training's parallel feature-map reads once). Every cache read goes through it, one at a time,
+    and returns the arrays themselves (usable after the file is closed)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from minehead.core import npz
+
+    path = tmp_path / "a.npz"
+    np.savez(path, fmap=np.arange(12, dtype=np.float32).reshape(3, 4), frame=np.array([40, 30, 64]))
+    state = {"open": 0, "most": 0}
+    lock = threading.Lock()
+    real = np.load
+
+    def load(*a, **k):
+        with lock:
+            state["open"] += 1
+            state["most"] = max(state["most"], state["open"])
+        time.sleep(0.01)
+        with lock:
+            state["open"] -= 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(np, "load", load)
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda _: npz.load_arrays(path, "fmap", "frame"), range(12)))
+    assert state["most"] == 1
+    assert all(np.array_equal(f, np.arange(12).reshape(3, 4)) and list(g) == [40, 30, 64] for f, g in got)

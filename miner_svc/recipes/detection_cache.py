@@ -17,6 +17,7 @@ import numpy as np
 
 from minehead.core.errors import InvalidArgument
 from minehead.core.images import DecodedImage
+from minehead.core.npz import load_arrays
 
 from miner_svc.detectors.base import Detections, Detector, ImageState
 
@@ -93,8 +94,8 @@ class CachedDetector:
         masks are kept bit-packed and unpacked only when asked for."""
         rec = self._mem.get(path)
         if rec is None and path.is_file():
-            with np.load(path, allow_pickle=False) as z:
-                rec = FloorRun(z["boxes"], z["scores"], z["masks"], tuple(int(v) for v in z["shape"]))
+            boxes, scores, masks, shape = load_arrays(path, "boxes", "scores", "masks", "shape")
+            rec = FloorRun(boxes, scores, masks, tuple(int(v) for v in shape))
         if rec is None:
             self.misses += 1
             rec = FloorRun.pack(run(), state.image.height, state.image.width)
