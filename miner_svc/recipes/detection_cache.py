@@ -94,8 +94,8 @@ class CachedDetector:
         masks are kept bit-packed and unpacked only when asked for."""
         rec = self._mem.get(path)
         if rec is None and path.is_file():
-            boxes, scores, masks, shape = load_arrays(path, "boxes", "scores", "masks", "shape")
-            rec = FloorRun(boxes, scores, masks, tuple(int(v) for v in shape))
+            boxes, scores, packed, shape = load_arrays(path, "boxes", "scores", "masks", "shape")
+            rec = FloorRun(boxes, scores, packed, tuple(int(v) for v in shape))
         if rec is None:
             self.misses += 1
             rec = FloorRun.pack(run(), state.image.height, state.image.width)
