@@ -136,11 +136,11 @@ def train_locator(p: Prepared, ctx: JobContext, fmaps: FeatureMapCache, params: 
     # chooses, beside the early-stopping fit rather than after it (loc_train.EpochCount: the
     # same weights, about half the wall time on two cores).
     members = ENSEMBLE if len(frames) < FEW_IMAGES else 1
-    # The floor never passes the schedule (locator_max_epochs under MIN_EPOCHS): the final fit
-    # stops at its end, so a higher floor left it waiting for an epoch it never ran (KeyError).
     # One learning-rate schedule for every fit, from the final fit's map count: a follower must
     # take the same steps at the same rates as the fit it follows.
     schedule = loc_train.schedule_epochs(len(maps), params)
+    # The floor never passes the schedule (locator_max_epochs under MIN_EPOCHS): the final fit
+    # stops at its end, so a higher floor left it waiting for an epoch it never ran (KeyError).
     count = loc_train.EpochCount(floor=min(MIN_EPOCHS, schedule))
     n_folds = int(image_fold.max()) + 1 if image_fold is not None else 0
     with concurrent.futures.ThreadPoolExecutor(members + n_folds, thread_name_prefix="locator-final") as pool:

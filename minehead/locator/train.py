@@ -13,9 +13,10 @@ little), L1 on size and offset at the centre cells; padding cells count nowhere.
 
 Optimiser: AdamW on batches of 2 maps, the learning rate warmed up over the first epoch, then
 decayed to zero along a cosine over the schedule's epochs (as many as make `steps` optimizer
-steps). On the review round's 56 scenes this reached in 30 epochs a lower held-out loss than a
-constant rate on batches of 8 did in 81 (0.64 / 0.61 against 0.61 at epoch 81 of 121 run, the same
-held-out F1): a quarter of the fitting time (docs/locator.md).
+steps). On the review round's 56 scenes 25-30 epochs of it reached a held-out loss within 5 % of
+what a constant rate on batches of 8 reached at its best epoch, 81 of 121 run (0.64 against 0.61),
+with the same held-out F1 within a box or two: a fifth of the fitting time (docs/benchmarks.md,
+"Training time").
 """
 
 from __future__ import annotations
@@ -177,8 +178,8 @@ class EpochCount:
     should run (on two cores the two fits take the time of one), keeps its weights from each
     epoch that could still be the answer, and ends with those of the settled epoch: the weights
     of a fit told that count in advance (the same seed, the same steps in the same order, the same
-    schedule: nothing in the optimiser depends on where it stops), up to float rounding (~1e-6: BLAS may sum in another
-    order beside another thread)."""
+    schedule: nothing in the optimiser depends on where it stops), up to float rounding (~1e-6:
+    BLAS may sum in another order beside another thread)."""
 
     def __init__(self, floor: int = 1):
         self._cond = threading.Condition()
@@ -239,8 +240,8 @@ def one_torch_thread():
 
 def fit(maps: list[np.ndarray], targets: list[Targets], n_classes: int, params: LocatorParams, *,
         val_maps: list[np.ndarray] = (), val_targets: list[Targets] = (), epochs: int | None = None,
-        schedule: int | None = None, on_epoch: Callable[[int, float, float], None] | None = None, lead: EpochCount | None = None,
-        follow: EpochCount | None = None):
+        schedule: int | None = None, on_epoch: Callable[[int, float, float], None] | None = None,
+        lead: EpochCount | None = None, follow: EpochCount | None = None):
     """Fit on maps (each C x R x Cols) with their targets.
 
     With validation maps: early stopping on their loss (patience), the best epoch's weights
